@@ -1,0 +1,1 @@
+"""pagedserve: a high-throughput LLM inference engine and OpenAI-compatible server."""
