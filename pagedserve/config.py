@@ -1,0 +1,23 @@
+"""Engine configuration: what to load and how to size the cache and the batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """All knobs of one engine; ``LLM(...)`` keyword arguments and CLI flags map onto these."""
+
+    model: str | None = None  # HF dir, .gguf file, or cached Hub id; None = packaged SmolLM2
+    tokenizer: str | None = None  # defaults to the model's own
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bf16 on CUDA)
+    device: str = "cpu"
+    seed: int = 0
+    max_model_len: int | None = None  # defaults to the model's context length
+    block_size: int = 16
+    kv_cache_memory: float | None = None  # GiB for the K/V pools; None = a default for the device
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    chat_template: str | None = None  # a template string or a path to a .jinja file
