@@ -1,1 +1,18 @@
 """pagedserve: a high-throughput LLM inference engine and OpenAI-compatible server."""
+
+from typing import Any
+
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # LLM pulls in torch and the model code; load it only when asked for.
+    if name == "LLM":
+        from pagedserve.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'pagedserve' has no attribute {name!r}")

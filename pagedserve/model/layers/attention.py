@@ -2,16 +2,21 @@
 
 The model calls :class:`Attention` once per layer with the flattened tokens of every scheduled
 request. :func:`reference_paged_attention` is the plain-PyTorch oracle that faster backends are
-tested against.
+tested against; :func:`fast_paged_attention` (the default) batches all decodes into one call of
+a C kernel on CPU (or a gathered SDPA elsewhere). ``PAGEDSERVE_ATTENTION_BACKEND=reference``
+selects the oracle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedserve.kernels import paged_decode_attention
 
 
 @dataclass
@@ -34,14 +39,34 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Requests with one query token (decodes) and the rest (prefill chunks), for fast backends.
+    decode_reqs: torch.Tensor | None = None  # request indices of decodes; None = all decode
+    prefill_reqs: list[int] = field(default_factory=list)
 
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
 
+    @property
+    def num_decodes(self) -> int:
+        return self.num_reqs - len(self.prefill_reqs)
+
+    def split_decodes(self) -> None:
+        """Fill ``decode_reqs``/``prefill_reqs`` from the query lengths (once per step)."""
+        qsl = self.query_start_loc_cpu
+        self.prefill_reqs = [i for i in range(self.num_reqs) if qsl[i + 1] - qsl[i] != 1]
+        if self.prefill_reqs:
+            prefill = set(self.prefill_reqs)
+            decodes = [i for i in range(self.num_reqs) if i not in prefill]
+            self.decode_reqs = torch.tensor(decodes, dtype=torch.long, device=self.seq_lens.device)
+
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     """Store new keys/values ``[T, Hkv, D]`` at their slots of pools ``[N, block_size, Hkv, D]``."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -49,9 +74,7 @@ def write_kv(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
-def gather_context(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
-) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first ``seq_len`` tokens of one request's context, ``[seq_len, Hkv, D]``."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
@@ -93,6 +116,100 @@ def reference_paged_attention(
     return out
 
 
+def _decode_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention by gathering padded contexts; the portable (CUDA, no-compiler) path."""
+    block_size = k_cache.shape[1]
+    num_blocks = -(-max_seq_len // block_size)
+    table = block_tables[:, :num_blocks].long()
+    keys = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    values = v_cache[table].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    if q.device.type == "cpu" and q.dtype == torch.float32 and paged_decode_attention.available():
+        return paged_decode_attention.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale
+        )
+    return _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale)
+
+
+def fast_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decodes in one batched kernel call; each prefill chunk through SDPA.
+
+    A chunk with no earlier context attends to its own new K/V (no gather from the pools).
+    """
+    qsl = meta.query_start_loc_cpu
+    if not meta.prefill_reqs:
+        return _decode(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+        )
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        assert meta.decode_reqs is not None
+        rows = meta.query_start_loc[meta.decode_reqs].long()
+        out[rows] = _decode(
+            q[rows],
+            k_cache,
+            v_cache,
+            meta.block_tables[meta.decode_reqs],
+            meta.seq_lens[meta.decode_reqs],
+            meta.max_seq_len,
+            scale,
+        )
+    for i in meta.prefill_reqs:
+        start, end, seq_len = qsl[i], qsl[i + 1], meta.seq_lens_cpu[i]
+        qi = q[start:end].transpose(0, 1)
+        if seq_len == end - start:
+            o = F.scaled_dot_product_attention(
+                qi,
+                k[start:end].transpose(0, 1),
+                v[start:end].transpose(0, 1),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
+            )
+        else:
+            keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+            values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+            q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(
+                qi, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
 class Attention(nn.Module):
     """One layer's attention over the paged KV cache.
 
@@ -108,6 +225,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.backend = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "fast")
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -118,5 +236,8 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = reference_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        if self.backend == "reference":
+            out = reference_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        else:
+            out = fast_paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)

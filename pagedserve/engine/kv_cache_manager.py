@@ -1,0 +1,124 @@
+"""Per-request use of the block pool: prefix lookup, slot allocation, copy-on-write, freeing."""
+
+from __future__ import annotations
+
+from pagedserve.engine.block_pool import BlockPool, hash_block
+from pagedserve.engine.request import Request
+
+
+class KVCacheManager:
+    """Gives each request the blocks that hold its tokens' K/V.
+
+    Full blocks are registered in the prefix cache as soon as the tokens that fill them are
+    scheduled: the model writes a step's K/V before any attention of that step reads it, so even a
+    request admitted in the same step can share them.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the runner, then cleared
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
+        """Hashes of the request's first ``num_full_blocks`` full blocks (extends its memo)."""
+        hashes = request.block_hashes
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
+        return hashes[:num_full_blocks]
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """The longest chain of cached blocks that starts the request's tokens.
+
+        Stops one token short of the end, so the last token is always computed and gives logits.
+        """
+        if not self.enable_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for block_hash in self._hashes(request, max_blocks):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, request: Request, num_new_tokens: int, hits: list[int]) -> bool:
+        needed = self._num_new_blocks(request, num_new_tokens, len(hits))
+        evictable_hits = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        return needed + evictable_hits <= self.pool.num_free_blocks
+
+    def _num_new_blocks(self, request: Request, num_new_tokens: int, num_hit_blocks: int) -> int:
+        held = max(len(request.block_ids), num_hit_blocks)
+        total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
+        needed = max(0, total - held)
+        if self._write_block_is_shared(request):
+            needed += 1
+        return needed
+
+    def _write_block_is_shared(self, request: Request) -> bool:
+        """Whether the block the next token is written into is shared (a fork's partial block)."""
+        pos = request.num_computed_tokens
+        if pos % self.block_size == 0 or pos // self.block_size >= len(request.block_ids):
+            return False
+        return self.pool.ref_counts[request.block_ids[pos // self.block_size]] > 1
+
+    def allocate(
+        self, request: Request, num_new_tokens: int, hits: list[int] | None = None
+    ) -> bool:
+        """Give the request blocks for ``num_new_tokens`` more tokens; False if they don't fit.
+
+        ``hits`` (on first admission) are cached blocks that become the start of its table;
+        ``num_computed_tokens`` must already count them.
+        """
+        hits = hits or []
+        if not self.can_allocate(request, num_new_tokens, hits):
+            return False
+        if hits:
+            self.pool.touch(hits)
+            request.block_ids = list(hits)
+        if self._write_block_is_shared(request):
+            i = request.num_computed_tokens // self.block_size
+            (new_block,) = self.pool.allocate(1)
+            self.pending_copies.append((request.block_ids[i], new_block))
+            self.pool.free([request.block_ids[i]])
+            request.block_ids[i] = new_block
+        total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
+        if total > len(request.block_ids):
+            request.block_ids.extend(self.pool.allocate(total - len(request.block_ids)))
+        if self.enable_caching:
+            self._cache_full_blocks(request, request.num_computed_tokens + num_new_tokens)
+        return True
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        hashes = self._hashes(request, num_full)
+        for block_id, block_hash in zip(request.block_ids[:num_full], hashes, strict=True):
+            self.pool.cache(block_id, block_hash)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Let ``child`` share all of ``parent``'s blocks (copy-on-write on the partial one)."""
+        child.block_ids = list(parent.block_ids)
+        child.block_hashes = list(parent.block_hashes)
+        self.pool.touch(child.block_ids)
+
+    def free(self, request: Request) -> None:
+        self.pool.free(request.block_ids[::-1])
+        request.block_ids = []
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

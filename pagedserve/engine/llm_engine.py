@@ -1,0 +1,274 @@
+"""The synchronous engine core: add requests, step, abort. The offline LLM and the server use it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
+from pagedserve.engine.request import Request, RequestStatus, RequestTimes
+from pagedserve.engine.scheduler import Scheduler
+from pagedserve.model.loader import load_model
+from pagedserve.model_path import resolve_model
+from pagedserve.outputs import RequestOutput
+from pagedserve.sample.sampler import Sampler, SamplingRow, make_generator
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer import load_tokenizer
+from pagedserve.worker.kv_cache import KVCache, kv_bytes_per_token, num_blocks_for_budget
+from pagedserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_total_blocks: int
+    num_free_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache, one model step per :meth:`step`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.model_name = resolve_model(config.model)
+        self.model = load_model(self.model_name, self.dtype, self.device)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_name, config.chat_template)
+        hf = self.model.config
+        self.max_model_len = min(
+            config.max_model_len or hf.max_position_embeddings, hf.max_position_embeddings
+        )
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        per_token = kv_bytes_per_token(
+            hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype
+        )
+        num_blocks = num_blocks_for_budget(
+            config.kv_cache_memory,
+            per_token,
+            config.block_size,
+            self.device,
+            max_useful_tokens=config.max_num_seqs * self.max_model_len,
+        )
+        kv_cache = KVCache(
+            hf.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            hf.num_key_value_heads,
+            head_dim,
+            self.dtype,
+            self.device,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)",
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            num_blocks * config.block_size * per_token / (1 << 30),
+        )
+        self.runner = ModelRunner(self.model, kv_cache, self.device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
+        self.eos_token_ids = self._eos_token_ids()
+        self.sampler = Sampler(hf.vocab_size, self.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.groups: dict[str, RequestGroup] = {}
+        self.generation_tokens = 0
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = self.model.config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.pool.num_blocks
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; raises ``ValueError`` if it can never run."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            prompt_text, token_ids = None, [int(t) for t in prompt]
+        self._check_prompt(token_ids, params)
+        times = RequestTimes(arrival_time=arrival_time or time.time())
+        req = Request(
+            request_id, token_ids, params, make_generator(params.seed, self.device), times
+        )
+        group = RequestGroup(request_id, prompt_text, token_ids, params)
+        group.sequences.append(self.outputs.new_sequence(req))
+        self.groups[request_id] = group
+        self.scheduler.add(req)
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens; this model's maximum context length is "
+                f"{self.max_model_len} and at least one token must be generated"
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"maximum context length of {self.max_model_len} tokens"
+            )
+        if self.kv.blocks_needed(n + 1) > self.num_blocks:
+            raise ValueError(
+                f"the prompt has {n} tokens but the KV cache holds only "
+                f"{self.num_blocks * self.kv.block_size} tokens"
+            )
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stop requests now and free their blocks; unknown ids are ignored."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            group = self.groups.pop(request_id, None)
+            if group is None:
+                continue
+            for seq in group.sequences:
+                if not seq.request.is_finished:
+                    self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and return outputs of requests that moved."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        for req in sched.requests:
+            if req.times.first_scheduled_time is None:
+                req.times.first_scheduled_time = now
+        logits, sample_rows = self.runner.execute(sched)
+        for req, n in zip(sched.requests, sched.num_tokens, strict=True):
+            req.num_computed_tokens += n
+
+        sampling: list[Request] = []
+        row_of_logits: list[int] = []
+        for logit_row, batch_row in enumerate(sample_rows.tolist()):
+            req = sched.requests[batch_row]
+            seqs = [req] + self._fork(req)
+            sampling.extend(seqs)
+            row_of_logits.extend([logit_row] * len(seqs))
+        if not sampling:
+            return []
+        if len(row_of_logits) != logits.shape[0]:
+            logits = logits[torch.tensor(row_of_logits, device=logits.device)]
+        rows = [
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            for r in sampling
+        ]
+        result = self.sampler(logits, rows)
+        return self._process(sampling, result.token_ids, result.logprobs)
+
+    def _fork(self, req: Request) -> list[Request]:
+        """On its first sample, a request with ``n > 1`` becomes ``n`` sequences."""
+        params = req.params
+        if params.n == 1 or req.num_output_tokens > 0 or req.index != 0:
+            return []
+        group = self.groups[req.request_id]
+        if len(group.sequences) > 1:
+            return []
+        children = []
+        for i in range(1, params.n):
+            gen = make_generator(params.seed, self.device, i)
+            child = Request(req.request_id, req.prompt_token_ids, params, gen, req.times, index=i)
+            child.num_cached_tokens = req.num_cached_tokens
+            self.scheduler.fork(req, child)
+            group.sequences.append(self.outputs.new_sequence(child))
+            children.append(child)
+        return children
+
+    def _process(
+        self, sampling: list[Request], token_ids: list[int], logprobs: list
+    ) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, RequestGroup] = {}
+        self.generation_tokens += len(token_ids)
+        for req, token_id, entry in zip(sampling, token_ids, logprobs, strict=True):
+            group = self.groups[req.request_id]
+            seq = group.sequences[req.index]
+            if req.times.first_token_time is None:
+                req.times.first_token_time = now
+            req.times.last_token_time = now
+            status = self.outputs.append(seq, token_id, entry)
+            if status is not None:
+                self.scheduler.finish(req, status)
+            touched[req.request_id] = group
+        outputs = []
+        for request_id, group in touched.items():
+            if group.finished:
+                group.sequences[0].request.times.finished_time = now
+                del self.groups[request_id]
+            outputs.append(
+                self.outputs.make_output(group, group.sequences[0].request.num_cached_tokens)
+            )
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_total_blocks=self.num_blocks,
+            num_free_blocks=self.kv.pool.num_free_blocks,
+            num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            prompt_tokens=s.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()

@@ -1,0 +1,120 @@
+"""Per-request output state: detokenized text, logprobs, stop checks and RequestOutput objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.sample.sampler import LogprobsEntry
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceState:
+    """What the user sees of one sequence: its text so far and its logprobs."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestGroup:
+    """A user request: one prompt and its ``n`` sequences (one until the prompt is computed)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[SequenceState] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.params.n and all(
+            s.request.is_finished for s in self.sequences
+        )
+
+
+class OutputProcessor:
+    """Applies sampled tokens to sequences and decides when they stop."""
+
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+
+    def new_sequence(self, request: Request) -> SequenceState:
+        params = request.params
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+            if params.detokenize
+            else None
+        )
+        logprobs = [] if params.logprobs is not None else None
+        cumulative = 0.0 if params.logprobs is not None else None
+        return SequenceState(request, detok, logprobs, cumulative)
+
+    def append(
+        self, seq: SequenceState, token_id: int, entry: LogprobsEntry | None
+    ) -> RequestStatus | None:
+        """Add a sampled token; return the finish status if the sequence is done."""
+        req = seq.request
+        req.append_token(token_id)
+        params = req.params
+        if entry is not None and seq.logprobs is not None:
+            seq.logprobs.append(self._logprob_dict(token_id, entry))
+            seq.cumulative_logprob += entry.sampled_logprob
+        stop_str = seq.detokenizer.append([token_id]) if seq.detokenizer is not None else None
+        may_stop = req.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if may_stop and token_id in params.stop_token_ids:
+            req.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if stop_str is not None:
+            req.stop_reason = stop_str
+            return RequestStatus.FINISHED_STOPPED
+        if (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) or (
+            req.num_tokens >= self.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _logprob_dict(self, token_id: int, entry: LogprobsEntry) -> dict[int, Logprob]:
+        """The sampled token first, then the top-N by rank (vLLM's layout)."""
+        decode = self.tokenizer.decode
+        out = {token_id: Logprob(entry.sampled_logprob, entry.sampled_rank, decode([token_id]))}
+        for rank, (tid, lp) in enumerate(entry.top, start=1):
+            if tid not in out:
+                out[tid] = Logprob(lp, rank, decode([tid]))
+        return out
+
+    def make_output(self, group: RequestGroup, num_cached_tokens: int) -> RequestOutput:
+        completions = []
+        for seq in group.sequences:
+            req = seq.request
+            text = seq.detokenizer.output_text(req.is_finished) if seq.detokenizer else ""
+            completions.append(
+                CompletionOutput(
+                    index=req.index,
+                    text=text,
+                    token_ids=list(req.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                )
+            )
+        first = group.sequences[0].request
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=group.finished,
+            num_cached_tokens=num_cached_tokens,
+            metrics=first.times.as_dict(),
+        )

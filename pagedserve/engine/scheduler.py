@@ -1,0 +1,143 @@
+"""Continuous batching: which sequences run this step, and how many tokens each."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: ``num_tokens[i]`` new tokens of ``requests[i]``, in batch order."""
+
+    requests: list[Request]
+    num_tokens: list[int]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of which were found cached
+    prompt_tokens: int = 0  # prompt tokens computed (not cached)
+
+
+class Scheduler:
+    """FCFS continuous batching with chunked prefill and preemption by recompute.
+
+    Every step has a budget of ``max_num_batched_tokens``. Running sequences go first (one token
+    each when decoding, the next chunk of their prompt when prefilling); then waiting sequences
+    are admitted in arrival order while budget, the ``max_num_seqs`` cap and free blocks last.
+    When a running sequence cannot get a block, the most recently admitted one is preempted:
+    its blocks are freed and it goes back to the head of the queue to be recomputed.
+    """
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[Request] = []
+        num_tokens: list[int] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(req)
+                num_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
+            break
+
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
+        ):
+            req = self.waiting[0]
+            hits = self.kv.find_cached_prefix(req)
+            num_hit_tokens = len(hits) * self.kv.block_size
+            n = min(req.num_tokens - num_hit_tokens, budget)
+            req.num_computed_tokens = num_hit_tokens
+            if not self.kv.allocate(req, n, hits):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit_tokens
+                self.stats.prefix_cache_queries += req.num_tokens
+                self.stats.prefix_cache_hits += num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(req)
+            num_tokens.append(n)
+            budget -= n
+
+        for req, n in zip(scheduled, num_tokens, strict=True):
+            self.stats.prompt_tokens += max(
+                0, min(req.num_prompt_tokens - req.num_computed_tokens, n)
+            )
+        return SchedulerOutput(scheduled, num_tokens, self.kv.take_pending_copies(), preempted)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Retire a sequence (stop, length or abort) and free its blocks at once."""
+        req.status = status
+        self.kv.free(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            self.running.remove(req)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Run ``child`` beside ``parent``, sharing its blocks (parallel sampling)."""
+        self.kv.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.insert(self.running.index(parent) + 1, child)

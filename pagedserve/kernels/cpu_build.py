@@ -1,0 +1,71 @@
+"""Compiles the project's small C kernels with the system compiler and loads them with ctypes.
+
+Built once per source, compiler flags and CPU (``-march=native``) into a user cache directory;
+anything that goes wrong (no compiler, odd platform) makes :func:`load_kernel` return None and
+callers fall back to plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PAGEDSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagedserve"
+    )
+    return Path(root) / "kernels"
+
+
+@cache
+def load_kernel(name: str) -> ctypes.CDLL | None:
+    """Build (if needed) and load ``<name>.c`` from this package; None if that fails."""
+    if os.environ.get("PAGEDSERVE_DISABLE_C_KERNELS") == "1":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if compiler is None or platform.system() != "Linux":
+        return None
+    source = Path(__file__).with_name(f"{name}.c")
+    key = hashlib.sha256(
+        source.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run(
+                    [compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                os.replace(built, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("C kernel %s unavailable, using PyTorch instead: %s", name, detail)
+        return None

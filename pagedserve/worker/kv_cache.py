@@ -1,0 +1,74 @@
+"""The preallocated K/V block pools of every layer, sized from a memory budget."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+DEFAULT_CPU_KV_GIB = 4.0
+DEFAULT_GPU_FRACTION = 0.85
+
+
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def num_blocks_for_budget(
+    budget_gib: float | None,
+    bytes_per_token: int,
+    block_size: int,
+    device: torch.device,
+    max_useful_tokens: int,
+) -> int:
+    """How many blocks fit the budget (GiB on CPU; free memory fraction on CUDA by default).
+
+    Never more than ``max_useful_tokens`` worth: a tiny model would otherwise get millions of
+    blocks it can never fill.
+    """
+    if budget_gib is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = int(free * DEFAULT_GPU_FRACTION)
+        else:
+            budget_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
+    else:
+        budget_bytes = int(budget_gib * GIB)
+    num_blocks = budget_bytes // (bytes_per_token * block_size)
+    return int(max(1, min(num_blocks, -(-max_useful_tokens // block_size) + 1)))
+
+
+class KVCache:
+    """One ``[num_blocks, block_size, num_kv_heads, head_dim]`` K pool and V pool per layer."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeroed, not empty: padded attention reads masked slots, and 0 * NaN garbage is NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write of shared blocks)."""
+        if not copies:
+            return
+        device = self.k[0].device
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+        for pool in (*self.k, *self.v):
+            pool.index_copy_(0, dst, pool.index_select(0, src))

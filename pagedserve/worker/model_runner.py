@@ -1,0 +1,85 @@
+"""Turns a scheduled step into one flattened forward pass and returns the sampling rows' logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagedserve.engine.scheduler import SchedulerOutput
+from pagedserve.model.layers.attention import Attention, AttentionMetadata
+from pagedserve.worker.kv_cache import KVCache
+
+
+class ModelRunner:
+    """Owns the model and its KV cache; one :meth:`execute` per engine step."""
+
+    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.block_size
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        assert len(layers) == len(kv_cache.k), "one KV pool per attention layer"
+        for layer, k, v in zip(layers, kv_cache.k, kv_cache.v, strict=True):
+            layer.k_cache, layer.v_cache = k, v
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def prepare(
+        self, sched: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+        """Flatten the step: token ids, positions, attention metadata, and which rows sample.
+
+        Returns the index (into the step's tokens) of the last token of every request whose
+        known tokens are all computed after this step: those are the rows that sample.
+        """
+        reqs = sched.requests
+        counts = np.asarray(sched.num_tokens, dtype=np.int64)
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, len(reqs))
+        ids: list[int] = []
+        for r, start, n in zip(reqs, starts.tolist(), counts.tolist(), strict=True):
+            ids.extend(r.all_token_ids[start : start + n])
+        cu = np.zeros(len(reqs) + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        total = int(cu[-1])
+        req_of_token = np.repeat(np.arange(len(reqs)), counts)
+        positions = np.arange(total) - cu[:-1][req_of_token] + starts[req_of_token]
+        seq_lens = starts + counts
+
+        max_blocks = max(len(r.block_ids) for r in reqs)
+        block_tables = np.zeros((len(reqs), max_blocks), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            block_tables[i, : len(r.block_ids)] = r.block_ids
+        bs = self.block_size
+        slots = block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+
+        num_known = np.fromiter((r.num_tokens for r in reqs), np.int64, len(reqs))
+        sample_rows = np.nonzero(seq_lens == num_known)[0]
+
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots),
+            query_start_loc=self._to_device(cu.astype(np.int32)),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            block_tables=self._to_device(block_tables),
+            query_start_loc_cpu=cu.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_size=bs,
+        )
+        meta.split_decodes()
+        input_ids = self._to_device(np.asarray(ids, dtype=np.int64))
+        return input_ids, self._to_device(positions), meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, np.ndarray]:
+        """Run the step; return logits ``[S, V]`` of the sampling rows and their batch indices."""
+        self.kv_cache.copy_blocks(sched.block_copies)
+        input_ids, positions, meta, sample_rows = self.prepare(sched)
+        hidden = self.model(input_ids, positions, meta)
+        cu_end = np.asarray(meta.query_start_loc_cpu[1:], dtype=np.int64)
+        token_rows = self._to_device(cu_end[sample_rows] - 1)
+        logits = self.model.compute_logits(hidden.index_select(0, token_rows))
+        return logits, sample_rows
