@@ -1,0 +1,321 @@
+"""The engine loop in a background thread, with one async output stream per request.
+
+``LLMEngine`` is synchronous and not thread safe. ``AsyncEngine`` owns it on a single engine
+thread: that thread steps the engine while there is work and sleeps when there is none. The event
+loop never calls into the engine; it posts commands (add, abort) that the engine thread runs
+between steps, and the engine thread hands each step's outputs back to the event loop in one
+``call_soon_threadsafe`` call. So a slow HTTP client never delays the batch, and the interface
+(``add_request`` -> async iterator, ``abort``, ``get_stats``) stays narrow enough to move the engine
+into its own process later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+
+class EngineObserver(Protocol):
+    """Told, on the event loop, about each step's outputs and each abort (metrics use this)."""
+
+    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
+
+    def on_abort(self, request_id: str) -> None: ...
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request; the request is over."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop is not running (shut down, or never started)."""
+
+
+_FINISHED = object()  # pushed into a stream's queue when the request ends without a final output
+
+
+class RequestStream(AsyncIterator[RequestOutput]):
+    """The outputs of one request, in order, as an async iterator.
+
+    Outputs are cumulative, so when the consumer falls behind, the iterator skips to the newest
+    output instead of replaying every step (a streamer then sends a bigger delta). Leaving the
+    iteration early (``aclose``, cancellation) aborts the request in the engine.
+    """
+
+    def __init__(self, request_id: str, engine: AsyncEngine) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.finished = False
+
+    def _put(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        while not self._queue.empty() and not _is_final(item):
+            item = self._queue.get_nowait()
+        if item is _FINISHED:
+            self.finished = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        """Abort the request if it is still running (idempotent, thread safe)."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+def _is_final(item: Any) -> bool:
+    return item is _FINISHED or isinstance(item, BaseException) or item.finished
+
+
+class AsyncEngine:
+    """Runs an ``LLMEngine`` on its own thread and serves per-request async streams.
+
+    Create it, ``start()`` it from the event loop that will consume the streams, then call
+    ``add_request`` from that loop.
+    """
+
+    def __init__(self, engine: Any, observer: EngineObserver | None = None) -> None:
+        self.engine = engine
+        self.observer = observer
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cond = threading.Condition()
+        self._commands: list[tuple[str, Any]] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._live: set[str] = set()  # engine thread only: ids the engine holds
+        self._stats = engine.get_stats()
+
+    @classmethod
+    def from_config(cls, config: Any, observer: EngineObserver | None = None) -> AsyncEngine:
+        from pagedserve.engine.llm_engine import LLMEngine
+
+        return cls(LLMEngine(config), observer)
+
+    # ---- read-only facts about the model (safe from any thread) ----
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def get_stats(self) -> Any:
+        """The engine's stats as of the end of its latest step or command."""
+        return self._stats
+
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- life cycle ----
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that consumes the streams."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight, at most ``timeout`` seconds; True if idle."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._streams
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, failing whatever is still in flight."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        for stream in list(self._streams.values()):
+            stream._put(EngineDeadError("the server is shutting down"))
+        self._streams.clear()
+
+    # ---- requests (event loop side) ----
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Submit a request; returns its output stream once the engine has accepted it.
+
+        Raises ``ValueError`` (the engine's own message) when the engine refuses the request, and
+        ``EngineDeadError`` when the engine is not running.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        assert self._loop is not None
+        stream = RequestStream(request_id, self)
+        accepted: asyncio.Future[None] = self._loop.create_future()
+        self._streams[request_id] = stream
+        self._post("add", (request_id, prompt, params, arrival_time or time.time(), accepted))
+        try:
+            await accepted
+        except BaseException:
+            self._streams.pop(request_id, None)
+            refused = accepted.done() and not accepted.cancelled() and accepted.exception()
+            if not refused:  # the caller went away while waiting: the add may still happen
+                self._post("abort", [request_id])
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; the engine frees its blocks before its next step.
+
+        Call from the event loop (the engine thread only ever sees the posted command).
+        """
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.finished = True
+            stream._put(_FINISHED)
+            if self.observer is not None:
+                self.observer.on_abort(request_id)
+        self._post("abort", [request_id])
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._cond:
+            self._commands.append((kind, payload))
+            self._cond.notify()
+
+    # ---- engine thread ----
+    def _run(self) -> None:
+        engine = self.engine
+        has_work = False
+        while True:
+            with self._cond:
+                while not self._commands and not has_work and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                commands, self._commands = self._commands, []
+            self._run_commands(commands)
+            if engine.has_unfinished_requests():
+                self._step()
+            has_work = engine.has_unfinished_requests()
+            self._stats = engine.get_stats()
+
+    def _run_commands(self, commands: list[tuple[str, Any]]) -> None:
+        aborts: list[str] = []
+        for kind, payload in commands:
+            if kind == "abort":
+                aborts.extend(payload)
+                continue
+            request_id, prompt, params, arrival, accepted = payload
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to HTTP
+                self._call_in_loop(_settle, accepted, exc)
+            else:
+                self._live.add(request_id)
+                self._call_in_loop(_settle, accepted, None)
+        if aborts:
+            self._live.difference_update(aborts)
+            self.engine.abort_request(aborts)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - the loop must survive a failing step
+            logger.exception("engine step failed; failing the requests in flight")
+            self._fail_all(exc)
+            return
+        if outputs:
+            for out in outputs:
+                if out.finished:
+                    self._live.discard(out.request_id)
+            self._call_in_loop(self._dispatch, outputs)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Abort every request the engine holds and tell their streams why."""
+        error = EngineError(f"the engine failed while running this request: {exc!r}")
+        ids, self._live = list(self._live), set()
+        self._call_in_loop(self._fail_streams, ids, error)
+        try:
+            self.engine.abort_request(ids)
+        except Exception:  # noqa: BLE001
+            logger.exception("aborting the failed requests also failed")
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    # ---- event loop side of the hand-off ----
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.on_outputs(outputs, time.time())
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                logger.exception("output observer failed")
+        streams = self._streams
+        for out in outputs:
+            stream = streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream._put(out)
+            if out.finished:
+                del streams[out.request_id]
+
+    def _fail_streams(self, request_ids: list[str], error: EngineError) -> None:
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream._put(error)
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)

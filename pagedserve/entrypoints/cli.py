@@ -1,0 +1,375 @@
+"""The ``pagedserve`` command: ``serve``, ``chat``, ``generate`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger("pagedserve")
+
+BENCHMARKS = ("throughput", "serve", "latency")
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
+
+
+# ---- engine options, shared by serve / chat / generate ----
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="a Hugging Face model directory, a .gguf file, or a Hub id in the local cache "
+        "(default: the packaged SmolLM2-135M-Instruct)",
+    )
+    g = parser.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    g.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
+    g.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
+    g.add_argument(
+        "--kv-cache-memory", type=float, default=None, help="GiB for the KV cache pools"
+    )
+    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV cache of shared prompt prefixes (default: on)",
+    )
+    g.add_argument(
+        "--chat-template", default=None, help="a chat template file (jinja2), or the template"
+    )
+    g.add_argument("--seed", type=int, default=None, help="engine seed")
+
+
+_ENGINE_FIELDS = (
+    "tokenizer",
+    "dtype",
+    "device",
+    "max_model_len",
+    "block_size",
+    "kv_cache_memory",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+    "seed",
+)
+
+
+def engine_config(args: argparse.Namespace, chat_template: str | None) -> Any:
+    """An EngineConfig from the flags given; unset flags keep EngineConfig's defaults."""
+    from pagedserve.config import EngineConfig
+
+    given = {f: getattr(args, f) for f in _ENGINE_FIELDS if getattr(args, f) is not None}
+    return EngineConfig(model=args.model, chat_template=chat_template, **given)
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    from pagedserve.entrypoints.openai.serving_base import load_chat_template
+
+    try:
+        return load_chat_template(args.chat_template)
+    except ValueError as exc:
+        raise SystemExit(f"error: --chat-template: {exc}") from exc
+
+
+def _load_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
+    from pagedserve.engine.llm_engine import LLMEngine
+
+    started = time.monotonic()
+    try:
+        engine = LLMEngine(engine_config(args, chat_template))
+    except (FileNotFoundError, ValueError) as exc:  # a bad model path or option: no traceback
+        raise SystemExit(f"error: {exc}") from exc
+    stats = engine.get_stats()
+    block_size = engine.config.block_size
+    logger.info(
+        "loaded %s (%s on %s) in %.1f s; context length %d tokens; KV cache %d blocks x %d "
+        "tokens = %d tokens",
+        engine.model_name,
+        str(getattr(engine, "dtype", engine.config.dtype)).removeprefix("torch."),
+        engine.config.device,
+        time.monotonic() - started,
+        engine.max_model_len,
+        stats.num_total_blocks,
+        block_size,
+        stats.num_total_blocks * block_size,
+    )
+    return engine
+
+
+# ---- serve ----
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the model name(s) the API accepts; the first is the one reported "
+        "(default: the model argument, or SmolLM2-135M-Instruct for the packaged model)",
+    )
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $PAGEDSERVE_API_KEY, else open)",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies get HTTP 413 (default 4 MiB)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=20.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 20)",
+    )
+    g.add_argument(
+        "--stats-interval", type=float, default=5.0, help="seconds between stats log lines"
+    )
+    g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
+    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.entrypoints.openai.api_server import ServerSettings, serve
+
+    configure_logging(args.log_level)
+    chat_template = _chat_template(args)
+    engine = _load_engine(args, chat_template)
+    names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
+    settings = ServerSettings(
+        served_model_names=names,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
+        chat_template=chat_template,
+        max_request_body_bytes=args.max_request_body_bytes,
+        stats_interval_s=args.stats_interval,
+        shutdown_timeout_s=args.shutdown_timeout,
+        access_log=not args.disable_access_log,
+    )
+    logger.info("serving the model as %s", ", ".join(repr(n) for n in names))
+    serve(AsyncEngine(engine), settings)
+    return 0
+
+
+# ---- chat and generate (in-process, streaming to the terminal) ----
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler")
+
+
+def _sampling_params(args: argparse.Namespace, max_tokens: int) -> Any:
+    from pagedserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+    )
+
+
+def _stream_to_terminal(engine: Any, request_id: str, prompt_ids: list[int], params: Any) -> str:
+    """Run one request on the engine, printing its text as it grows; returns the text."""
+    engine.add_request(request_id, prompt_ids, params)
+    printed = 0
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                text = out.outputs[0].text
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+    sys.stdout.write("\n")
+    return text
+
+
+def _budget(engine: Any, prompt_len: int, wanted: int) -> int:
+    room = engine.max_model_len - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"the conversation has {prompt_len} tokens, the whole context "
+            f"({engine.max_model_len}); start a new one"
+        )
+    return min(wanted, room)
+
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    add_sampling_args(parser)
+    parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    chat_template = _chat_template(args)
+    engine = _load_engine(args, chat_template)
+    tok = engine.tokenizer
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict[str, str]] = list(system)
+    print("Chat with the model. /reset starts over, /exit (or Ctrl-D) quits.")
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        messages.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+        ids = tok.encode(text, add_special_tokens=False)
+        try:
+            params = _sampling_params(args, _budget(engine, len(ids), args.max_tokens))
+        except ValueError as exc:
+            print(f"[{exc}]")
+            messages.pop()
+            continue
+        turn += 1
+        answer = _stream_to_terminal(engine, f"chat-{turn}", ids, params)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    add_sampling_args(parser)
+    parser.add_argument(
+        "--prompt", default=None, help="the prompt (default: read it from standard input)"
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message (chat template)"
+    )
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    chat_template = _chat_template(args)
+    engine = _load_engine(args, chat_template)
+    tok = engine.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(prompt, add_special_tokens=True)
+    try:
+        params = _sampling_params(args, _budget(engine, len(ids), args.max_tokens))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.chat:
+        sys.stdout.write(prompt)
+    _stream_to_terminal(engine, "generate", ids, params)
+    return 0
+
+
+# ---- bench ----
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="{" + ",".join(BENCHMARKS) + "}")
+    sub.required = True
+    for name in BENCHMARKS:
+        try:
+            module = importlib.import_module(f"pagedserve.bench.{name}")
+        except ImportError as exc:
+            p = sub.add_parser(name, help=f"(unavailable: {exc})")
+            p.set_defaults(bench_main=None, bench_error=str(exc))
+            continue
+        summary = (module.__doc__ or "").strip().split(".")[0].split(": ", 1)[-1]
+        p = sub.add_parser(
+            name,
+            help=summary or None,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_cli_args(p)
+        p.set_defaults(bench_main=module.main)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench_main is None:
+        print(f"error: this benchmark is not available: {args.bench_error}", file=sys.stderr)
+        return 2
+    configure_logging("WARNING")
+    result = args.bench_main(args)
+    return result if isinstance(result, int) else 0
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedserve",
+        description="A high-throughput LLM inference engine and OpenAI-compatible server.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    commands = (
+        ("serve", "run the OpenAI-compatible HTTP server", add_serve_args, run_serve),
+        ("chat", "chat with a model in the terminal", add_chat_args, run_chat),
+        ("generate", "complete one prompt and print it", add_generate_args, run_generate),
+    )
+    for name, help_text, add_args, run in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    bench = sub.add_parser("bench", help="benchmarks: throughput, serve (a client), latency")
+    if argv[:1] == ["bench"]:  # importing the benchmarks costs time: only when asked for
+        add_bench_args(bench)
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,262 @@
+"""The OpenAI-compatible HTTP server: routes, API-key and body-size guard, start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.entrypoints.openai.errors import APIError, install_error_handlers
+from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from pagedserve.entrypoints.openai.serving_base import OpenAIServing
+from pagedserve.entrypoints.openai.serving_chat import ServingChat
+from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
+from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
+from pagedserve.metrics import ServerMetrics, StatsLogger
+
+logger = logging.getLogger("pagedserve.server")
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def package_version() -> str:
+    try:
+        return version("pagedserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    chat_template: str | None = None  # template text (already loaded from a file)
+    max_request_body_bytes: int = 4 * 1024 * 1024
+    stats_interval_s: float = 5.0
+    shutdown_timeout_s: float = 20.0
+    access_log: bool = True
+
+
+class GuardMiddleware:
+    """API key and request-size checks, before any routing or parsing.
+
+    The body is read here, up to the limit, and replayed to the app; a bigger body (by
+    Content-Length or as streamed) gets a 413 without being buffered further.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = APIError(
+                    401,
+                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )
+                await error.response()(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413,
+            f"The request body is larger than the limit of {self.max_body} bytes.",
+            code="request_too_large",
+        )
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await too_large.response()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await too_large.response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app serving ``engine``; starting the app starts the engine thread."""
+    serving = OpenAIServing(engine, settings.served_model_names, settings.chat_template)
+    chat = ServingChat(serving)
+    completion = ServingCompletion(serving)
+    tokenize = ServingTokenize(serving)
+    metrics = ServerMetrics(serving.model_name, engine.get_stats)
+    engine.observer = metrics
+    stats_logger = StatsLogger(engine.get_stats)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+
+        async def log_stats() -> None:
+            while True:
+                await asyncio.sleep(settings.stats_interval_s)
+                stats_logger.log()
+
+        stats_task = asyncio.create_task(log_stats())
+        try:
+            yield
+        finally:
+            stats_task.cancel()
+            if not await engine.wait_idle(timeout=5.0):
+                logger.warning("%d request(s) still running at shutdown", engine.num_in_flight())
+            engine.shutdown()
+
+    app = FastAPI(title="pagedserve", version=package_version(), lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(
+        GuardMiddleware,  # type: ignore[arg-type]
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_request_body_bytes,
+    )
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
+        return await chat.create(req, raw)
+
+    @app.post("/v1/completions")
+    async def create_completion(req: CompletionRequest, raw: Request) -> Response:
+        return await completion.create(req, raw)
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "pagedserve",
+            "root": engine.model_name,
+            "parent": None,
+            "max_model_len": engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(n) for n in settings.served_model_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        serving.check_model(name)
+        return model_card(name)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return APIError(503, "the engine is not running").response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def get_version() -> dict[str, str]:
+        return {"version": package_version()}
+
+    @app.post("/tokenize")
+    async def post_tokenize(req: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(tokenize.tokenize(req))
+
+    @app.post("/detokenize")
+    async def post_detokenize(req: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(tokenize.detokenize(req))
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but SIGINT/SIGTERM end it with exit status 0.
+
+    uvicorn re-raises a caught signal after its graceful shutdown, which turns a clean stop into
+    death by signal (or a KeyboardInterrupt traceback). Here the signal only starts the graceful
+    shutdown: stop accepting, let in-flight requests finish (bounded), stop the engine, return.
+    """
+
+    def __init__(self, config: uvicorn.Config, url: str) -> None:
+        super().__init__(config)
+        self._url = url
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            logger.info("pagedserve is ready: %s (OpenAI API at %s/v1)", self._url, self._url)
+
+
+def serve(engine: AsyncEngine, settings: ServerSettings) -> None:
+    """Serve until SIGINT/SIGTERM; returns after a graceful shutdown."""
+    app = build_app(engine, settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_keep_alive=5,
+    )
+    shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    _Server(config, f"http://{shown_host}:{settings.port}").run()

@@ -1,0 +1,361 @@
+"""What chat, completions and tokenize have in common: the model name, prompts, limits, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
+from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
+from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+SAMPLING_PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"max_completion_tokens"}
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON object, as the OpenAI API frames it."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """A ``--chat-template`` value: a path to a template file, or the template text itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    if "{" not in value:  # looks like a path, and not a template: say so instead of serving it
+        raise ValueError(f"chat template file not found: {value}")
+    return value
+
+
+class OpenAIServing:
+    """Shared state and helpers of the OpenAI endpoints."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        served_model_names: list[str],
+        chat_template: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.model_name = served_model_names[0]
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = len(self.tokenizer)
+        self.chat_template = chat_template
+        self._token_text = lru_cache(maxsize=1 << 16)(self._decode_one)
+
+    # ---- checks ----
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.served_model_names:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(
+                f"{param} contains token id {bad}, outside the vocabulary [0, {self.vocab_size})",
+                param=param,
+            )
+
+    def sampling_params(
+        self,
+        request: SamplingFields,
+        requested_max_tokens: int | None,
+        prompt_len: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        prompt_param: str = "prompt",
+    ) -> SamplingParams:
+        """SamplingParams for one prompt; a 400 when a value or the context length is wrong."""
+        for param, ids in request.token_ids_to_check().items():
+            self.check_token_ids(ids, param)
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{prompt_param} resulted in {prompt_len} tokens, which leaves no room for the "
+                f"completion. Please reduce the length of the {prompt_param}.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        max_tokens = requested_max_tokens
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif isinstance(max_tokens, int) and max_tokens >= 1 and prompt_len + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, "
+                f"{max_tokens} in the completion). Please reduce the length of the "
+                f"{prompt_param} or the completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        try:
+            return request.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        except ValueError as exc:
+            raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
+
+    # ---- prompts ----
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def render_chat(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        chat_template: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> str:
+        """The conversation as prompt text, through the model's (or the given) chat template."""
+        if not messages:
+            raise bad_request("messages must contain at least one message", param="messages")
+        if add_generation_prompt and continue_final_message:
+            raise bad_request(
+                "continue_final_message and add_generation_prompt can not both be true; "
+                "set add_generation_prompt to false to continue the final message",
+                param="continue_final_message",
+            )
+        if continue_final_message and messages[-1].role != "assistant":
+            raise bad_request(
+                "continue_final_message needs the last message to be an assistant message",
+                param="continue_final_message",
+            )
+        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        template = chat_template or self.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request(
+                "this model has no chat template; start the server with --chat-template",
+                param="messages",
+            )
+        kwargs = dict(chat_template_kwargs or {})
+        for reserved in ("conversation", "tokenize", "chat_template", "return_dict"):
+            kwargs.pop(reserved, None)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **kwargs,
+            )
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
+            raise bad_request(f"could not apply the chat template: {exc}", param="messages") from exc
+        return text if isinstance(text, str) else text[0]
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (for logprobs), cached."""
+        return self._token_text(token_id)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ---- running requests ----
+    async def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+    ) -> RequestStream:
+        try:
+            return await self.engine.add_request(request_id, prompt_ids, params, arrival_time)
+        except ValueError as exc:
+            raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc)) from exc
+
+    async def submit_all(
+        self,
+        base_id: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+    ) -> list[RequestStream]:
+        """Submit several prompts; on a refusal, abort the ones already accepted."""
+        now = time.time()
+        if len(prompts) == 1:
+            return [await self.submit(base_id, prompts[0], params[0], now)]
+        streams: list[RequestStream] = []
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                streams.append(await self.submit(f"{base_id}-{i}", ids, p, now))
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+
+def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise bad_request(
+                    f"messages[{index}]: content part type {part.type!r} is not supported "
+                    "(only 'text')",
+                    param="messages",
+                )
+            texts.append(part.text)
+        content = "\n".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+async def last_output(stream: RequestStream) -> RequestOutput:
+    """Drain a stream and return its final (cumulative) output."""
+    final: RequestOutput | None = None
+    try:
+        async for out in stream:
+            final = out
+    finally:
+        stream.abort()
+    if final is None:
+        raise APIError(503, "the request was aborted before it produced any output")
+    return final
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several streams as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(
+    request: Request, handler: Callable[[], Awaitable[Response]]
+) -> Response:
+    """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client
+    goes away first."""
+    work = asyncio.ensure_future(handler())
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    return Response(status_code=499)
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def by_rank(item: tuple[int, Logprob]) -> float:
+    """Sort key of a logprobs dict's items: best rank first (the sampled token may be unranked)."""
+    rank = item[1].rank
+    return float("inf") if rank is None else rank
+
+
+def logprob_text(logprob: Logprob | None, token_id: int, token_text: Callable[[int], str]) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return token_text(token_id)
+
+
+def clamp_logprob(value: float) -> float:
+    """JSON has no -inf; like vLLM, report at least -9999."""
+    return value if value > -9999.0 else -9999.0
+
+
+class SSEResponse(StreamingResponse):
+    """A server-sent-event stream that runs ``on_close`` however it ends.
+
+    The body generator's own ``finally`` does not run when the client leaves before the first
+    chunk (the generator never started), so the abort lives here.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()

@@ -1,0 +1,197 @@
+"""POST /v1/chat/completions: OpenAI's chat completion objects and chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.engine.async_engine import EngineError, RequestStream
+from pagedserve.entrypoints.openai.errors import error_body
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    OpenAIServing,
+    SSEResponse,
+    by_rank,
+    cancel_on_disconnect,
+    clamp_logprob,
+    last_output,
+    logprob_text,
+    new_id,
+    sse,
+    usage_dict,
+)
+from pagedserve.outputs import CompletionOutput, RequestOutput
+
+
+class ServingChat:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.s = serving
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        s = self.s
+        s.check_model(req.model)
+        top_logprobs = req.num_logprobs
+        text = s.render_chat(
+            req.messages,
+            req.add_generation_prompt,
+            req.continue_final_message,
+            req.chat_template,
+            req.chat_template_kwargs,
+        )
+        prompt_ids = s.tokenize(text, req.add_special_tokens)
+        params = s.sampling_params(
+            req, req.requested_max_tokens, len(prompt_ids), top_logprobs, prompt_param="messages"
+        )
+        request_id = new_id("chatcmpl")
+        created = int(time.time())
+        if req.stream:
+            stream = (await s.submit_all(request_id, [prompt_ids], [params]))[0]
+            return SSEResponse(
+                self._stream(req, request_id, created, stream, top_logprobs), stream.abort
+            )
+
+        async def run() -> Response:
+            stream = (await s.submit_all(request_id, [prompt_ids], [params]))[0]
+            final = await last_output(stream)
+            return JSONResponse(self._response(request_id, created, final, top_logprobs))
+
+        return await cancel_on_disconnect(raw, run)
+
+    def _response(
+        self, request_id: str, created: int, out: RequestOutput, top_logprobs: int | None
+    ) -> dict[str, Any]:
+        choices = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            logprobs = None
+            if top_logprobs is not None:
+                logprobs = {"content": self._logprobs(c, 0, len(c.token_ids), top_logprobs)}
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.s.model_name,
+            "choices": choices,
+            "usage": _usage(out),
+            "system_fingerprint": None,
+        }
+
+    async def _stream(
+        self,
+        req: ChatCompletionRequest,
+        request_id: str,
+        created: int,
+        stream: RequestStream,
+        top_logprobs: int | None,
+    ) -> AsyncIterator[bytes]:
+        n = req.n
+        include_usage = req.include_usage
+        head = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.s.model_name,
+        }
+
+        def chunk(choice: dict[str, Any]) -> bytes:
+            obj = {**head, "choices": [choice]}
+            if include_usage:
+                obj["usage"] = None
+            return sse(obj)
+
+        for i in range(n):
+            yield chunk(
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            )
+        text_pos = [0] * n
+        token_pos = [0] * n
+        done = [False] * n
+        final: RequestOutput | None = None
+        try:
+            async for out in stream:
+                final = out
+                for c in out.outputs:
+                    i = c.index
+                    if done[i]:
+                        continue
+                    new_text = c.text[text_pos[i] :]
+                    num_tokens = len(c.token_ids)
+                    new_logprobs = top_logprobs is not None and num_tokens > token_pos[i]
+                    if not new_text and not new_logprobs and c.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if top_logprobs is not None:
+                        entries = self._logprobs(c, token_pos[i], num_tokens, top_logprobs)
+                        logprobs = {"content": entries}
+                    text_pos[i] = len(c.text)
+                    token_pos[i] = num_tokens
+                    done[i] = c.finish_reason is not None
+                    yield chunk(
+                        {
+                            "index": i,
+                            "delta": {"content": new_text} if new_text else {},
+                            "logprobs": logprobs,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+        except EngineError as exc:
+            yield sse(error_body(str(exc), "server_error", None, 500))
+            yield SSE_DONE
+            return
+        if include_usage and final is not None:
+            yield sse({**head, "choices": [], "usage": _usage(final)})
+        yield SSE_DONE
+
+    def _logprobs(
+        self, c: CompletionOutput, start: int, end: int, top: int
+    ) -> list[dict[str, Any]] | None:
+        """OpenAI's chat layout: one entry per token, with its ``top`` best alternatives."""
+        if c.logprobs is None:
+            return None
+        token_text = self.s.token_text
+        entries = []
+        for token_id, alternatives in zip(c.token_ids[start:end], c.logprobs[start:end], strict=False):
+            chosen = alternatives.get(token_id)
+            text = logprob_text(chosen, token_id, token_text)
+            best = sorted(alternatives.items(), key=by_rank)[:top] if top else []
+            entries.append(
+                {
+                    "token": text,
+                    "logprob": clamp_logprob(chosen.logprob) if chosen else -9999.0,
+                    "bytes": list(text.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": (t := logprob_text(lp, tid, token_text)),
+                            "logprob": clamp_logprob(lp.logprob),
+                            "bytes": list(t.encode()),
+                        }
+                        for tid, lp in best
+                    ],
+                }
+            )
+        return entries
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    return usage_dict(
+        len(out.prompt_token_ids),
+        sum(len(c.token_ids) for c in out.outputs),
+        out.num_cached_tokens or 0,
+    )

@@ -1,0 +1,240 @@
+"""POST /v1/completions: OpenAI's (legacy) text completion objects and chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.engine.async_engine import EngineError, RequestStream
+from pagedserve.entrypoints.openai.errors import bad_request, error_body
+from pagedserve.entrypoints.openai.protocol import CompletionRequest
+from pagedserve.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    OpenAIServing,
+    SSEResponse,
+    by_rank,
+    cancel_on_disconnect,
+    clamp_logprob,
+    last_output,
+    logprob_text,
+    merged,
+    new_id,
+    sse,
+    usage_dict,
+)
+from pagedserve.outputs import Logprob, RequestOutput
+
+
+class ServingCompletion:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.s = serving
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        s = self.s
+        s.check_model(req.model)
+        if req.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
+        prompt_ids: list[list[int]] = []
+        prompt_texts: list[str | None] = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                ids = s.tokenize(prompt, req.add_special_tokens)
+                prompt_texts.append(prompt)
+            else:
+                ids = list(prompt)
+                s.check_token_ids(ids, "prompt")
+                prompt_texts.append(None)
+            if not ids:
+                raise bad_request("prompt must not be empty", param="prompt")
+            prompt_ids.append(ids)
+        echo_logprobs = req.logprobs if req.echo else None
+        params = [
+            s.sampling_params(req, req.max_tokens, len(ids), req.logprobs, echo_logprobs)
+            for ids in prompt_ids
+        ]
+        request_id = new_id("cmpl")
+        created = int(time.time())
+        job = _Job(self, req, request_id, created, prompt_ids, prompt_texts)
+        if req.stream:
+            streams = await s.submit_all(request_id, prompt_ids, params)
+            return SSEResponse(job.stream(streams), lambda: [st.abort() for st in streams])
+
+        async def run() -> Response:
+            streams = await s.submit_all(request_id, prompt_ids, params)
+            try:
+                finals = [await last_output(st) for st in streams]
+            finally:
+                for st in streams:
+                    st.abort()
+            return JSONResponse(job.response(finals))
+
+        return await cancel_on_disconnect(raw, run)
+
+
+class _Job:
+    """One completions request (possibly several prompts) being turned into OpenAI objects."""
+
+    def __init__(
+        self,
+        serving: ServingCompletion,
+        req: CompletionRequest,
+        request_id: str,
+        created: int,
+        prompt_ids: list[list[int]],
+        prompt_texts: list[str | None],
+    ) -> None:
+        self.s = serving.s
+        self.req = req
+        self.prompt_ids = prompt_ids
+        self.prompt_texts = prompt_texts
+        self.head = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": self.s.model_name,
+        }
+
+    def _echo_text(self, p: int) -> str:
+        text = self.prompt_texts[p]
+        if text is None:
+            text = self.s.tokenizer.decode(self.prompt_ids[p])
+            self.prompt_texts[p] = text
+        return text
+
+    def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        req = self.req
+        choices = []
+        for p, out in enumerate(finals):
+            echo = self._echo_text(p) if req.echo else ""
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._logprobs(out, c.token_ids, c.logprobs, 0, echo=req.echo)
+                choices.append(
+                    {
+                        "index": p * req.n + c.index,
+                        "text": echo + c.text,
+                        "logprobs": logprobs,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+        return {
+            **self.head,
+            "choices": choices,
+            "usage": _usage(finals),
+            "system_fingerprint": None,
+        }
+
+    async def stream(self, streams: list[RequestStream]) -> AsyncIterator[bytes]:
+        req = self.req
+        n = req.n
+        include_usage = req.include_usage
+        head = self.head
+        total = len(streams) * n
+        text_pos = [0] * total
+        token_pos = [0] * total
+        offset = [0] * total  # characters sent so far, for text_offset
+        started = [False] * total
+        done = [False] * total
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            async for p, out in merged(streams):
+                finals[p] = out
+                for c in out.outputs:
+                    i = p * n + c.index
+                    if done[i]:
+                        continue
+                    new_text = c.text[text_pos[i] :]
+                    num_tokens = len(c.token_ids)
+                    new_tokens = num_tokens > token_pos[i]
+                    echo = not started[i] and req.echo
+                    if not (new_text or echo or c.finish_reason is not None):
+                        if req.logprobs is None or not new_tokens:
+                            continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = self._logprobs(
+                            out, c.token_ids, c.logprobs, token_pos[i], echo=echo, offset=offset[i]
+                        )
+                    text = (self._echo_text(p) if echo else "") + new_text
+                    started[i] = True
+                    text_pos[i] = len(c.text)
+                    token_pos[i] = num_tokens
+                    offset[i] += len(text)
+                    done[i] = c.finish_reason is not None
+                    choice = {
+                        "index": i,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": c.finish_reason,
+                    }
+                    obj = {**head, "choices": [choice]}
+                    if include_usage:
+                        obj["usage"] = None
+                    yield sse(obj)
+        except EngineError as exc:
+            yield sse(error_body(str(exc), "server_error", None, 500))
+            yield SSE_DONE
+            return
+        if include_usage and all(f is not None for f in finals):
+            yield sse({**head, "choices": [], "usage": _usage(finals)})  # type: ignore[arg-type]
+        yield SSE_DONE
+
+    def _logprobs(
+        self,
+        out: RequestOutput,
+        token_ids: list[int],
+        logprobs: list[dict[int, Logprob]] | None,
+        start: int,
+        echo: bool,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """OpenAI's completions layout; with echo, the prompt's tokens come first."""
+        token_text = self.s.token_text
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        text_offset: list[int] = []
+
+        def add(token_id: int, alternatives: dict[int, Logprob] | None) -> None:
+            nonlocal offset
+            chosen = alternatives.get(token_id) if alternatives else None
+            text = logprob_text(chosen, token_id, token_text)
+            tokens.append(text)
+            token_logprobs.append(clamp_logprob(chosen.logprob) if chosen else None)
+            top_logprobs.append(
+                {
+                    logprob_text(lp, tid, token_text): clamp_logprob(lp.logprob)
+                    for tid, lp in sorted(alternatives.items(), key=by_rank)
+                }
+                if alternatives
+                else None
+            )
+            text_offset.append(offset)
+            offset += len(text)
+
+        if echo:
+            prompt_logprobs = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            for token_id, alternatives in zip(out.prompt_token_ids, prompt_logprobs, strict=False):
+                add(token_id, alternatives)
+        if logprobs is not None:
+            for token_id, alternatives in zip(token_ids[start:], logprobs[start:], strict=False):
+                add(token_id, alternatives)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        }
+
+
+def _usage(finals: list[RequestOutput]) -> dict[str, Any]:
+    return usage_dict(
+        sum(len(f.prompt_token_ids) for f in finals),
+        sum(len(c.token_ids) for f in finals for c in f.outputs),
+        sum(f.num_cached_tokens or 0 for f in finals),
+    )

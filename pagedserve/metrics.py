@@ -1,0 +1,174 @@
+"""Prometheus metrics and the periodic stats log line.
+
+Names are vLLM's with the prefix ``pagedserve:`` so existing dashboards adapt with a rename.
+Engine-wide numbers (queue lengths, KV cache usage, token and cache counters) are read from the
+engine's latest ``get_stats()`` snapshot at scrape time; per-request latencies are observed from
+the outputs as the async engine hands them to the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pagedserve.outputs import RequestOutput
+
+logger = logging.getLogger("pagedserve.stats")
+
+PREFIX = "pagedserve:"
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+
+_GAUGES = (
+    ("num_requests_running", "num_running", "Number of requests in the running batch."),
+    ("num_requests_waiting", "num_waiting", "Number of requests waiting to be scheduled."),
+    ("kv_cache_usage_perc", "kv_cache_usage", "KV cache usage (1 means every block is used)."),
+)
+_COUNTERS = (
+    ("prompt_tokens", "prompt_tokens", "Prefill tokens processed."),
+    ("generation_tokens", "generation_tokens", "Tokens generated."),
+    ("num_preemptions", "num_preemptions", "Preemptions of running requests."),
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+)
+
+
+def _stat(stats: Any, name: str) -> float:
+    return float(getattr(stats, name, 0) or 0)
+
+
+class _EngineStatsCollector(Collector):
+    """Exposes the engine's latest stats snapshot as gauges and counters at scrape time."""
+
+    def __init__(self, get_stats: Callable[[], Any], model_name: str) -> None:
+        self._get_stats = get_stats
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._get_stats()
+        for suffix, attr, doc in _GAUGES:
+            gauge = GaugeMetricFamily(PREFIX + suffix, doc, labels=["model_name"])
+            gauge.add_metric([self._model_name], _stat(stats, attr))
+            yield gauge
+        for suffix, attr, doc in _COUNTERS:
+            counter = CounterMetricFamily(PREFIX + suffix, doc, labels=["model_name"])
+            counter.add_metric([self._model_name], _stat(stats, attr))
+            yield counter
+
+
+class ServerMetrics:
+    """The server's Prometheus registry; also the async engine's observer of outputs and aborts."""
+
+    def __init__(self, model_name: str, get_stats: Callable[[], Any]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(get_stats, model_name))
+        labels = ["model_name"]
+
+        def histogram(suffix: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(
+                PREFIX + suffix, doc, labels, buckets=buckets, registry=self.registry
+            ).labels(model_name)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to the first generated token.", TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between consecutive output tokens.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to finish of each request.", REQUEST_BUCKETS
+        )
+        self.queue = histogram(
+            "request_queue_time_seconds", "Time each request waited to be scheduled.",
+            REQUEST_BUCKETS,
+        )  # fmt: skip
+        self._success = Counter(
+            PREFIX + "request_success",
+            "Requests that finished, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self._model_name = model_name
+        self._live: dict[str, list[float]] = {}  # request id -> [arrival, last token time, tokens]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ---- EngineObserver ----
+    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None:
+        live = self._live
+        for out in outputs:
+            state = live.get(out.request_id)
+            if state is None:
+                state = [out.metrics.get("arrival_time", now), 0.0, 0.0]
+                live[out.request_id] = state
+            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            if num_tokens > state[2]:
+                if state[2] == 0:
+                    first = out.metrics.get("first_token_time", now)
+                    self.ttft.observe(max(0.0, first - state[0]))
+                else:
+                    self.itl.observe(max(0.0, now - state[1]))
+                state[1] = now
+                state[2] = num_tokens
+            if out.finished:
+                del live[out.request_id]
+                self.e2e.observe(max(0.0, out.metrics.get("finished_time", now) - state[0]))
+                scheduled = out.metrics.get("first_scheduled_time")
+                if scheduled is not None:
+                    self.queue.observe(max(0.0, scheduled - state[0]))
+                reason = out.outputs[0].finish_reason if out.outputs else None
+                self._success.labels(self._model_name, reason or "stop").inc()
+
+    def on_abort(self, request_id: str) -> None:
+        self._live.pop(request_id, None)
+        self._success.labels(self._model_name, "abort").inc()
+
+
+class StatsLogger:
+    """Logs one line of throughput and cache numbers per interval while there is traffic."""
+
+    def __init__(self, get_stats: Callable[[], Any]) -> None:
+        self._get_stats = get_stats
+        self._last = get_stats()
+        self._last_time = time.monotonic()
+        self._was_busy = False
+
+    def log(self) -> None:
+        stats = self._get_stats()
+        now = time.monotonic()
+        elapsed = max(now - self._last_time, 1e-6)
+        prev = self._last
+        prompt = _stat(stats, "prompt_tokens") - _stat(prev, "prompt_tokens")
+        generated = _stat(stats, "generation_tokens") - _stat(prev, "generation_tokens")
+        queries = _stat(stats, "prefix_cache_queries") - _stat(prev, "prefix_cache_queries")
+        hits = _stat(stats, "prefix_cache_hits") - _stat(prev, "prefix_cache_hits")
+        running = int(_stat(stats, "num_running"))
+        waiting = int(_stat(stats, "num_waiting"))
+        busy = bool(prompt or generated or running or waiting)
+        self._last, self._last_time = stats, now
+        if not busy and not self._was_busy:
+            return
+        self._was_busy = busy
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+            "Prefix cache hit rate: %.1f%%",
+            prompt / elapsed,
+            generated / elapsed,
+            running,
+            waiting,
+            100.0 * _stat(stats, "kv_cache_usage"),
+            100.0 * hits / queries if queries else 0.0,
+        )

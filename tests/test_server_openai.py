@@ -1,0 +1,263 @@
+"""The OpenAI-compatible server, end to end: a real ``pagedserve serve`` process on the packaged
+SmolLM2, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from server_utils import MODEL_NAME, ServerProcess, request
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess(
+        ["--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--kv-cache-memory", "0.5"]
+    ).wait_ready()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def greedy_chat(client, **kwargs):
+    args = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 24, "temperature": 0}
+    return client.chat.completions.create(**{**args, **kwargs})
+
+
+def greedy_completion(client, **kwargs):
+    args = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+    return client.completions.create(**{**args, **kwargs})
+
+
+def test_chat_completion_object(server, client):
+    before = int(time.time())
+    r = greedy_chat(client)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    assert before - 1 <= r.created <= time.time() + 1
+    assert r.model == MODEL_NAME
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert choice.message.content and choice.finish_reason in ("stop", "length")
+    assert choice.logprobs is None
+    _, tokenized = request(server.url + "/tokenize", "POST", {"messages": CHAT})
+    assert r.usage.prompt_tokens == tokenized["count"]
+    assert 0 < r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_stream_equals_non_stream(client):
+    full = greedy_chat(client)
+    chunks = list(greedy_chat(client, stream=True, stream_options={"include_usage": True}))
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *content_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert all(c.usage is None for c in content_chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == full.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in content_chunks if c.choices[0].finish_reason]
+    assert reasons == [full.choices[0].finish_reason]
+    assert usage_chunk.usage.completion_tokens == full.usage.completion_tokens
+    assert usage_chunk.usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client):
+    chunks = list(greedy_chat(client, stream=True, max_tokens=4))
+    assert all(c.choices and c.usage is None for c in chunks)
+
+
+def test_completion_stream_equals_non_stream(client):
+    full = greedy_completion(client)
+    assert full.id.startswith("cmpl-") and full.object == "text_completion"
+    assert full.usage.completion_tokens == 16 and full.choices[0].finish_reason == "length"
+    chunks = list(greedy_completion(client, stream=True, stream_options={"include_usage": True}))
+    *content_chunks, usage_chunk = chunks
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in content_chunks) == full.choices[0].text
+    assert content_chunks[-1].choices[0].finish_reason == "length"
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == 16
+    assert usage_chunk.usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_n_choices(client):
+    r = greedy_chat(client, n=3, temperature=1.0, seed=7, max_tokens=8)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert 3 <= r.usage.completion_tokens <= 3 * 8
+    assert all(c.message.content is not None for c in r.choices)
+    chunks = list(greedy_chat(client, n=2, max_tokens=6, stream=True))
+    texts = {0: "", 1: ""}
+    finished = set()
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1}
+    single = greedy_chat(client, max_tokens=6).choices[0].message.content
+    assert texts == {0: single, 1: single}  # greedy: every choice is the same text
+    completions = greedy_completion(client, n=2, max_tokens=5)
+    assert [c.index for c in completions.choices] == [0, 1]
+    assert completions.usage.completion_tokens == 10
+
+
+def test_chat_logprobs_layout(client):
+    r = greedy_chat(client, logprobs=True, top_logprobs=3, max_tokens=8)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    plain = greedy_chat(client, logprobs=True, max_tokens=4).choices[0].logprobs.content
+    assert all(e.top_logprobs == [] for e in plain)
+    streamed = list(greedy_chat(client, logprobs=True, top_logprobs=2, max_tokens=8, stream=True))
+    entries = [e for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in entries] == [e.token for e in content]
+
+
+def test_completion_logprobs_layout(client):
+    r = greedy_completion(client, logprobs=2, max_tokens=8)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0 and 2 <= len(top) <= 3
+        assert top[token] == pytest.approx(logprob) and max(top.values()) == pytest.approx(logprob)
+
+
+def test_completion_echo(client):
+    plain = greedy_completion(client, max_tokens=6)
+    echoed = greedy_completion(client, max_tokens=6, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    streamed = list(greedy_completion(client, max_tokens=6, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
+    with_logprobs = greedy_completion(client, max_tokens=6, echo=True, logprobs=1)
+    lp = with_logprobs.choices[0].logprobs
+    num_prompt = with_logprobs.usage.prompt_tokens
+    assert len(lp.tokens) == num_prompt + 6
+    assert "".join(lp.tokens) == with_logprobs.choices[0].text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[num_prompt:])
+    assert lp.text_offset[num_prompt] == len(PROMPT)
+
+
+def test_stop_string_in_stream(client):
+    full = greedy_completion(client, max_tokens=24).choices[0].text
+    words = full.split()
+    assert len(words) >= 4
+    stop = " " + words[2]
+    cut = full.index(stop)
+    chunks = list(greedy_completion(client, max_tokens=24, stop=[stop], stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert streamed == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    kept = greedy_completion(
+        client, max_tokens=24, stop=stop, extra_body={"include_stop_str_in_output": True}
+    )
+    assert kept.choices[0].text == full[: cut + len(stop)]
+    assert kept.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducibility(client):
+    def sample(seed):
+        return client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=20, temperature=1.0, seed=seed
+        ).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(s) != first for s in (1, 2, 3))
+
+
+def test_completion_prompt_forms(server, client):
+    single = greedy_completion(client, max_tokens=6).choices[0].text
+    other = greedy_completion(client, prompt="Once upon a time", max_tokens=6).choices[0].text
+    batch = greedy_completion(client, prompt=[PROMPT, "Once upon a time"], max_tokens=6)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [single, other]
+    _, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
+    ids = tokenized["tokens"]
+    assert greedy_completion(client, prompt=ids, max_tokens=6).choices[0].text == single
+    both = greedy_completion(client, prompt=[ids, ids], max_tokens=6)
+    assert [c.text for c in both.choices] == [single, single]
+    assert both.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_chat_content_parts_and_roles(client):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": [{"type": "text", "text": "Name three colours."}]},
+    ]
+    as_parts = greedy_chat(client, messages=messages, max_tokens=8)
+    messages[-1] = {"role": "user", "content": "Name three colours."}
+    as_string = greedy_chat(client, messages=messages, max_tokens=8)
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+
+
+def test_continue_final_message(server, client):
+    partial = [*CHAT, {"role": "assistant", "content": "Red, green and"}]
+    body = {"messages": partial, "add_generation_prompt": False, "continue_final_message": True}
+    _, tokenized = request(server.url + "/tokenize", "POST", body)
+    _, text = request(server.url + "/detokenize", "POST", {"tokens": tokenized["tokens"]})
+    assert text["prompt"].endswith("Red, green and")
+    r = greedy_chat(
+        client,
+        messages=partial,
+        max_tokens=4,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert r.usage.prompt_tokens == tokenized["count"]
+
+
+def test_chat_template_kwargs_and_override(server):
+    template = "{% for m in messages %}[{{ m.role }}|{{ m.content }}|{{ flavour }}]{% endfor %}"
+    body = {
+        "messages": CHAT,
+        "chat_template": template,
+        "chat_template_kwargs": {"flavour": "mint"},
+        "add_generation_prompt": True,
+    }
+    _, tokenized = request(server.url + "/tokenize", "POST", body)
+    _, text = request(server.url + "/detokenize", "POST", {"tokens": tokenized["tokens"]})
+    assert text["prompt"] == "[user|Name three colours.|mint]"
+
+
+def test_tokenize_detokenize_round_trip(server):
+    status, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
+    assert status == 200 and tokenized["count"] == len(tokenized["tokens"]) > 0
+    assert tokenized["max_model_len"] == 2048
+    status, text = request(server.url + "/detokenize", "POST", {"tokens": tokenized["tokens"]})
+    assert status == 200 and text == {"prompt": PROMPT}
+
+
+def test_models_health_version(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    assert models.data[0].object == "model"
+    assert request(server.url + "/health")[0] == 200
+    status, version = request(server.url + "/version")
+    assert status == 200 and version["version"]
+
+
+def test_unknown_fields_are_ignored(server):
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2, "no_such_field": {"x": 1}}
+    status, r = request(server.url + "/v1/completions", "POST", body)
+    assert status == 200 and r["usage"]["completion_tokens"] == 2
