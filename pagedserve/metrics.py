@@ -13,7 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,6 +77,7 @@ class ServerMetrics:
     """The server's Prometheus registry; also the async engine's observer of outputs and aborts."""
 
     def __init__(self, model_name: str, get_stats: Callable[[], Any]) -> None:
+        disable_created_metrics()  # no *_created series, as vLLM
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(get_stats, model_name))
         labels = ["model_name"]

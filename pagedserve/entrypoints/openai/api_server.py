@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import signal
 import threading
@@ -154,7 +155,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 logger.warning("%d request(s) still running at shutdown", engine.num_in_flight())
             engine.shutdown()
 
-    app = FastAPI(title="pagedserve", version=package_version(), lifespan=lifespan)
+    # Parse a JSON body whatever its Content-Type says (curl -d sends form-urlencoded).
+    lenient = {"strict_content_type": False} if _has_param(FastAPI, "strict_content_type") else {}
+    app = FastAPI(title="pagedserve", version=package_version(), lifespan=lifespan, **lenient)
     install_error_handlers(app)
     app.add_middleware(
         GuardMiddleware,  # type: ignore[arg-type]
@@ -213,6 +216,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _has_param(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
 
 
 class _Server(uvicorn.Server):

@@ -1,0 +1,202 @@
+"""Every error the server reports: its HTTP status, the OpenAI error schema, and that bad requests
+neither disturb good ones nor leave KV blocks behind. The server here requires an API key."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+
+import openai
+import pytest
+from server_utils import MODEL_NAME, ServerProcess, request, wait_until_idle
+
+KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_LIMIT = 64 * 1024
+MAX_LEN = 512
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess(
+        [
+            "--served-model-name", MODEL_NAME,
+            "--max-model-len", str(MAX_LEN),
+            "--kv-cache-memory", "0.25",
+            "--max-request-body-bytes", str(BODY_LIMIT),
+        ],
+        env={"PAGEDSERVE_API_KEY": KEY},
+    ).wait_ready()  # fmt: skip
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client(api_key=KEY)
+
+
+def assert_error(body, param=None):
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str)
+    if param is not None:
+        assert error["param"] == param
+
+
+def post(server, path, body, headers=AUTH):
+    return request(server.url + path, "POST", body, headers)
+
+
+def test_api_key_required(server, client):
+    assert client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=1).choices
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, body = post(server, "/v1/completions", {"prompt": "hi"}, headers)
+        assert status == 401
+        assert_error(body)
+    status, body = request(server.url + "/v1/models")
+    assert status == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+
+
+def test_health_and_metrics_stay_open(server):
+    assert request(server.url + "/health")[0] == 200
+    status, text = request(server.url + "/metrics")
+    assert status == 200 and "pagedserve:num_requests_running" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"messages": []}, "messages"),
+        ({"max_tokens": MAX_LEN}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"99999999": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "word " * MAX_LEN}]}, "messages"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"messages": "not a list"}, "messages"),
+    ],
+)
+def test_chat_bad_values_are_400(server, change, param):
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 4, **change}
+    status, response = post(server, "/v1/chat/completions", body)
+    assert status == 400, response
+    assert_error(response, param)
+    assert response["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, 2, 10**9]}, "prompt"),
+        ({"max_tokens": 1000}, "max_tokens"),
+        ({"logprobs": 25}, "logprobs"),
+        ({"top_k": -5}, "top_k"),
+        ({"suffix": "x"}, "suffix"),
+        ({"stream": True, "n": 0}, "n"),
+    ],
+)
+def test_completion_bad_values_are_400(server, change, param):
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4, **change}
+    status, response = post(server, "/v1/completions", body)
+    assert status == 400, response
+    assert_error(response, param)
+
+
+def test_openai_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL_NAME, messages=CHAT, temperature=-1)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == "temperature"
+
+
+def test_malformed_json_is_400(server):
+    for raw in (b"{not json", b"", b"[1, 2]", b'"text"'):
+        status, body = post(server, "/v1/chat/completions", raw)
+        assert status == 400, raw
+        assert_error(body)
+
+
+def test_unknown_model_is_404(server, client):
+    status, body = post(server, "/v1/chat/completions", {"model": "nope", "messages": CHAT})
+    assert status == 404
+    assert_error(body, "model")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+
+
+def test_unknown_route_is_404_in_schema(server):
+    status, body = request(server.url + "/v1/nothing-here", headers=AUTH)
+    assert status == 404
+    assert_error(body)
+
+
+def test_body_over_limit_is_413(server):
+    big = {"model": MODEL_NAME, "prompt": "x" * (BODY_LIMIT + 10)}
+    status, body = post(server, "/v1/completions", big)
+    assert status == 413
+    assert_error(body)
+    # the same without a Content-Length: the size is checked as the body streams in
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    payload = json.dumps(big).encode()
+    pieces = (payload[i : i + 8192] for i in range(0, len(payload), 8192))
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=pieces,
+        headers={**AUTH, "Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert_error(json.loads(resp.read()))
+    conn.close()
+
+
+def test_bad_requests_do_not_disturb_others_or_leak_blocks(server, client):
+    expected = client.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0
+    ).choices[0].text
+    results: list[str] = []
+
+    def good() -> None:
+        r = client.completions.create(
+            model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0
+        )
+        results.append(r.choices[0].text)
+
+    threads = [threading.Thread(target=good) for _ in range(3)]
+    for t in threads:
+        t.start()
+    bad_bodies = [
+        {"prompt": "hi", "max_tokens": MAX_LEN * 2},
+        {"prompt": "hi", "temperature": -1},
+        {"prompt": [0, 10**9]},
+        {"prompt": "hi " * MAX_LEN},
+    ]
+    for _ in range(5):
+        for body in bad_bodies:
+            assert post(server, "/v1/completions", {"model": MODEL_NAME, **body})[0] == 400
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
+    m = wait_until_idle(server.url)
+    assert m["pagedserve:num_requests_running"] == 0
+    assert m["pagedserve:kv_cache_usage_perc"] == 0
