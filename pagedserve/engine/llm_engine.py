@@ -92,6 +92,16 @@ class LLMEngine:
             num_blocks * config.block_size,
             num_blocks * config.block_size * per_token / (1 << 30),
         )
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than the context length %d: "
+                "lowering max_model_len to %d",
+                capacity,
+                self.max_model_len,
+                capacity,
+            )
+            self.max_model_len = capacity
         self.runner = ModelRunner(self.model, kv_cache, self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -156,11 +166,6 @@ class LLMEngine:
                 f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                 f"maximum context length of {self.max_model_len} tokens"
             )
-        if self.kv.blocks_needed(n + 1) > self.num_blocks:
-            raise ValueError(
-                f"the prompt has {n} tokens but the KV cache holds only "
-                f"{self.num_blocks * self.kv.block_size} tokens"
-            )
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now and free their blocks; unknown ids are ignored."""
@@ -180,6 +185,7 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.groups)
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and return outputs of requests that moved."""
         sched = self.scheduler.schedule()

@@ -66,7 +66,7 @@ class OutputProcessor:
         params = req.params
         if entry is not None and seq.logprobs is not None:
             seq.logprobs.append(self._logprob_dict(token_id, entry))
-            seq.cumulative_logprob += entry.sampled_logprob
+            seq.cumulative_logprob += entry.logprob
         stop_str = seq.detokenizer.append([token_id]) if seq.detokenizer is not None else None
         may_stop = req.num_output_tokens >= params.min_tokens
         if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
@@ -86,7 +86,7 @@ class OutputProcessor:
     def _logprob_dict(self, token_id: int, entry: LogprobsEntry) -> dict[int, Logprob]:
         """The sampled token first, then the top-N by rank (vLLM's layout)."""
         decode = self.tokenizer.decode
-        out = {token_id: Logprob(entry.sampled_logprob, entry.sampled_rank, decode([token_id]))}
+        out = {token_id: Logprob(entry.logprob, entry.rank, decode([token_id]))}
         for rank, (tid, lp) in enumerate(entry.top, start=1):
             if tid not in out:
                 out[tid] = Logprob(lp, rank, decode([tid]))

@@ -9,7 +9,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
-DEFAULT_CPU_KV_GIB = 4.0
+DEFAULT_CPU_KV_GIB = 2.0
 DEFAULT_GPU_FRACTION = 0.85
 
 
