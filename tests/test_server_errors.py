@@ -200,3 +200,12 @@ def test_bad_requests_do_not_disturb_others_or_leak_blocks(server, client):
     m = wait_until_idle(server.url)
     assert m["pagedserve:num_requests_running"] == 0
     assert m["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_max_tokens_defaults_to_the_rest_of_the_context(client):
+    prompt = "one two three four " * 100
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=None, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == MAX_LEN

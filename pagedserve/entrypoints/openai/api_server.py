@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import logging
 import signal
 import threading
@@ -64,7 +63,9 @@ class GuardMiddleware:
     """API key and request-size checks, before any routing or parsing.
 
     The body is read here, up to the limit, and replayed to the app; a bigger body (by
-    Content-Length or as streamed) gets a 413 without being buffered further.
+    Content-Length or as streamed) gets a 413 without being buffered further. Every POST endpoint
+    takes JSON, so the body is read as JSON whatever its Content-Type says (``curl -d`` sends
+    form-urlencoded).
     """
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
@@ -114,6 +115,7 @@ class GuardMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        scope = {**scope, "headers": _as_json(scope["headers"])}
         replayed = False
 
         async def replay() -> Message:
@@ -124,6 +126,11 @@ class GuardMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k != b"content-type"]
+    return [*kept, (b"content-type", b"application/json")]
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -155,9 +162,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 logger.warning("%d request(s) still running at shutdown", engine.num_in_flight())
             engine.shutdown()
 
-    # Parse a JSON body whatever its Content-Type says (curl -d sends form-urlencoded).
-    lenient = {"strict_content_type": False} if _has_param(FastAPI, "strict_content_type") else {}
-    app = FastAPI(title="pagedserve", version=package_version(), lifespan=lifespan, **lenient)
+    app = FastAPI(title="pagedserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(
         GuardMiddleware,  # type: ignore[arg-type]
@@ -216,10 +221,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _has_param(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.__init__).parameters
 
 
 class _Server(uvicorn.Server):
