@@ -45,7 +45,11 @@ _COUNTERS = (
     ("prompt_tokens", "prompt_tokens", "Prefill tokens processed."),
     ("generation_tokens", "generation_tokens", "Tokens generated."),
     ("num_preemptions", "num_preemptions", "Preemptions of running requests."),
-    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    (
+        "prefix_cache_queries",
+        "prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+    ),
     ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
 )
 

@@ -143,7 +143,9 @@ def wait_until_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
         time.sleep(0.1)
 
 
-def open_stream(url: str, path: str, body: dict[str, Any]) -> tuple[http.client.HTTPConnection, Any]:
+def open_stream(
+    url: str, path: str, body: dict[str, Any]
+) -> tuple[http.client.HTTPConnection, Any]:
     """Start a streaming POST and return the connection and response, to read a little and
     then drop (a client that disconnects mid-stream)."""
     host, port = url.removeprefix("http://").split(":")

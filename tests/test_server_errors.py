@@ -88,6 +88,7 @@ def test_health_and_metrics_stay_open(server):
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ({"messages": [{"role": "user", "content": "word " * MAX_LEN}]}, "messages"),
         ({"presence_penalty": 3}, "presence_penalty"),
+        ({"n": 129}, "n"),
         ({"messages": "not a list"}, "messages"),
     ],
 )
@@ -171,9 +172,13 @@ def test_body_over_limit_is_413(server):
 
 
 def test_bad_requests_do_not_disturb_others_or_leak_blocks(server, client):
-    expected = client.completions.create(
-        model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0
-    ).choices[0].text
+    expected = (
+        client.completions.create(
+            model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .text
+    )
     results: list[str] = []
 
     def good() -> None:

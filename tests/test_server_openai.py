@@ -176,9 +176,13 @@ def test_stop_string_in_stream(client):
 
 def test_seed_reproducibility(client):
     def sample(seed):
-        return client.completions.create(
-            model=MODEL_NAME, prompt=PROMPT, max_tokens=20, temperature=1.0, seed=seed
-        ).choices[0].text
+        return (
+            client.completions.create(
+                model=MODEL_NAME, prompt=PROMPT, max_tokens=20, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     first = sample(1234)
     assert sample(1234) == first

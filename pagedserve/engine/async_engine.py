@@ -24,7 +24,6 @@ from pagedserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-
 class EngineObserver(Protocol):
     """Told, on the event loop, about each step's outputs and each abort (metrics use this)."""
 
@@ -47,19 +46,21 @@ _FINISHED = object()  # pushed into a stream's queue when the request ends witho
 class RequestStream(AsyncIterator[RequestOutput]):
     """The outputs of one request, in order, as an async iterator.
 
-    Outputs are cumulative, so when the consumer falls behind, the iterator skips to the newest
-    output instead of replaying every step (a streamer then sends a bigger delta). Leaving the
-    iteration early (``aclose``, cancellation) aborts the request in the engine.
+    Outputs are cumulative, so the stream keeps only the newest one: a consumer that falls
+    behind skips to it (a streamer then sends a bigger delta) and memory stays bounded. Leaving
+    the iteration early (``aclose``, cancellation while waiting) aborts the request.
     """
 
     def __init__(self, request_id: str, engine: AsyncEngine) -> None:
         self.request_id = request_id
         self._engine = engine
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._item: Any = None  # newest output, an exception, or _FINISHED
+        self._ready = asyncio.Event()
         self.finished = False
 
     def _put(self, item: Any) -> None:
-        self._queue.put_nowait(item)
+        self._item = item
+        self._ready.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -67,13 +68,14 @@ class RequestStream(AsyncIterator[RequestOutput]):
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        while not self._queue.empty() and not _is_final(item):
-            item = self._queue.get_nowait()
+        while self._item is None:
+            self._ready.clear()
+            try:
+                await self._ready.wait()
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+        item, self._item = self._item, None
         if item is _FINISHED:
             self.finished = True
             raise StopAsyncIteration
@@ -85,17 +87,13 @@ class RequestStream(AsyncIterator[RequestOutput]):
         return item
 
     def abort(self) -> None:
-        """Abort the request if it is still running (idempotent, thread safe)."""
+        """Abort the request if it is still running (idempotent; call on the event loop)."""
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
 
     async def aclose(self) -> None:
         self.abort()
-
-
-def _is_final(item: Any) -> bool:
-    return item is _FINISHED or isinstance(item, BaseException) or item.finished
 
 
 class AsyncEngine:

@@ -40,9 +40,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     g.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
-    g.add_argument(
-        "--kv-cache-memory", type=float, default=None, help="GiB for the KV cache pools"
-    )
+    g.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV cache pools")
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
@@ -154,10 +152,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.entrypoints.openai.api_server import ServerSettings, serve
+    from pagedserve.entrypoints.openai.api_server import ServerSettings, bind_socket, serve
 
     configure_logging(args.log_level)
     chat_template = _chat_template(args)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        raise SystemExit(f"error: can not listen on {args.host}:{args.port}: {exc}") from exc
     engine = _load_engine(args, chat_template)
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     settings = ServerSettings(
@@ -172,7 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=not args.disable_access_log,
     )
     logger.info("serving the model as %s", ", ".join(repr(n) for n in names))
-    serve(AsyncEngine(engine), settings)
+    serve(AsyncEngine(engine), settings, sock)
     return 0
 
 

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -254,7 +255,21 @@ class _Server(uvicorn.Server):
             logger.info("pagedserve is ready: %s (OpenAI API at %s/v1)", self._url, self._url)
 
 
-def serve(engine: AsyncEngine, settings: ServerSettings) -> None:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen on host:port now, so a taken port fails before minutes of model loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(engine: AsyncEngine, settings: ServerSettings, sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM; returns after a graceful shutdown."""
     app = build_app(engine, settings)
     config = uvicorn.Config(
@@ -267,4 +282,5 @@ def serve(engine: AsyncEngine, settings: ServerSettings) -> None:
         timeout_keep_alive=5,
     )
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    _Server(config, f"http://{shown_host}:{settings.port}").run()
+    server = _Server(config, f"http://{shown_host}:{settings.port}")
+    server.run(sockets=[sock] if sock is not None else None)

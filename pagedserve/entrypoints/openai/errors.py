@@ -73,7 +73,11 @@ def from_value_error(exc: ValueError, known_params: set[str] | None = None) -> A
     """A 400 for a ``ValueError`` (SamplingParams and the engine name the field first)."""
     message = str(exc) or "invalid request"
     match = _LEADING_NAME.match(message)
-    param = match.group(1) if match and (known_params is None or match.group(1) in known_params) else None
+    param = (
+        match.group(1)
+        if match and (known_params is None or match.group(1) in known_params)
+        else None
+    )
     return bad_request(message, param=param)
 
 

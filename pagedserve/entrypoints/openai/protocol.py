@@ -7,12 +7,14 @@ by the serving modules (cheaper per streamed chunk than pydantic serialisation).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.sampling_params import SamplingParams
+
+MAX_N = 128  # OpenAI's limit on choices per request
 
 
 class OpenAIModel(BaseModel):
@@ -72,6 +74,8 @@ class SamplingFields(OpenAIModel):
         prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """Build (and so validate) the engine's SamplingParams; ValueError on a bad value."""
+        if isinstance(self.n, int) and self.n > MAX_N:
+            raise bad_request(f"n must be at most {MAX_N}, got {self.n}", param="n")
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -114,7 +118,9 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     try:
         return {int(k): float(v) for k, v in bias.items()}
     except ValueError as exc:
-        raise bad_request("logit_bias keys must be token ids (integers)", param="logit_bias") from exc
+        raise bad_request(
+            "logit_bias keys must be token ids (integers)", param="logit_bias"
+        ) from exc
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -132,7 +138,11 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
     @property
     def num_logprobs(self) -> int | None:
@@ -193,6 +203,3 @@ class TokenizeRequest(OpenAIModel):
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[int] = Field(default_factory=list)
-
-
-FinishReason = Literal["stop", "length", "abort"]

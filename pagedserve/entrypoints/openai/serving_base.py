@@ -15,7 +15,12 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from pagedserve.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineError,
+    RequestStream,
+)
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
 from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagedserve.outputs import Logprob, RequestOutput
@@ -170,7 +175,9 @@ class OpenAIServing:
                 **kwargs,
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
-            raise bad_request(f"could not apply the chat template: {exc}", param="messages") from exc
+            raise bad_request(
+                f"could not apply the chat template: {exc}", param="messages"
+            ) from exc
         return text if isinstance(text, str) else text[0]
 
     def token_text(self, token_id: int) -> str:
@@ -241,6 +248,8 @@ async def last_output(stream: RequestStream) -> RequestOutput:
     try:
         async for out in stream:
             final = out
+    except EngineError as exc:
+        raise APIError(500, str(exc)) from exc
     finally:
         stream.abort()
     if final is None:

@@ -167,7 +167,9 @@ class ServingChat:
             return None
         token_text = self.s.token_text
         entries = []
-        for token_id, alternatives in zip(c.token_ids[start:end], c.logprobs[start:end], strict=False):
+        for token_id, alternatives in zip(
+            c.token_ids[start:end], c.logprobs[start:end], strict=False
+        ):
             chosen = alternatives.get(token_id)
             text = logprob_text(chosen, token_id, token_text)
             best = sorted(alternatives.items(), key=by_rank)[:top] if top else []

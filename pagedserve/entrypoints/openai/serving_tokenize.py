@@ -35,7 +35,9 @@ class ServingTokenize:
             "count": len(tokens),
             "max_model_len": s.max_model_len,
             "tokens": tokens,
-            "token_strs": s.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None,
+            "token_strs": s.tokenizer.convert_ids_to_tokens(tokens)
+            if req.return_token_strs
+            else None,
         }
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
