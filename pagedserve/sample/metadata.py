@@ -1,0 +1,228 @@
+"""Per-step batch tensors for the sampler, built from the sampling rows' parameters.
+
+Each feature gets tensors only when some row of the step uses it, so a batch of plain greedy rows
+builds nothing at all. Per-token features (logit bias, allowed tokens, banned stop tokens) are kept
+sparse or limited to the rows that use them: a dense ``[batch, vocab]`` tensor per feature would be
+tens of MB per step for a large vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
+
+import torch
+
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that samples this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far, not including the token being sampled
+    generator: torch.Generator | None = None  # per-sequence RNG; None = the global RNG
+
+
+class TokenMask(NamedTuple):
+    """Rows ``rows`` may only sample the tokens where ``allowed`` ([len(rows), V] bool) is True."""
+
+    rows: torch.Tensor
+    allowed: torch.Tensor
+
+
+class SparseTokenValues(NamedTuple):
+    """Per-(row, token) entries given as three flat tensors of the same length."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    values: torch.Tensor | None  # None where the entries carry no value (a ban)
+
+
+class Penalties(NamedTuple):
+    """Penalties as sparse (row, token) entries, one per distinct token of a row: building and
+    applying them costs O(tokens of the penalised rows), not O(batch x vocabulary)."""
+
+    repetition: SparseTokenValues | None  # tokens of prompt + output; values: the row's factor
+    frequency_presence: SparseTokenValues | None  # output tokens; values: freq * count + presence
+
+
+@dataclass
+class SamplingMetadata:
+    """Everything the sampler needs about one step's rows, as tensors on the logits' device."""
+
+    num_rows: int
+    all_greedy: bool
+    greedy: torch.Tensor | None  # [B] bool; only when the batch mixes greedy and sampled rows
+    temperature: torch.Tensor | None  # [B]; 1.0 on greedy rows; None when no division is needed
+    min_p: torch.Tensor | None  # [B]
+    top_k: torch.Tensor | None  # [B] long; the vocabulary size where disabled
+    max_top_k: int  # largest k of a row that uses top-k (kept on the host: no device sync)
+    top_p: torch.Tensor | None  # [B]
+    generators: dict[int, torch.Generator]  # sampled rows that draw from their own generator
+    allowed: TokenMask | None
+    logit_bias: SparseTokenValues | None
+    min_tokens_ban: SparseTokenValues | None  # stop tokens masked until min_tokens are out
+    penalties: Penalties | None
+    num_logprobs: list[int | None]
+
+    @classmethod
+    def build(
+        cls,
+        rows: list[SamplingRow],
+        vocab_size: int,
+        eos_token_ids: set[int],
+        device: torch.device,
+    ) -> SamplingMetadata:
+        num_rows = len(rows)
+        params = [r.params for r in rows]
+        greedy = [p.greedy for p in params]
+        all_greedy = all(greedy)
+        sampled = [i for i, g in enumerate(greedy) if not g]
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        temperature = min_p = top_k = top_p = greedy_mask = None
+        max_top_k = vocab_size
+        generators: dict[int, torch.Generator] = {}
+        if not all_greedy:
+            if len(sampled) < num_rows:
+                greedy_mask = per_row(greedy, torch.bool)
+            # Greedy rows get neutral values so they never force a feature on.
+            temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+            if any(t != 1.0 for t in temps):
+                temperature = per_row(temps, torch.float32)
+            min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
+            if any(m > 0.0 for m in min_ps):
+                min_p = per_row(min_ps, torch.float32)
+            top_ks = [
+                vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size)
+                for p, g in zip(params, greedy, strict=True)
+            ]
+            if any(k < vocab_size for k in top_ks):
+                top_k = per_row(top_ks, torch.long)
+                max_top_k = max(k for k in top_ks if k < vocab_size)
+            top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
+            if any(tp < 1.0 for tp in top_ps):
+                top_p = per_row(top_ps, torch.float32)
+            generators = {i: rows[i].generator for i in sampled if rows[i].generator is not None}
+
+        return cls(
+            num_rows=num_rows,
+            all_greedy=all_greedy,
+            greedy=greedy_mask,
+            temperature=temperature,
+            min_p=min_p,
+            top_k=top_k,
+            max_top_k=max_top_k,
+            top_p=top_p,
+            generators=generators,
+            allowed=_allowed_tokens(params, vocab_size, device),
+            logit_bias=_logit_bias(params, vocab_size, device),
+            min_tokens_ban=_min_tokens_ban(rows, vocab_size, eos_token_ids, device),
+            penalties=_penalties(rows, vocab_size, device),
+            num_logprobs=[p.logprobs for p in params],
+        )
+
+
+def _allowed_tokens(
+    params: list[SamplingParams], vocab_size: int, device: torch.device
+) -> TokenMask | None:
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return None
+    lists = [[t for t in params[i].allowed_token_ids if 0 <= t < vocab_size] for i in rows]
+    local = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(x) for x in lists]))
+    allowed = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
+    allowed[local, torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long)] = True
+    return TokenMask(torch.tensor(rows, device=device), allowed.to(device))
+
+
+def _logit_bias(
+    params: list[SamplingParams], vocab_size: int, device: torch.device
+) -> SparseTokenValues | None:
+    entries = [
+        (i, t, b)
+        for i, p in enumerate(params)
+        if p.logit_bias
+        for t, b in p.logit_bias.items()
+        if 0 <= t < vocab_size
+    ]
+    if not entries:
+        return None
+    rows, tokens, values = zip(*entries, strict=True)
+    return SparseTokenValues(
+        torch.tensor(rows, device=device),
+        torch.tensor(tokens, device=device),
+        torch.tensor(values, dtype=torch.float32, device=device),
+    )
+
+
+def _min_tokens_ban(
+    rows: list[SamplingRow], vocab_size: int, eos_token_ids: set[int], device: torch.device
+) -> SparseTokenValues | None:
+    """Stop tokens (eos unless ignore_eos, plus stop_token_ids) of rows still below min_tokens."""
+    entries: list[tuple[int, int]] = []
+    for i, r in enumerate(rows):
+        p = r.params
+        if len(r.output_token_ids) >= p.min_tokens:
+            continue
+        stops = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            stops |= eos_token_ids
+        entries.extend((i, t) for t in stops if 0 <= t < vocab_size)
+    if not entries:
+        return None
+    row_ids, tokens = zip(*entries, strict=True)
+    return SparseTokenValues(
+        torch.tensor(row_ids, device=device), torch.tensor(tokens, device=device), None
+    )
+
+
+def _penalties(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> Penalties | None:
+    repetition = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    additive = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
+    ]
+    if not repetition and not additive:
+        return None
+    rep = freq_pres = None
+    if repetition:
+        token_lists = [
+            chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in repetition
+        ]
+        lengths = [
+            len(rows[i].prompt_token_ids) + len(rows[i].output_token_ids) for i in repetition
+        ]
+        row, token, _ = _distinct_tokens(repetition, token_lists, lengths, vocab_size, device)
+        factors = torch.tensor(
+            [rows[i].params.repetition_penalty for i in range(len(rows))], device=device
+        )
+        rep = SparseTokenValues(row, token, factors[row])
+    if additive:
+        token_lists = [rows[i].output_token_ids for i in additive]
+        lengths = [len(t) for t in token_lists]
+        row, token, count = _distinct_tokens(additive, token_lists, lengths, vocab_size, device)
+        frequency, presence = torch.tensor(
+            [[r.params.frequency_penalty, r.params.presence_penalty] for r in rows], device=device
+        ).unbind(1)
+        freq_pres = SparseTokenValues(row, token, frequency[row] * count + presence[row])
+    return Penalties(rep, freq_pres)
+
+
+def _distinct_tokens(
+    row_ids: list[int], token_lists: list, lengths: list[int], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, token, count) of every distinct token of each listed row, from one flat tensor."""
+    tokens = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long, device=device)
+    row = torch.repeat_interleave(
+        torch.tensor(row_ids, device=device), torch.tensor(lengths, device=device)
+    )
+    keys, counts = torch.unique(row * vocab_size + tokens, return_counts=True)
+    return keys // vocab_size, keys % vocab_size, counts.to(torch.float32)
