@@ -76,7 +76,13 @@ def table(out: Path) -> str:
         for tag in ("burst", "single", "prefill")
         if (r := load(out, who, tag)) and r.get("failed")
     ]
-    return "\n".join(lines + ([f"\nfailed requests: {', '.join(failed)}"] if failed else []))
+    if failed:
+        lines.append(f"\nfailed requests: {', '.join(failed)}")
+    loads = out / "load.txt"
+    if loads.exists():
+        lines.append("\nload average (1, 5, 15 min) as each run started (2 cores):")
+        lines += [f"    {line}" for line in loads.read_text().splitlines()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

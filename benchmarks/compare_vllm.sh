@@ -77,6 +77,7 @@ bench_serve() {
   local tag=$1 port=$2
   shift 2
   echo "== $tag"
+  echo "$tag $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
   "$PY" -m pagedserve.bench.serve --base-url "http://127.0.0.1:$port" --tokenizer "$HF_MODEL" \
     --ignore-eos --disable-tqdm --save-result "$OUT/$tag.json" "$@" | tee "$OUT/$tag.txt"
 }
@@ -122,10 +123,12 @@ fi
 
 if [ "$ONLY" != serve ]; then
   echo "## offline 64 x 128/128: vLLM (tuned)"
+  echo "vllm-offline $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
   "${VLLM_ENV[@]}" "$VLLM" bench throughput --model "$HF_MODEL" --dtype float32 --max-model-len 2048 \
     --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 64 \
     --seed 4 2>&1 | tee "$OUT/vllm-offline.txt" | grep -E '^(Throughput|Total num)'
   echo "## offline 64 x 128/128: pagedserve"
+  echo "ours-offline $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
   "$PAGEDSERVE" bench throughput --num-prompts 64 --input-len 128 --output-len 128 --seed 4 \
     --output-json "$OUT/ours-offline.json" 2>&1 | tee "$OUT/ours-offline.txt" \
     | grep -E '^(Throughput|Total num)'
