@@ -1,0 +1,150 @@
+"""GGUF files (llama.cpp's format): a transformers config from the metadata, and the tensors
+dequantized to float32 under their Hugging Face names.
+
+Dequantization is ``gguf.quants.dequantize`` (vectorised numpy), so every type the ``gguf``
+package reads works: F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, the K-quants and the I-quants.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
+
+from pagedserve.model.llama import ROPE_FREQ_FACTORS
+
+# general.architecture -> (HF architecture name, config class)
+GGUF_ARCHITECTURES: dict[str, tuple[str, type[PretrainedConfig]]] = {
+    "llama": ("LlamaForCausalLM", LlamaConfig),
+    "qwen2": ("Qwen2ForCausalLM", Qwen2Config),
+}
+
+_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_PER_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def open_gguf(path: str) -> GGUFReader:
+    """A parsed GGUF file (memory-mapped). Parsing the metadata of a file with a 50k-token
+    vocabulary takes about two seconds, so the model and tokenizer loaders share one reader
+    (until the file changes)."""
+    stat = os.stat(path)
+    return _open_gguf(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(path: str, mtime_ns: int, size: int) -> GGUFReader:
+    return GGUFReader(path)
+
+
+def metadata(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def gguf_architecture(reader: GGUFReader) -> str:
+    arch = metadata(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def gguf_config(reader: GGUFReader) -> PretrainedConfig:
+    """A LlamaConfig / Qwen2Config equivalent to the one the GGUF was converted from."""
+    arch = gguf_architecture(reader)
+    hf_arch, config_class = GGUF_ARCHITECTURES[arch]
+
+    def arch_key(key: str, default: Any = None) -> Any:
+        return metadata(reader, f"{arch}.{key}", default)
+
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = arch_key("embedding_length")
+    heads = arch_key("attention.head_count")
+    head_dim = arch_key("attention.key_length") or arch_key("rope.dimension_count")
+    vocab_size = arch_key("vocab_size") or int(tensors["token_embd.weight"].shape[1])
+    return config_class(
+        architectures=[hf_arch],
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=arch_key("feed_forward_length"),
+        num_hidden_layers=arch_key("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=arch_key("attention.head_count_kv", heads),
+        head_dim=head_dim or hidden // heads,
+        max_position_embeddings=arch_key("context_length"),
+        rms_norm_eps=arch_key("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=arch_key("rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(arch_key("rope.scaling.type"), arch_key("rope.scaling.factor")),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias=arch == "llama" and "blk.0.attn_q.bias" in tensors,
+        bos_token_id=metadata(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _rope_scaling(kind: str | None, factor: float | None) -> dict[str, Any] | None:
+    if kind in (None, "none") or factor in (None, 1.0):
+        return None
+    if kind != "linear":
+        raise ValueError(f"unsupported GGUF rope scaling {kind!r}; supported: linear")
+    return {"rope_type": "linear", "factor": float(factor)}
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    if gguf_name == "rope_freqs.weight":
+        return ROPE_FREQ_FACTORS
+    base, _, suffix = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, index, kind = base.split(".", 2)
+        if kind in _PER_BLOCK:
+            return f"model.layers.{index}.{_PER_BLOCK[kind]}.{suffix}"
+    elif base in _TOP_LEVEL:
+        return f"{_TOP_LEVEL[base]}.{suffix}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in the model")
+
+
+def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time permutation of Llama q/k rows.
+
+    llama.cpp rotates interleaved pairs (x0, x1), (x2, x3)... and so reorders each head's rows
+    from Hugging Face's two halves to interleaved; this puts them back in halves.
+    """
+    half = weight.shape[0] // num_heads // 2
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, half, 2, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def gguf_weights(
+    reader: GGUFReader, config: PretrainedConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor dequantized to float32, under its Hugging Face name, one at a time."""
+    permute = gguf_architecture(reader) == "llama"
+    for tensor in reader.tensors:
+        array = dequantize(tensor.data, tensor.tensor_type)
+        weight = torch.from_numpy(array if array.flags.writeable else np.array(array))
+        name = hf_tensor_name(tensor.name)
+        if permute and ".self_attn.q_proj." in name:
+            weight = unpermute_rotary(weight, config.num_attention_heads)
+        elif permute and ".self_attn.k_proj." in name:
+            weight = unpermute_rotary(weight, config.num_key_value_heads)
+        yield name, weight

@@ -1,0 +1,52 @@
+"""Linear layers whose weights come from a checkpoint, including fused (merged) projections.
+
+Parameters are allocated with ``torch.empty`` under the caller's default device and dtype: the
+loader overwrites every one of them, so random initialisation would only waste start-up time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` shaped ``[out_features, in_features]`` as in checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked into one GEMM (q/k/v, or gate/up).
+
+    ``output_sizes[i]`` rows of the weight belong to shard ``i``; :meth:`load_shard` copies a
+    checkpoint's separate tensor into its rows.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(output_sizes), bias)
+        self.output_sizes = list(output_sizes)
+        self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+
+    def load_shard(self, shard: int, name: str, tensor: torch.Tensor) -> None:
+        """Copy ``tensor`` (a weight ``[size, in]`` or bias ``[size]``) into shard ``shard``."""
+        param = self.weight if name == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"checkpoint has a {name} for a layer built without one")
+        start, size = self.offsets[shard], self.output_sizes[shard]
+        target = param.data[start : start + size]
+        if tensor.shape != target.shape:
+            raise ValueError(
+                f"shard {shard} {name}: checkpoint shape {tuple(tensor.shape)} != "
+                f"expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor)

@@ -1,0 +1,225 @@
+"""The Llama family (Llama 2/3, SmolLM, Mistral without sliding window) and Qwen2.
+
+One flattened step: ``forward(input_ids[T], positions[T], meta) -> hidden[T, H]`` over every
+scheduled token of every request, no batch dimension and no padding. q/k/v are one GEMM and
+gate/up another; the architectures differ only in which projections carry a bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.model.layers.activation import SiluAndMul
+from pagedserve.model.layers.attention import Attention, AttentionMetadata
+from pagedserve.model.layers.embedding import Embedding
+from pagedserve.model.layers.linear import Linear, MergedLinear
+from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+
+# The name under which a loader hands over llama.cpp's per-frequency RoPE divisors.
+ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
+
+# Checkpoint projection name -> (fused module name, shard index).
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias
+        )
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        num_tokens = qkv.shape[0]
+        # q and k heads share the rotation, so rotate them in one go.
+        qk = qkv[:, : self.q_size + self.kv_size].view(
+            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim
+        )
+        qk = apply_rotary(qk, *rope)
+        q = qk[:, : self.num_heads].flatten(1)
+        k = qk[:, self.num_heads :].flatten(1)
+        v = qkv[:, self.q_size + self.kv_size :]
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, bias: bool) -> None:
+        super().__init__()
+        if config.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, biases: tuple[bool, bool, bool]) -> None:
+        super().__init__()
+        qkv_bias, o_bias, mlp_bias = biases
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(config, mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        rope: Rope,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(mlp output, residual stream)``; the caller adds them (fused into the next
+        norm)."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, biases: tuple[bool, bool, bool]) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        theta, scaling = rope_parameters(config)
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(config), config.max_position_embeddings, theta, scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, biases) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(rope, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over the paged KV cache; ``.config`` is the transformers config."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.biases(config))
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = (
+            None
+            if self.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    @staticmethod
+    def biases(config: Any) -> tuple[bool, bool, bool]:
+        """Whether (q/k/v, o, mlp) projections have a bias."""
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False))
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` -> float32 logits ``[N, vocab]``; call it only on the rows that sample."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head.weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face–named tensors into the (fused) parameters; every parameter must be
+        filled exactly once, and an unknown name is an error."""
+        params = dict(self.named_parameters())
+        expected = self._expected_pieces()
+        loaded: set[tuple[str, int | None]] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == ROPE_FREQ_FACTORS:
+                self.model.rotary_emb.set_freq_factors(tensor)
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            module_path, _, param_name = name.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            if leaf in _STACKED:
+                fused, shard = _STACKED[leaf]
+                module = self.get_submodule(f"{parent}.{fused}")
+                module.load_shard(shard, param_name, tensor)
+                piece = (f"{parent}.{fused}.{param_name}", shard)
+            elif name in params:
+                param = params[name]
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+                        f"model shape {tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor)
+                piece = (name, None)
+            else:
+                raise ValueError(f"checkpoint weight {name!r} matches no model parameter")
+            loaded.add(piece)
+        missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint lacks {len(missing)} weights: {shown}")
+
+    def _expected_pieces(self) -> set[tuple[str, int | None]]:
+        pieces: set[tuple[str, int | None]] = set()
+        for module_name, module in self.named_modules():
+            for param_name, _ in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if isinstance(module, MergedLinear):
+                    pieces.update((full, shard) for shard in range(len(module.output_sizes)))
+                else:
+                    pieces.add((full, None))
+        return pieces
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: the Llama layout with a bias on q/k/v (and none on o or the MLP)."""
+
+    @staticmethod
+    def biases(config: Any) -> tuple[bool, bool, bool]:
+        return True, False, False

@@ -1,0 +1,60 @@
+"""Load a model (HF directory or GGUF file) into our Llama-family implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from pagedserve.model.gguf_loader import gguf_config, gguf_weights, open_gguf
+from pagedserve.model.hf_config import hf_config, safetensors_weights
+from pagedserve.model.registry import get_model_class
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def load_config(path: str) -> PretrainedConfig:
+    """The transformers config of a resolved model path (see ``pagedserve.model_path``)."""
+    model = Path(path)
+    if model.suffix == ".gguf":
+        if not model.is_file():
+            raise FileNotFoundError(f"GGUF file {model} does not exist")
+        return gguf_config(open_gguf(str(model)))
+    if not model.is_dir():
+        raise FileNotFoundError(f"model path {model} does not exist")
+    return hf_config(model)
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Build the model for ``path``'s architecture on ``device`` in ``dtype`` and load its
+    weights (GGUF tensors are dequantized). The result is in eval mode without gradients."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    config = load_config(path)
+    model_class = get_model_class(config)
+    with torch.device(device), _default_dtype(dtype):
+        model = model_class(config)
+    model.load_weights(_weights(path, config))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _weights(path: str, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    if Path(path).suffix == ".gguf":
+        return gguf_weights(open_gguf(path), config)
+    return safetensors_weights(Path(path))
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters are created with ``torch.empty`` in the default dtype: set it while building."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,69 @@
+"""Load a model's tokenizer (HF directory or GGUF file) with its chat template."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tokenizers import pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from pagedserve.model.gguf_loader import metadata, open_gguf
+from pagedserve.model_path import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """SmolLM's tokenizer.json: every digit on its own, then GPT-2's byte-level split."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+# ``tokenizer.ggml.pre`` values whose pre-tokenizer transformers does not rebuild from a GGUF.
+GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
+
+
+def load_tokenizer(path: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of a model path (HF dir, ``.gguf`` file or cached Hub id).
+
+    ``chat_template`` overrides the model's own: a path to a template file, or the template text.
+    """
+    model = Path(resolve_model(path))
+    if model.suffix == ".gguf":
+        tokenizer = _gguf_tokenizer(model)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{model} has no fast tokenizer (tokenizer.json)")
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    return tokenizer
+
+
+def read_chat_template(template: str) -> str:
+    """The template text of ``template``: itself if it is Jinja, else the file it names."""
+    if "{" in template:
+        return template
+    file = Path(template).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"chat template {template!r} is neither an existing file nor a Jinja template"
+        )
+    return file.read_text()
+
+
+def _gguf_tokenizer(file: Path) -> PreTrainedTokenizerFast:
+    """transformers builds the tokenizer from the GGUF metadata but ignores
+    ``tokenizer.ggml.pre`` for some vocabularies; fix the pre-tokenizer for those."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(file.parent), gguf_file=file.name)
+    pre = metadata(open_gguf(str(file)), "tokenizer.ggml.pre")
+    if pre in GGUF_PRE_TOKENIZERS:
+        tokenizer.backend_tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    elif pre not in (None, "default", "gpt-2"):
+        logger.info("GGUF pre-tokenizer %r: keeping the one transformers builds", pre)
+    return tokenizer

@@ -1,0 +1,86 @@
+"""Our model's logits equal transformers' on the same weights, however the tokens are batched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import PagedRunner, tiny_hf_model
+from transformers import AutoModelForCausalLM
+
+from pagedserve.model.loader import load_model
+from pagedserve.model.registry import SUPPORTED_ARCHITECTURES
+
+KINDS = ["llama", "qwen2", "llama_tied"]
+ATOL = 1e-4
+
+
+def _prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 40, 1, 33]  # ragged; some cross block boundaries (block_size 16)
+    return [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """HF logits of every prompt, each run alone over its whole length."""
+    cache: dict[str, list[torch.Tensor]] = {}
+
+    def logits(kind: str) -> list[torch.Tensor]:
+        if kind not in cache:
+            hf = tiny_hf_model(kind)
+            with torch.inference_mode():
+                cache[kind] = [hf(torch.tensor([p])).logits[0].float() for p in _prompts()]
+        return cache[kind]
+
+    return logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_prompts_in_one_step(kind, tiny_model_dir, reference):
+    model = load_model(tiny_model_dir(kind), torch.float32, torch.device("cpu"))
+    runner = PagedRunner(model)
+    prompts = _prompts()
+    outputs = runner.step(list(enumerate(prompts)))
+    for ours, theirs in zip(outputs, reference(kind), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_prefill_mixed_with_decodes(kind, tiny_model_dir, reference):
+    """Prompts advance 1 (a decode-shaped step), 3, 8, 16 or 5 tokens at a time, sharing steps."""
+    model = load_model(tiny_model_dir(kind), torch.float32, torch.device("cpu"))
+    outputs = PagedRunner(model).run_chunked(_prompts(), chunk_sizes=[1, 3, 8, 16, 5])
+    for ours, theirs in zip(outputs, reference(kind), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_sharded_safetensors_directory(tiny_model_dir, reference):
+    path = tiny_model_dir("llama_sharded")
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    outputs = PagedRunner(model).step(list(enumerate(_prompts())))
+    for ours, theirs in zip(outputs, reference("llama"), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_config_is_the_transformers_config(tiny_model_dir):
+    model = load_model(tiny_model_dir("llama"), torch.float32, torch.device("cpu"))
+    config = model.config
+    assert config.architectures[0] in SUPPORTED_ARCHITECTURES
+    assert (config.num_key_value_heads, config.head_dim, config.vocab_size) == (2, 16, 49152)
+    assert config.max_position_embeddings == 256
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_follows_the_reference(dtype, tiny_model_dir):
+    """In 16-bit the logits stay close to float32 transformers and greedy tokens mostly agree."""
+    path = tiny_model_dir("llama")
+    model = load_model(path, dtype, torch.device("cpu"))
+    assert all(p.dtype == dtype for p in model.parameters())
+    prompt = _prompts()[2]
+    ours = PagedRunner(model).step([(0, prompt)])[0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([prompt])).logits[0]
+    assert ours.dtype == torch.float32
+    assert (ours - theirs).abs().max() < 0.1 * theirs.abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.8

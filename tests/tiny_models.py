@@ -1,0 +1,269 @@
+"""Tiny random models for tests: HF directories, GGUF files written from them, and a driver
+that runs our model over a paged KV cache the way the engine does.
+
+The vocabulary is SmolLM2's (49152 tokens) so the packaged tokenizer can be saved alongside and
+token ids line up; everything else is small so a forward pass takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from pagedserve.model.gguf_loader import metadata, open_gguf
+from pagedserve.model.layers.attention import Attention, AttentionMetadata
+from pagedserve.model.layers.rotary import inverse_frequencies, rope_parameters
+from pagedserve.model_path import packaged_model_path
+
+VOCAB_SIZE = 49152
+_SIZES = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=256,  # a multiple of 256, so ffn_down rows can hold K-quant blocks
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def tiny_config(kind: str) -> PretrainedConfig:
+    """``llama`` (GQA, llama3 rope scaling), ``llama_tied`` (tied embeddings, plain rope),
+    ``llama_sharded`` (as ``llama``; written in shards), or ``qwen2`` (q/k/v bias)."""
+    if kind in ("llama", "llama_sharded"):
+        return LlamaConfig(**_SIZES, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    if kind == "llama_tied":
+        return LlamaConfig(**_SIZES, tie_word_embeddings=True)
+    if kind == "qwen2":
+        return Qwen2Config(**_SIZES, rope_theta=1000000.0, tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
+    """A transformers model of ``kind`` with every weight random (norms near 1, biases non-zero)
+    so a wrong mapping of any tensor shows in the logits."""
+    config = tiny_config(kind)
+    model_class = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = model_class(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn_like(param)
+            param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    return model
+
+
+def write_tiny_model(path: Path, kind: str, tokenizer=None, seed: int = 0) -> Path:
+    """Save a tiny HF model directory (config.json, safetensors, tokenizer if given)."""
+    model = tiny_hf_model(kind, seed)
+    shard = "2MB" if kind == "llama_sharded" else "1GB"
+    model.save_pretrained(path, max_shard_size=shard)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _hf_to_gguf_name(name: str) -> str:
+    table = {
+        "model.embed_tokens": "token_embd",
+        "model.norm": "output_norm",
+        "lm_head": "output",
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    base, _, suffix = name.rpartition(".")
+    if base.startswith("model.layers."):
+        _, _, index, rest = base.split(".", 3)
+        return f"blk.{index}.{table[rest]}.{suffix}"
+    return f"{table[base]}.{suffix}"
+
+
+def _permute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's convert-time reordering of Llama q/k rows (halves -> interleaved pairs)."""
+    half = weight.shape[0] // num_heads // 2
+    return (
+        weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def _copy_tokenizer_metadata(writer: GGUFWriter) -> None:
+    reader = open_gguf(str(packaged_model_path()))
+    writer.add_tokenizer_model(metadata(reader, "tokenizer.ggml.model"))
+    writer.add_tokenizer_pre(metadata(reader, "tokenizer.ggml.pre"))
+    writer.add_token_list(metadata(reader, "tokenizer.ggml.tokens"))
+    writer.add_token_types(metadata(reader, "tokenizer.ggml.token_type"))
+    writer.add_token_merges(metadata(reader, "tokenizer.ggml.merges"))
+    writer.add_chat_template(metadata(reader, "tokenizer.chat_template"))
+    writer.add_add_bos_token(False)
+
+
+def write_tiny_gguf(
+    model: PreTrainedModel,
+    path: Path,
+    qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
+    raw_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
+    with_tokenizer: bool = False,
+) -> Path:
+    """Write ``model`` as llama.cpp's convert would: GGUF names, permuted Llama q/k, llama3
+    scaling as ``rope_freqs``, 2-D weights in ``qtype`` where their rows fit its blocks (F32
+    otherwise, as llama.cpp falls back). ``raw_tensors`` replaces named tensors with given bytes.
+    ``with_tokenizer`` copies SmolLM2's tokenizer metadata (a complete model for engine tests,
+    but its 100k strings make writing and reading the file take seconds).
+    """
+    config = model.config
+    arch = "qwen2" if config.model_type == "qwen2" else "llama"
+    head_dim = config.hidden_size // config.num_attention_heads
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    theta, scaling = rope_parameters(config)
+    writer.add_rope_freq_base(theta)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    if with_tokenizer:
+        _copy_tokenizer_metadata(writer)
+
+    if scaling["rope_type"] == "llama3":
+        plain = inverse_frequencies(head_dim, theta, {"rope_type": "default"})
+        factors = plain / inverse_frequencies(head_dim, theta, scaling)
+        writer.add_tensor("rope_freqs.weight", factors.numpy())
+    block = 256 if qtype.name.endswith("_K") else 32
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        gguf_name = _hf_to_gguf_name(name)
+        array = tensor.float().numpy()
+        if arch == "llama" and ".attn_q." in gguf_name:
+            array = _permute_rotary(array, config.num_attention_heads)
+        elif arch == "llama" and ".attn_k." in gguf_name:
+            array = _permute_rotary(array, config.num_key_value_heads)
+        if raw_tensors and gguf_name in raw_tensors:
+            data, raw_type = raw_tensors[gguf_name]
+            writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
+        elif array.ndim == 2 and qtype != GGMLQuantizationType.F32 and array.shape[1] % block == 0:
+            writer.add_tensor(gguf_name, quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+class PagedRunner:
+    """Runs our model step by step over a paged KV cache, as the engine's model runner does.
+
+    Blocks are handed out from the end of the pool backwards, so a sequence's blocks are not
+    contiguous and not in order: the block tables are really exercised.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int = 64, block_size: int = 16):
+        self.model = model
+        self.block_size = block_size
+        config = model.config
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks, block_size, config.num_key_value_heads, head_dim)
+        for layer in (m for m in model.modules() if isinstance(m, Attention)):
+            layer.k_cache = torch.zeros(shape, dtype=dtype)
+            layer.v_cache = torch.zeros(shape, dtype=dtype)
+        self.free = list(range(num_blocks))
+        self.blocks: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+
+    @torch.inference_mode()
+    def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        """Feed each ``(sequence id, new token ids)`` in one flattened forward; returns the
+        float32 logits ``[len(new ids), vocab]`` of every chunk."""
+        ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
+        for seq, tokens in chunks:
+            start = self.lengths.get(seq, 0)
+            end = start + len(tokens)
+            table = self.blocks.setdefault(seq, [])
+            while len(table) * self.block_size < end:
+                table.append(self.free.pop())
+            pos = list(range(start, end))
+            ids += tokens
+            positions += pos
+            slots += [
+                table[p // self.block_size] * self.block_size + p % self.block_size for p in pos
+            ]
+            starts.append(starts[-1] + len(tokens))
+            seq_lens.append(end)
+            tables.append(table)
+            self.lengths[seq] = end
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=block_tables,
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(len(t) for _, t in chunks),
+            max_seq_len=max(seq_lens),
+            block_size=self.block_size,
+        )
+        meta.split_decodes()
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta)
+        logits = self.model.compute_logits(hidden)
+        return list(logits.split([len(t) for _, t in chunks]))
+
+    def run_chunked(self, prompts: list[list[int]], chunk_sizes: list[int]) -> list[torch.Tensor]:
+        """Prefill every prompt in chunks (prompt ``i`` takes ``chunk_sizes[i]`` tokens a step),
+        all prompts sharing each step; returns each prompt's logits for all its positions."""
+        done = [0] * len(prompts)
+        out: list[list[torch.Tensor]] = [[] for _ in prompts]
+        while any(d < len(p) for d, p in zip(done, prompts, strict=True)):
+            chunks, owners = [], []
+            for i, prompt in enumerate(prompts):
+                if done[i] < len(prompt):
+                    piece = prompt[done[i] : done[i] + chunk_sizes[i]]
+                    chunks.append((i, piece))
+                    owners.append(i)
+                    done[i] += len(piece)
+            for i, logits in zip(owners, self.step(chunks), strict=True):
+                out[i].append(logits)
+        return [torch.cat(parts) for parts in out]
