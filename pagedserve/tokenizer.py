@@ -29,11 +29,16 @@ GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
 
 
 def load_tokenizer(path: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """The fast tokenizer of a model path (HF dir, ``.gguf`` file or cached Hub id).
+    """The fast tokenizer of a model path (HF dir, ``.gguf`` file or cached Hub id) or of a
+    directory of tokenizer files alone.
 
     ``chat_template`` overrides the model's own: a path to a template file, or the template text.
     """
-    model = Path(resolve_model(path))
+    local = Path(path).expanduser()
+    has_tokenizer_files = (local / "tokenizer.json").is_file() or (
+        local / "tokenizer_config.json"
+    ).is_file()
+    model = local if has_tokenizer_files else Path(resolve_model(path))
     if model.suffix == ".gguf":
         tokenizer = _gguf_tokenizer(model)
     else:

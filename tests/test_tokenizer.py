@@ -74,6 +74,12 @@ def test_hf_directory_tokenizer_matches(tiny_model_dir, smollm2_tokenizer):
     assert tok.eos_token_id == 2
 
 
+def test_tokenizer_only_directory(smollm2_tokenizer, tmp_path):
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode("x 1969 ✓") == smollm2_tokenizer.encode("x 1969 ✓")
+
+
 def test_chat_template_override(tiny_model_dir, tmp_path):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     file = tmp_path / "template.jinja"
