@@ -155,6 +155,12 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for name, ids in (
+            ("allowed_token_ids", params.allowed_token_ids or []),
+            ("logit_bias", list(params.logit_bias or {})),
+        ):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab})")
         n = len(token_ids)
         if n >= self.max_model_len:
             raise ValueError(

@@ -65,31 +65,36 @@ class OutputProcessor:
         req.append_token(token_id)
         params = req.params
         if entry is not None and seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(token_id, entry))
+            seq.logprobs.append(self._logprob_dict(seq, token_id, entry))
             seq.cumulative_logprob += entry.logprob
-        stop_str = seq.detokenizer.append([token_id]) if seq.detokenizer is not None else None
         may_stop = req.num_output_tokens >= params.min_tokens
+        status: RequestStatus | None = None
         if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if may_stop and token_id in params.stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif may_stop and token_id in params.stop_token_ids:
             req.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
-        if stop_str is not None:
-            req.stop_reason = stop_str
-            return RequestStatus.FINISHED_STOPPED
-        if (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) or (
-            req.num_tokens >= self.max_model_len
+            status = RequestStatus.FINISHED_STOPPED
+        if seq.detokenizer is not None:
+            stop_str = seq.detokenizer.append([token_id], stop_terminated=status is not None)
+            if status is None and stop_str is not None:
+                req.stop_reason = stop_str
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None and (
+            (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens)
+            or req.num_tokens >= self.max_model_len
         ):
-            return RequestStatus.FINISHED_LENGTH
-        return None
+            status = RequestStatus.FINISHED_LENGTH
+        return status
 
-    def _logprob_dict(self, token_id: int, entry: LogprobsEntry) -> dict[int, Logprob]:
+    def _logprob_dict(
+        self, seq: SequenceState, token_id: int, entry: LogprobsEntry
+    ) -> dict[int, Logprob]:
         """The sampled token first, then the top-N by rank (vLLM's layout)."""
-        decode = self.tokenizer.decode
-        out = {token_id: Logprob(entry.logprob, entry.rank, decode([token_id]))}
+        decode = seq.detokenizer.decode_token if seq.detokenizer else lambda t: ""
+        out = {token_id: Logprob(entry.logprob, entry.rank, decode(token_id))}
         for rank, (tid, lp) in enumerate(entry.top, start=1):
             if tid not in out:
-                out[tid] = Logprob(lp, rank, decode([tid]))
+                out[tid] = Logprob(lp, rank, decode(tid))
         return out
 
     def make_output(self, group: RequestGroup, num_cached_tokens: int) -> RequestOutput:

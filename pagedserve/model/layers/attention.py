@@ -10,7 +10,7 @@ selects the oracle.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class AttentionMetadata:
     block_size: int
     # Requests with one query token (decodes) and the rest (prefill chunks), for fast backends.
     decode_reqs: torch.Tensor | None = None  # request indices of decodes; None = all decode
-    prefill_reqs: list[int] = field(default_factory=list)
+    prefill_reqs: list[int] | None = None  # filled by split_decodes()
 
     @property
     def num_reqs(self) -> int:
@@ -49,6 +49,7 @@ class AttentionMetadata:
 
     @property
     def num_decodes(self) -> int:
+        assert self.prefill_reqs is not None, "call split_decodes() first"
         return self.num_reqs - len(self.prefill_reqs)
 
     def split_decodes(self) -> None:
@@ -169,6 +170,8 @@ def fast_paged_attention(
     A chunk with no earlier context attends to its own new K/V (no gather from the pools).
     """
     qsl = meta.query_start_loc_cpu
+    if meta.prefill_reqs is None:
+        meta.split_decodes()
     if not meta.prefill_reqs:
         return _decode(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
