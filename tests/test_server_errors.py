@@ -1,5 +1,6 @@
 """Every error the server reports: its HTTP status, the OpenAI error schema, and that bad requests
-neither disturb good ones nor leave KV blocks behind. The server here requires an API key."""
+neither disturb good ones nor leave KV blocks behind. The server here requires an API key and has
+its own chat template (--chat-template)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,20 @@ MAX_LEN = 512
 CHAT = [{"role": "user", "content": "hi"}]
 
 
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "t.jinja"
+    template.write_text(TEMPLATE)
     srv = ServerProcess(
         [
             "--served-model-name", MODEL_NAME,
+            "--chat-template", str(template),
             "--max-model-len", str(MAX_LEN),
             "--kv-cache-memory", "0.25",
             "--max-request-body-bytes", str(BODY_LIMIT),
@@ -62,6 +72,13 @@ def test_api_key_required(server, client):
     assert status == 401
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").models.list()
+
+
+def test_chat_template_flag_overrides_the_models(server):
+    status, tokenized = post(server, "/tokenize", {"messages": CHAT})
+    assert status == 200
+    _, text = post(server, "/detokenize", {"tokens": tokenized["tokens"]})
+    assert text["prompt"] == "<user>hi<assistant>"
 
 
 def test_health_and_metrics_stay_open(server):

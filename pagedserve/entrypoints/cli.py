@@ -80,11 +80,14 @@ def engine_config(args: argparse.Namespace, chat_template: str | None) -> Any:
 
 
 def _chat_template(args: argparse.Namespace) -> str | None:
-    from pagedserve.entrypoints.openai.serving_base import load_chat_template
+    """The ``--chat-template`` text, read (and so checked) before the model loads."""
+    from pagedserve.tokenizer import read_chat_template
 
+    if args.chat_template is None:
+        return None
     try:
-        return load_chat_template(args.chat_template)
-    except ValueError as exc:
+        return read_chat_template(args.chat_template)
+    except (OSError, ValueError) as exc:
         raise SystemExit(f"error: --chat-template: {exc}") from exc
 
 
@@ -167,7 +170,6 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
-        chat_template=chat_template,
         max_request_body_bytes=args.max_request_body_bytes,
         stats_interval_s=args.stats_interval,
         shutdown_timeout_s=args.shutdown_timeout,
@@ -260,9 +262,7 @@ def run_chat(args: argparse.Namespace) -> int:
             messages = list(system)
             continue
         messages.append({"role": "user", "content": line})
-        text = tok.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
-        )
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
         try:
             params = _sampling_params(args, _budget(engine, len(ids), args.max_tokens))
@@ -296,7 +296,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.chat:
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}],
-            chat_template=chat_template,
             tokenize=False,
             add_generation_prompt=True,
         )

@@ -53,7 +53,6 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: str | None = None
-    chat_template: str | None = None  # template text (already loaded from a file)
     max_request_body_bytes: int = 4 * 1024 * 1024
     stats_interval_s: float = 5.0
     shutdown_timeout_s: float = 20.0
@@ -136,7 +135,7 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``engine``; starting the app starts the engine thread."""
-    serving = OpenAIServing(engine, settings.served_model_names, settings.chat_template)
+    serving = OpenAIServing(engine, settings.served_model_names)
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)
     tokenize = ServingTokenize(serving)

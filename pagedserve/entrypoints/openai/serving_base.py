@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -40,21 +39,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def load_chat_template(value: str | None) -> str | None:
-    """A ``--chat-template`` value: a path to a template file, or the template text itself."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    try:
-        if path.is_file():
-            return path.read_text()
-    except OSError:
-        pass
-    if "{" not in value:  # looks like a path, and not a template: say so instead of serving it
-        raise ValueError(f"chat template file not found: {value}")
-    return value
-
-
 class OpenAIServing:
     """Shared state and helpers of the OpenAI endpoints."""
 
@@ -62,7 +46,6 @@ class OpenAIServing:
         self,
         engine: AsyncEngine,
         served_model_names: list[str],
-        chat_template: str | None = None,
     ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
@@ -70,7 +53,6 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = len(self.tokenizer)
-        self.chat_template = chat_template
         self._token_text = lru_cache(maxsize=1 << 16)(self._decode_one)
 
     # ---- checks ----
@@ -156,8 +138,7 @@ class OpenAIServing:
                 param="continue_final_message",
             )
         conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
-        template = chat_template or self.chat_template
-        if template is None and not getattr(self.tokenizer, "chat_template", None):
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 "this model has no chat template; start the server with --chat-template",
                 param="messages",
@@ -168,7 +149,7 @@ class OpenAIServing:
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,
-                chat_template=template,
+                chat_template=chat_template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
