@@ -9,7 +9,14 @@ import json
 import time
 
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, metrics, open_stream, wait_until_idle
+from server_utils import (
+    MODEL_NAME,
+    ServerProcess,
+    metrics,
+    open_stream,
+    request,
+    wait_until_idle,
+)
 
 PROMPTS = [
     "The capital of France is",
@@ -166,3 +173,23 @@ def test_metrics_names(server):
     assert m["pagedserve:prefix_cache_queries_total"] >= m["pagedserve:prefix_cache_hits_total"]
     # the stats line is logged while there is traffic
     assert "Avg generation throughput" in server.output()
+
+
+def test_huge_prompt_is_refused_while_a_stream_runs(server):
+    client = server.client()
+    expected = (
+        client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=16, temperature=0)
+        .choices[0]
+        .text
+    )
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=16, temperature=0, stream=True
+    )
+    first = next(iter(stream)).choices[0].text
+    huge = "The quick brown fox jumps over the lazy dog. " * 60_000  # 2.7 MB, ~600k tokens
+    status, body = request(
+        server.url + "/v1/completions", "POST", {"model": MODEL_NAME, "prompt": huge}
+    )
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    rest = "".join(chunk.choices[0].text for chunk in stream)
+    assert first + rest == expected

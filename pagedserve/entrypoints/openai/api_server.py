@@ -210,7 +210,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/tokenize")
     async def post_tokenize(req: TokenizeRequest) -> JSONResponse:
-        return JSONResponse(tokenize.tokenize(req))
+        return JSONResponse(await tokenize.tokenize(req))
 
     @app.post("/detokenize")
     async def post_detokenize(req: DetokenizeRequest) -> JSONResponse:

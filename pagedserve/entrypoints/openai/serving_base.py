@@ -28,6 +28,7 @@ from pagedserve.sampling_params import SamplingParams
 SAMPLING_PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"max_completion_tokens"}
 
 SSE_DONE = b"data: [DONE]\n\n"
+INLINE_TOKENIZE_CHARS = 16_384
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -112,8 +113,14 @@ class OpenAIServing:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
 
     # ---- prompts ----
-    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``; a long text is encoded on a worker thread (the Rust tokenizer
+        releases the GIL there), so a huge prompt does not stall every stream for seconds."""
+        if len(text) < INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(
+            self.tokenizer.encode, text, add_special_tokens=add_special_tokens
+        )
 
     def render_chat(
         self,

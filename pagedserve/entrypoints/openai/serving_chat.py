@@ -43,7 +43,7 @@ class ServingChat:
             req.chat_template,
             req.chat_template_kwargs,
         )
-        prompt_ids = s.tokenize(text, req.add_special_tokens)
+        prompt_ids = await s.tokenize(text, req.add_special_tokens)
         params = s.sampling_params(
             req, req.requested_max_tokens, len(prompt_ids), top_logprobs, prompt_param="messages"
         )

@@ -42,7 +42,7 @@ class ServingCompletion:
         prompt_texts: list[str | None] = []
         for prompt in req.prompts():
             if isinstance(prompt, str):
-                ids = s.tokenize(prompt, req.add_special_tokens)
+                ids = await s.tokenize(prompt, req.add_special_tokens)
                 prompt_texts.append(prompt)
             else:
                 ids = list(prompt)

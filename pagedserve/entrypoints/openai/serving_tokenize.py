@@ -13,7 +13,7 @@ class ServingTokenize:
     def __init__(self, serving: OpenAIServing) -> None:
         self.s = serving
 
-    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         s = self.s
         s.check_model(req.model)
         if req.messages is not None:
@@ -30,7 +30,7 @@ class ServingTokenize:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
         else:
             raise bad_request("give either prompt or messages", param="prompt")
-        tokens = s.tokenize(text, add_special)
+        tokens = await s.tokenize(text, add_special)
         return {
             "count": len(tokens),
             "max_model_len": s.max_model_len,
