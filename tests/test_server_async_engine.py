@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pagedserve.engine.async_engine import AsyncEngine, EngineError
+from pagedserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -173,5 +173,21 @@ def test_cancelled_consumer_aborts_its_request() -> None:
             await asyncio.sleep(0.01)
         assert inner.aborted == ["a"]
         engine.shutdown()
+
+    _run(main())
+
+
+def test_shutdown_ends_streams_in_flight_and_refuses_new_requests() -> None:
+    async def main() -> None:
+        engine = AsyncEngine(ScriptedEngine(step_seconds=0.005))
+        engine.start()
+        stream = await engine.add_request("a", [1], SamplingParams(max_tokens=10_000))
+        await stream.__anext__()
+        engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("b", [1], SamplingParams())
 
     _run(main())

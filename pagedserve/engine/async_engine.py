@@ -168,8 +168,14 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        error = EngineDeadError("the server is shutting down")
+        with self._cond:
+            pending, self._commands = self._commands, []
+        for kind, payload in pending:
+            if kind == "add":
+                _settle(payload[-1], error)
         for stream in list(self._streams.values()):
-            stream._put(EngineDeadError("the server is shutting down"))
+            stream._put(error)
         self._streams.clear()
 
     # ---- requests (event loop side) ----
@@ -233,11 +239,16 @@ class AsyncEngine:
                 if self._stopping:
                     return
                 commands, self._commands = self._commands, []
-            self._run_commands(commands)
-            if engine.has_unfinished_requests():
-                self._step()
-            has_work = engine.has_unfinished_requests()
-            self._stats = engine.get_stats()
+            try:
+                self._run_commands(commands)
+                if engine.has_unfinished_requests():
+                    self._step()
+                has_work = engine.has_unfinished_requests()
+                self._stats = engine.get_stats()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive an engine failure
+                logger.exception("the engine failed; failing the requests in flight")
+                self._fail_all(exc)
+                has_work = False
 
     def _run_commands(self, commands: list[tuple[str, Any]]) -> None:
         aborts: list[str] = []
@@ -258,12 +269,7 @@ class AsyncEngine:
             self.engine.abort_request(aborts)
 
     def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - the loop must survive a failing step
-            logger.exception("engine step failed; failing the requests in flight")
-            self._fail_all(exc)
-            return
+        outputs = self.engine.step()
         if outputs:
             for out in outputs:
                 if out.finished:
