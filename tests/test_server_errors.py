@@ -1,6 +1,6 @@
 """Every error the server reports: its HTTP status, the OpenAI error schema, and that bad requests
-neither disturb good ones nor leave KV blocks behind. The server here requires an API key and has
-its own chat template (--chat-template)."""
+neither disturb good ones nor leave KV blocks behind. The server here runs a tiny random model
+(errors do not need a real one), requires an API key and has its own chat template."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from server_utils import MODEL_NAME, ServerProcess, request, wait_until_idle
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY_LIMIT = 64 * 1024
-MAX_LEN = 512
+MAX_LEN = 256  # the tiny model's context length
 CHAT = [{"role": "user", "content": "hi"}]
 
 
@@ -26,11 +26,12 @@ TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_model_dir):
     template = tmp_path_factory.mktemp("template") / "t.jinja"
     template.write_text(TEMPLATE)
     srv = ServerProcess(
         [
+            tiny_model_dir("llama"),
             "--served-model-name", MODEL_NAME,
             "--chat-template", str(template),
             "--max-model-len", str(MAX_LEN),
@@ -225,7 +226,7 @@ def test_bad_requests_do_not_disturb_others_or_leak_blocks(server, client):
 
 
 def test_max_tokens_defaults_to_the_rest_of_the_context(client):
-    prompt = "one two three four " * 100
+    prompt = "one two three four " * (MAX_LEN // 8)
     r = client.completions.create(
         model=MODEL_NAME, prompt=prompt, max_tokens=None, extra_body={"ignore_eos": True}
     )

@@ -11,7 +11,7 @@ import time
 import pytest
 from server_utils import MODEL_NAME, ServerProcess, metrics
 
-MAX_TOKENS = 40
+MAX_TOKENS = 200
 
 
 def stream_completion(
@@ -49,9 +49,9 @@ def refuses_connections(url: str) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_during_traffic_exits_cleanly(sig):
+def test_signal_during_traffic_exits_cleanly(sig, tiny_model_dir):
     server = ServerProcess(
-        ["--served-model-name", MODEL_NAME, "--max-model-len", "512", "--kv-cache-memory", "0.25"]
+        [tiny_model_dir("llama"), "--served-model-name", MODEL_NAME, "--kv-cache-memory", "0.05"]
     ).wait_ready()
     try:
         results: list = []
