@@ -3,8 +3,12 @@ are built once per session."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from tiny_models import write_tiny_model
+from transformers import AutoModelForCausalLM
 
 from pagedserve.model_path import packaged_model_path
 from pagedserve.tokenizer import load_tokenizer
@@ -14,6 +18,15 @@ from pagedserve.tokenizer import load_tokenizer
 def smollm2_path() -> str:
     """The packaged SmolLM2-135M-Instruct GGUF file."""
     return str(packaged_model_path())
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own float32 model of the packaged GGUF: the reference for our numbers."""
+    path = Path(smollm2_path)
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="session")

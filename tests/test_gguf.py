@@ -4,15 +4,12 @@ models they came from."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize
 from tiny_models import PagedRunner, tiny_hf_model, write_tiny_gguf
-from transformers import AutoModelForCausalLM
 
 from pagedserve.model.loader import load_config, load_model
 
@@ -45,11 +42,8 @@ def test_packaged_config(smollm2):
     assert config.rope_parameters["rope_theta"] == 100000.0
 
 
-def test_packaged_model_matches_transformers(smollm2, smollm2_path):
-    path = Path(smollm2_path)
-    reference = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
+def test_packaged_model_matches_transformers(smollm2, hf_smollm2):
+    reference = hf_smollm2
     ours = PagedRunner(smollm2).step(list(enumerate(SMOLLM2_PROMPTS)))
     for prompt, logits in zip(SMOLLM2_PROMPTS, ours, strict=True):
         with torch.inference_mode():

@@ -79,13 +79,12 @@ class LLM:
             ids = tokenizer.apply_chat_template(
                 conversation,
                 tokenize=True,
+                return_dict=True,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
                 chat_template=chat_template,
                 **(chat_template_kwargs or {}),
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
+            )["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -1,0 +1,55 @@
+"""End to end on the packaged SmolLM2: greedy generation equals transformers', token for token."""
+
+import torch
+
+from pagedserve import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a recipe for pancakes:",
+    "In 1969, the first humans",
+    "def is_prime(n):",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the largest planet in the solar system?"}],
+    [{"role": "user", "content": "Give me two tips for sleeping better."}],
+]
+MAX_TOKENS = 32
+
+
+def _hf_greedy(model, prompt_ids: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def test_greedy_matches_transformers(smollm2_path, hf_smollm2):
+    llm = LLM(smollm2_path, kv_cache_memory=0.25)
+    tokenizer = llm.get_tokenizer()
+    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
+    prompt_ids += [
+        tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"]
+        for c in CHATS
+    ]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    ours = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    for ids, out in zip(prompt_ids, ours, strict=True):
+        assert out.outputs[0].token_ids == _hf_greedy(hf_smollm2, ids), tokenizer.decode(ids)
+
+
+def test_chat_is_coherent_english(smollm2_path):
+    llm = LLM(smollm2_path, kv_cache_memory=0.25)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=30),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length")
