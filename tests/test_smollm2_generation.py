@@ -1,5 +1,6 @@
 """End to end on the packaged SmolLM2: greedy generation equals transformers', token for token."""
 
+import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
@@ -53,3 +54,21 @@ def test_chat_is_coherent_english(smollm2_path):
     )[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")
+
+
+def test_prompt_logprobs_match_transformers(smollm2_path, hf_smollm2):
+    # A small token budget splits the prompt over several steps.
+    llm = LLM(smollm2_path, kv_cache_memory=0.25, max_num_batched_tokens=8)
+    ids = llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog near the river.")
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    with torch.inference_mode():
+        expected = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0], dim=-1)
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        token = ids[pos]
+        assert entry[token].logprob == pytest.approx(expected[pos - 1, token].item(), abs=1e-3)
+        assert entry[token].rank == int((expected[pos - 1] > expected[pos - 1, token]).sum()) + 1
+        assert len([t for t in entry if t != token]) >= 2
+    assert llm.llm_engine.get_stats().num_free_blocks == llm.llm_engine.num_blocks

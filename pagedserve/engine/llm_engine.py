@@ -17,7 +17,7 @@ from pagedserve.engine.scheduler import Scheduler
 from pagedserve.model.loader import load_model
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import RequestOutput
-from pagedserve.sample.sampler import Sampler, SamplingRow, make_generator
+from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.kv_cache import KVCache, kv_bytes_per_token, num_blocks_for_budget
@@ -201,7 +201,10 @@ class LLMEngine:
         for req in sched.requests:
             if req.times.first_scheduled_time is None:
                 req.times.first_scheduled_time = now
-        logits, sample_rows = self.runner.execute(sched)
+        step = self.runner.execute(sched)
+        logits, sample_rows = step.logits, step.sample_rows
+        for batch_row, start, prompt_logits in step.prompt_logits:
+            self._prompt_logprobs(sched.requests[batch_row], start, prompt_logits)
         for req, n in zip(sched.requests, sched.num_tokens, strict=True):
             req.num_computed_tokens += n
 
@@ -222,6 +225,16 @@ class LLMEngine:
         ]
         result = self.sampler(logits, rows)
         return self._process(sampling, result.token_ids, result.logprobs)
+
+    def _prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor) -> None:
+        group = self.groups[req.request_id]
+        targets = req.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
+        entries = gather_logprobs(
+            torch.log_softmax(logits, dim=-1),
+            torch.tensor(targets, device=logits.device),
+            [req.params.prompt_logprobs] * len(targets),
+        )
+        self.outputs.add_prompt_logprobs(group, start, entries)
 
     def _fork(self, req: Request) -> list[Request]:
         """On its first sample, a request with ``n > 1`` becomes ``n`` sequences."""

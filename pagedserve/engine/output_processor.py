@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
@@ -30,6 +31,11 @@ class RequestGroup:
     prompt_token_ids: list[int]
     params: SamplingParams
     sequences: list[SequenceState] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, ...] when asked
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
@@ -65,7 +71,7 @@ class OutputProcessor:
         req.append_token(token_id)
         params = req.params
         if entry is not None and seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(seq, token_id, entry))
+            seq.logprobs.append(logprob_dict(self._decoder(seq), token_id, entry))
             seq.cumulative_logprob += entry.logprob
         may_stop = req.num_output_tokens >= params.min_tokens
         status: RequestStatus | None = None
@@ -86,16 +92,18 @@ class OutputProcessor:
             status = RequestStatus.FINISHED_LENGTH
         return status
 
-    def _logprob_dict(
-        self, seq: SequenceState, token_id: int, entry: LogprobsEntry
-    ) -> dict[int, Logprob]:
-        """The sampled token first, then the top-N by rank (vLLM's layout)."""
-        decode = seq.detokenizer.decode_token if seq.detokenizer else lambda t: ""
-        out = {token_id: Logprob(entry.logprob, entry.rank, decode(token_id))}
-        for rank, (tid, lp) in enumerate(entry.top, start=1):
-            if tid not in out:
-                out[tid] = Logprob(lp, rank, decode(tid))
-        return out
+    def _decoder(self, seq: SequenceState) -> Callable[[int], str]:
+        return seq.detokenizer.decode_token if seq.detokenizer else lambda _: ""
+
+    def add_prompt_logprobs(
+        self, group: RequestGroup, start: int, entries: list[LogprobsEntry]
+    ) -> None:
+        """Record logprobs of prompt tokens ``start + 1 ...`` (once, even if recomputed)."""
+        assert group.prompt_logprobs is not None
+        decode = self._decoder(group.sequences[0])
+        for pos, entry in enumerate(entries, start=start + 1):
+            if pos == len(group.prompt_logprobs):
+                group.prompt_logprobs.append(logprob_dict(decode, entry.token_id, entry))
 
     def make_output(self, group: RequestGroup, num_cached_tokens: int) -> RequestOutput:
         completions = []
@@ -121,5 +129,17 @@ class OutputProcessor:
             outputs=completions,
             finished=group.finished,
             num_cached_tokens=num_cached_tokens,
+            prompt_logprobs=group.prompt_logprobs,
             metrics=first.times.as_dict(),
         )
+
+
+def logprob_dict(
+    decode: Callable[[int], str], token_id: int, entry: LogprobsEntry
+) -> dict[int, Logprob]:
+    """The chosen token first, then the top-N by rank (vLLM's layout)."""
+    out = {token_id: Logprob(entry.logprob, entry.rank, decode(token_id))}
+    for rank, (tid, lp) in enumerate(entry.top, start=1):
+        if tid not in out:
+            out[tid] = Logprob(lp, rank, decode(tid))
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -74,12 +76,32 @@ class ModelRunner:
         return input_ids, self._to_device(positions), meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, np.ndarray]:
-        """Run the step; return logits ``[S, V]`` of the sampling rows and their batch indices."""
+    def execute(self, sched: SchedulerOutput) -> StepLogits:
+        """Run the step; return the logits of the sampling rows (and of prompt-logprob rows)."""
         self.kv_cache.copy_blocks(sched.block_copies)
         input_ids, positions, meta, sample_rows = self.prepare(sched)
         hidden = self.model(input_ids, positions, meta)
-        cu_end = np.asarray(meta.query_start_loc_cpu[1:], dtype=np.int64)
-        token_rows = self._to_device(cu_end[sample_rows] - 1)
+        cu = meta.query_start_loc_cpu
+        token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         logits = self.model.compute_logits(hidden.index_select(0, token_rows))
-        return logits, sample_rows
+        prompt_logits = []
+        for i, req in enumerate(sched.requests):
+            if req.params.prompt_logprobs is None:
+                continue
+            start = req.num_computed_tokens
+            end = min(start + sched.num_tokens[i], req.num_prompt_tokens - 1)
+            if end > start:
+                rows = hidden[cu[i] : cu[i] + end - start]
+                prompt_logits.append((i, start, self.model.compute_logits(rows)))
+        return StepLogits(logits, sample_rows, prompt_logits)
+
+
+@dataclass
+class StepLogits:
+    """A step's logits: one row per sampling request (``sample_rows`` are their batch indices),
+    and for requests that asked for prompt logprobs, ``(batch index, first position, logits)``
+    of the prompt positions computed in this step (position p predicts prompt token p + 1)."""
+
+    logits: torch.Tensor
+    sample_rows: np.ndarray
+    prompt_logits: list[tuple[int, int, torch.Tensor]]
