@@ -11,13 +11,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.model.layers.activation import SiluAndMul
 from pagedserve.model.layers.attention import Attention, AttentionMetadata
 from pagedserve.model.layers.embedding import Embedding
-from pagedserve.model.layers.linear import Linear, MergedLinear
+from pagedserve.model.layers.linear import Linear, MergedLinear, linear, pack_weight
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
@@ -144,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, self.biases(config))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.packed_head: torch.Tensor | None = None
         self.lm_head = (
             None
             if self.tie_word_embeddings
@@ -163,8 +163,18 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> float32 logits ``[N, vocab]``; call it only on the rows that sample."""
+        return linear(hidden, self._head_weight(), None, self.packed_head).float()
+
+    def _head_weight(self) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head.weight).float()
+        return head.weight
+
+    def prepack(self) -> None:
+        """Pack every projection's weight (and the lm head) for the fast CPU GEMM path."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        self.packed_head = pack_weight(self._head_weight())
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

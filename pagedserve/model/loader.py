@@ -40,6 +40,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.
         model = model_class(config)
     model.load_weights(_weights(path, config))
     model.requires_grad_(False)
+    model.prepack()
     return model.eval()
 
 
