@@ -58,9 +58,11 @@ def test_batch_of_32(alone):
 
 
 def test_preemption(smollm2_path, alone):
-    # 8 blocks of 16 tokens cannot hold 32 requests at once: running ones get preempted.
-    llm = LLM(smollm2_path, kv_cache_memory=8 * 16 * 46080 / (1 << 30), enable_prefix_caching=False)
-    assert llm.llm_engine.num_blocks == 8
+    # 16 blocks of 16 tokens cannot hold 32 requests at once: running ones get preempted.
+    llm = LLM(
+        smollm2_path, kv_cache_memory=16 * 16 * 46080 / (1 << 30), enable_prefix_caching=False
+    )
+    assert llm.llm_engine.num_blocks == 16
     stats = _check(llm, alone[1])
     assert stats.num_preemptions > 0
 

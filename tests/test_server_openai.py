@@ -153,7 +153,8 @@ def test_completion_echo(client):
     assert len(lp.tokens) == num_prompt + 6
     assert "".join(lp.tokens) == with_logprobs.choices[0].text
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert all(v is not None and v <= 0 for v in lp.token_logprobs[num_prompt:])
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
     assert lp.text_offset[num_prompt] == len(PROMPT)
 
 
