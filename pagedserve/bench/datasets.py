@@ -134,6 +134,7 @@ def file_requests(
 def load_tokenizer(name: str | None) -> Any:
     """The tokenizer to make and count prompts with: a HF folder, a ``.gguf`` file, a cached Hub
     id, or, when ``name`` is None, the packaged model's."""
+    from pagedserve.model_path import resolve_model
     from pagedserve.tokenizer import load_tokenizer as load_model_tokenizer
 
-    return load_model_tokenizer(name)
+    return load_model_tokenizer(resolve_model(name))
