@@ -191,26 +191,35 @@ def fast_paged_attention(
         )
     for i in meta.prefill_reqs:
         start, end, seq_len = qsl[i], qsl[i + 1], meta.seq_lens_cpu[i]
-        qi = q[start:end].transpose(0, 1)
         if seq_len == end - start:
-            o = F.scaled_dot_product_attention(
-                qi,
-                k[start:end].transpose(0, 1),
-                v[start:end].transpose(0, 1),
-                is_causal=True,
-                scale=scale,
-                enable_gqa=True,
-            )
+            o = _sdpa(q[start:end], k[start:end], v[start:end], None, scale)
         else:
-            keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)
-            values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+            keys = gather_context(k_cache, meta.block_tables[i], seq_len)
+            values = gather_context(v_cache, meta.block_tables[i], seq_len)
             q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(
-                qi, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        out[start:end] = o.transpose(0, 1)
+            o = _sdpa(q[start:end], keys, values, mask, scale)
+        out[start:end] = o
     return out
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention of ``q [Tq, Hq, D]`` over ``k``/``v`` ``[Tk, Hkv, D]``; causal when no mask.
+
+    Batched 4-D inputs: PyTorch's CPU SDPA runs about 7x faster on them than on 3-D ones.
+    """
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[0].transpose(0, 1)
 
 
 class Attention(nn.Module):
