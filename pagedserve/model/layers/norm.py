@@ -6,12 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.kernels import elementwise
+
 
 class RMSNorm(nn.Module):
     """``weight * x / rms(x)``, normalised in float32 as Hugging Face's LlamaRMSNorm does.
 
     Called with a ``residual``, it first adds it to ``x`` and returns ``(normed, x + residual)``,
-    so a decoder layer carries the residual stream without a separate add kernel.
+    so a decoder layer carries the residual stream without a separate add kernel; the caller
+    gives ``residual`` up (the C path writes the sum over it). Float32 CPU tensors take one C
+    kernel pass (:mod:`pagedserve.kernels.elementwise`), others the PyTorch code.
     """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -29,6 +33,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
+            if elementwise.supports(x, self.weight):
+                return elementwise.rms_norm(x, self.weight, self.eps)
             return self._norm(x)
+        if elementwise.supports(x, residual, self.weight):
+            return elementwise.add_rms_norm(x, residual, self.weight, self.eps)
         x = x + residual
         return self._norm(x), x

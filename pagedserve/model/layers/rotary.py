@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.kernels import elementwise
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -101,5 +103,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` ``[T, H, head_dim]`` rotated (halves layout); returns a new tensor."""
+    if elementwise.supports(x, cos, sin):
+        return elementwise.rotary(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
