@@ -20,6 +20,7 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
+from pagedserve.worker.cpu_malloc import keep_freed_memory_in_heap
 from pagedserve.worker.kv_cache import KVCache, kv_bytes_per_token, num_blocks_for_budget
 from pagedserve.worker.model_runner import ModelRunner
 
@@ -58,6 +59,8 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        if self.device.type == "cpu":
+            keep_freed_memory_in_heap()
         self.model_name = resolve_model(config.model)
         self.model = load_model(self.model_name, self.dtype, self.device)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_name, config.chat_template)
