@@ -40,8 +40,12 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     # Requests with one query token (decodes) and the rest (prefill chunks), for fast backends.
-    decode_reqs: torch.Tensor | None = None  # request indices of decodes; None = all decode
     prefill_reqs: list[int] | None = None  # filled by split_decodes()
+    # In a mixed step, the decodes' query rows, block tables and context lengths (gathered once
+    # per step rather than once per layer).
+    decode_rows: torch.Tensor | None = None
+    decode_block_tables: torch.Tensor | None = None
+    decode_seq_lens: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -53,13 +57,16 @@ class AttentionMetadata:
         return self.num_reqs - len(self.prefill_reqs)
 
     def split_decodes(self) -> None:
-        """Fill ``decode_reqs``/``prefill_reqs`` from the query lengths (once per step)."""
+        """Split decodes from prefill chunks by query length (once per step)."""
         qsl = self.query_start_loc_cpu
         self.prefill_reqs = [i for i in range(self.num_reqs) if qsl[i + 1] - qsl[i] != 1]
         if self.prefill_reqs:
             prefill = set(self.prefill_reqs)
             decodes = [i for i in range(self.num_reqs) if i not in prefill]
-            self.decode_reqs = torch.tensor(decodes, dtype=torch.long, device=self.seq_lens.device)
+            index = torch.tensor(decodes, dtype=torch.long, device=self.seq_lens.device)
+            self.decode_rows = self.query_start_loc[index].long()
+            self.decode_block_tables = self.block_tables[index]
+            self.decode_seq_lens = self.seq_lens[index]
 
 
 def write_kv(
@@ -178,14 +185,13 @@ def fast_paged_attention(
         )
     out = torch.empty_like(q)
     if meta.num_decodes:
-        assert meta.decode_reqs is not None
-        rows = meta.query_start_loc[meta.decode_reqs].long()
-        out[rows] = _decode(
-            q[rows],
+        assert meta.decode_rows is not None
+        out[meta.decode_rows] = _decode(
+            q[meta.decode_rows],
             k_cache,
             v_cache,
-            meta.block_tables[meta.decode_reqs],
-            meta.seq_lens[meta.decode_reqs],
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
             meta.max_seq_len,
             scale,
         )
