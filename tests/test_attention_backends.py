@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from pagedserve.kernels import paged_decode_attention
 from pagedserve.model.layers.attention import (
     AttentionMetadata,
-    _decode_torch,
     fast_paged_attention,
     reference_paged_attention,
     write_kv,
@@ -65,17 +63,3 @@ def test_fast_backend_matches_reference(query_lens, seq_lens):
     expected = reference_paged_attention(q, k_cache, v_cache, meta, scale)
     got = fast_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_c_kernel_and_torch_decode_agree():
-    q, _, _, k_cache, v_cache, meta = _step(
-        [1] * 5, [1, 15, 16, 17, 300], num_heads=9, num_kv_heads=3, head_dim=64
-    )
-    torch_out = _decode_torch(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 300, 0.125)
-    expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125)
-    torch.testing.assert_close(torch_out, expected, atol=1e-5, rtol=1e-5)
-    assert paged_decode_attention.available(), "gcc is on every supported machine"
-    c_out = paged_decode_attention.paged_decode_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 300, 0.125
-    )
-    torch.testing.assert_close(c_out, expected, atol=1e-5, rtol=1e-5)

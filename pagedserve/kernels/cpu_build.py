@@ -1,8 +1,8 @@
 """Compiles the project's small C kernels with the system compiler and loads them with ctypes.
 
-Built once per source, compiler flags and CPU (``-march=native``) into a user cache directory;
-anything that goes wrong (no compiler, odd platform) makes :func:`load_kernel` return None and
-callers fall back to plain PyTorch.
+Built once per source (with the headers beside it), compiler flags and CPU (``-march=native``)
+into a user cache directory; anything that goes wrong (no compiler, odd platform) makes
+:func:`load_kernel` return None and callers fall back to plain PyTorch.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
     if compiler is None or platform.system() != "Linux":
         return None
     source = Path(__file__).with_name(f"{name}.c")
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(
-        source.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+        source.read_bytes() + headers + " ".join(FLAGS).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 
 import torch
 
@@ -12,25 +13,23 @@ _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
-def _bind() -> ctypes._CFuncPtr | None:
+@cache
+def _lib() -> ctypes.CDLL | None:
     lib = load_kernel("paged_decode_attention")
-    if lib is None:
-        return None
-    fn = lib.paged_decode_attention_f32
-    fn.argtypes = [_ptr] * 6 + [_i64] * 7 + [ctypes.c_float]
-    fn.restype = None
-    return fn
+    if lib is not None:
+        lib.paged_decode_attention_f32.argtypes = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float]
+        lib.paged_decode_attention_f32.restype = None
+        lib.paged_decode_attention_supports.argtypes = [_i64]
+        lib.paged_decode_attention_supports.restype = ctypes.c_int
+    return lib
 
 
-_kernel = None
-_bound = False
-
-
-def available() -> bool:
-    global _kernel, _bound
-    if not _bound:
-        _kernel, _bound = _bind(), True
-    return _kernel is not None
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries: float32 on the CPU, head size 16, 32, ... 128."""
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return False
+    lib = _lib()
+    return lib is not None and bool(lib.paged_decode_attention_supports(q.shape[-1]))
 
 
 def paged_decode_attention(
@@ -39,17 +38,17 @@ def paged_decode_attention(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
-    max_seq_len: int,
     scale: float,
 ) -> torch.Tensor:
     """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``; all float32 on the CPU."""
-    assert available()
+    lib = _lib()
+    assert lib is not None and supports(q)
     q = q.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
     out = torch.empty_like(q)
     num_seqs, num_heads, head_dim = q.shape
-    _kernel(
+    lib.paged_decode_attention_f32(
         out.data_ptr(),
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -62,7 +61,6 @@ def paged_decode_attention(
         head_dim,
         k_cache.shape[1],
         block_tables.shape[1],
-        max_seq_len,
         scale,
     )
     return out

@@ -156,9 +156,9 @@ def _decode(
     max_seq_len: int,
     scale: float,
 ) -> torch.Tensor:
-    if q.device.type == "cpu" and q.dtype == torch.float32 and paged_decode_attention.available():
+    if paged_decode_attention.supports(q):
         return paged_decode_attention.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale
+            q, k_cache, v_cache, block_tables, seq_lens, scale
         )
     return _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale)
 
