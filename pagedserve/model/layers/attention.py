@@ -3,8 +3,9 @@
 The model calls :class:`Attention` once per layer with the flattened tokens of every scheduled
 request. :func:`reference_paged_attention` is the plain-PyTorch oracle that faster backends are
 tested against; :func:`fast_paged_attention` (the default) batches all decodes into one call of
-a C kernel on CPU (or a gathered SDPA elsewhere). ``PAGEDSERVE_ATTENTION_BACKEND=reference``
-selects the oracle.
+a C kernel on CPU (or a gathered SDPA elsewhere), and all prefill chunks into one call of a C
+flash-attention kernel that reads the pools directly (or one SDPA per chunk elsewhere).
+``PAGEDSERVE_ATTENTION_BACKEND=reference`` selects the oracle.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels import paged_decode_attention
+from pagedserve.kernels import paged_decode_attention, prefill_attention
 
 
 @dataclass
@@ -41,6 +42,7 @@ class AttentionMetadata:
     block_size: int
     # Requests with one query token (decodes) and the rest (prefill chunks), for fast backends.
     prefill_reqs: list[int] | None = None  # filled by split_decodes()
+    prefill_index: torch.Tensor | None = None  # the same, int32, for the C prefill kernel
     # In a mixed step, the decodes' query rows, block tables and context lengths (gathered once
     # per step rather than once per layer).
     decode_rows: torch.Tensor | None = None
@@ -61,6 +63,9 @@ class AttentionMetadata:
         qsl = self.query_start_loc_cpu
         self.prefill_reqs = [i for i in range(self.num_reqs) if qsl[i + 1] - qsl[i] != 1]
         if self.prefill_reqs:
+            self.prefill_index = torch.tensor(
+                self.prefill_reqs, dtype=torch.int32, device=self.seq_lens.device
+            )
             prefill = set(self.prefill_reqs)
             decodes = [i for i in range(self.num_reqs) if i not in prefill]
             index = torch.tensor(decodes, dtype=torch.long, device=self.seq_lens.device)
@@ -172,18 +177,15 @@ def fast_paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Decodes in one batched kernel call; each prefill chunk through SDPA.
-
-    A chunk with no earlier context attends to its own new K/V (no gather from the pools).
-    """
-    qsl = meta.query_start_loc_cpu
+    """Decodes in one batched kernel call; prefill chunks in another (C kernel on CPU) or each
+    through SDPA."""
     if meta.prefill_reqs is None:
         meta.split_decodes()
     if not meta.prefill_reqs:
         return _decode(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
         )
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if meta.num_decodes:
         assert meta.decode_rows is not None
         out[meta.decode_rows] = _decode(
@@ -195,6 +197,39 @@ def fast_paged_attention(
             meta.max_seq_len,
             scale,
         )
+    if prefill_attention.supports(q):
+        prefill_attention.prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            requests=meta.prefill_index,
+            out=out,
+        )
+    else:
+        _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale)
+    return out
+
+
+def _prefill_sdpa(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> None:
+    """Each prefill chunk through SDPA into its rows of ``out``; the portable path.
+
+    A chunk with no earlier context attends to its own new K/V (no gather from the pools).
+    """
+    assert meta.prefill_reqs is not None
+    qsl = meta.query_start_loc_cpu
     for i in meta.prefill_reqs:
         start, end, seq_len = qsl[i], qsl[i + 1], meta.seq_lens_cpu[i]
         if seq_len == end - start:
@@ -206,7 +241,6 @@ def fast_paged_attention(
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             o = _sdpa(q[start:end], keys, values, mask, scale)
         out[start:end] = o
-    return out
 
 
 def _sdpa(

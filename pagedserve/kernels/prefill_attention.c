@@ -1,0 +1,501 @@
+/* Prefill attention over a paged KV cache (flash attention), float32, for CPUs.
+ *
+ * The query rows of each prefill chunk attend causally to their request's whole context, read
+ * straight from the block pools through the block table: no gathered copy of the context, no
+ * mask tensor. Work items are (request, kv head, query tile) triples, handed out dynamically to
+ * the OpenMP threads request by request and kv head by kv head (so that the threads share one
+ * head's K/V in cache), biggest tiles first (so that the causal triangle balances).
+ *
+ * One work item takes a tile of query positions times the G = num_heads / num_kv_heads query
+ * heads of its kv head as its rows, and walks the context in tiles of KEY_TILE keys up to the
+ * causal limit. Rows lie along the vector lanes throughout (row = g * tile positions + position):
+ *   - Q is packed once per work item, transposed and pre-scaled, into qt [D][rows];
+ *   - each key tile's K and V rows are copied out of the pools into kt, vt [keys][D];
+ *   - s [keys][rows] = K Qt, a register-blocked micro-kernel that broadcasts K elements;
+ *   - the online softmax (running max m and sum l per row) is then purely vertical: one
+ *     vector per VL rows, no horizontal reductions;
+ *   - ot [D][rows] = alpha * ot + V^T P, again register-blocked, broadcasting V elements.
+ * Only key tiles that cross the diagonal are masked. Scores are kept in base 2 (Q is scaled by
+ * scale * log2 e) so that the softmax needs exp2, written below to vectorise.
+ *
+ * Portable C11 with GCC vector extensions, no intrinsics: the vector width and the register
+ * blocking follow the target (AVX-512 and aarch64: 32 vector registers; otherwise 16).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+
+/* Accumulator blocks: QK_KEYS keys x ROW_VECS row vectors for s, PV_DIMS head dims x ROW_VECS
+ * row vectors for ot; three quarters of the vector registers, the rest for the operands. */
+#define ROW_VECS 3
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define QK_KEYS 8
+#define PV_DIMS 8
+#else
+#define QK_KEYS 4
+#define PV_DIMS 4
+#endif
+
+#define KEY_TILE 64       /* keys per tile; s is [KEY_TILE][rows] */
+#define TARGET_ROW_VECS 6 /* rows per work item, in vectors, that the tile size aims for */
+
+_Static_assert(KEY_TILE % QK_KEYS == 0, "key tiles are padded to whole micro-kernel blocks");
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* c + a * b, one rounding, whenever the target has a fused multiply-add: the project builds with
+ * -std=c11, which turns off GCC's contraction of a * b + c, but fmaf per lane vectorises. */
+ALWAYS_INLINE vf fma_v(vf a, vf b, vf c)
+{
+#ifdef __FP_FAST_FMAF
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = fmaf(a[i], b[i], c[i]);
+    return r;
+#else
+    return a * b + c;
+#endif
+}
+
+ALWAYS_INLINE vf splat(float x) { return x - (vf){0}; }
+
+ALWAYS_INLINE vf load(const float *p) { return *(const vf *)p; }
+
+ALWAYS_INLINE void store(float *p, vf x) { *(vf *)p = x; }
+
+ALWAYS_INLINE vf select_v(vi keep, vf a, vf b) { return (vf)(((vi)a & keep) | ((vi)b & ~keep)); }
+
+ALWAYS_INLINE vf max_v(vf a, vf b) { return select_v(a > b, a, b); }
+
+/* 2^x for x <= 0 (NaN-free), to about 1 ulp; exactly 0 below -127. x = n + f with n an integer
+ * (rounded by the 1.5 * 2^23 trick, exact in round-to-nearest) and |f| <= 1/2; 2^f by its
+ * degree-7 Taylor polynomial (truncation error 5e-9), 2^n built in the exponent bits. */
+ALWAYS_INLINE vf exp2_v(vf x)
+{
+    const vf lo = splat(-127.f), magic = splat(12582912.f);
+    x = max_v(x, lo);
+    const vf n = (x + magic) - magic;
+    const vf f = x - n;
+    vf p = splat(1.525273380405984e-05f);
+    p = fma_v(p, f, splat(1.5403530393381608e-04f));
+    p = fma_v(p, f, splat(1.3333558146428443e-03f));
+    p = fma_v(p, f, splat(9.618129107628477e-03f));
+    p = fma_v(p, f, splat(5.550410866482158e-02f));
+    p = fma_v(p, f, splat(2.402265069591007e-01f));
+    p = fma_v(p, f, splat(6.931471805599453e-01f));
+    p = fma_v(p, f, splat(1.f));
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+}
+
+typedef struct {
+    float *out;
+    const float *q, *k_cache, *v_cache;
+    const int32_t *block_tables, *query_start_loc, *seq_lens;
+    int64_t group, head_dim, block_size, max_blocks;
+    int64_t q_stride, out_stride, pool_row; /* floats between tokens of q, of out; pool rows */
+    float q_scale;                          /* scale * log2(e) */
+} Problem;
+
+typedef struct {
+    int32_t req, kv_head, tile;
+    int64_t req_cost, cost; /* context lengths: of the request, of the tile's last row */
+} WorkItem;
+
+/* One work item's geometry: query positions [p0, p0 + n) of request req, tile_pos positions
+ * (a multiple of VL, >= n) per head in the rows. */
+typedef struct {
+    int64_t req, kv_head, q_start, ctx_start, p0, n, tile_pos, rows, row_vecs;
+} Tile;
+
+/* Per-thread scratch, rows = up to max_rows. */
+typedef struct {
+    float *qt, *kt, *vt, *s, *ot, *m, *m_new, *l, *alpha;
+    int32_t *qpos;
+} Scratch;
+
+/* Query positions per head in a tile of a request with qlen new tokens: about TARGET_ROW_VECS
+ * vectors of rows in all (fewer for short chunks), whole vectors per head. */
+static int64_t tile_positions(int64_t qlen, int64_t group)
+{
+    int64_t vecs = TARGET_ROW_VECS / group;
+    if (vecs < 1) vecs = 1;
+    const int64_t needed = (qlen + VL - 1) / VL;
+    return VL * (needed < vecs ? needed : vecs);
+}
+
+/* s[j][c] = qt[:, c] . k[j] for QK_KEYS keys (rows of k, k_stride apart) and nv <= ROW_VECS
+ * row vectors; scores of key positions kpos + j after a row's position become -inf when
+ * `masked`; m_new[c] takes the maximum over these keys. k_stride is D, but passed as a run-time
+ * value: with a constant one GCC loads whole unaligned vectors to broadcast their first lane. */
+ALWAYS_INLINE void qk_block(float *s, const float *qt, int64_t rows, const float *k, int64_t D,
+                            int64_t k_stride, int nv, float *m_new, const int32_t *qpos,
+                            int64_t kpos, int masked)
+{
+    vf acc[QK_KEYS][ROW_VECS];
+    #pragma GCC unroll 16
+    for (int j = 0; j < QK_KEYS; j++)
+        #pragma GCC unroll 16
+        for (int c = 0; c < nv; c++) acc[j][c] = splat(0.f);
+    #pragma GCC unroll 1
+    for (int64_t d = 0; d < D; d++) {
+        vf qv[ROW_VECS];
+        #pragma GCC unroll 16
+        for (int c = 0; c < nv; c++) qv[c] = load(qt + d * rows + c * VL);
+        #pragma GCC unroll 16
+        for (int j = 0; j < QK_KEYS; j++) {
+            const vf kd = splat(k[j * k_stride + d]);
+            #pragma GCC unroll 16
+            for (int c = 0; c < nv; c++) acc[j][c] = fma_v(qv[c], kd, acc[j][c]);
+        }
+    }
+    #pragma GCC unroll 16
+    for (int c = 0; c < nv; c++) {
+        if (masked) {
+            const vi q = *(const vi *)(qpos + c * VL);
+            #pragma GCC unroll 16
+            for (int j = 0; j < QK_KEYS; j++)
+                acc[j][c] = select_v(q >= (int32_t)(kpos + j), acc[j][c], splat(-INFINITY));
+        }
+        vf mx = load(m_new + c * VL);
+        #pragma GCC unroll 16
+        for (int j = 0; j < QK_KEYS; j++) {
+            store(s + j * rows + c * VL, acc[j][c]);
+            mx = max_v(mx, acc[j][c]);
+        }
+        store(m_new + c * VL, mx);
+    }
+}
+
+/* ot[i][c] = ot[i][c] * alpha[c] + sum_j v[j][i] * p[j][c] for nd <= PV_DIMS dims (rows of ot,
+ * elements of the rows of v, D apart) and nv <= ROW_VECS row vectors. */
+ALWAYS_INLINE void pv_block(float *ot, const float *alpha, const float *p, int64_t rows,
+                            const float *v, int64_t nk, int64_t D, int nd, int nv)
+{
+    vf acc[PV_DIMS][ROW_VECS];
+    #pragma GCC unroll 16
+    for (int c = 0; c < nv; c++) {
+        const vf a = load(alpha + c * VL);
+        #pragma GCC unroll 16
+        for (int i = 0; i < nd; i++) acc[i][c] = load(ot + i * rows + c * VL) * a;
+    }
+    #pragma GCC unroll 1
+    for (int64_t j = 0; j < nk; j++) {
+        vf pv[ROW_VECS];
+        #pragma GCC unroll 16
+        for (int c = 0; c < nv; c++) pv[c] = load(p + j * rows + c * VL);
+        #pragma GCC unroll 16
+        for (int i = 0; i < nd; i++) {
+            const vf vd = splat(v[j * D + i]);
+            #pragma GCC unroll 16
+            for (int c = 0; c < nv; c++) acc[i][c] = fma_v(pv[c], vd, acc[i][c]);
+        }
+    }
+    #pragma GCC unroll 16
+    for (int i = 0; i < nd; i++)
+        #pragma GCC unroll 16
+        for (int c = 0; c < nv; c++) store(ot + i * rows + c * VL, acc[i][c]);
+}
+
+/* The scores of nv row vectors from c on against key positions k0 .. k0 + nk - 1. */
+ALWAYS_INLINE void qk_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int64_t k0,
+                              int64_t nk, int masked, int64_t D, int64_t k_stride)
+{
+    const int64_t at = c * VL;
+    for (int64_t j = 0; j < nk; j += QK_KEYS)
+        qk_block(sc->s + j * t->rows + at, sc->qt + at, t->rows, sc->kt + j * D, D, k_stride, nv,
+                 sc->m_new + at, sc->qpos + at, k0 + j, masked);
+}
+
+/* s = scores of the tile's rows against key positions k0 .. k0 + nk - 1 (packed in kt), masked
+ * where `masked`; m_new = max(m, their maxima). */
+ALWAYS_INLINE void qk_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_t k0, int64_t nk,
+                           int masked, int64_t D)
+{
+    memcpy(sc->m_new, sc->m, sizeof(float) * t->rows);
+    int64_t c = 0;
+    for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS)
+        qk_columns(sc, t, c, ROW_VECS, k0, nk, masked, D, pr->head_dim);
+    for (; c < t->row_vecs; c++) qk_columns(sc, t, c, 1, k0, nk, masked, D, pr->head_dim);
+}
+
+/* ot = alpha * ot + V^T P for nv row vectors from c on. */
+ALWAYS_INLINE void pv_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int64_t nk,
+                              int64_t D)
+{
+    const int64_t at = c * VL, rows = t->rows;
+    int64_t d = 0;
+    for (; d + PV_DIMS <= D; d += PV_DIMS)
+        pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vt + d, nk, D,
+                 PV_DIMS, nv);
+    for (; d < D; d++)
+        pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vt + d, nk, D, 1,
+                 nv);
+}
+
+/* ot = alpha * ot + V^T P over the nk keys of the tile (values packed in vt, P in s). */
+ALWAYS_INLINE void pv_tile(Scratch *sc, const Tile *t, int64_t nk, int64_t D)
+{
+    int64_t c = 0;
+    for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS) pv_columns(sc, t, c, ROW_VECS, nk, D);
+    for (; c < t->row_vecs; c++) pv_columns(sc, t, c, 1, nk, D);
+}
+
+/* Online softmax over one key tile: s becomes exp2(s - m_new), alpha = exp2(m - m_new) the
+ * factor for what was accumulated before, l is updated and m becomes m_new. */
+static void softmax_tile(Scratch *sc, const Tile *t, int64_t nk)
+{
+    for (int64_t c = 0; c < t->row_vecs; c++) {
+        float *s = sc->s + c * VL;
+        const vf mx = load(sc->m_new + c * VL);
+        vf sum = splat(0.f);
+        for (int64_t j = 0; j < nk; j++) {
+            const vf e = exp2_v(load(s + j * t->rows) - mx);
+            store(s + j * t->rows, e);
+            sum += e;
+        }
+        const vf a = exp2_v(load(sc->m + c * VL) - mx);
+        store(sc->alpha + c * VL, a);
+        store(sc->l + c * VL, fma_v(load(sc->l + c * VL), a, sum));
+        store(sc->m + c * VL, mx);
+    }
+}
+
+/* Where the K/V row of this head at context position pos starts, in floats from a pool's base. */
+static inline int64_t pool_offset(const Problem *pr, const Tile *t, int64_t pos)
+{
+    const int32_t block = pr->block_tables[t->req * pr->max_blocks + pos / pr->block_size];
+    return ((int64_t)block * pr->block_size + pos % pr->block_size) * pr->pool_row
+           + t->kv_head * pr->head_dim;
+}
+
+/* Packs the keys and values of positions k0 .. k0 + nk - 1 of this head into kt and vt
+ * [keys][D], padded with zeros to a multiple of QK_KEYS keys (the padding's scores are masked).
+ * Returns the padded count. */
+ALWAYS_INLINE int64_t load_keys(Scratch *sc, const Problem *pr, const Tile *t, int64_t k0,
+                                int64_t nk, int64_t D)
+{
+    for (int64_t j = 0; j < nk; j++) {
+        const int64_t at = pool_offset(pr, t, k0 + j);
+        memcpy(sc->kt + j * D, pr->k_cache + at, sizeof(float) * D);
+        memcpy(sc->vt + j * D, pr->v_cache + at, sizeof(float) * D);
+    }
+    const int64_t padded = (nk + QK_KEYS - 1) / QK_KEYS * QK_KEYS;
+    memset(sc->kt + nk * D, 0, sizeof(float) * D * (padded - nk));
+    memset(sc->vt + nk * D, 0, sizeof(float) * D * (padded - nk));
+    return padded;
+}
+
+static Tile make_tile(const Problem *pr, const WorkItem *w)
+{
+    Tile t;
+    t.req = w->req;
+    t.kv_head = w->kv_head;
+    t.q_start = pr->query_start_loc[w->req];
+    const int64_t qlen = pr->query_start_loc[w->req + 1] - t.q_start;
+    t.ctx_start = pr->seq_lens[w->req] - qlen;
+    t.tile_pos = tile_positions(qlen, pr->group);
+    t.p0 = (int64_t)w->tile * t.tile_pos;
+    t.n = qlen - t.p0 < t.tile_pos ? qlen - t.p0 : t.tile_pos;
+    t.rows = pr->group * t.tile_pos;
+    t.row_vecs = t.rows / VL;
+    return t;
+}
+
+/* qt [D][rows] = the tile's queries, scaled; rows past the chunk's end are zeros. Also their
+ * positions, and the starting softmax state. */
+ALWAYS_INLINE void load_queries(Scratch *sc, const Problem *pr, const Tile *t, int64_t D)
+{
+    for (int64_t g = 0; g < pr->group; g++) {
+        const int64_t head = t->kv_head * pr->group + g;
+        for (int64_t p = 0; p < t->tile_pos; p++) {
+            const int64_t r = g * t->tile_pos + p;
+            const float *qr = pr->q + (t->q_start + t->p0 + p) * pr->q_stride + head * D;
+            if (p < t->n)
+                for (int64_t d = 0; d < D; d++) sc->qt[d * t->rows + r] = qr[d] * pr->q_scale;
+            else
+                for (int64_t d = 0; d < D; d++) sc->qt[d * t->rows + r] = 0.f;
+            sc->qpos[r] = (int32_t)(t->ctx_start + t->p0 + p);
+            sc->m[r] = -INFINITY;
+            sc->l[r] = 0.f;
+        }
+    }
+    memset(sc->ot, 0, sizeof(float) * D * t->rows);
+}
+
+ALWAYS_INLINE void store_outputs(const Scratch *sc, const Problem *pr, const Tile *t, int64_t D)
+{
+    for (int64_t g = 0; g < pr->group; g++) {
+        const int64_t head = t->kv_head * pr->group + g;
+        for (int64_t p = 0; p < t->n; p++) {
+            const int64_t r = g * t->tile_pos + p;
+            float *o = pr->out + (t->q_start + t->p0 + p) * pr->out_stride + head * D;
+            const float inv = 1.f / sc->l[r];
+            for (int64_t d = 0; d < D; d++) o[d] = sc->ot[d * t->rows + r] * inv;
+        }
+    }
+}
+
+ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w, int64_t D)
+{
+    const Tile t = make_tile(pr, w);
+    load_queries(sc, pr, &t, D);
+    const int64_t first = t.ctx_start + t.p0, end = first + t.n; /* keys [0, end) are needed */
+    for (int64_t k0 = 0; k0 < end; k0 += KEY_TILE) {
+        const int64_t nk = end - k0 < KEY_TILE ? end - k0 : KEY_TILE;
+        const int64_t padded = load_keys(sc, pr, &t, k0, nk, D);
+        qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D);
+        softmax_tile(sc, &t, padded);
+        pv_tile(sc, &t, padded, D);
+    }
+    store_outputs(sc, pr, &t, D);
+}
+
+static void attend_64(Scratch *sc, const Problem *pr, const WorkItem *w)
+{
+    attend_tile(sc, pr, w, 64);
+}
+
+static void attend_128(Scratch *sc, const Problem *pr, const WorkItem *w)
+{
+    attend_tile(sc, pr, w, 128);
+}
+
+static void attend_any(Scratch *sc, const Problem *pr, const WorkItem *w)
+{
+    attend_tile(sc, pr, w, pr->head_dim);
+}
+
+/* Biggest requests first; within one, kv head by kv head (so that both threads share a head's
+ * K/V, which then stays in their caches), biggest tiles first. */
+static int schedule_order(const void *a, const void *b)
+{
+    const WorkItem *x = a, *y = b;
+    if (x->req_cost != y->req_cost) return x->req_cost < y->req_cost ? 1 : -1;
+    if (x->req != y->req) return x->req < y->req ? -1 : 1;
+    if (x->kv_head != y->kv_head) return x->kv_head < y->kv_head ? -1 : 1;
+    return (x->cost < y->cost) - (x->cost > y->cost);
+}
+
+/* All work items of the listed requests, in schedule_order; their count in *count. */
+static WorkItem *plan(const Problem *pr, const int32_t *reqs, int64_t num_reqs,
+                      int64_t num_kv_heads, int64_t *count, int64_t *max_rows)
+{
+    int64_t n = 0;
+    *max_rows = VL;
+    for (int64_t i = 0; i < num_reqs; i++) {
+        const int64_t qlen = pr->query_start_loc[reqs[i] + 1] - pr->query_start_loc[reqs[i]];
+        const int64_t tp = tile_positions(qlen, pr->group);
+        n += (qlen + tp - 1) / tp * num_kv_heads;
+        if (pr->group * tp > *max_rows) *max_rows = pr->group * tp;
+    }
+    WorkItem *items = malloc(sizeof(WorkItem) * (n > 0 ? n : 1));
+    if (items == NULL) return NULL;
+    int64_t k = 0;
+    for (int64_t i = 0; i < num_reqs; i++) {
+        const int32_t b = reqs[i];
+        const int64_t qlen = pr->query_start_loc[b + 1] - pr->query_start_loc[b];
+        const int64_t ctx_start = pr->seq_lens[b] - qlen;
+        const int64_t tp = tile_positions(qlen, pr->group);
+        for (int64_t tile = 0; tile * tp < qlen; tile++) {
+            const int64_t last = tile * tp + tp < qlen ? tile * tp + tp : qlen;
+            for (int64_t h = 0; h < num_kv_heads; h++)
+                items[k++] = (WorkItem){b, (int32_t)h, (int32_t)tile, pr->seq_lens[b],
+                                        ctx_start + last};
+        }
+    }
+    qsort(items, (size_t)n, sizeof(WorkItem), schedule_order);
+    *count = n;
+    return items;
+}
+
+/* n 4-byte elements (floats or int32), 64-byte aligned for the vector loads. */
+static void *alloc_words(int64_t n) { return aligned_alloc(64, (size_t)(n * 4 + 63) / 64 * 64); }
+
+static int scratch_init(Scratch *sc, int64_t max_rows, int64_t D)
+{
+    sc->qt = alloc_words(D * max_rows);
+    sc->ot = alloc_words(D * max_rows);
+    sc->kt = alloc_words(KEY_TILE * D);
+    sc->vt = alloc_words(KEY_TILE * D);
+    sc->s = alloc_words(KEY_TILE * max_rows);
+    sc->m = alloc_words(max_rows);
+    sc->m_new = alloc_words(max_rows);
+    sc->l = alloc_words(max_rows);
+    sc->alpha = alloc_words(max_rows);
+    sc->qpos = alloc_words(max_rows);
+    return sc->qt && sc->kt && sc->vt && sc->ot && sc->s && sc->m && sc->m_new && sc->l
+           && sc->alpha && sc->qpos;
+}
+
+static void scratch_free(Scratch *sc)
+{
+    free(sc->qt);
+    free(sc->ot);
+    free(sc->kt);
+    free(sc->vt);
+    free(sc->s);
+    free(sc->m);
+    free(sc->m_new);
+    free(sc->l);
+    free(sc->alpha);
+    free(sc->qpos);
+}
+
+/* Returns 0, or -1 if out of memory (then out is not fully written). */
+int prefill_attention_f32(
+    float *out,                   /* [T, Hq, D], only the listed requests' rows are written */
+    const float *q,               /* [T, Hq, D], tokens q_stride floats apart */
+    const float *k_cache,         /* [num_blocks, block_size, Hkv, D] */
+    const float *v_cache,         /* [num_blocks, block_size, Hkv, D] */
+    const int32_t *block_tables,  /* [B, max_blocks] */
+    const int32_t *query_start_loc, /* [B + 1] */
+    const int32_t *seq_lens,      /* [B] */
+    const int32_t *reqs,          /* [num_reqs] indices of the requests to compute */
+    int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t max_blocks, int64_t q_stride, float scale)
+{
+    const Problem pr = {
+        out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+        num_heads / num_kv_heads, head_dim, block_size, max_blocks,
+        q_stride, num_heads * head_dim, num_kv_heads * head_dim, scale * 1.4426950408889634f,
+    };
+    int64_t count, max_rows;
+    WorkItem *items = plan(&pr, reqs, num_reqs, num_kv_heads, &count, &max_rows);
+    if (items == NULL) return -1;
+    int failed = 0;
+
+    #pragma omp parallel if(count > 1)
+    {
+        Scratch sc;
+        const int ok = scratch_init(&sc, max_rows, head_dim);
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < count; i++) {
+            if (!ok) continue;
+            if (head_dim == 64)
+                attend_64(&sc, &pr, &items[i]);
+            else if (head_dim == 128)
+                attend_128(&sc, &pr, &items[i]);
+            else
+                attend_any(&sc, &pr, &items[i]);
+        }
+        scratch_free(&sc);
+    }
+    free(items);
+    return failed ? -1 : 0;
+}

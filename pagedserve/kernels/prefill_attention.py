@@ -1,0 +1,100 @@
+"""Python face of the C prefill-attention kernel (flash attention over the paged KV pools;
+float32, CPU)."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+
+from pagedserve.kernels.cpu_build import load_kernel
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load_kernel("prefill_attention")
+    if lib is not None:
+        lib.prefill_attention_f32.argtypes = [_ptr] * 8 + [_i64] * 7 + [ctypes.c_float]
+        lib.prefill_attention_f32.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel was built (it takes any head size)."""
+    return _lib() is not None
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries: float32 on the CPU, and the kernel built."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and available()
+
+
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    assert x.dtype == torch.int32 and x.device.type == "cpu", "int32 CPU tensor expected"
+    return x.contiguous()
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    requests: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of ``q [T, Hq, D]`` over paged contexts; all float32 on the CPU.
+
+    Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``, the last ones of
+    its ``seq_lens[i]`` context positions, whose K/V are already in the pools
+    ``[num_blocks, block_size, Hkv, D]`` at blocks ``block_tables[i]``. Only the rows of the
+    requests listed in ``requests`` (int32 indices; default all) are computed, into ``out``
+    (default a new tensor); its other rows are left as they are. ``q`` may have any token
+    stride (a view of a fused projection's output): only its heads must be contiguous.
+    """
+    lib = _lib()
+    assert lib is not None and supports(q)
+    assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+    assert q.device.type == k_cache.device.type == v_cache.device.type == "cpu"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    if requests is None:
+        requests = torch.arange(seq_lens.shape[0], dtype=torch.int32)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype)
+    assert out.shape == q.shape and out.dtype == torch.float32 and out.is_contiguous()
+    block_tables = _int32(block_tables)
+    query_start_loc = _int32(query_start_loc)
+    seq_lens = _int32(seq_lens)
+    requests = _int32(requests)
+    status = lib.prefill_attention_f32(
+        out.data_ptr(),
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        query_start_loc.data_ptr(),
+        seq_lens.data_ptr(),
+        requests.data_ptr(),
+        requests.shape[0],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        k_cache.shape[1],
+        block_tables.shape[1],
+        q.stride(0),
+        scale,
+    )
+    if status != 0:
+        raise MemoryError("prefill_attention: no memory for the kernel's scratch buffers")
+    return out
