@@ -191,3 +191,42 @@ def test_shutdown_ends_streams_in_flight_and_refuses_new_requests() -> None:
             await engine.add_request("b", [1], SamplingParams())
 
     _run(main())
+
+
+class _BuiltOnItsThread(ScriptedEngine):
+    """Records the thread that built it: it must be the one that steps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.current_thread()
+
+
+def test_built_engine_is_made_and_stepped_on_one_thread() -> None:
+    async def main() -> None:
+        engine = AsyncEngine.built(_BuiltOnItsThread)
+        inner = engine.engine
+        assert inner.thread is not threading.current_thread()
+        assert not engine.is_running  # nothing runs before start()
+        engine.start()
+        stream = await engine.add_request("a", [1], SamplingParams(max_tokens=3))
+        outs = [out async for out in stream]
+        assert outs[-1].finished  # every step passed ScriptedEngine's same-thread check
+        engine.shutdown()
+        assert not inner.thread.is_alive()
+
+    _run(main())
+
+
+def test_built_reraises_what_building_raised() -> None:
+    def broken() -> ScriptedEngine:
+        raise SystemExit("error: no such model")
+
+    with pytest.raises(SystemExit, match="no such model"):
+        AsyncEngine.built(broken)
+
+
+def test_built_engine_shut_down_before_start_ends_its_thread() -> None:
+    engine = AsyncEngine.built(_BuiltOnItsThread)
+    thread = engine.engine.thread
+    engine.shutdown()
+    assert not thread.is_alive()

@@ -163,7 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
         raise SystemExit(f"error: can not listen on {args.host}:{args.port}: {exc}") from exc
-    engine = _load_engine(args, chat_template)
+    engine = AsyncEngine.built(lambda: _load_engine(args, chat_template))
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     settings = ServerSettings(
         served_model_names=names,
@@ -176,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=not args.disable_access_log,
     )
     logger.info("serving the model as %s", ", ".join(repr(n) for n in names))
-    serve(AsyncEngine(engine), settings, sock)
+    serve(engine, settings, sock)
     return 0
 
 
