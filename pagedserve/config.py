@@ -18,6 +18,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float | None = None  # GiB for the K/V pools; None = a default for the device
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    # Tokens per step. 1024 keeps prefill steps near full GEMM speed on CPU while a burst's
+    # requests reach their first token in finer steps (64 x 128-token prompts at once: median
+    # TTFT 2.4 s at 1024 against 3.0 s at 2048, same throughput within 1%).
+    max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
     chat_template: str | None = None  # a template string or a path to a .jinja file
