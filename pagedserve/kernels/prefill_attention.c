@@ -10,7 +10,8 @@
  * heads of its kv head as its rows, and walks the context in tiles of KEY_TILE keys up to the
  * causal limit. Rows lie along the vector lanes throughout (row = g * tile positions + position):
  *   - Q is packed once per work item, transposed and pre-scaled, into qt [D][rows];
- *   - each key tile's K and V rows are copied out of the pools into kt, vt [keys][D];
+ *   - each key tile's K and V rows are read in place from the pools, in groups of QK_KEYS
+ *     rows that lie in one block (only groups that do not are copied out);
  *   - s [keys][rows] = K Qt, a register-blocked micro-kernel that broadcasts K elements;
  *   - the online softmax (running max m and sum l per row) is then purely vertical: one
  *     vector per VL rows, no horizontal reductions;
@@ -46,12 +47,14 @@
 #endif
 
 #define KEY_TILE 64       /* keys per tile; s is [KEY_TILE][rows] */
-#define TARGET_ROW_VECS 6 /* rows per work item, in vectors, that the tile size aims for */
+#define WIDE_ROW_VECS 6   /* rows per work item, in vectors, that wide tiles aim for */
+#define WIDE_CONTEXT 1024 /* context length from which a request's tiles are wide */
 
 _Static_assert(KEY_TILE % QK_KEYS == 0, "key tiles are padded to whole micro-kernel blocks");
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -78,25 +81,36 @@ ALWAYS_INLINE vf select_v(vi keep, vf a, vf b) { return (vf)(((vi)a & keep) | ((
 
 ALWAYS_INLINE vf max_v(vf a, vf b) { return select_v(a > b, a, b); }
 
-/* 2^x for x <= 0 (NaN-free), to about 1 ulp; exactly 0 below -127. x = n + f with n an integer
- * (rounded by the 1.5 * 2^23 trick, exact in round-to-nearest) and |f| <= 1/2; 2^f by its
- * degree-7 Taylor polynomial (truncation error 5e-9), 2^n built in the exponent bits. */
+/* max(x, -127) for x <= 0 (-0 included), as the unsigned minimum of the bits: negative floats
+ * order by their magnitude bits. GCC makes one instruction of it (a float maximum it would not,
+ * for the sake of NaNs and signed zeros). */
+ALWAYS_INLINE vf clamp_v(vf x)
+{
+    const vu b = (vu)x, lo = (vu)splat(-127.f);
+    vu r;
+    for (int i = 0; i < VL; i++) r[i] = b[i] < lo[i] ? b[i] : lo[i];
+    return (vf)r;
+}
+
+/* 2^x for x <= 0 (NaN-free), to about 2 ulp; exactly 0 below -127. x = n + f with n an integer
+ * and |f| <= 1/2: adding 1.5 * 2^23 + 127 rounds x to n (exact in round-to-nearest) and leaves
+ * n + 127 in the low mantissa bits of the sum, so shifting its bits up by 23 puts the biased
+ * exponent of 2^n in place (the rest of the constant's bits shift out): no conversion needed.
+ * 2^f by a degree-5 polynomial with constant term 1 (so that 2^0 is exact), fitted for the least
+ * maximum relative error on [-1/2, 1/2] (9e-8). */
 ALWAYS_INLINE vf exp2_v(vf x)
 {
-    const vf lo = splat(-127.f), magic = splat(12582912.f);
-    x = max_v(x, lo);
-    const vf n = (x + magic) - magic;
-    const vf f = x - n;
-    vf p = splat(1.525273380405984e-05f);
-    p = fma_v(p, f, splat(1.5403530393381608e-04f));
-    p = fma_v(p, f, splat(1.3333558146428443e-03f));
-    p = fma_v(p, f, splat(9.618129107628477e-03f));
-    p = fma_v(p, f, splat(5.550410866482158e-02f));
-    p = fma_v(p, f, splat(2.402265069591007e-01f));
-    p = fma_v(p, f, splat(6.931471805599453e-01f));
+    const vf magic = splat(12583039.f);
+    x = clamp_v(x);
+    const vf t = x + magic;
+    const vf f = x - (t - magic);
+    vf p = splat(1.3264727213682555e-03f);
+    p = fma_v(p, f, splat(9.671512812494284e-03f));
+    p = fma_v(p, f, splat(5.550733744824732e-02f));
+    p = fma_v(p, f, splat(2.402224208267751e-01f));
+    p = fma_v(p, f, splat(6.931469775973308e-01f));
     p = fma_v(p, f, splat(1.f));
-    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)bits;
+    return p * (vf)((vu)t << 23);
 }
 
 typedef struct {
@@ -123,22 +137,30 @@ typedef struct {
 typedef struct {
     float *qt, *kt, *vt, *s, *ot, *m, *m_new, *l, *alpha;
     int32_t *qpos;
+    const float *kg[KEY_TILE / QK_KEYS], *vg[KEY_TILE / QK_KEYS]; /* the key tile's groups */
 } Scratch;
 
-/* Query positions per head in a tile of a request with qlen new tokens: about TARGET_ROW_VECS
- * vectors of rows in all (fewer for short chunks), whole vectors per head. */
-static int64_t tile_positions(int64_t qlen, int64_t group)
+/* Query positions per head in a tile of a request with qlen new tokens and seq_len positions in
+ * all, whole vectors per head (fewer for short chunks). Wide tiles, about WIDE_ROW_VECS vectors
+ * of rows, share the work done per key tile (its pointers, the softmax's set-up, the copy of m)
+ * among more rows: that pays on long contexts. Narrow tiles, the fewest vectors per head whose
+ * rows (of all the group's heads) fill whole register blocks, waste less on the masked part of
+ * the causal diagonal: that pays on short ones. */
+static int64_t tile_positions(int64_t qlen, int64_t seq_len, int64_t group)
 {
-    int64_t vecs = TARGET_ROW_VECS / group;
-    if (vecs < 1) vecs = 1;
+    int64_t vecs = 1;
+    while (group * vecs % ROW_VECS != 0) vecs++;
+    if (seq_len >= WIDE_CONTEXT || group * vecs > WIDE_ROW_VECS)
+        vecs = WIDE_ROW_VECS / group > 1 ? WIDE_ROW_VECS / group : 1;
     const int64_t needed = (qlen + VL - 1) / VL;
     return VL * (needed < vecs ? needed : vecs);
 }
 
 /* s[j][c] = qt[:, c] . k[j] for QK_KEYS keys (rows of k, k_stride apart) and nv <= ROW_VECS
  * row vectors; scores of key positions kpos + j after a row's position become -inf when
- * `masked`; m_new[c] takes the maximum over these keys. k_stride is D, but passed as a run-time
- * value: with a constant one GCC loads whole unaligned vectors to broadcast their first lane. */
+ * `masked`; m_new[c] takes the maximum over these keys. k_stride is a run-time value (the pools'
+ * row length): with a constant one GCC loads whole unaligned vectors to broadcast their first
+ * lane. */
 ALWAYS_INLINE void qk_block(float *s, const float *qt, int64_t rows, const float *k, int64_t D,
                             int64_t k_stride, int nv, float *m_new, const int32_t *qpos,
                             int64_t kpos, int masked)
@@ -179,9 +201,11 @@ ALWAYS_INLINE void qk_block(float *s, const float *qt, int64_t rows, const float
 }
 
 /* ot[i][c] = ot[i][c] * alpha[c] + sum_j v[j][i] * p[j][c] for nd <= PV_DIMS dims (rows of ot,
- * elements of the rows of v, D apart) and nv <= ROW_VECS row vectors. */
+ * elements of the rows of v) and nv <= ROW_VECS row vectors. The keys come in groups of
+ * QK_KEYS rows, v_stride apart, group g starting at v[g] + dim. */
 ALWAYS_INLINE void pv_block(float *ot, const float *alpha, const float *p, int64_t rows,
-                            const float *v, int64_t nk, int64_t D, int nd, int nv)
+                            const float *const *v, int64_t dim, int64_t groups, int64_t v_stride,
+                            int nd, int nv)
 {
     vf acc[PV_DIMS][ROW_VECS];
     #pragma GCC unroll 16
@@ -191,15 +215,19 @@ ALWAYS_INLINE void pv_block(float *ot, const float *alpha, const float *p, int64
         for (int i = 0; i < nd; i++) acc[i][c] = load(ot + i * rows + c * VL) * a;
     }
     #pragma GCC unroll 1
-    for (int64_t j = 0; j < nk; j++) {
-        vf pv[ROW_VECS];
-        #pragma GCC unroll 16
-        for (int c = 0; c < nv; c++) pv[c] = load(p + j * rows + c * VL);
-        #pragma GCC unroll 16
-        for (int i = 0; i < nd; i++) {
-            const vf vd = splat(v[j * D + i]);
+    for (int64_t g = 0; g < groups; g++) {
+        const float *vr = v[g] + dim;
+        #pragma GCC unroll 1
+        for (int j = 0; j < QK_KEYS; j++, vr += v_stride, p += rows) {
+            vf pv[ROW_VECS];
             #pragma GCC unroll 16
-            for (int c = 0; c < nv; c++) acc[i][c] = fma_v(pv[c], vd, acc[i][c]);
+            for (int c = 0; c < nv; c++) pv[c] = load(p + c * VL);
+            #pragma GCC unroll 16
+            for (int i = 0; i < nd; i++) {
+                const vf vd = splat(vr[i]);
+                #pragma GCC unroll 16
+                for (int c = 0; c < nv; c++) acc[i][c] = fma_v(pv[c], vd, acc[i][c]);
+            }
         }
     }
     #pragma GCC unroll 16
@@ -214,11 +242,11 @@ ALWAYS_INLINE void qk_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int
 {
     const int64_t at = c * VL;
     for (int64_t j = 0; j < nk; j += QK_KEYS)
-        qk_block(sc->s + j * t->rows + at, sc->qt + at, t->rows, sc->kt + j * D, D, k_stride, nv,
-                 sc->m_new + at, sc->qpos + at, k0 + j, masked);
+        qk_block(sc->s + j * t->rows + at, sc->qt + at, t->rows, sc->kg[j / QK_KEYS], D,
+                 k_stride, nv, sc->m_new + at, sc->qpos + at, k0 + j, masked);
 }
 
-/* s = scores of the tile's rows against key positions k0 .. k0 + nk - 1 (packed in kt), masked
+/* s = scores of the tile's rows against key positions k0 .. k0 + nk - 1 (groups at kg), masked
  * where `masked`; m_new = max(m, their maxima). */
 ALWAYS_INLINE void qk_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_t k0, int64_t nk,
                            int masked, int64_t D)
@@ -226,30 +254,33 @@ ALWAYS_INLINE void qk_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_
     memcpy(sc->m_new, sc->m, sizeof(float) * t->rows);
     int64_t c = 0;
     for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS)
-        qk_columns(sc, t, c, ROW_VECS, k0, nk, masked, D, pr->head_dim);
-    for (; c < t->row_vecs; c++) qk_columns(sc, t, c, 1, k0, nk, masked, D, pr->head_dim);
+        qk_columns(sc, t, c, ROW_VECS, k0, nk, masked, D, pr->pool_row);
+    for (; c + 2 <= t->row_vecs; c += 2) qk_columns(sc, t, c, 2, k0, nk, masked, D, pr->pool_row);
+    for (; c < t->row_vecs; c++) qk_columns(sc, t, c, 1, k0, nk, masked, D, pr->pool_row);
 }
 
 /* ot = alpha * ot + V^T P for nv row vectors from c on. */
 ALWAYS_INLINE void pv_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int64_t nk,
-                              int64_t D)
+                              int64_t D, int64_t v_stride)
 {
-    const int64_t at = c * VL, rows = t->rows;
+    const int64_t at = c * VL, rows = t->rows, groups = nk / QK_KEYS;
     int64_t d = 0;
     for (; d + PV_DIMS <= D; d += PV_DIMS)
-        pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vt + d, nk, D,
-                 PV_DIMS, nv);
+        pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vg, d, groups,
+                 v_stride, PV_DIMS, nv);
     for (; d < D; d++)
-        pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vt + d, nk, D, 1,
-                 nv);
+        pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vg, d, groups,
+                 v_stride, 1, nv);
 }
 
-/* ot = alpha * ot + V^T P over the nk keys of the tile (values packed in vt, P in s). */
-ALWAYS_INLINE void pv_tile(Scratch *sc, const Tile *t, int64_t nk, int64_t D)
+/* ot = alpha * ot + V^T P over the nk keys of the tile (value groups at vg, P in s). */
+ALWAYS_INLINE void pv_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_t nk, int64_t D)
 {
     int64_t c = 0;
-    for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS) pv_columns(sc, t, c, ROW_VECS, nk, D);
-    for (; c < t->row_vecs; c++) pv_columns(sc, t, c, 1, nk, D);
+    for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS)
+        pv_columns(sc, t, c, ROW_VECS, nk, D, pr->pool_row);
+    for (; c + 2 <= t->row_vecs; c += 2) pv_columns(sc, t, c, 2, nk, D, pr->pool_row);
+    for (; c < t->row_vecs; c++) pv_columns(sc, t, c, 1, nk, D, pr->pool_row);
 }
 
 /* Online softmax over one key tile: s becomes exp2(s - m_new), alpha = exp2(m - m_new) the
@@ -280,20 +311,39 @@ static inline int64_t pool_offset(const Problem *pr, const Tile *t, int64_t pos)
            + t->kv_head * pr->head_dim;
 }
 
-/* Packs the keys and values of positions k0 .. k0 + nk - 1 of this head into kt and vt
- * [keys][D], padded with zeros to a multiple of QK_KEYS keys (the padding's scores are masked).
- * Returns the padded count. */
+/* Points kg and vg at the groups of QK_KEYS keys and values of positions k0 .. k0 + nk - 1 of
+ * this head: rows pool_row apart. A whole group lies in one block when block_size is a multiple
+ * of QK_KEYS and is read in place; other groups (a block boundary inside, or past the last key)
+ * are copied to kt and vt, with zeros for the padding past the last key (its scores are masked,
+ * but its values still meet p = 0 in the products). Returns the padded key count. */
 ALWAYS_INLINE int64_t load_keys(Scratch *sc, const Problem *pr, const Tile *t, int64_t k0,
                                 int64_t nk, int64_t D)
 {
-    for (int64_t j = 0; j < nk; j++) {
-        const int64_t at = pool_offset(pr, t, k0 + j);
-        memcpy(sc->kt + j * D, pr->k_cache + at, sizeof(float) * D);
-        memcpy(sc->vt + j * D, pr->v_cache + at, sizeof(float) * D);
-    }
+    const int in_place = pr->block_size % QK_KEYS == 0;
     const int64_t padded = (nk + QK_KEYS - 1) / QK_KEYS * QK_KEYS;
-    memset(sc->kt + nk * D, 0, sizeof(float) * D * (padded - nk));
-    memset(sc->vt + nk * D, 0, sizeof(float) * D * (padded - nk));
+    for (int64_t j = 0; j < padded; j += QK_KEYS) {
+        const int64_t g = j / QK_KEYS;
+        if (in_place && j + QK_KEYS <= nk) {
+            const int64_t at = pool_offset(pr, t, k0 + j);
+            sc->kg[g] = pr->k_cache + at;
+            sc->vg[g] = pr->v_cache + at;
+            continue;
+        }
+        float *kt = sc->kt + g * QK_KEYS * pr->pool_row, *vt = sc->vt + g * QK_KEYS * pr->pool_row;
+        for (int64_t i = 0; i < QK_KEYS; i++) {
+            float *kr = kt + i * pr->pool_row, *vr = vt + i * pr->pool_row;
+            if (j + i < nk) {
+                const int64_t at = pool_offset(pr, t, k0 + j + i);
+                memcpy(kr, pr->k_cache + at, sizeof(float) * D);
+                memcpy(vr, pr->v_cache + at, sizeof(float) * D);
+            } else {
+                memset(kr, 0, sizeof(float) * D);
+                memset(vr, 0, sizeof(float) * D);
+            }
+        }
+        sc->kg[g] = kt;
+        sc->vg[g] = vt;
+    }
     return padded;
 }
 
@@ -305,7 +355,7 @@ static Tile make_tile(const Problem *pr, const WorkItem *w)
     t.q_start = pr->query_start_loc[w->req];
     const int64_t qlen = pr->query_start_loc[w->req + 1] - t.q_start;
     t.ctx_start = pr->seq_lens[w->req] - qlen;
-    t.tile_pos = tile_positions(qlen, pr->group);
+    t.tile_pos = tile_positions(qlen, pr->seq_lens[w->req], pr->group);
     t.p0 = (int64_t)w->tile * t.tile_pos;
     t.n = qlen - t.p0 < t.tile_pos ? qlen - t.p0 : t.tile_pos;
     t.rows = pr->group * t.tile_pos;
@@ -357,7 +407,7 @@ ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w
         const int64_t padded = load_keys(sc, pr, &t, k0, nk, D);
         qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D);
         softmax_tile(sc, &t, padded);
-        pv_tile(sc, &t, padded, D);
+        pv_tile(sc, pr, &t, padded, D);
     }
     store_outputs(sc, pr, &t, D);
 }
@@ -396,7 +446,7 @@ static WorkItem *plan(const Problem *pr, const int32_t *reqs, int64_t num_reqs,
     *max_rows = VL;
     for (int64_t i = 0; i < num_reqs; i++) {
         const int64_t qlen = pr->query_start_loc[reqs[i] + 1] - pr->query_start_loc[reqs[i]];
-        const int64_t tp = tile_positions(qlen, pr->group);
+        const int64_t tp = tile_positions(qlen, pr->seq_lens[reqs[i]], pr->group);
         n += (qlen + tp - 1) / tp * num_kv_heads;
         if (pr->group * tp > *max_rows) *max_rows = pr->group * tp;
     }
@@ -407,7 +457,7 @@ static WorkItem *plan(const Problem *pr, const int32_t *reqs, int64_t num_reqs,
         const int32_t b = reqs[i];
         const int64_t qlen = pr->query_start_loc[b + 1] - pr->query_start_loc[b];
         const int64_t ctx_start = pr->seq_lens[b] - qlen;
-        const int64_t tp = tile_positions(qlen, pr->group);
+        const int64_t tp = tile_positions(qlen, pr->seq_lens[b], pr->group);
         for (int64_t tile = 0; tile * tp < qlen; tile++) {
             const int64_t last = tile * tp + tp < qlen ? tile * tp + tp : qlen;
             for (int64_t h = 0; h < num_kv_heads; h++)
@@ -423,12 +473,12 @@ static WorkItem *plan(const Problem *pr, const int32_t *reqs, int64_t num_reqs,
 /* n 4-byte elements (floats or int32), 64-byte aligned for the vector loads. */
 static void *alloc_words(int64_t n) { return aligned_alloc(64, (size_t)(n * 4 + 63) / 64 * 64); }
 
-static int scratch_init(Scratch *sc, int64_t max_rows, int64_t D)
+static int scratch_init(Scratch *sc, int64_t max_rows, int64_t D, int64_t pool_row)
 {
     sc->qt = alloc_words(D * max_rows);
     sc->ot = alloc_words(D * max_rows);
-    sc->kt = alloc_words(KEY_TILE * D);
-    sc->vt = alloc_words(KEY_TILE * D);
+    sc->kt = alloc_words(KEY_TILE * pool_row);
+    sc->vt = alloc_words(KEY_TILE * pool_row);
     sc->s = alloc_words(KEY_TILE * max_rows);
     sc->m = alloc_words(max_rows);
     sc->m_new = alloc_words(max_rows);
@@ -479,7 +529,7 @@ int prefill_attention_f32(
     #pragma omp parallel if(count > 1)
     {
         Scratch sc;
-        const int ok = scratch_init(&sc, max_rows, head_dim);
+        const int ok = scratch_init(&sc, max_rows, head_dim, pr.pool_row);
         if (!ok) {
             #pragma omp atomic write
             failed = 1;
