@@ -7,6 +7,7 @@ import torch
 from tiny_models import PagedRunner, tiny_hf_model
 from transformers import AutoModelForCausalLM
 
+from pagedserve.model.layers.attention import Attention
 from pagedserve.model.loader import load_model
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES
 
@@ -43,6 +44,24 @@ def test_whole_prompts_in_one_step(kind, tiny_model_dir, reference):
     outputs = runner.step(list(enumerate(prompts)))
     for ours, theirs in zip(outputs, reference(kind), strict=True):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_last_layer_computes_only_the_rows_that_leave(kind, backend, tiny_model_dir, reference):
+    """With output rows set, the last layer runs only each chunk's last token (and still stores
+    every token's K/V, or the later chunks would see a hole)."""
+    model = load_model(tiny_model_dir(kind), torch.float32, torch.device("cpu"))
+    for layer in model.modules():
+        if isinstance(layer, Attention):
+            layer.backend = backend
+    sizes = [1, 3, 8, 16, 5]
+    outputs = PagedRunner(model).run_chunked(_prompts(), sizes, output_last=True)
+    for ours, theirs, size in zip(outputs, reference(kind), sizes, strict=True):
+        last_of_chunks = [
+            min(end, len(theirs)) - 1 for end in range(size, len(theirs) + size, size)
+        ]
+        torch.testing.assert_close(ours, theirs[last_of_chunks], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

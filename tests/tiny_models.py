@@ -213,9 +213,13 @@ class PagedRunner:
         self.lengths: dict[int, int] = {}
 
     @torch.inference_mode()
-    def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+    def step(
+        self, chunks: list[tuple[int, list[int]]], output_last: bool = False
+    ) -> list[torch.Tensor]:
         """Feed each ``(sequence id, new token ids)`` in one flattened forward; returns the
-        float32 logits ``[len(new ids), vocab]`` of every chunk."""
+        float32 logits ``[len(new ids), vocab]`` of every chunk, or with ``output_last`` only
+        ``[1, vocab]`` for its last token, asked of the model as the engine does (its last layer
+        then computes only those rows)."""
         ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
         for seq, tokens in chunks:
             start = self.lengths.get(seq, 0)
@@ -247,13 +251,19 @@ class PagedRunner:
             block_size=self.block_size,
         )
         meta.split_decodes()
+        if output_last:
+            meta.output_rows = torch.tensor(starts[1:]) - 1
+            meta.output_reqs = torch.arange(len(chunks))
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta)
         logits = self.model.compute_logits(hidden)
-        return list(logits.split([len(t) for _, t in chunks]))
+        return list(logits.split([1 if output_last else len(t) for _, t in chunks]))
 
-    def run_chunked(self, prompts: list[list[int]], chunk_sizes: list[int]) -> list[torch.Tensor]:
+    def run_chunked(
+        self, prompts: list[list[int]], chunk_sizes: list[int], output_last: bool = False
+    ) -> list[torch.Tensor]:
         """Prefill every prompt in chunks (prompt ``i`` takes ``chunk_sizes[i]`` tokens a step),
-        all prompts sharing each step; returns each prompt's logits for all its positions."""
+        all prompts sharing each step; returns each prompt's logits for all its positions (with
+        ``output_last``, for the last position of each chunk)."""
         done = [0] * len(prompts)
         out: list[list[torch.Tensor]] = [[] for _ in prompts]
         while any(d < len(p) for d, p in zip(done, prompts, strict=True)):
@@ -264,6 +274,6 @@ class PagedRunner:
                     chunks.append((i, piece))
                     owners.append(i)
                     done[i] += len(piece)
-            for i, logits in zip(owners, self.step(chunks), strict=True):
+            for i, logits in zip(owners, self.step(chunks, output_last), strict=True):
                 out[i].append(logits)
         return [torch.cat(parts) for parts in out]

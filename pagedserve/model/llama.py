@@ -54,7 +54,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata, output_only: bool = False
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         num_tokens = qkv.shape[0]
         # q and k heads share the rotation, so rotate them in one go.
@@ -65,7 +67,7 @@ class LlamaAttention(nn.Module):
         q = qk[:, : self.num_heads].flatten(1)
         k = qk[:, self.num_heads :].flatten(1)
         v = qkv[:, self.q_size + self.kv_size :]
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, output_only))
 
 
 class LlamaMLP(nn.Module):
@@ -97,15 +99,19 @@ class LlamaDecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
+        output_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(mlp output, residual stream)``; the caller adds them (fused into the next
-        norm)."""
+        norm). With ``output_only`` (the last layer) and ``meta.output_rows`` set, only those
+        rows come out: the other rows' K/V are stored, the rest of their work would be unused."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, meta)
+        hidden = self.self_attn(rope, hidden, meta, output_only)
+        if output_only and meta.output_rows is not None:
+            residual = residual.index_select(0, meta.output_rows)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -129,8 +135,9 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions)
         residual = None
-        for layer in self.layers:
-            hidden, residual = layer(rope, hidden, residual, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(rope, hidden, residual, meta, output_only=i == last)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -159,6 +166,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        """Hidden states ``[T, H]``, or only ``meta.output_rows`` ``[N, H]`` when that is set."""
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -80,10 +80,21 @@ class ModelRunner:
         """Run the step; return the logits of the sampling rows (and of prompt-logprob rows)."""
         self.kv_cache.copy_blocks(sched.block_copies)
         input_ids, positions, meta, sample_rows = self.prepare(sched)
-        hidden = self.model(input_ids, positions, meta)
         cu = meta.query_start_loc_cpu
         token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
-        logits = self.model.compute_logits(hidden.index_select(0, token_rows))
+        wants_prompt_logits = any(r.params.prompt_logprobs is not None for r in sched.requests)
+        if not wants_prompt_logits and len(sample_rows) < cu[-1]:  # only these rows leave
+            meta.output_rows = token_rows
+            meta.output_reqs = self._to_device(sample_rows.astype(np.int64))
+        hidden = self.model(input_ids, positions, meta)
+        rows = hidden if meta.output_rows is not None else hidden.index_select(0, token_rows)
+        logits = self.model.compute_logits(rows)
+        prompt_logits = self._prompt_logits(sched, hidden, cu) if wants_prompt_logits else []
+        return StepLogits(logits, sample_rows, prompt_logits)
+
+    def _prompt_logits(
+        self, sched: SchedulerOutput, hidden: torch.Tensor, cu: list[int]
+    ) -> list[tuple[int, int, torch.Tensor]]:
         prompt_logits = []
         for i, req in enumerate(sched.requests):
             if req.params.prompt_logprobs is None:
@@ -93,7 +104,7 @@ class ModelRunner:
             if end > start:
                 rows = hidden[cu[i] : cu[i] + end - start]
                 prompt_logits.append((i, start, self.model.compute_logits(rows)))
-        return StepLogits(logits, sample_rows, prompt_logits)
+        return prompt_logits
 
 
 @dataclass

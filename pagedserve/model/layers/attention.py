@@ -48,6 +48,11 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None
     decode_block_tables: torch.Tensor | None = None
     decode_seq_lens: torch.Tensor | None = None
+    # The rows whose hidden state leaves the model (the last token of each request that samples)
+    # and their requests, when that is fewer than all rows: the last layer computes only those
+    # beyond its K/V. None = every row.
+    output_rows: torch.Tensor | None = None  # [N] int64 token rows
+    output_reqs: torch.Tensor | None = None  # [N] int64 request indices
 
     @property
     def num_reqs(self) -> int:
@@ -280,16 +285,40 @@ class Attention(nn.Module):
         self.backend = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "fast")
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        output_only: bool = False,
     ) -> torch.Tensor:
-        """``q [T, Hq*D]``, ``k``/``v`` ``[T, Hkv*D]`` -> ``[T, Hq*D]``."""
+        """``q [T, Hq*D]``, ``k``/``v`` ``[T, Hkv*D]`` -> ``[T, Hq*D]``.
+
+        With ``output_only`` (the last layer) and ``meta.output_rows`` set, every new K/V is
+        still stored but only the output rows attend: ``-> [N, Hq*D]`` in their order. Each is
+        the last token of its request, so that is a decode over the request's whole context.
+        """
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not allocated"
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        rows = meta.output_rows if output_only else None
         if self.backend == "reference":
             out = reference_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+            if rows is not None:
+                out = out.index_select(0, rows)
+        elif rows is not None:
+            assert meta.output_reqs is not None
+            out = _decode(
+                q.index_select(0, rows),
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables.index_select(0, meta.output_reqs),
+                meta.seq_lens.index_select(0, meta.output_reqs),
+                meta.max_seq_len,
+                self.scale,
+            )
         else:
             out = fast_paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)
