@@ -1,5 +1,5 @@
-"""The C elementwise kernels (RMSNorm, SiLU-and-mul, rotary) match the PyTorch reference, and the
-layers fall back to PyTorch where the kernels do not apply."""
+"""The C elementwise kernels (RMSNorm, SiLU-and-mul, rotary, K/V stores) match the PyTorch
+reference, and the layers fall back to PyTorch where the kernels do not apply."""
 
 import pytest
 import torch
@@ -158,3 +158,20 @@ def test_other_dtypes_and_autograd_use_pytorch():
     assert not elementwise.supports(x32)
     SiluAndMul()(x32).sum().backward()
     assert x32.grad is not None and x32.grad.shape == x32.shape
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 2048])
+def test_write_kv_matches_index_copy(tokens):
+    """K/V rows taken from views of a fused qkv output land at their slots, as index_copy_ puts
+    them; nothing else in the pools changes."""
+    heads, kv_heads, dim, blocks, block = 9, 3, 64, 160, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=_gen())
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    slots = torch.randperm(blocks * block, generator=_gen(1))[:tokens]
+    pools = [torch.randn(blocks, block, kv_heads, dim, generator=_gen(s)) for s in (2, 3)]
+    expected = [p.clone() for p in pools]
+    expected[0].view(-1, kv_heads, dim).index_copy_(0, slots, k)
+    expected[1].view(-1, kv_heads, dim).index_copy_(0, slots, v)
+    elementwise.write_kv(k, v, pools[0], pools[1], slots)
+    assert torch.equal(pools[0], expected[0]) and torch.equal(pools[1], expected[1])

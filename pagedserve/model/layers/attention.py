@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels import paged_decode_attention, prefill_attention
+from pagedserve.kernels import elementwise, paged_decode_attention, prefill_attention
 
 
 @dataclass
@@ -87,6 +87,9 @@ def write_kv(
     slots: torch.Tensor,
 ) -> None:
     """Store new keys/values ``[T, Hkv, D]`` at their slots of pools ``[N, block_size, Hkv, D]``."""
+    if elementwise.supports(k, v, k_cache, v_cache):
+        elementwise.write_kv(k, v, k_cache, v_cache, slots)
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
