@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from paged_steps import random_step
 
 from pagedserve.kernels import paged_decode_attention
 from pagedserve.model.layers.attention import (
-    AttentionMetadata,
     _decode,
     _decode_torch,
     reference_paged_attention,
@@ -13,25 +13,9 @@ from pagedserve.model.layers.attention import (
 
 
 def _decode_step(seq_lens, num_heads, num_kv_heads, head_dim, block_size, seed=0):
-    """Random pools and one query token per sequence, contexts in scattered blocks."""
-    g = torch.Generator().manual_seed(seed)
-    max_blocks = max(-(-s // block_size) for s in seq_lens)
-    num_blocks = len(seq_lens) * max_blocks + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = perm[: len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks).to(torch.int32)
-    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=g)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(len(seq_lens), dtype=torch.long),
-        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        query_start_loc_cpu=list(range(len(seq_lens) + 1)),
-        seq_lens_cpu=list(seq_lens),
-        max_query_len=1,
-        max_seq_len=max(seq_lens),
-        block_size=block_size,
+    """One query token per sequence, contexts in scattered blocks."""
+    q, _, _, k_cache, v_cache, meta = random_step(
+        [1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, block_size, seed
     )
     return q, k_cache, v_cache, meta
 

@@ -5,62 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_steps import random_step
 
 from pagedserve.kernels import prefill_attention
 from pagedserve.model.layers import attention
-from pagedserve.model.layers.attention import (
-    AttentionMetadata,
-    fast_paged_attention,
-    reference_paged_attention,
-    write_kv,
-)
+from pagedserve.model.layers.attention import fast_paged_attention, reference_paged_attention
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
-
-
-def _step(
-    query_lens: list[int],
-    seq_lens: list[int],
-    num_heads: int = 9,
-    num_kv_heads: int = 3,
-    head_dim: int = 64,
-    block_size: int = 16,
-    seed: int = 0,
-    q_scale: float = 1.0,
-):
-    """Random pools (blocks in shuffled order) with one step's new K/V written, its queries and
-    metadata."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = [-(-s // block_size) for s in seq_lens]
-    num_blocks = sum(blocks) + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-    slots, starts = [], [0]
-    for i, (ql, sl) in enumerate(zip(query_lens, seq_lens, strict=True)):
-        tables[i, : blocks[i]] = torch.tensor([perm.pop() for _ in range(blocks[i])])
-        for p in range(sl - ql, sl):
-            slots.append(int(tables[i, p // block_size]) * block_size + p % block_size)
-        starts.append(starts[-1] + ql)
-    total = starts[-1]
-    q = torch.randn(total, num_heads, head_dim, generator=g) * q_scale
-    k = torch.randn(total, num_kv_heads, head_dim, generator=g)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=g)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=list(seq_lens),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        block_size=block_size,
-    )
-    meta.split_decodes()
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    return q, k, v, k_cache, v_cache, meta
 
 
 def _kernel(q, k_cache, v_cache, meta, scale, **kwargs) -> torch.Tensor:
@@ -70,7 +21,7 @@ def _kernel(q, k_cache, v_cache, meta, scale, **kwargs) -> torch.Tensor:
 
 
 def _check(query_lens, seq_lens, **step_args) -> None:
-    q, _, _, k_cache, v_cache, meta = _step(query_lens, seq_lens, **step_args)
+    q, _, _, k_cache, v_cache, meta = random_step(query_lens, seq_lens, **step_args)
     scale = q.shape[-1] ** -0.5
     expected = reference_paged_attention(q, k_cache, v_cache, meta, scale)
     torch.testing.assert_close(_kernel(q, k_cache, v_cache, meta, scale), expected, **TOL)
@@ -117,7 +68,7 @@ def test_peaked_scores():
 
 
 def test_only_listed_requests_are_written():
-    q, _, _, k_cache, v_cache, meta = _step([10, 1, 20], [30, 5, 20])
+    q, _, _, k_cache, v_cache, meta = random_step([10, 1, 20], [30, 5, 20])
     out = torch.full_like(q, 7.0)
     requests = torch.tensor([0, 2], dtype=torch.int32)
     _kernel(q, k_cache, v_cache, meta, 0.125, requests=requests, out=out)
@@ -129,7 +80,7 @@ def test_only_listed_requests_are_written():
 
 def test_strided_queries():
     """Queries as a view of a fused projection's output (token stride wider than Hq * D)."""
-    q, _, _, k_cache, v_cache, meta = _step([40], [60], num_heads=6, num_kv_heads=2)
+    q, _, _, k_cache, v_cache, meta = random_step([40], [60], num_heads=6, num_kv_heads=2)
     fused = torch.cat([q, torch.randn(40, 2, 64)], dim=1)
     view = fused[:, :6]
     assert not view.is_contiguous()
@@ -142,7 +93,7 @@ def test_mixed_step_through_fast_backend(monkeypatch, use_kernel):
     """Decodes interleaved with fresh prefills and chunks; with the kernel or the SDPA fallback."""
     if not use_kernel:
         monkeypatch.setattr(attention.prefill_attention, "supports", lambda q: False)
-    q, k, v, k_cache, v_cache, meta = _step([1, 30, 1, 17, 5, 1], [40, 30, 9, 50, 5, 300])
+    q, k, v, k_cache, v_cache, meta = random_step([1, 30, 1, 17, 5, 1], [40, 30, 9, 50, 5, 300])
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125)
     got = fast_paged_attention(q, k, v, k_cache, v_cache, meta, 0.125)
     torch.testing.assert_close(got, expected, **TOL)
