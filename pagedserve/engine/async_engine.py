@@ -99,8 +99,9 @@ class RequestStream(AsyncIterator[RequestOutput]):
 class AsyncEngine:
     """Runs an ``LLMEngine`` on its own thread and serves per-request async streams.
 
-    Create it, ``start()`` it from the event loop that will consume the streams, then call
-    ``add_request`` from that loop.
+    Create it (``built()`` for a real engine, so that loading and stepping share one thread),
+    ``start()`` it from the event loop that will consume the streams, then call ``add_request``
+    from that loop.
     """
 
     def __init__(self, engine: Any, observer: EngineObserver | None = None) -> None:
@@ -115,12 +116,6 @@ class AsyncEngine:
         self._live: set[str] = set()  # engine thread only: ids the engine holds
         self._stats = engine.get_stats()
         self._go: threading.Event | None = None  # set by start(): a built() engine's thread runs
-
-    @classmethod
-    def from_config(cls, config: Any, observer: EngineObserver | None = None) -> AsyncEngine:
-        from pagedserve.engine.llm_engine import LLMEngine
-
-        return cls(LLMEngine(config), observer)
 
     @classmethod
     def built(
