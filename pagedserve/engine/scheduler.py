@@ -36,7 +36,8 @@ class Scheduler:
 
     Every step has a budget of ``max_num_batched_tokens``. Running sequences go first (one token
     each when decoding, the next chunk of their prompt when prefilling); then waiting sequences
-    are admitted in arrival order while budget, the ``max_num_seqs`` cap and free blocks last.
+    are admitted in arrival order while budget, the ``max_num_seqs`` cap and free blocks last
+    (a prompt that would leave a tail of at most 1/16 of the budget runs whole instead).
     When a running sequence cannot get a block, the most recently admitted one is preempted:
     its blocks are freed and it goes back to the head of the queue to be recomputed.
     """
@@ -71,7 +72,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -92,7 +93,7 @@ class Scheduler:
             req = self.waiting[0]
             hits = self.kv.find_cached_prefix(req)
             num_hit_tokens = len(hits) * self.kv.block_size
-            n = min(req.num_tokens - num_hit_tokens, budget)
+            n = self._chunk(req.num_tokens - num_hit_tokens, budget)
             req.num_computed_tokens = num_hit_tokens
             if not self.kv.allocate(req, n, hits):
                 req.num_computed_tokens = 0
@@ -113,6 +114,14 @@ class Scheduler:
                 0, min(req.num_prompt_tokens - req.num_computed_tokens, n)
             )
         return SchedulerOutput(scheduled, num_tokens, self.kv.take_pending_copies(), preempted)
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens to run for a request with ``remaining`` uncomputed tokens. A prompt that
+        overshoots the budget by at most 1/16 of a step runs whole: a tail of a few tokens left
+        to the next step would cost the request a whole step of time to first token."""
+        if remaining - budget <= self.max_num_batched_tokens // 16:
+            return remaining
+        return min(remaining, budget)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
