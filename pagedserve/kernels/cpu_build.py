@@ -70,3 +70,16 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("C kernel %s unavailable, using PyTorch instead: %s", name, detail)
         return None
+
+
+Signature = tuple[list[type], type | None]  # (argtypes, restype) of one C function
+
+
+def bind_kernel(name: str, signatures: dict[str, Signature]) -> ctypes.CDLL | None:
+    """:func:`load_kernel` with the argument and result types of its functions set."""
+    lib = load_kernel(name)
+    if lib is not None:
+        for function, (argtypes, restype) in signatures.items():
+            getattr(lib, function).argtypes = argtypes
+            getattr(lib, function).restype = restype
+    return lib

@@ -14,31 +14,24 @@ from functools import cache
 
 import torch
 
-from pagedserve.kernels.cpu_build import load_kernel
+from pagedserve.kernels.cpu_build import bind_kernel
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 _f32 = ctypes.c_float
 
 _SIGNATURES = {
-    "rms_norm_f32": [_ptr] * 3 + [_i64] * 2 + [_f32],
-    "add_rms_norm_f32": [_ptr] * 5 + [_i64] * 2 + [_f32],
-    "silu_and_mul_f32": [_ptr] * 2 + [_i64] * 2,
-    "rotary_f32": [_ptr] * 4 + [_i64] * 6,
-    "write_kv_f32": [_ptr] * 5 + [_i64] * 4,
+    "rms_norm_f32": ([_ptr] * 3 + [_i64] * 2 + [_f32], None),
+    "add_rms_norm_f32": ([_ptr] * 5 + [_i64] * 2 + [_f32], None),
+    "silu_and_mul_f32": ([_ptr] * 2 + [_i64] * 2, None),
+    "rotary_f32": ([_ptr] * 4 + [_i64] * 6, None),
+    "write_kv_f32": ([_ptr] * 5 + [_i64] * 4, None),
 }
 
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load_kernel("elementwise")
-    if lib is None:
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = None
-    return lib
+    return bind_kernel("elementwise", _SIGNATURES)
 
 
 def supports(*tensors: torch.Tensor) -> bool:

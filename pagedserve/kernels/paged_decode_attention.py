@@ -7,7 +7,7 @@ from functools import cache
 
 import torch
 
-from pagedserve.kernels.cpu_build import load_kernel
+from pagedserve.kernels.cpu_build import bind_kernel
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -15,13 +15,13 @@ _ptr = ctypes.c_void_p
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load_kernel("paged_decode_attention")
-    if lib is not None:
-        lib.paged_decode_attention_f32.argtypes = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float]
-        lib.paged_decode_attention_f32.restype = None
-        lib.paged_decode_attention_supports.argtypes = [_i64]
-        lib.paged_decode_attention_supports.restype = ctypes.c_int
-    return lib
+    return bind_kernel(
+        "paged_decode_attention",
+        {
+            "paged_decode_attention_f32": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float], None),
+            "paged_decode_attention_supports": ([_i64], ctypes.c_int),
+        },
+    )
 
 
 def supports(q: torch.Tensor) -> bool:

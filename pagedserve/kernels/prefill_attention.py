@@ -8,7 +8,7 @@ from functools import cache
 
 import torch
 
-from pagedserve.kernels.cpu_build import load_kernel
+from pagedserve.kernels.cpu_build import bind_kernel
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -16,11 +16,10 @@ _ptr = ctypes.c_void_p
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load_kernel("prefill_attention")
-    if lib is not None:
-        lib.prefill_attention_f32.argtypes = [_ptr] * 8 + [_i64] * 7 + [ctypes.c_float]
-        lib.prefill_attention_f32.restype = ctypes.c_int
-    return lib
+    return bind_kernel(
+        "prefill_attention",
+        {"prefill_attention_f32": ([_ptr] * 8 + [_i64] * 7 + [ctypes.c_float], ctypes.c_int)},
+    )
 
 
 def available() -> bool:
