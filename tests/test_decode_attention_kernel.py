@@ -28,6 +28,11 @@ def _decode_step(seq_lens, num_heads, num_kv_heads, head_dim, block_size, seed=0
         (8, 2, 48, 32),  # blocks longer than the kernel's 16-key chunks
         (20, 2, 16, 64),  # a group of 10 query heads: two passes over the context
         (6, 1, 112, 8),
+        # the group sizes not above (each has its own compiled kernel)
+        (10, 5, 32, 16),
+        (5, 1, 80, 16),
+        (14, 2, 96, 16),
+        (16, 2, 64, 16),
     ],
 )
 def test_c_kernel_matches_reference(num_heads, num_kv_heads, head_dim, block_size):

@@ -12,7 +12,7 @@
  * exponent built as 2^(n - 1) so that n = 128 stays a finite float: e^x above FLT_MAX rounds to
  * inf, as expf does. Inputs below -86 are clamped there (e^-86 ~ 4e-38): only right for callers
  * that add e^x to something of order 1, as the sigmoid does. */
-static inline float exp_f32(float x)
+static inline __attribute__((always_inline)) float exp_f32(float x)
 {
     x = x < -86.f ? -86.f : (x > 89.f ? 89.f : x);
     const float n = rintf(x * 1.44269504088896341f);
