@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pagedserve.kernels import elementwise
 from pagedserve.kernels.cpu_build import load_kernel
-from pagedserve.model.layers.activation import SiluAndMul
+from pagedserve.model.layers.activation import silu_and_mul
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -84,7 +84,7 @@ def test_rms_norm_strided_and_batched_inputs():
 def test_silu_and_mul(rows, d):
     x = torch.randn(rows, 2 * d, generator=_gen(7)) * 8
     expected = F.silu(x[:, :d]) * x[:, d:]
-    torch.testing.assert_close(SiluAndMul()(x), expected, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(silu_and_mul(x), expected, rtol=1e-6, atol=1e-30)
 
 
 @torch.inference_mode()
@@ -98,10 +98,10 @@ def test_silu_and_mul_extremes_and_batched_input():
     up = torch.rand(gate.shape, generator=_gen(8)) + 0.5
     x = torch.cat([gate, up])[None]
     expected = F.silu(gate) * up
-    torch.testing.assert_close(SiluAndMul()(x)[0], expected, rtol=1e-6, atol=1e-30, equal_nan=True)
+    torch.testing.assert_close(silu_and_mul(x)[0], expected, rtol=1e-6, atol=1e-30, equal_nan=True)
     x3 = torch.randn(2, 3, 16, generator=_gen(9))
     torch.testing.assert_close(
-        SiluAndMul()(x3), F.silu(x3[..., :8]) * x3[..., 8:], rtol=1e-6, atol=1e-30
+        silu_and_mul(x3), F.silu(x3[..., :8]) * x3[..., 8:], rtol=1e-6, atol=1e-30
     )
 
 
@@ -156,7 +156,7 @@ def test_other_dtypes_and_autograd_use_pytorch():
 
     x32 = torch.randn(3, 16, generator=_gen(18), requires_grad=True)
     assert not elementwise.supports(x32)
-    SiluAndMul()(x32).sum().backward()
+    silu_and_mul(x32).sum().backward()
     assert x32.grad is not None and x32.grad.shape == x32.shape
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.kernels import packed_gemm
-from pagedserve.model.layers.linear import Linear
+from pagedserve.model.layers.linear import GateUpSilu, Linear
 
 
 @pytest.mark.parametrize(
@@ -39,3 +39,31 @@ def test_linear_module_packs_and_keeps_leading_dims():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
         assert layer(x[:0]).shape == (0, 3, 40)
+
+
+@pytest.mark.parametrize("rows,size,in_features", [(1, 5, 3), (15, 40, 24), (64, 1536, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_matches_silu_of_gate_times_up(rows, size, in_features, bias):
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(rows, in_features, generator=generator)
+    # unit-scale gate and up: the product of two sums of in_features terms otherwise magnifies
+    # float32 rounding past any fixed tolerance
+    weight = torch.randn(2 * size, in_features, generator=generator) * in_features**-0.5
+    b = torch.randn(2 * size, generator=generator) if bias else None
+    gate, up = F.linear(x, weight, b).chunk(2, dim=-1)
+    got = packed_gemm.linear(x, packed_gemm.pack(weight, gated=True), size, b, gated=True)
+    torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-4, rtol=1e-4)
+
+
+def test_gate_up_silu_module_packed_and_not():
+    layer = GateUpSilu(24, 40, bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        plain = layer(x)
+        layer.prepack()
+        assert layer.packed is not None
+        torch.testing.assert_close(layer(x), plain, atol=1e-4, rtol=1e-4)
+    gate, up = F.linear(x, layer.weight, layer.bias).chunk(2, dim=-1)
+    torch.testing.assert_close(plain, F.silu(gate) * up, atol=1e-5, rtol=1e-5)

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.model.layers.activation import SiluAndMul
 from pagedserve.model.layers.attention import Attention, AttentionMetadata
 from pagedserve.model.layers.embedding import Embedding
-from pagedserve.model.layers.linear import Linear, MergedLinear, linear, pack_weight
+from pagedserve.model.layers.linear import GateUpSilu, Linear, MergedLinear, linear, pack_weight
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
@@ -76,12 +75,11 @@ class LlamaMLP(nn.Module):
         if config.hidden_act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
+        self.gate_up_proj = GateUpSilu(config.hidden_size, size, bias=bias)
         self.down_proj = Linear(size, config.hidden_size, bias=bias)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pagedserve.kernels import elementwise
 
 
-class SiluAndMul(nn.Module):
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where the input is ``[..., 2 * d]`` = gate and up side by side."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if elementwise.supports(x):
-            return elementwise.silu_and_mul(x)
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+    if elementwise.supports(x):
+        return elementwise.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

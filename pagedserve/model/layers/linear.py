@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.kernels import packed_gemm
+from pagedserve.model.layers.activation import silu_and_mul
 
 
 class Linear(nn.Module):
@@ -48,11 +49,11 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, gated: bool = False) -> torch.Tensor | None:
     """The weight ``[out, in]`` packed for the C GEMM, or None where that path does not apply."""
     if not can_pack(weight):
         return None
-    return packed_gemm.pack(weight)
+    return packed_gemm.pack(weight, gated)
 
 
 def linear(
@@ -89,3 +90,23 @@ class MergedLinear(Linear):
                 f"expected {tuple(target.shape)}"
             )
         target.copy_(tensor)
+
+
+class GateUpSilu(MergedLinear):
+    """A SwiGLU MLP's gate and up projections stacked, returning ``silu(gate) * up`` ``[..., d]``.
+
+    With a packed weight the GEMM applies the activation to each tile before storing it, so the
+    ``[..., 2 d]`` gate/up product is never written out (and no separate pass reads it back).
+    """
+
+    def __init__(self, in_features: int, size: int, bias: bool = False) -> None:
+        super().__init__(in_features, [size, size], bias)
+        self.size = size
+
+    def prepack(self) -> None:
+        self.packed = pack_weight(self.weight, gated=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or x.numel() == 0 or torch.is_grad_enabled() and x.requires_grad:
+            return silu_and_mul(F.linear(x, self.weight, self.bias))
+        return packed_gemm.linear(x, self.packed, self.size, self.bias, gated=True)
