@@ -72,3 +72,17 @@ def test_unsupported_head_size_falls_back_to_torch():
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.1)
     got = _decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, 0.1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_queries_are_read_in_place():
+    """q as the q heads of a fused qkv row (a view with a larger sequence stride)."""
+    q, k_cache, v_cache, meta = _decode_step([3, 40, 17], 9, 3, 64, 16, seed=2)
+    fused = torch.randn(q.shape[0], 15, 64)
+    fused[:, :9] = q
+    view = fused[:, :9]
+    assert not view.is_contiguous()
+    expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125)
+    got = paged_decode_attention.paged_decode_attention(
+        view, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -209,13 +209,13 @@ int paged_decode_attention_supports(int64_t head_dim)
 
 void paged_decode_attention_f32(
     float *out,                 /* [B, Hq, D] */
-    const float *q,             /* [B, Hq, D] */
+    const float *q,             /* [B, Hq, D], sequences q_stride floats apart */
     const float *k_cache,       /* [num_blocks, block_size, Hkv, D] */
     const float *v_cache,       /* [num_blocks, block_size, Hkv, D] */
     const int32_t *block_tables,/* [B, max_blocks] */
     const int32_t *seq_lens,    /* [B] */
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t max_blocks, float scale)
+    int64_t block_size, int64_t max_blocks, float scale, int64_t q_stride)
 {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row = num_kv_heads * head_dim;
@@ -236,9 +236,10 @@ void paged_decode_attention_f32(
                 k_cache, v_cache, block_tables + b * max_blocks, seq_lens[b], block_size, row,
                 block_size * row, h * head_dim,
             };
-            const int64_t offset = (b * num_heads + h * group + first) * head_dim;
-            for (int64_t i = 0; i < heads * head_dim; i++) qs[i] = q[offset + i] * scale;
-            attend_for(head_dim, heads)(out + offset, qs, &c);
+            const int64_t head = (h * group + first) * head_dim;
+            const float *qh = q + b * q_stride + head;
+            for (int64_t i = 0; i < heads * head_dim; i++) qs[i] = qh[i] * scale;
+            attend_for(head_dim, heads)(out + b * num_heads * head_dim + head, qs, &c);
         }
         free(qs);
     }

@@ -18,7 +18,7 @@ def _lib() -> ctypes.CDLL | None:
     return bind_kernel(
         "paged_decode_attention",
         {
-            "paged_decode_attention_f32": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float], None),
+            "paged_decode_attention_f32": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64], None),
             "paged_decode_attention_supports": ([_i64], ctypes.c_int),
         },
     )
@@ -40,13 +40,15 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``; all float32 on the CPU."""
+    """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``; all float32 on the CPU.
+    ``q`` may be a view with any sequence stride (the q heads of the fused qkv output)."""
     lib = _lib()
     assert lib is not None and supports(q)
-    q = q.contiguous()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     num_seqs, num_heads, head_dim = q.shape
     lib.paged_decode_attention_f32(
         out.data_ptr(),
@@ -62,5 +64,6 @@ def paged_decode_attention(
         k_cache.shape[1],
         block_tables.shape[1],
         scale,
+        q.stride(0),
     )
     return out
