@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #include "fast_exp.h"
 
@@ -43,6 +44,13 @@ static inline int64_t row_offset(const Context *c, int64_t pos)
 {
     return (int64_t)c->table[pos / c->block_size] * c->block_stride
            + (pos % c->block_size) * c->row + c->head_offset;
+}
+
+/* The position in the next work item's context that a look-ahead to position pos of a context
+ * of len positions falls on: the start of the chunk as far past that item's start. */
+static inline int64_t first_chunk_past(int64_t pos, int64_t len)
+{
+    return (pos - len + CHUNK - 1) / CHUNK * CHUNK;
 }
 
 /* Ask for one row of a chunk two chunks ahead: blocks are scattered over the pool, so the
@@ -98,7 +106,7 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
  * V row is loaded once and folded into all G accumulators. Past the end of a short chunk the
  * last real K row is re-read (its scores are masked), so the loop has no branches on loads. */
 #define DEFINE_ATTEND(NAME, NV, G)                                                            \
-    static void NAME(float *out, const float *q, const Context *c)                            \
+    static void NAME(float *out, const float *q, const Context *c, const Context *next)       \
     {                                                                                          \
         const int64_t len = c->len, bs = c->block_size, row = c->row;                          \
         float m[G], l[G];                                                                      \
@@ -116,8 +124,12 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
             const int64_t off = row_offset(c, start);                                          \
             const float *kb = c->k_cache + off, *vb = c->v_cache + off;                        \
             const int64_t ahead_pos = start + n + (PREFETCH_CHUNKS - 1) * CHUNK;               \
-            const int64_t ahead_n = ahead_pos < len ? chunk_rows(ahead_pos, len, bs) : 0;      \
-            const int64_t ahead_off = ahead_n ? row_offset(c, ahead_pos) : 0;                  \
+            const Context *ahead = ahead_pos < len ? c : next;                                 \
+            const int64_t ahead_at = ahead == c ? ahead_pos : first_chunk_past(ahead_pos, len); \
+            const int64_t ahead_n = ahead && ahead_at < ahead->len                             \
+                                        ? chunk_rows(ahead_at, ahead->len, ahead->block_size)  \
+                                        : 0;                                                   \
+            const int64_t ahead_off = ahead_n ? row_offset(ahead, ahead_at) : 0;               \
             v16 t[G][CHUNK];                                                                   \
             for (int i = 0; i < CHUNK; i++) {                                                  \
                 if (i < ahead_n) prefetch_row(c->k_cache, ahead_off + i * row, NV);            \
@@ -166,7 +178,7 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
         }                                                                                      \
     }
 
-typedef void (*attend_fn)(float *, const float *, const Context *);
+typedef void (*attend_fn)(float *, const float *, const Context *, const Context *);
 
 #define DEFINE_FOR_GROUPS(NV)                                                                 \
     DEFINE_ATTEND(attend_##NV##_1, NV, 1)                                                     \
@@ -207,6 +219,37 @@ int paged_decode_attention_supports(int64_t head_dim)
     return attend_for(head_dim, 1) != NULL;
 }
 
+typedef struct {
+    const float *k_cache, *v_cache;
+    const int32_t *block_tables, *seq_lens;
+    int64_t num_seqs, max_blocks, block_size, row, head_dim, per_seq, passes;
+} Problem;
+
+/* Work item w is (sequence, kv head, pass): per_seq = num_kv_heads * passes items a sequence. */
+static Context context_of(const Problem *p, int64_t w)
+{
+    const int64_t b = w / p->per_seq, h = w % p->per_seq / p->passes;
+    const Context c = {
+        p->k_cache, p->v_cache, p->block_tables + b * p->max_blocks, p->seq_lens[b],
+        p->block_size, p->row, p->block_size * p->row, h * p->head_dim,
+    };
+    return c;
+}
+
+/* The first work item whose keys start at or after `target` in the running count of keys over
+ * all items (items in order, each sequence's items weighing its length). */
+static int64_t item_at(const Problem *p, const int64_t *before, int64_t target)
+{
+    int64_t lo = 0, hi = p->num_seqs * p->per_seq;
+    while (lo < hi) {
+        const int64_t w = (lo + hi) / 2, b = w / p->per_seq;
+        const int64_t start = before[b] * p->per_seq + w % p->per_seq * p->seq_lens[b];
+        if (start < target) lo = w + 1;
+        else hi = w;
+    }
+    return lo;
+}
+
 void paged_decode_attention_f32(
     float *out,                 /* [B, Hq, D] */
     const float *q,             /* [B, Hq, D], sequences q_stride floats apart */
@@ -218,29 +261,39 @@ void paged_decode_attention_f32(
     int64_t block_size, int64_t max_blocks, float scale, int64_t q_stride)
 {
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t row = num_kv_heads * head_dim;
     const int64_t passes = (group + MAX_GROUP - 1) / MAX_GROUP;
-    if (attend_for(head_dim, 1) == NULL) return;
+    if (attend_for(head_dim, 1) == NULL || num_seqs == 0) return;
+    const Problem p = {
+        k_cache, v_cache, block_tables, seq_lens, num_seqs, max_blocks, block_size,
+        num_kv_heads * head_dim, head_dim, num_kv_heads * passes, passes,
+    };
+    /* Keys of the sequences before each one. */
+    int64_t *before = malloc(sizeof(int64_t) * (num_seqs + 1));
+    before[0] = 0;
+    for (int64_t b = 0; b < num_seqs; b++) before[b + 1] = before[b] + seq_lens[b];
+    const int64_t total = before[num_seqs] * p.per_seq;
 
+    /* Each thread takes one contiguous run of work items holding an equal share of the keys,
+     * rather than items handed out one at a time, so that it knows its next item: the
+     * look-ahead crosses into it instead of starting each item cold (30 layers x 64 sequences
+     * x 192 tokens, three alternating runs: 17.7-18.8 ms handed out, 17.1-18.2 ms in runs). */
     #pragma omp parallel
     {
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t end = item_at(&p, before, total * (me + 1) / threads);
         float *qs = malloc(sizeof(float) * MAX_GROUP * head_dim);
-
-        #pragma omp for schedule(dynamic, num_kv_heads * passes)
-        for (int64_t work = 0; work < num_seqs * num_kv_heads * passes; work++) {
-            const int64_t b = work / (num_kv_heads * passes);
-            const int64_t h = work / passes % num_kv_heads, pass = work % passes;
+        for (int64_t w = item_at(&p, before, total * me / threads); w < end; w++) {
+            const int64_t b = w / p.per_seq, pass = w % passes;
             const int64_t first = pass * MAX_GROUP;
             const int64_t heads = group - first < MAX_GROUP ? group - first : MAX_GROUP;
-            const Context c = {
-                k_cache, v_cache, block_tables + b * max_blocks, seq_lens[b], block_size, row,
-                block_size * row, h * head_dim,
-            };
-            const int64_t head = (h * group + first) * head_dim;
+            const int64_t head = (w % p.per_seq / passes * group + first) * head_dim;
             const float *qh = q + b * q_stride + head;
             for (int64_t i = 0; i < heads * head_dim; i++) qs[i] = qh[i] * scale;
-            attend_for(head_dim, heads)(out + b * num_heads * head_dim + head, qs, &c);
+            const Context c = context_of(&p, w), next = context_of(&p, w + 1 < end ? w + 1 : w);
+            attend_for(head_dim, heads)(out + b * num_heads * head_dim + head, qs, &c,
+                                        w + 1 < end ? &next : NULL);
         }
         free(qs);
     }
+    free(before);
 }
