@@ -230,31 +230,3 @@ def test_built_engine_shut_down_before_start_ends_its_thread() -> None:
     thread = engine.engine.thread
     engine.shutdown()
     assert not thread.is_alive()
-
-
-def test_requests_arriving_close_together_share_the_first_step() -> None:
-    """An idle engine lets a burst gather before stepping, instead of stepping on its first."""
-
-    class Recording(ScriptedEngine):
-        def __init__(self) -> None:
-            super().__init__()
-            self.batch_sizes: list[int] = []
-
-        def step(self) -> list[RequestOutput]:
-            self.batch_sizes.append(len(self.requests))
-            return super().step()
-
-    async def main() -> None:
-        inner = Recording()
-        engine = AsyncEngine(inner)
-        engine.start()
-        adds = []
-        for i in range(5):  # 1 ms apart, as a burst reaches the engine after HTTP and tokenizing
-            adds.append(asyncio.create_task(engine.add_request(str(i), [1], SamplingParams())))
-            await asyncio.sleep(0.001)
-        for stream in await asyncio.gather(*adds):
-            [out async for out in stream]
-        assert inner.batch_sizes[0] == 5
-        engine.shutdown()
-
-    _run(main())

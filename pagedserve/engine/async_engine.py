@@ -42,16 +42,6 @@ class EngineDeadError(EngineError):
 
 _FINISHED = object()  # pushed into a stream's queue when the request ends without a final output
 
-# When requests wake an idle engine, it waits until none has come for ARRIVAL_QUIET seconds (but
-# no longer than ARRIVAL_MAX in all) before its first step. A burst of requests reaches the
-# engine over tens of milliseconds of HTTP parsing and tokenizing (64 at once: 45 ms, with gaps
-# of up to 7 ms), and a first step on the first few alone shifts every later prompt back: the
-# step budget holds 8 of those prompts, and the median request's first token came a whole
-# step (about 0.5 s) later when the first step had taken 1 or 6 of them. A lone request pays
-# ARRIVAL_QUIET once; a running batch never waits.
-ARRIVAL_QUIET = 0.008
-ARRIVAL_MAX = 0.05
-
 
 class RequestStream(AsyncIterator[RequestOutput]):
     """The outputs of one request, in order, as an async iterator.
@@ -291,8 +281,6 @@ class AsyncEngine:
             with self._cond:
                 while not self._commands and not has_work and not self._stopping:
                     self._cond.wait()
-                if not has_work:
-                    self._gather_arrivals()
                 if self._stopping:
                     return
                 commands, self._commands = self._commands, []
@@ -306,18 +294,6 @@ class AsyncEngine:
                 logger.exception("the engine failed; failing the requests in flight")
                 self._fail_all(exc)
                 has_work = False
-
-    def _gather_arrivals(self) -> None:
-        """With the lock held: let commands arriving close together be taken in one go."""
-        deadline = time.monotonic() + ARRIVAL_MAX
-        while not self._stopping:
-            seen = len(self._commands)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._cond.wait(min(ARRIVAL_QUIET, left))
-            if len(self._commands) == seen:
-                return
 
     def _run_commands(self, commands: list[tuple[str, Any]]) -> None:
         aborts: list[str] = []
