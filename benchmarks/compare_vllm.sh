@@ -5,7 +5,7 @@
 # Prints a table of both numbers, the ratio ours / vLLM and the target from issue 4.
 #
 # Needs vLLM installed by ../shared/peers/setup_vllm_cpu.sh (see ../shared/peers/README.md).
-# Usage: benchmarks/compare_vllm.sh            (about 15-20 minutes on 2 cores)
+# Usage: benchmarks/compare_vllm.sh            (about 5-10 minutes on 2 cores)
 # Env:   PEERS        where vLLM and the models are (default: peers/ beside this checkout)
 #        OUT          folder for the raw results (default: /tmp/compare_vllm.DATE)
 #        ONLY         "serve" or "offline" to run half of it
