@@ -30,15 +30,9 @@
 #include <string.h>
 
 #include "fast_exp.h"
+#include "vector_width.h"
 
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX__)
-#define VL 8
-#else
-#define VL 4
-#endif
-#if defined(__AVX512F__) || defined(__aarch64__)
+#if MANY_VECTOR_REGISTERS
 #define MR 14
 #else
 #define MR 6
@@ -46,8 +40,6 @@
 #define NR (2 * VL)
 /* Rows of x per pass over the panels: bounds the slice of x that the tiles re-read. */
 #define ROW_BLOCK 512
-
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
 static inline vf load_v(const float *p)
 {

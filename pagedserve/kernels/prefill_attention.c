@@ -27,18 +27,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX__)
-#define VL 8
-#else
-#define VL 4
-#endif
+#include "vector_width.h"
 
 /* Accumulator blocks: QK_KEYS keys x ROW_VECS row vectors for s, PV_DIMS head dims x ROW_VECS
  * row vectors for ot; three quarters of the vector registers, the rest for the operands. */
 #define ROW_VECS 3
-#if defined(__AVX512F__) || defined(__aarch64__)
+#if MANY_VECTOR_REGISTERS
 #define QK_KEYS 8
 #define PV_DIMS 8
 #else
@@ -52,7 +46,6 @@
 
 _Static_assert(KEY_TILE % QK_KEYS == 0, "key tiles are padded to whole micro-kernel blocks");
 
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
 
