@@ -145,7 +145,7 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
                     t[g][i] = dot;                                                             \
                 }                                                                              \
             }                                                                                  \
-            float p[G][CHUNK], alpha[G];                                                       \
+            float p[G][CHUNK];                                                                 \
             for (int g = 0; g < G; g++) {                                                      \
                 const v16 sv = sum_lanes_16(t[g]);                                             \
                 float *s = p[g];                                                               \
@@ -153,12 +153,12 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
                 float bm = m[g];                                                               \
                 _Pragma("omp simd reduction(max:bm)")                                          \
                 for (int i = 0; i < CHUNK; i++) bm = (i < n && s[i] > bm) ? s[i] : bm;         \
-                alpha[g] = exp_f32(m[g] - bm);                                                 \
+                const float alpha = exp_f32(m[g] - bm);                                        \
                 _Pragma("omp simd")                                                            \
                 for (int i = 0; i < CHUNK; i++) s[i] = i < n ? exp_f32(s[i] - bm) : 0.f;       \
-                lv[g] = lv[g] * alpha[g] + load16(s);                                          \
+                lv[g] = lv[g] * alpha + load16(s);                                             \
                 m[g] = bm;                                                                     \
-                for (int j = 0; j < NV; j++) acc[g][j] *= alpha[g];                            \
+                for (int j = 0; j < NV; j++) acc[g][j] *= alpha;                               \
             }                                                                                  \
             for (int64_t i = 0; i < n; i++) {                                                  \
                 if (i < ahead_n) prefetch_row(c->v_cache, ahead_off + i * row, NV);            \

@@ -56,11 +56,18 @@ def pack_weight(weight: torch.Tensor, gated: bool = False) -> torch.Tensor | Non
     return packed_gemm.pack(weight, gated)
 
 
+def _uses_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether the C GEMM takes this call: a packed weight, rows to compute, no autograd."""
+    return (
+        packed is not None and x.numel() > 0 and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
 ) -> torch.Tensor:
     """``x W^T + b`` through the packed weight when there is one."""
-    if packed is None or x.numel() == 0 or torch.is_grad_enabled() and x.requires_grad:
+    if not _uses_packed(x, packed):
         return F.linear(x, weight, bias)
     return packed_gemm.linear(x, packed, weight.shape[0], bias)
 
@@ -107,6 +114,6 @@ class GateUpSilu(MergedLinear):
         self.packed = pack_weight(self.weight, gated=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.numel() == 0 or torch.is_grad_enabled() and x.requires_grad:
+        if not _uses_packed(x, self.packed):
             return silu_and_mul(F.linear(x, self.weight, self.bias))
         return packed_gemm.linear(x, self.packed, self.size, self.bias, gated=True)
