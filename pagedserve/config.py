@@ -17,6 +17,7 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     block_size: int = 16
     kv_cache_memory: float | None = None  # GiB for the K/V pools; None = a default for the device
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16
     max_num_seqs: int = 256
     # Tokens per step. 1024 keeps prefill steps near full GEMM speed on CPU while a burst's
     # requests reach their first token in finer steps (64 x 128-token prompts at once: median

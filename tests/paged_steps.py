@@ -17,14 +17,16 @@ def random_step(
     block_size: int = 16,
     seed: int = 0,
     q_scale: float = 1.0,
+    kv_dtype: torch.dtype = torch.float32,
 ):
     """``(q, k, v, k_cache, v_cache, meta)`` for requests with these query and context lengths
-    (a query length of 1 is a decode)."""
+    (a query length of 1 is a decode), the pools of ``kv_dtype``."""
     g = torch.Generator().manual_seed(seed)
     blocks = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks) + 3
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    k_cache = torch.randn(shape, generator=g).to(kv_dtype)
+    v_cache = torch.randn(shape, generator=g).to(kv_dtype)
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
     slots, starts = [], [0]

@@ -40,7 +40,7 @@ def test_c_kernel_matches_reference(num_heads, num_kv_heads, head_dim, block_siz
     q, k_cache, v_cache, meta = _decode_step(
         seq_lens, num_heads, num_kv_heads, head_dim, block_size
     )
-    assert paged_decode_attention.supports(q), "gcc is on every supported machine"
+    assert paged_decode_attention.supports(q, k_cache), "gcc is on every supported machine"
     scale = head_dim**-0.5
     expected = reference_paged_attention(q, k_cache, v_cache, meta, scale)
     got = paged_decode_attention.paged_decode_attention(
@@ -67,8 +67,8 @@ def test_scores_far_apart_stay_finite():
 
 def test_unsupported_head_size_falls_back_to_torch():
     q, k_cache, v_cache, meta = _decode_step([5, 40], 4, 2, 40, 16)
-    assert not paged_decode_attention.supports(q)
-    assert not paged_decode_attention.supports(q.double())
+    assert not paged_decode_attention.supports(q, k_cache)
+    assert not paged_decode_attention.supports(q.double(), k_cache)
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.1)
     got = _decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, 0.1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -92,7 +92,7 @@ def test_strided_queries():
 def test_mixed_step_through_fast_backend(monkeypatch, use_kernel):
     """Decodes interleaved with fresh prefills and chunks; with the kernel or the SDPA fallback."""
     if not use_kernel:
-        monkeypatch.setattr(attention.prefill_attention, "supports", lambda q: False)
+        monkeypatch.setattr(attention.prefill_attention, "supports", lambda q, k_cache: False)
     q, k, v, k_cache, v_cache, meta = random_step([1, 30, 1, 17, 5, 1], [40, 30, 9, 50, 5, 300])
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125)
     got = fast_paged_attention(q, k, v, k_cache, v_cache, meta, 0.125)

@@ -13,6 +13,7 @@ _ENGINE_FLAGS: dict[str, tuple[type, str]] = {
     "max_model_len": (int, "context length (default: the model's)"),
     "block_size": (int, "KV cache block size in tokens"),
     "kv_cache_memory": (float, "GiB for the KV cache"),
+    "kv_cache_dtype": (str, "auto (the model's dtype) | float32 | bfloat16 | float16"),
     "max_num_seqs": (int, "most sequences in one step"),
     "max_num_batched_tokens": (int, "token budget of one step"),
 }

@@ -51,6 +51,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The K/V pools' element type: the model's (``auto``) or a named one. A 16-bit cache halves
+    the memory per token and the bytes decode attention reads; float16 keeps more precision,
+    bfloat16 float32's range."""
+    if name == "auto":
+        return model_dtype
+    if name not in DTYPES:
+        hint = " (fp8 KV caches are not supported)" if name.startswith("fp8") else ""
+        raise ValueError(
+            f"kv_cache_dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}{hint}"
+        )
+    return DTYPES[name]
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache, one model step per :meth:`step`."""
 
@@ -58,6 +72,7 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         torch.manual_seed(config.seed)
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
@@ -70,7 +85,7 @@ class LLMEngine:
         )
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         per_token = kv_bytes_per_token(
-            hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.dtype
+            hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.kv_cache_dtype
         )
         num_blocks = num_blocks_for_budget(
             config.kv_cache_memory,
@@ -85,15 +100,16 @@ class LLMEngine:
             config.block_size,
             hf.num_key_value_heads,
             head_dim,
-            self.dtype,
+            self.kv_cache_dtype,
             self.device,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)",
             num_blocks,
             config.block_size,
             num_blocks * config.block_size,
             num_blocks * config.block_size * per_token / (1 << 30),
+            str(self.kv_cache_dtype).removeprefix("torch."),
         )
         capacity = num_blocks * config.block_size
         if capacity < self.max_model_len:

@@ -1,7 +1,7 @@
 """Compiles the project's small C kernels with the system compiler and loads them with ctypes.
 
-Built once per source (with the headers beside it), compiler flags and CPU (``-march=native``)
-into a user cache directory; anything that goes wrong (no compiler, odd platform) makes
+Built once per source (with the headers beside it), compiler flags, variant (``-D`` defines) and
+CPU (``-march=native``) into a user cache directory; anything that goes wrong (no compiler, odd platform) makes
 :func:`load_kernel` return None and callers fall back to plain PyTorch.
 """
 
@@ -40,8 +40,9 @@ def _cache_dir() -> Path:
 
 
 @cache
-def load_kernel(name: str) -> ctypes.CDLL | None:
-    """Build (if needed) and load ``<name>.c`` from this package; None if that fails."""
+def load_kernel(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Build (if needed) and load ``<name>.c`` from this package, compiled with ``defines``
+    (``-D`` flags that pick a variant); None if that fails."""
     if os.environ.get("PAGEDSERVE_DISABLE_C_KERNELS") == "1":
         return None
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
@@ -49,8 +50,9 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
         return None
     source = Path(__file__).with_name(f"{name}.c")
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    flags = [*FLAGS, *defines]
     key = hashlib.sha256(
-        source.read_bytes() + headers + " ".join(FLAGS).encode() + _cpu_signature().encode()
+        source.read_bytes() + headers + " ".join(flags).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     try:
@@ -59,7 +61,7 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
                 subprocess.run(
-                    [compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+                    [compiler, *flags, str(source), "-o", str(built), "-lm"],
                     check=True,
                     capture_output=True,
                     text=True,
@@ -75,9 +77,11 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
 Signature = tuple[list[type], type | None]  # (argtypes, restype) of one C function
 
 
-def bind_kernel(name: str, signatures: dict[str, Signature]) -> ctypes.CDLL | None:
+def bind_kernel(
+    name: str, signatures: dict[str, Signature], defines: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
     """:func:`load_kernel` with the argument and result types of its functions set."""
-    lib = load_kernel(name)
+    lib = load_kernel(name, defines)
     if lib is not None:
         for function, (argtypes, restype) in signatures.items():
             getattr(lib, function).argtypes = argtypes

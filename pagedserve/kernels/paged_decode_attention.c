@@ -1,4 +1,5 @@
-/* Decode attention over a paged KV cache, float32, for CPUs.
+/* Decode attention over a paged KV cache, for CPUs: float32 queries and outputs, pools of
+ * kv_t (float32, float16 or bfloat16; see kv_element.h).
  *
  * One query token per sequence attends to its whole context, read straight from the block pools
  * through the block table (no gathered copy). Work is split over (sequence, kv head) pairs. A
@@ -17,6 +18,7 @@
 #include <omp.h>
 
 #include "fast_exp.h"
+#include "kv_element.h"
 
 /* Query heads per kv head handled in one pass (each group size 1..MAX_GROUP has its own
  * compiled kernel, so that every per-head array is a register); larger groups take several
@@ -26,7 +28,7 @@
 #define CHUNK 16
 
 typedef struct {
-    const float *k_cache, *v_cache;
+    const kv_t *k_cache, *v_cache;
     const int32_t *table;
     int64_t len, block_size, row, block_stride, head_offset;
 } Context;
@@ -61,9 +63,10 @@ static inline int64_t first_chunk_past(int64_t pos, int64_t len)
  * prefetch 23 ms). */
 #define PREFETCH_CHUNKS 2
 
-static inline void prefetch_row(const float *pool, int64_t off, int64_t vectors)
+static inline void prefetch_row(const kv_t *pool, int64_t off, int64_t vectors)
 {
-    for (int64_t j = 0; j < vectors; j++) __builtin_prefetch(pool + off + j * 16, 0, 3);
+    const int64_t per_line = 64 / sizeof(kv_t);
+    for (int64_t j = 0; j < vectors * 16; j += per_line) __builtin_prefetch(pool + off + j, 0, 3);
 }
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -125,7 +128,7 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
         for (int64_t start = 0, n; start < len; start += n) {                                  \
             n = chunk_rows(start, len, bs);                                                    \
             const int64_t off = row_offset(c, start);                                          \
-            const float *kb = c->k_cache + off, *vb = c->v_cache + off;                        \
+            const kv_t *kb = c->k_cache + off, *vb = c->v_cache + off;                         \
             const int64_t ahead_pos = start + n + (PREFETCH_CHUNKS - 1) * CHUNK;               \
             const Context *ahead = ahead_pos < len ? c : next;                                 \
             const int64_t ahead_at = ahead == c ? ahead_pos : first_chunk_past(ahead_pos, len); \
@@ -136,9 +139,9 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
             v16 t[G][CHUNK];                                                                   \
             for (int i = 0; i < CHUNK; i++) {                                                  \
                 if (i < ahead_n) prefetch_row(c->k_cache, ahead_off + i * row, NV);            \
-                const float *kr = kb + (i < n ? i : n - 1) * row;                              \
+                const kv_t *kr = kb + (i < n ? i : n - 1) * row;                               \
                 v16 k[NV];                                                                     \
-                for (int j = 0; j < NV; j++) k[j] = load16(kr + j * 16);                       \
+                for (int j = 0; j < NV; j++) k[j] = kv_load16(kr + j * 16);                    \
                 for (int g = 0; g < G; g++) {                                                  \
                     v16 dot = qv[g][0] * k[0];                                                 \
                     for (int j = 1; j < NV; j++) dot += qv[g][j] * k[j];                       \
@@ -163,7 +166,7 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
             for (int64_t i = 0; i < n; i++) {                                                  \
                 if (i < ahead_n) prefetch_row(c->v_cache, ahead_off + i * row, NV);            \
                 v16 v[NV];                                                                     \
-                for (int j = 0; j < NV; j++) v[j] = load16(vb + i * row + j * 16);             \
+                for (int j = 0; j < NV; j++) v[j] = kv_load16(vb + i * row + j * 16);          \
                 for (int g = 0; g < G; g++)                                                    \
                     for (int j = 0; j < NV; j++) acc[g][j] += p[g][i] * v[j];                  \
             }                                                                                  \
@@ -215,14 +218,14 @@ static attend_fn attend_for(int64_t head_dim, int64_t group)
     return table[head_dim / 16 - 1][(group < MAX_GROUP ? group : MAX_GROUP) - 1];
 }
 
-/* 1 if paged_decode_attention_f32 handles this head size. */
+/* 1 if paged_decode_attention handles this head size. */
 int paged_decode_attention_supports(int64_t head_dim)
 {
     return attend_for(head_dim, 1) != NULL;
 }
 
 typedef struct {
-    const float *k_cache, *v_cache;
+    const kv_t *k_cache, *v_cache;
     const int32_t *block_tables, *seq_lens;
     int64_t num_seqs, max_blocks, block_size, row, head_dim, per_seq, passes;
 } Problem;
@@ -252,11 +255,11 @@ static int64_t item_at(const Problem *p, const int64_t *before, int64_t target)
     return lo;
 }
 
-void paged_decode_attention_f32(
+void paged_decode_attention(
     float *out,                 /* [B, Hq, D] */
     const float *q,             /* [B, Hq, D], sequences q_stride floats apart */
-    const float *k_cache,       /* [num_blocks, block_size, Hkv, D] */
-    const float *v_cache,       /* [num_blocks, block_size, Hkv, D] */
+    const kv_t *k_cache,        /* [num_blocks, block_size, Hkv, D] */
+    const kv_t *v_cache,        /* [num_blocks, block_size, Hkv, D] */
     const int32_t *block_tables,/* [B, max_blocks] */
     const int32_t *seq_lens,    /* [B] */
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

@@ -1,4 +1,5 @@
-"""Python face of the C decode-attention kernel (float32, CPU)."""
+"""Python face of the C decode-attention kernel (float32 queries; float32, float16 or bfloat16
+K/V pools; CPU)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,34 @@ from functools import cache
 import torch
 
 from pagedserve.kernels.cpu_build import bind_kernel
+from pagedserve.kernels.kv_element import kv_defines
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
 @cache
-def _lib() -> ctypes.CDLL | None:
+def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The kernel built for pools of ``kv_dtype``; None if it has no such build."""
+    defines = kv_defines(kv_dtype)
+    if defines is None:
+        return None
     return bind_kernel(
         "paged_decode_attention",
         {
-            "paged_decode_attention_f32": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64], None),
+            "paged_decode_attention": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64], None),
             "paged_decode_attention_supports": ([_i64], ctypes.c_int),
         },
+        defines,
     )
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether the kernel takes these queries: float32 on the CPU, head size 16, 32, ... 128."""
-    if q.device.type != "cpu" or q.dtype != torch.float32:
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries and pools: float32 queries on the CPU, head size
+    16, 32, ... 128, pools of float32, float16 or bfloat16."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.device.type != "cpu":
         return False
-    lib = _lib()
+    lib = _lib(k_cache.dtype)
     return lib is not None and bool(lib.paged_decode_attention_supports(q.shape[-1]))
 
 
@@ -40,17 +48,18 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``; all float32 on the CPU.
-    ``q`` may be a view with any sequence stride (the q heads of the fused qkv output)."""
-    lib = _lib()
-    assert lib is not None and supports(q)
+    """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``, float32 on the CPU, over
+    pools of any type :func:`supports` takes. ``q`` may be a view with any sequence stride (the
+    q heads of the fused qkv output)."""
+    assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
+    lib = _lib(k_cache.dtype)
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
     out = q.new_empty(q.shape)
     num_seqs, num_heads, head_dim = q.shape
-    lib.paged_decode_attention_f32(
+    lib.paged_decode_attention(
         out.data_ptr(),
         q.data_ptr(),
         k_cache.data_ptr(),

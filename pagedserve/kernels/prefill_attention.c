@@ -1,4 +1,5 @@
-/* Prefill attention over a paged KV cache (flash attention), float32, for CPUs.
+/* Prefill attention over a paged KV cache (flash attention), for CPUs: float32 queries and
+ * outputs, pools of kv_t (float32, float16 or bfloat16; see kv_element.h).
  *
  * The query rows of each prefill chunk attend causally to their request's whole context, read
  * straight from the block pools through the block table: no gathered copy of the context, no
@@ -10,8 +11,9 @@
  * heads of its kv head as its rows, and walks the context in tiles of KEY_TILE keys up to the
  * causal limit. Rows lie along the vector lanes throughout (row = g * tile positions + position):
  *   - Q is packed once per work item, transposed and pre-scaled, into qt [D][rows];
- *   - each key tile's K and V rows are read in place from the pools, in groups of QK_KEYS
- *     rows that lie in one block (only groups that do not are copied out);
+ *   - each key tile's K and V rows are read in place from float32 pools, in groups of QK_KEYS
+ *     rows that lie in one block (only groups that do not are copied out); rows of 16-bit pools
+ *     are all converted into float32 scratch first (a few percent of the arithmetic);
  *   - s [keys][rows] = K Qt, a register-blocked micro-kernel that broadcasts K elements;
  *   - the online softmax (running max m and sum l per row) is then purely vertical: one
  *     vector per VL rows, no horizontal reductions;
@@ -27,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kv_element.h"
 #include "vector_width.h"
 
 /* Accumulator blocks: QK_KEYS keys x ROW_VECS row vectors for s, PV_DIMS head dims x ROW_VECS
@@ -108,7 +111,8 @@ ALWAYS_INLINE vf exp2_v(vf x)
 
 typedef struct {
     float *out;
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
     const int32_t *block_tables, *query_start_loc, *seq_lens;
     int64_t group, head_dim, block_size, max_blocks;
     int64_t q_stride, out_stride, pool_row; /* floats between tokens of q, of out; pool rows */
@@ -296,7 +300,7 @@ static void softmax_tile(Scratch *sc, const Tile *t, int64_t nk)
     }
 }
 
-/* Where the K/V row of this head at context position pos starts, in floats from a pool's base. */
+/* Where the K/V row of this head at context position pos starts, in elements from a pool's base. */
 static inline int64_t pool_offset(const Problem *pr, const Tile *t, int64_t pos)
 {
     const int32_t block = pr->block_tables[t->req * pr->max_blocks + pos / pr->block_size];
@@ -305,21 +309,22 @@ static inline int64_t pool_offset(const Problem *pr, const Tile *t, int64_t pos)
 }
 
 /* Points kg and vg at the groups of QK_KEYS keys and values of positions k0 .. k0 + nk - 1 of
- * this head: rows pool_row apart. A whole group lies in one block when block_size is a multiple
- * of QK_KEYS and is read in place; other groups (a block boundary inside, or past the last key)
- * are copied to kt and vt, with zeros for the padding past the last key (its scores are masked,
- * but its values still meet p = 0 in the products). Returns the padded key count. */
+ * this head: rows pool_row apart. In a float32 pool a whole group lies in one block when
+ * block_size is a multiple of QK_KEYS and is read in place; other groups (a block boundary
+ * inside, past the last key, or a 16-bit pool) are copied to kt and vt as float32, with zeros
+ * for the padding past the last key (its scores are masked, but its values still meet p = 0 in
+ * the products). Returns the padded key count. */
 ALWAYS_INLINE int64_t load_keys(Scratch *sc, const Problem *pr, const Tile *t, int64_t k0,
                                 int64_t nk, int64_t D)
 {
-    const int in_place = pr->block_size % QK_KEYS == 0;
+    const int in_place = KV_IS_FLOAT32 && pr->block_size % QK_KEYS == 0;
     const int64_t padded = (nk + QK_KEYS - 1) / QK_KEYS * QK_KEYS;
     for (int64_t j = 0; j < padded; j += QK_KEYS) {
         const int64_t g = j / QK_KEYS;
         if (in_place && j + QK_KEYS <= nk) {
             const int64_t at = pool_offset(pr, t, k0 + j);
-            sc->kg[g] = pr->k_cache + at;
-            sc->vg[g] = pr->v_cache + at;
+            sc->kg[g] = (const float *)(pr->k_cache + at);
+            sc->vg[g] = (const float *)(pr->v_cache + at);
             continue;
         }
         float *kt = sc->kt + g * QK_KEYS * pr->pool_row, *vt = sc->vt + g * QK_KEYS * pr->pool_row;
@@ -327,8 +332,8 @@ ALWAYS_INLINE int64_t load_keys(Scratch *sc, const Problem *pr, const Tile *t, i
             float *kr = kt + i * pr->pool_row, *vr = vt + i * pr->pool_row;
             if (j + i < nk) {
                 const int64_t at = pool_offset(pr, t, k0 + j + i);
-                memcpy(kr, pr->k_cache + at, sizeof(float) * D);
-                memcpy(vr, pr->v_cache + at, sizeof(float) * D);
+                kv_to_float(kr, pr->k_cache + at, D);
+                kv_to_float(vr, pr->v_cache + at, D);
             } else {
                 memset(kr, 0, sizeof(float) * D);
                 memset(vr, 0, sizeof(float) * D);
@@ -497,11 +502,11 @@ static void scratch_free(Scratch *sc)
 }
 
 /* Returns 0, or -1 if out of memory (then out is not fully written). */
-int prefill_attention_f32(
+int prefill_attention(
     float *out,                   /* [T, Hq, D], only the listed requests' rows are written */
     const float *q,               /* [T, Hq, D], tokens q_stride floats apart */
-    const float *k_cache,         /* [num_blocks, block_size, Hkv, D] */
-    const float *v_cache,         /* [num_blocks, block_size, Hkv, D] */
+    const kv_t *k_cache,          /* [num_blocks, block_size, Hkv, D] */
+    const kv_t *v_cache,          /* [num_blocks, block_size, Hkv, D] */
     const int32_t *block_tables,  /* [B, max_blocks] */
     const int32_t *query_start_loc, /* [B + 1] */
     const int32_t *seq_lens,      /* [B] */

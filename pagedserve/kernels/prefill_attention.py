@@ -1,5 +1,5 @@
 """Python face of the C prefill-attention kernel (flash attention over the paged KV pools;
-float32, CPU)."""
+float32 queries, float32, float16 or bfloat16 pools; CPU)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,39 @@ from functools import cache
 import torch
 
 from pagedserve.kernels.cpu_build import bind_kernel
+from pagedserve.kernels.kv_element import kv_defines
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
 @cache
-def _lib() -> ctypes.CDLL | None:
+def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The kernel built for pools of ``kv_dtype``; None if it has no such build."""
+    defines = kv_defines(kv_dtype)
+    if defines is None:
+        return None
     return bind_kernel(
         "prefill_attention",
-        {"prefill_attention_f32": ([_ptr] * 8 + [_i64] * 7 + [ctypes.c_float], ctypes.c_int)},
+        {"prefill_attention": ([_ptr] * 8 + [_i64] * 7 + [ctypes.c_float], ctypes.c_int)},
+        defines,
     )
 
 
-def available() -> bool:
-    """Whether the kernel was built (it takes any head size)."""
-    return _lib() is not None
+def available(kv_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernel for pools of ``kv_dtype`` was built (it takes any head size)."""
+    return _lib(kv_dtype) is not None
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether the kernel takes these queries: float32 on the CPU, and the kernel built."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and available()
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries and pools: float32 queries on the CPU, pools of
+    float32, float16 or bfloat16, and the kernel built."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_cache.device.type == "cpu"
+        and available(k_cache.dtype)
+    )
 
 
 def _int32(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +60,8 @@ def prefill_attention(
     requests: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ``q [T, Hq, D]`` over paged contexts; all float32 on the CPU.
+    """Causal attention of ``q [T, Hq, D]`` over paged contexts; float32 queries on the CPU, pools
+    of any type :func:`supports` takes.
 
     Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``, the last ones of
     its ``seq_lens[i]`` context positions, whose K/V are already in the pools
@@ -57,10 +70,9 @@ def prefill_attention(
     (default a new tensor); its other rows are left as they are. ``q`` may have any token
     stride (a view of a fused projection's output): only its heads must be contiguous.
     """
-    lib = _lib()
-    assert lib is not None and supports(q)
-    assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-    assert q.device.type == k_cache.device.type == v_cache.device.type == "cpu"
+    assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
+    assert v_cache.device.type == "cpu"
+    lib = _lib(k_cache.dtype)
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -76,7 +88,7 @@ def prefill_attention(
     query_start_loc = _int32(query_start_loc)
     seq_lens = _int32(seq_lens)
     requests = _int32(requests)
-    status = lib.prefill_attention_f32(
+    status = lib.prefill_attention(
         out.data_ptr(),
         q.data_ptr(),
         k_cache.data_ptr(),

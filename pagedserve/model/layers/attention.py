@@ -86,7 +86,10 @@ def write_kv(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    """Store new keys/values ``[T, Hkv, D]`` at their slots of pools ``[N, block_size, Hkv, D]``."""
+    """Store new keys/values ``[T, Hkv, D]`` at their slots of pools ``[N, block_size, Hkv, D]``
+    (rounded to the pools' type when that is narrower)."""
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     if elementwise.supports(k, v, k_cache, v_cache):
         elementwise.write_kv(k, v, k_cache, v_cache, slots)
         return
@@ -95,12 +98,14 @@ def write_kv(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first ``seq_len`` tokens of one request's context, ``[seq_len, Hkv, D]``."""
+def gather_context(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The first ``seq_len`` tokens of one request's context, ``[seq_len, Hkv, D]`` in ``dtype``."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
     blocks = cache.index_select(0, block_table[:num_blocks].long())
-    return blocks.flatten(0, 1)[:seq_len]
+    return blocks.flatten(0, 1)[:seq_len].to(dtype)
 
 
 def reference_paged_attention(
@@ -118,8 +123,8 @@ def reference_paged_attention(
         start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
         seq_len = meta.seq_lens_cpu[i]
         qlen = end - start
-        keys = gather_context(k_cache, meta.block_tables[i], seq_len)
-        values = gather_context(v_cache, meta.block_tables[i], seq_len)
+        keys = gather_context(k_cache, meta.block_tables[i], seq_len, q.dtype)
+        values = gather_context(v_cache, meta.block_tables[i], seq_len, q.dtype)
         if group > 1:
             keys = keys.repeat_interleave(group, dim=1)
             values = values.repeat_interleave(group, dim=1)
@@ -150,8 +155,8 @@ def _decode_torch(
     block_size = k_cache.shape[1]
     num_blocks = -(-max_seq_len // block_size)
     table = block_tables[:, :num_blocks].long()
-    keys = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    values = v_cache[table].flatten(1, 2).transpose(1, 2)
+    keys = k_cache[table].to(q.dtype).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    values = v_cache[table].to(q.dtype).flatten(1, 2).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=q.device)
     mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(
@@ -169,7 +174,7 @@ def _decode(
     max_seq_len: int,
     scale: float,
 ) -> torch.Tensor:
-    if paged_decode_attention.supports(q):
+    if paged_decode_attention.supports(q, k_cache):
         return paged_decode_attention.paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale
         )
@@ -205,7 +210,7 @@ def fast_paged_attention(
             meta.max_seq_len,
             scale,
         )
-    if prefill_attention.supports(q):
+    if prefill_attention.supports(q, k_cache):
         prefill_attention.prefill_attention(
             q,
             k_cache,
@@ -243,8 +248,8 @@ def _prefill_sdpa(
         if seq_len == end - start:
             o = _sdpa(q[start:end], k[start:end], v[start:end], None, scale)
         else:
-            keys = gather_context(k_cache, meta.block_tables[i], seq_len)
-            values = gather_context(v_cache, meta.block_tables[i], seq_len)
+            keys = gather_context(k_cache, meta.block_tables[i], seq_len, q.dtype)
+            values = gather_context(v_cache, meta.block_tables[i], seq_len, q.dtype)
             q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             o = _sdpa(q[start:end], keys, values, mask, scale)
