@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.kernels import elementwise
+from pagedserve.kernels import elementwise, kv_store
 from pagedserve.kernels.cpu_build import load_kernel
 from pagedserve.model.layers.activation import silu_and_mul
 from pagedserve.model.layers.norm import RMSNorm
@@ -173,5 +173,5 @@ def test_write_kv_matches_index_copy(tokens):
     expected = [p.clone() for p in pools]
     expected[0].view(-1, kv_heads, dim).index_copy_(0, slots, k)
     expected[1].view(-1, kv_heads, dim).index_copy_(0, slots, v)
-    elementwise.write_kv(k, v, pools[0], pools[1], slots)
+    kv_store.write_kv(k, v, pools[0], pools[1], slots)
     assert torch.equal(pools[0], expected[0]) and torch.equal(pools[1], expected[1])

@@ -9,7 +9,7 @@ import torch
 from paged_steps import random_step
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.kernels import paged_decode_attention, prefill_attention
+from pagedserve.kernels import kv_store, paged_decode_attention, prefill_attention
 from pagedserve.model.layers.attention import (
     _decode_torch,
     fast_paged_attention,
@@ -30,6 +30,26 @@ def test_stores_round_to_the_pool_type(kv_dtype):
     flat_v = v_cache.view(-1, *v.shape[1:])
     assert torch.equal(flat_k[meta.slot_mapping], k.to(kv_dtype))
     assert torch.equal(flat_v[meta.slot_mapping], v.to(kv_dtype))
+
+
+@pytest.mark.parametrize("kv_dtype", HALF_TYPES)
+def test_the_c_store_rounds_edge_values_as_torch_does(kv_dtype):
+    """Ties, overflow, the smallest normals and subnormals and infinities bit for bit; NaN as a NaN."""
+    edges = torch.tensor(
+        [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 65519.0, 65520.0, 1e38, 3.4e38,
+         2**-14, 2**-24, 2**-25, 1e-40, -0.0, float("inf"), float("-inf"), float("nan")]
+    )  # fmt: skip
+    k = torch.cat([edges, -edges, torch.randn(32)]).view(-1, 1, 16)
+    v = k.flip(0)
+    slots = torch.arange(k.shape[0])
+    pools = [torch.zeros(k.shape[0], 1, 1, 16, dtype=kv_dtype) for _ in range(2)]
+    assert kv_store.supports(k, v, *pools)
+    kv_store.write_kv(k, v, *pools, slots)
+    for pool, x in zip(pools, (k, v), strict=True):
+        got, expected = pool.flatten(), x.to(kv_dtype).flatten()
+        nan = expected.isnan()  # which NaN bit pattern comes out is not specified
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
 
 
 @pytest.mark.parametrize("kv_dtype", HALF_TYPES)

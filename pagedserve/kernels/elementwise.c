@@ -94,17 +94,3 @@ void rotary_f32(float *out, const float *x, const float *cos, const float *sin,
         }
     }
 }
-
-/* Stores a step's new keys and values at their cache slots: row t of k goes to row slots[t] of
- * the K pool (a row is Hkv * D floats, `row` here), likewise v. The k and v rows are read
- * k_stride and v_stride floats apart (views of the fused qkv output). */
-void write_kv_f32(float *k_cache, float *v_cache, const float *k, const float *v,
-                  const int64_t *slots, int64_t tokens, int64_t row, int64_t k_stride,
-                  int64_t v_stride)
-{
-    #pragma omp parallel for if(tokens * row > PARALLEL_MIN_ELEMENTS)
-    for (int64_t t = 0; t < tokens; t++) {
-        memcpy(k_cache + slots[t] * row, k + t * k_stride, sizeof(float) * row);
-        memcpy(v_cache + slots[t] * row, v + t * v_stride, sizeof(float) * row);
-    }
-}

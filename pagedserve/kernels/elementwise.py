@@ -1,5 +1,4 @@
-"""Python face of the C elementwise kernels (RMSNorm, SiLU-and-mul, rotary, K/V stores; float32,
-CPU).
+"""Python face of the C elementwise kernels (RMSNorm, SiLU-and-mul, rotary; float32, CPU).
 
 :func:`supports` says whether a call may take the C path: the kernels exist, every tensor is a
 float32 CPU tensor, and no autograd graph is being recorded (the kernels write through raw
@@ -25,7 +24,6 @@ _SIGNATURES = {
     "add_rms_norm_f32": ([_ptr] * 5 + [_i64] * 2 + [_f32], None),
     "silu_and_mul_f32": ([_ptr] * 2 + [_i64] * 2, None),
     "rotary_f32": ([_ptr] * 4 + [_i64] * 6, None),
-    "write_kv_f32": ([_ptr] * 5 + [_i64] * 4, None),
 }
 
 
@@ -122,36 +120,3 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         cos.stride(0),
     )
     return out
-
-
-def _rows_of_heads(x: torch.Tensor) -> torch.Tensor:
-    """``x [T, H, D]`` with each token's heads side by side (any token stride)."""
-    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
-        x = x.contiguous()
-    return x
-
-
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-) -> None:
-    """Store ``k``/``v`` ``[T, Hkv, D]`` at ``slots`` of contiguous pools ``[N, block, Hkv, D]``."""
-    if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit the pools")
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    k, v = _rows_of_heads(k), _rows_of_heads(v)
-    slots = slots.to(torch.int64).contiguous()
-    _lib().write_kv_f32(
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        slots.data_ptr(),
-        k.shape[0],
-        k.shape[1] * k.shape[2],
-        k.stride(0),
-        v.stride(0),
-    )

@@ -84,4 +84,41 @@ static inline void kv_to_float(float *out, const kv_t *p, int64_t n)
     for (; i < n; i++) out[i] = kv_scalar(p + i);
 }
 
+/* x rounded to the pool type: to nearest, ties to even, as torch's .to() rounds. */
+static inline kv_t kv_from_scalar(float x)
+{
+#if defined(KV_FLOAT16)
+    const _Float16 h = (_Float16)x;
+    kv_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    return bits;
+#elif defined(KV_BFLOAT16)
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN stays a quiet NaN */
+    return (kv_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+#else
+    return x;
+#endif
+}
+
+/* p[0 .. n - 1] = x[0 .. n - 1] rounded to the pool type. */
+static inline void kv_from_float(kv_t *p, const float *x, int64_t n)
+{
+    int64_t i = 0;
+#if defined(KV_FLOAT16) && defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(p + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(KV_FLOAT16) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(p + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif !defined(KV_FLOAT16) && !defined(KV_BFLOAT16)
+    memcpy(p, x, sizeof(float) * n);
+    i = n;
+#endif
+    for (; i < n; i++) p[i] = kv_from_scalar(x[i]);
+}
+
 #endif

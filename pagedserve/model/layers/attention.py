@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels import elementwise, paged_decode_attention, prefill_attention
+from pagedserve.kernels import kv_store, paged_decode_attention, prefill_attention
 
 
 @dataclass
@@ -88,11 +88,10 @@ def write_kv(
 ) -> None:
     """Store new keys/values ``[T, Hkv, D]`` at their slots of pools ``[N, block_size, Hkv, D]``
     (rounded to the pools' type when that is narrower)."""
-    if k.dtype != k_cache.dtype:
-        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    if elementwise.supports(k, v, k_cache, v_cache):
-        elementwise.write_kv(k, v, k_cache, v_cache, slots)
+    if kv_store.supports(k, v, k_cache, v_cache):
+        kv_store.write_kv(k, v, k_cache, v_cache, slots)
         return
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
