@@ -22,9 +22,9 @@ typedef float kv_t;
 #include <immintrin.h>
 #endif
 
-typedef float kv_f16x __attribute__((vector_size(64)));
-typedef uint16_t kv_u16x __attribute__((vector_size(32)));
-typedef uint32_t kv_u32x __attribute__((vector_size(64)));
+typedef float kv_f32x16 __attribute__((vector_size(64)));
+typedef uint16_t kv_u16x16 __attribute__((vector_size(32)));
+typedef uint32_t kv_u32x16 __attribute__((vector_size(64)));
 
 /* One element as float32. */
 static inline float kv_scalar(const kv_t *p)
@@ -44,30 +44,30 @@ static inline float kv_scalar(const kv_t *p)
 }
 
 /* Elements p[0 .. 15] as float32. */
-static inline kv_f16x kv_load16(const kv_t *p)
+static inline kv_f32x16 kv_load16(const kv_t *p)
 {
 #if defined(KV_FLOAT16) && defined(__AVX512F__)
-    return (kv_f16x)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    return (kv_f32x16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #elif defined(KV_FLOAT16) && defined(__F16C__)
     const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
-    kv_f16x x;
+    kv_f32x16 x;
     memcpy(&x, &lo, sizeof lo);
     memcpy((char *)&x + sizeof lo, &hi, sizeof hi);
     return x;
 #elif defined(KV_FLOAT16)
-    kv_f16x x;
+    kv_f32x16 x;
     for (int i = 0; i < 16; i++) x[i] = kv_scalar(p + i);
     return x;
 #elif defined(KV_BFLOAT16) && defined(__AVX512F__)
     const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return (kv_f16x)_mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+    return (kv_f32x16)_mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
 #elif defined(KV_BFLOAT16)
-    kv_u16x h;
+    kv_u16x16 h;
     memcpy(&h, p, sizeof h);
-    return (kv_f16x)(__builtin_convertvector(h, kv_u32x) << 16);
+    return (kv_f32x16)(__builtin_convertvector(h, kv_u32x16) << 16);
 #else
-    kv_f16x x;
+    kv_f32x16 x;
     memcpy(&x, p, sizeof x);
     return x;
 #endif
@@ -78,7 +78,7 @@ static inline void kv_to_float(float *out, const kv_t *p, int64_t n)
 {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        const kv_f16x x = kv_load16(p + i);
+        const kv_f32x16 x = kv_load16(p + i);
         memcpy(out + i, &x, sizeof x);
     }
     for (; i < n; i++) out[i] = kv_scalar(p + i);
