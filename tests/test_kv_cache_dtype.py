@@ -129,6 +129,20 @@ def test_a_16_bit_cache_holds_twice_the_tokens(tiny_model_dir):
     assert narrow.num_blocks == 2 * wide.num_blocks
 
 
+@pytest.mark.parametrize(
+    "dtype,kv_cache_dtype",
+    [("bfloat16", "float32"), ("float16", "bfloat16"), ("float32", "float16")],
+)
+def test_any_model_and_cache_types_generate(dtype, kv_cache_dtype, tiny_model_dir):
+    """The torch paths (no C kernel takes 16-bit queries) read pools of another type too."""
+    llm = LLM(tiny_model_dir("llama"), dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(["Hello there", "A longer prompt " * 8], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
 @pytest.mark.parametrize("name", ["fp8", "int8", "float64"])
 def test_unsupported_cache_types_are_refused(name, tiny_model_dir):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32"):
