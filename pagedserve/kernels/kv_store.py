@@ -8,8 +8,7 @@ from functools import cache
 
 import torch
 
-from pagedserve.kernels.cpu_build import bind_kernel
-from pagedserve.kernels.kv_element import kv_defines
+from pagedserve.kernels.kv_element import bind_kv_kernel
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -18,10 +17,7 @@ _ptr = ctypes.c_void_p
 @cache
 def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     """The store built for pools of ``kv_dtype``; None if it has no such build."""
-    defines = kv_defines(kv_dtype)
-    if defines is None:
-        return None
-    return bind_kernel("kv_store", {"write_kv": ([_ptr] * 5 + [_i64] * 4, None)}, defines)
+    return bind_kv_kernel("kv_store", {"write_kv": ([_ptr] * 5 + [_i64] * 4, None)}, kv_dtype)
 
 
 def supports(

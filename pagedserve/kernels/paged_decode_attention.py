@@ -8,8 +8,7 @@ from functools import cache
 
 import torch
 
-from pagedserve.kernels.cpu_build import bind_kernel
-from pagedserve.kernels.kv_element import kv_defines
+from pagedserve.kernels.kv_element import bind_kv_kernel
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -18,16 +17,13 @@ _ptr = ctypes.c_void_p
 @cache
 def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     """The kernel built for pools of ``kv_dtype``; None if it has no such build."""
-    defines = kv_defines(kv_dtype)
-    if defines is None:
-        return None
-    return bind_kernel(
+    return bind_kv_kernel(
         "paged_decode_attention",
         {
             "paged_decode_attention": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64], None),
             "paged_decode_attention_supports": ([_i64], ctypes.c_int),
         },
-        defines,
+        kv_dtype,
     )
 
 
