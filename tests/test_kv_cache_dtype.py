@@ -143,6 +143,23 @@ def test_any_model_and_cache_types_generate(dtype, kv_cache_dtype, tiny_model_di
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
+def test_the_engine_builds_its_kernels_before_the_first_request(monkeypatch, tiny_model_dir):
+    asked = set()
+    for module in (paged_decode_attention, prefill_attention, kv_store):
+
+        def available(kv_dtype, original=module.available, name=module.__name__):
+            asked.add((name.rsplit(".", 1)[-1], kv_dtype))
+            return original(kv_dtype)
+
+        monkeypatch.setattr(module, "available", available)
+    LLM(tiny_model_dir("llama"), kv_cache_dtype="bfloat16")
+    assert asked == {
+        ("paged_decode_attention", torch.bfloat16),
+        ("prefill_attention", torch.bfloat16),
+        ("kv_store", torch.bfloat16),
+    }
+
+
 @pytest.mark.parametrize("name", ["fp8", "int8", "float64"])
 def test_unsupported_cache_types_are_refused(name, tiny_model_dir):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32"):

@@ -20,6 +20,11 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     return bind_kv_kernel("kv_store", {"write_kv": ([_ptr] * 5 + [_i64] * 4, None)}, kv_dtype)
 
 
+def available(kv_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the store for pools of ``kv_dtype`` was built."""
+    return _lib(kv_dtype) is not None
+
+
 def supports(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> bool:
@@ -31,7 +36,7 @@ def supports(
         return False
     if any(t.device.type != "cpu" for t in (k, v, k_cache, v_cache)):
         return False
-    return _lib(k_cache.dtype) is not None
+    return available(k_cache.dtype)
 
 
 def _rows_of_heads(x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,11 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     )
 
 
+def available(kv_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernel for pools of ``kv_dtype`` was built."""
+    return _lib(kv_dtype) is not None
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel takes these queries and pools: float32 queries on the CPU, head size
     16, 32, ... 128, pools of float32, float16 or bfloat16."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pagedserve.engine.scheduler import SchedulerOutput
-from pagedserve.model.layers.attention import Attention, AttentionMetadata
+from pagedserve.model.layers.attention import Attention, AttentionMetadata, build_kernels
 from pagedserve.worker.kv_cache import KVCache
 
 
@@ -25,6 +25,9 @@ class ModelRunner:
         assert len(layers) == len(kv_cache.k), "one KV pool per attention layer"
         for layer, k, v in zip(layers, kv_cache.k, kv_cache.v, strict=True):
             layer.k_cache, layer.v_cache = k, v
+        model_dtype = next(model.parameters()).dtype
+        if device.type == "cpu" and model_dtype == torch.float32:
+            build_kernels(kv_cache.k[0].dtype)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)

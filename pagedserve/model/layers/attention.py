@@ -11,6 +11,7 @@ flash-attention kernel that reads the pools directly (or one SDPA per chunk else
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,15 @@ def write_kv(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def build_kernels(kv_dtype: torch.dtype) -> None:
+    """Build (or load from the on-disk cache) the C kernels that attention with float32 queries
+    over CPU pools of ``kv_dtype`` calls, side by side, at start-up: otherwise gcc runs inside
+    the first request (about 5 s for the decode kernel on a fresh machine)."""
+    builds = (paged_decode_attention.available, prefill_attention.available, kv_store.available)
+    with ThreadPoolExecutor(len(builds)) as pool:
+        list(pool.map(lambda available: available(kv_dtype), builds))
 
 
 def gather_context(
