@@ -110,7 +110,7 @@ def _load_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
     block_size = engine.config.block_size
     logger.info(
         "loaded %s (%s on %s) in %.1f s; context length %d tokens; KV cache %d blocks x %d "
-        "tokens = %d tokens",
+        "tokens = %d tokens (%s)",
         engine.model_name,
         str(getattr(engine, "dtype", engine.config.dtype)).removeprefix("torch."),
         engine.config.device,
@@ -119,6 +119,7 @@ def _load_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
         stats.num_total_blocks,
         block_size,
         stats.num_total_blocks * block_size,
+        str(engine.kv_cache_dtype).removeprefix("torch."),
     )
     return engine
 
