@@ -166,6 +166,25 @@ def test_unsupported_cache_types_are_refused(name, tiny_model_dir):
         LLM(tiny_model_dir("llama"), kv_cache_dtype=name)
 
 
+def test_float16_outputs_do_not_depend_on_the_batch(smollm2_path):
+    """Alone, or in a batch small enough a cache (16 blocks) that requests are preempted and
+    recomputed: the same greedy tokens, and every block back at the end."""
+    llm = LLM(
+        smollm2_path,
+        kv_cache_dtype="float16",
+        kv_cache_memory=16 * 16 * 23040 / (1 << 30),
+        enable_prefix_caching=False,
+    )
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colours:"] * 3
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    batch = llm.generate(prompts, greedy, use_tqdm=False)
+    assert [out.outputs[0].token_ids for out in batch] == alone
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
 @pytest.mark.parametrize("kv_cache_dtype,bound", [("float16", 0.02), ("bfloat16", 0.1)])
 def test_smollm2_prompt_logprobs_stay_close(kv_cache_dtype, bound, smollm2_path, hf_smollm2):
     """Over a 79-token prompt in 16-token chunks (so later chunks read the rounded cache), the
