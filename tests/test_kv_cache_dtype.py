@@ -14,7 +14,6 @@ from pagedserve.model.layers.attention import (
     _decode_torch,
     fast_paged_attention,
     reference_paged_attention,
-    write_kv,
 )
 
 HALF_TYPES = [torch.float16, torch.bfloat16]
@@ -114,7 +113,7 @@ def test_pools_the_kernels_lack_fall_back_to_torch():
     q, k, v, k_cache, v_cache, meta = random_step([1, 12], [30, 12], kv_dtype=torch.float64)
     assert not paged_decode_attention.supports(q, k_cache)
     assert not prefill_attention.supports(q, k_cache)
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    assert not kv_store.supports(k, v, k_cache, v_cache)  # random_step stored through torch
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125)
     got = fast_paged_attention(q, k, v, k_cache, v_cache, meta, 0.125)
     torch.testing.assert_close(got, expected, **TOL)
