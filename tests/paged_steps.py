@@ -18,9 +18,10 @@ def random_step(
     seed: int = 0,
     q_scale: float = 1.0,
     kv_dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ):
     """``(q, k, v, k_cache, v_cache, meta)`` for requests with these query and context lengths
-    (a query length of 1 is a decode), the pools of ``kv_dtype``."""
+    (a query length of 1 is a decode), the pools of ``kv_dtype``, all on ``device``."""
     g = torch.Generator().manual_seed(seed)
     blocks = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks) + 3
@@ -39,11 +40,12 @@ def random_step(
     q = torch.randn(total, num_heads, head_dim, generator=g) * q_scale
     k = torch.randn(total, num_kv_heads, head_dim, generator=g)
     v = torch.randn(total, num_kv_heads, head_dim, generator=g)
+    q, k, v, k_cache, v_cache = (t.to(device) for t in (q, k, v, k_cache, v_cache))
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
         query_start_loc_cpu=starts,
         seq_lens_cpu=list(seq_lens),
         max_query_len=max(query_lens),

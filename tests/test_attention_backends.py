@@ -3,6 +3,7 @@
 import pytest
 import torch
 from paged_steps import random_step
+from tiny_models import DEVICES
 
 from pagedserve.model.layers.attention import (
     fast_paged_attention,
@@ -19,9 +20,10 @@ from pagedserve.model.layers.attention import (
         ([3, 1], [200, 129]),
     ],
 )
-def test_fast_backend_matches_reference(query_lens, seq_lens):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_backend_matches_reference(query_lens, seq_lens, device):
     q, k, v, k_cache, v_cache, meta = random_step(
-        query_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=32
+        query_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=32, device=device
     )
     scale = 32**-0.5
     expected = reference_paged_attention(q, k_cache, v_cache, meta, scale)

@@ -151,7 +151,7 @@ def test_the_engine_builds_its_kernels_before_the_first_request(monkeypatch, tin
             return original(kv_dtype)
 
         monkeypatch.setattr(module, "available", available)
-    LLM(tiny_model_dir("llama"), kv_cache_dtype="bfloat16")
+    LLM(tiny_model_dir("llama"), device="cpu", kv_cache_dtype="bfloat16")
     assert asked == {
         ("paged_decode_attention", torch.bfloat16),
         ("prefill_attention", torch.bfloat16),

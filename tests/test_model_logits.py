@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import PagedRunner, tiny_hf_model
+from tiny_models import DEVICES, PagedRunner, tiny_hf_model
 from transformers import AutoModelForCausalLM
 
 from pagedserve.model.layers.attention import Attention
@@ -36,9 +36,10 @@ def reference():
     return logits
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_whole_prompts_in_one_step(kind, tiny_model_dir, reference):
-    model = load_model(tiny_model_dir(kind), torch.float32, torch.device("cpu"))
+def test_whole_prompts_in_one_step(kind, device, tiny_model_dir, reference):
+    model = load_model(tiny_model_dir(kind), torch.float32, torch.device(device))
     runner = PagedRunner(model)
     prompts = _prompts()
     outputs = runner.step(list(enumerate(prompts)))
@@ -46,12 +47,15 @@ def test_whole_prompts_in_one_step(kind, tiny_model_dir, reference):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_last_layer_computes_only_the_rows_that_leave(kind, backend, tiny_model_dir, reference):
+def test_last_layer_computes_only_the_rows_that_leave(
+    kind, backend, device, tiny_model_dir, reference
+):
     """With output rows set, the last layer runs only each chunk's last token (and still stores
     every token's K/V, or the later chunks would see a hole)."""
-    model = load_model(tiny_model_dir(kind), torch.float32, torch.device("cpu"))
+    model = load_model(tiny_model_dir(kind), torch.float32, torch.device(device))
     for layer in model.modules():
         if isinstance(layer, Attention):
             layer.backend = backend
@@ -64,10 +68,11 @@ def test_last_layer_computes_only_the_rows_that_leave(kind, backend, tiny_model_
         torch.testing.assert_close(ours, theirs[last_of_chunks], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunked_prefill_mixed_with_decodes(kind, tiny_model_dir, reference):
+def test_chunked_prefill_mixed_with_decodes(kind, device, tiny_model_dir, reference):
     """Prompts advance 1 (a decode-shaped step), 3, 8, 16 or 5 tokens at a time, sharing steps."""
-    model = load_model(tiny_model_dir(kind), torch.float32, torch.device("cpu"))
+    model = load_model(tiny_model_dir(kind), torch.float32, torch.device(device))
     outputs = PagedRunner(model).run_chunked(_prompts(), chunk_sizes=[1, 3, 8, 16, 5])
     for ours, theirs in zip(outputs, reference(kind), strict=True):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
@@ -89,11 +94,12 @@ def test_config_is_the_transformers_config(tiny_model_dir):
     assert config.max_position_embeddings == 256
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_follows_the_reference(dtype, tiny_model_dir):
+def test_half_precision_follows_the_reference(dtype, device, tiny_model_dir):
     """In 16-bit the logits stay close to float32 transformers and greedy tokens mostly agree."""
     path = tiny_model_dir("llama")
-    model = load_model(path, dtype, torch.device("cpu"))
+    model = load_model(path, dtype, torch.device(device))
     assert all(p.dtype == dtype for p in model.parameters())
     prompt = _prompts()[2]
     ours = PagedRunner(model).step([(0, prompt)])[0]

@@ -7,6 +7,7 @@ token ids line up; everything else is small so a forward pass takes milliseconds
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ from pagedserve.model.layers.rotary import inverse_frequencies, rope_parameters
 from pagedserve.model_path import packaged_model_path
 
 VOCAB_SIZE = 49152
+# The devices tests that take a ``device`` parameter run on: the CPU, and the GPU where there is
+# one (so a GPU machine checks the CUDA path against the same references).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 _SIZES = dict(
     vocab_size=VOCAB_SIZE,
     hidden_size=64,
@@ -203,11 +207,12 @@ class PagedRunner:
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
-        dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.device = weight.device
         shape = (num_blocks, block_size, config.num_key_value_heads, head_dim)
         for layer in (m for m in model.modules() if isinstance(m, Attention)):
-            layer.k_cache = torch.zeros(shape, dtype=dtype)
-            layer.v_cache = torch.zeros(shape, dtype=dtype)
+            layer.k_cache = torch.zeros(shape, dtype=weight.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=weight.dtype, device=self.device)
         self.free = list(range(num_blocks))
         self.blocks: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
@@ -238,12 +243,12 @@ class PagedRunner:
             tables.append(table)
             self.lengths[seq] = end
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        tensor = partial(torch.tensor, device=self.device)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
+            slot_mapping=tensor(slots),
+            query_start_loc=tensor(starts, dtype=torch.int32),
+            seq_lens=tensor(seq_lens, dtype=torch.int32),
+            block_tables=tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
             max_query_len=max(len(t) for _, t in chunks),
@@ -252,10 +257,10 @@ class PagedRunner:
         )
         meta.split_decodes()
         if output_last:
-            meta.output_rows = torch.tensor(starts[1:]) - 1
-            meta.output_reqs = torch.arange(len(chunks))
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta)
-        logits = self.model.compute_logits(hidden)
+            meta.output_rows = tensor(starts[1:]) - 1
+            meta.output_reqs = torch.arange(len(chunks), device=self.device)
+        hidden = self.model(tensor(ids), tensor(positions), meta)
+        logits = self.model.compute_logits(hidden).float().cpu()
         return list(logits.split([1 if output_last else len(t) for _, t in chunks]))
 
     def run_chunked(

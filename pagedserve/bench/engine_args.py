@@ -9,7 +9,7 @@ from typing import Any
 _ENGINE_FLAGS: dict[str, tuple[type, str]] = {
     "tokenizer": (str, "tokenizer path (default: the model's own)"),
     "dtype": (str, "auto | float32 | bfloat16 | float16"),
-    "device": (str, "cpu or cuda"),
+    "device": (str, "auto | cpu | cuda[:N]"),
     "max_model_len": (int, "context length (default: the model's)"),
     "block_size": (int, "KV cache block size in tokens"),
     "kv_cache_memory": (float, "GiB for the KV cache"),

@@ -43,6 +43,25 @@ class EngineStats:
     generation_tokens: int
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device to run on: ``auto`` is the GPU when PyTorch sees one (as vLLM picks), else the
+    CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be auto, cpu or cuda[:N]; got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N]; got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} needs a GPU and a CUDA build of PyTorch; this PyTorch "
+            f"({torch.__version__}) sees none"
+        )
+    return device
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -70,7 +89,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         torch.manual_seed(config.seed)

@@ -34,6 +34,9 @@ def num_blocks_for_budget(
     if budget_gib is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            # Memory PyTorch's allocator holds but no tensor uses (an earlier engine's freed
+            # pools, say) is free to this engine, though the driver counts it as taken.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             budget_bytes = int(free * DEFAULT_GPU_FRACTION)
         else:
             budget_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
