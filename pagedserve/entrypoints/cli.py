@@ -37,7 +37,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     g.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default auto: the GPU when PyTorch sees one)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="auto | cpu | cuda[:N] (default auto: the GPU when PyTorch sees one)",
+    )
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     g.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV cache pools")
