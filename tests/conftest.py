@@ -10,14 +10,25 @@ import torch
 from tiny_models import write_tiny_model
 from transformers import AutoModelForCausalLM
 
+from pagedserve.engine.llm_engine import resolve_device, resolve_dtype
 from pagedserve.model_path import packaged_model_path
 from pagedserve.tokenizer import load_tokenizer
+from pagedserve.worker.kv_cache import kv_bytes_per_token
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The packaged SmolLM2-135M-Instruct GGUF file."""
     return str(packaged_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_gib():
+    """``smollm2_cache_gib(n)`` -> the ``kv_cache_memory`` (GiB) that gives the packaged model
+    exactly ``n`` blocks of 16 tokens in the dtype its engine picks on this machine."""
+    dtype = resolve_dtype("auto", resolve_device("auto"))
+    per_token = kv_bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype)
+    return lambda num_blocks: num_blocks * 16 * per_token / (1 << 30)
 
 
 @pytest.fixture(scope="session")

@@ -57,11 +57,9 @@ def test_batch_of_32(alone):
     _check(llm, outs)
 
 
-def test_preemption(smollm2_path, alone):
+def test_preemption(smollm2_path, smollm2_cache_gib, alone):
     # 16 blocks of 16 tokens cannot hold 32 requests at once: running ones get preempted.
-    llm = LLM(
-        smollm2_path, kv_cache_memory=16 * 16 * 46080 / (1 << 30), enable_prefix_caching=False
-    )
+    llm = LLM(smollm2_path, kv_cache_memory=smollm2_cache_gib(16), enable_prefix_caching=False)
     assert llm.llm_engine.num_blocks == 16
     stats = _check(llm, alone[1])
     assert stats.num_preemptions > 0

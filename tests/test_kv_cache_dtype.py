@@ -121,8 +121,8 @@ def test_pools_the_kernels_lack_fall_back_to_torch():
 
 def test_a_16_bit_cache_holds_twice_the_tokens(tiny_model_dir):
     path = tiny_model_dir("llama")
-    wide = LLM(path, kv_cache_memory=0.002).llm_engine
-    narrow = LLM(path, kv_cache_memory=0.002, kv_cache_dtype="float16").llm_engine
+    wide = LLM(path, dtype="float32", kv_cache_memory=0.002).llm_engine
+    narrow = LLM(path, dtype="float32", kv_cache_memory=0.002, kv_cache_dtype="float16").llm_engine
     assert wide.kv_cache_dtype == torch.float32 and narrow.kv_cache_dtype == torch.float16
     assert narrow.runner.kv_cache.k[0].dtype == torch.float16
     assert narrow.num_blocks == 2 * wide.num_blocks
@@ -191,6 +191,7 @@ def test_smollm2_prompt_logprobs_stay_close(kv_cache_dtype, bound, smollm2_path,
     float32 pools: 4e-5."""
     llm = LLM(
         smollm2_path,
+        dtype="float32",
         kv_cache_memory=0.125,
         max_num_batched_tokens=16,
         kv_cache_dtype=kv_cache_dtype,

@@ -73,10 +73,10 @@ def test_shared_long_prefix_computes_only_new_tokens(llms):
     assert after.prefix_cache_queries - before.prefix_cache_queries == 1005
 
 
-def test_eviction_cycles_many_long_prompts(smollm2_path):
+def test_eviction_cycles_many_long_prompts(smollm2_path, smollm2_cache_gib):
     # 40 blocks (640 tokens) for 12 prompts of ~200 tokens sharing prefixes in random order:
     # cached blocks get evicted and re-made all the time; outputs must match a cache-less engine.
-    kv = 40 * 16 * 46080 / (1 << 30)
+    kv = smollm2_cache_gib(40)
     on = LLM(smollm2_path, kv_cache_memory=kv)
     off = LLM(smollm2_path, kv_cache_memory=kv, enable_prefix_caching=False)
     rng = random.Random(2)
@@ -144,8 +144,8 @@ def test_parallel_sampling_prefills_once(llms):
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
-def test_no_leaks_after_abort_and_preemption_with_shared_blocks(smollm2_path):
-    llm = LLM(smollm2_path, kv_cache_memory=24 * 16 * 46080 / (1 << 30))
+def test_no_leaks_after_abort_and_preemption_with_shared_blocks(smollm2_path, smollm2_cache_gib):
+    llm = LLM(smollm2_path, kv_cache_memory=smollm2_cache_gib(24))
     engine = llm.llm_engine
     rng = random.Random(4)
     shared = [rng.randrange(100, 40000) for _ in range(64)]

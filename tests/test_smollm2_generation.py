@@ -32,7 +32,7 @@ def _hf_greedy(model, prompt_ids: list[int]) -> list[int]:
 
 
 def test_greedy_matches_transformers(smollm2_path, hf_smollm2):
-    llm = LLM(smollm2_path, kv_cache_memory=0.25)
+    llm = LLM(smollm2_path, dtype="float32", kv_cache_memory=0.25)
     tokenizer = llm.get_tokenizer()
     prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
     prompt_ids += [
@@ -58,7 +58,7 @@ def test_chat_is_coherent_english(smollm2_path):
 
 def test_prompt_logprobs_match_transformers(smollm2_path, hf_smollm2):
     # A small token budget splits the prompt over several steps.
-    llm = LLM(smollm2_path, kv_cache_memory=0.25, max_num_batched_tokens=8)
+    llm = LLM(smollm2_path, dtype="float32", kv_cache_memory=0.25, max_num_batched_tokens=8)
     ids = llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog near the river.")
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
     out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
