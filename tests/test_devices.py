@@ -29,6 +29,14 @@ def test_cuda_without_a_gpu_is_refused_clearly(monkeypatch, tiny_model_dir):
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="this machine has 1 GPU"):
+        resolve_device("cuda:1")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_tokens_and_logprobs_match_transformers(device, tiny_model_dir):
     """Three prompts in one batch, in float32: every greedy token is transformers' argmax, and

@@ -59,6 +59,8 @@ def resolve_device(name: str) -> torch.device:
             f"device {name!r} needs a GPU and a CUDA build of PyTorch; this PyTorch "
             f"({torch.__version__}) sees none"
         )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
