@@ -88,6 +88,11 @@ def test_health_and_metrics_stay_open(server):
     assert status == 200 and "pagedserve:num_requests_running" in text
 
 
+# Structured output and tool calling are refused (400) rather than silently ignored.
+SCHEMA = {"name": "answer", "schema": {"type": "object"}}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [
@@ -108,6 +113,15 @@ def test_health_and_metrics_stay_open(server):
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"n": 129}, "n"),
         ({"messages": "not a list"}, "messages"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": SCHEMA}}, "response_format"),
+        ({"tools": [TOOL]}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+        ),
     ],
 )
 def test_chat_bad_values_are_400(server, change, param):
@@ -129,6 +143,7 @@ def test_chat_bad_values_are_400(server, change, param):
         ({"top_k": -5}, "top_k"),
         ({"suffix": "x"}, "suffix"),
         ({"stream": True, "n": 0}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
 def test_completion_bad_values_are_400(server, change, param):

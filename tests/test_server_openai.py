@@ -266,3 +266,13 @@ def test_unknown_fields_are_ignored(server):
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2, "no_such_field": {"x": 1}}
     status, r = request(server.url + "/v1/completions", "POST", body)
     assert status == 200 and r["usage"]["completion_tokens"] == 2
+
+
+def test_text_response_format_and_tools_not_chosen_are_served(client):
+    """What the server can honour runs: a ``text`` response format, and tools the client tells
+    the model not to call (``tool_choice`` ``none``)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat = greedy_chat(
+        client, max_tokens=4, response_format={"type": "text"}, tools=[tool], tool_choice="none"
+    )
+    assert chat.choices[0].message.content and not chat.choices[0].message.tool_calls

@@ -36,6 +36,10 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
 
 
+class ResponseFormat(OpenAIModel):
+    type: str
+
+
 class SamplingFields(OpenAIModel):
     """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
 
@@ -51,6 +55,7 @@ class SamplingFields(OpenAIModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
@@ -76,6 +81,7 @@ class SamplingFields(OpenAIModel):
         """Build (and so validate) the engine's SamplingParams; ValueError on a bad value."""
         if isinstance(self.n, int) and self.n > MAX_N:
             raise bad_request(f"n must be at most {MAX_N}, got {self.n}", param="n")
+        self._refuse_unsupported()
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -99,6 +105,17 @@ class SamplingFields(OpenAIModel):
             logit_bias=_logit_bias(self.logit_bias),
             allowed_token_ids=self.allowed_token_ids,
         )
+
+    def _refuse_unsupported(self) -> None:
+        """A 400 for what the engine cannot honour yet, rather than output that silently ignores
+        it: a client that asks for JSON must not be handed free text."""
+        kind = self.response_format.type if self.response_format else "text"
+        if kind != "text":
+            raise bad_request(
+                f"response_format type {kind!r} is not supported: this server has no structured "
+                "output yet; leave response_format out or use type 'text'",
+                param="response_format",
+            )
 
     def token_ids_to_check(self) -> dict[str, list[int]]:
         """Token ids given by the client, by field, to check against the vocabulary."""
@@ -135,6 +152,21 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def _refuse_unsupported(self) -> None:
+        """As for every request, plus tool calling: with tools and any ``tool_choice`` but
+        ``none`` (``auto`` when left out, as OpenAI defaults) the client expects the server to
+        parse tool calls, which it does not do yet (vLLM likewise refuses unless started with a
+        tool-call parser)."""
+        super()._refuse_unsupported()
+        if self.tools and self.tool_choice != "none":
+            raise bad_request(
+                "tool calling is not supported yet: send tool_choice 'none' to run the request "
+                "without tools, or leave tools out",
+                param="tool_choice" if self.tool_choice is not None else "tools",
+            )
 
     @property
     def requested_max_tokens(self) -> int | None:
