@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from tiny_models import DEVICES, tiny_hf_model
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.engine.llm_engine import resolve_device
+from pagedserve.engine.llm_engine import resolve_device, resolve_dtype
 
 
 def test_auto_takes_the_gpu_when_pytorch_sees_one():
@@ -35,6 +37,16 @@ def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="this machine has 1 GPU"):
         resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_dtype_is_float32_on_cpu_and_16_bit_on_a_gpu(monkeypatch, bf16):
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: bf16)
+    expected = torch.bfloat16 if bf16 else torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
 
 
 @pytest.mark.parametrize("device", DEVICES)
