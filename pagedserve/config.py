@@ -11,7 +11,8 @@ class EngineConfig:
 
     model: str | None = None  # HF dir, .gguf file, or cached Hub id; None = packaged SmolLM2
     tokenizer: str | None = None  # defaults to the model's own
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bf16 on GPU)
+    # auto | float32 | bfloat16 | float16 (auto: float32 on CPU; on a GPU bf16, fp16 before sm80)
+    dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda[:N] (auto: the GPU when PyTorch sees one)
     seed: int = 0
     max_model_len: int | None = None  # defaults to the model's context length

@@ -81,7 +81,6 @@ class SamplingFields(OpenAIModel):
         """Build (and so validate) the engine's SamplingParams; ValueError on a bad value."""
         if isinstance(self.n, int) and self.n > MAX_N:
             raise bad_request(f"n must be at most {MAX_N}, got {self.n}", param="n")
-        self._refuse_unsupported()
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -106,9 +105,10 @@ class SamplingFields(OpenAIModel):
             allowed_token_ids=self.allowed_token_ids,
         )
 
-    def _refuse_unsupported(self) -> None:
+    def refuse_unsupported(self) -> None:
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
-        it: a client that asks for JSON must not be handed free text."""
+        it (a client that asks for JSON must not be handed free text); checked first, before any
+        tokenizing."""
         kind = self.response_format.type if self.response_format else "text"
         if kind != "text":
             raise bad_request(
@@ -155,12 +155,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    def _refuse_unsupported(self) -> None:
+    def refuse_unsupported(self) -> None:
         """As for every request, plus tool calling: with tools and any ``tool_choice`` but
         ``none`` (``auto`` when left out, as OpenAI defaults) the client expects the server to
         parse tool calls, which it does not do yet (vLLM likewise refuses unless started with a
         tool-call parser)."""
-        super()._refuse_unsupported()
+        super().refuse_unsupported()
         if self.tools and self.tool_choice != "none":
             raise bad_request(
                 "tool calling is not supported yet: send tool_choice 'none' to run the request "
@@ -205,6 +205,12 @@ class CompletionRequest(SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def refuse_unsupported(self) -> None:
+        """As for every request, plus ``suffix`` (insertion needs a fill-in-the-middle model)."""
+        super().refuse_unsupported()
+        if self.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list of strings or token-id lists (one entry per prompt)."""

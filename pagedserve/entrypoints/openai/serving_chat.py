@@ -35,6 +35,7 @@ class ServingChat:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         s = self.s
         s.check_model(req.model)
+        req.refuse_unsupported()
         top_logprobs = req.num_logprobs
         text = s.render_chat(
             req.messages,

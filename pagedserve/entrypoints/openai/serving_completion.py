@@ -36,8 +36,7 @@ class ServingCompletion:
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         s = self.s
         s.check_model(req.model)
-        if req.suffix:
-            raise bad_request("suffix is not supported", param="suffix")
+        req.refuse_unsupported()
         prompt_ids: list[list[int]] = []
         prompt_texts: list[str | None] = []
         for prompt in req.prompts():
