@@ -3,6 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output text (vLLM's ``structured_outputs``); exactly one of ``json``
+    (a JSON schema, as a dict or its text), ``regex``, ``choice`` (the output is one of these
+    strings) or ``json_object`` (any JSON object) is set.
+
+    ``disable_any_whitespace``: JSON is written compactly, with no whitespace between tokens
+    (by default a model may put whitespace wherever JSON allows it, as vLLM does)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = self._given()
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice or json_object, "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if self.choice is not None and (
+            not self.choice or any(not isinstance(c, str) or c == "" for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a list of non-empty strings")
+
+    def _given(self) -> list[str]:
+        return [
+            name
+            for name in ("json", "regex", "choice", "json_object")
+            if getattr(self, name) not in (None, False)
+        ]
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: ``json``, ``regex``, ``choice`` or ``json_object``."""
+        return self._given()[0]
 
 
 @dataclass
@@ -35,6 +76,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from pagedserve.model.loader import load_model
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import RequestOutput
 from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
+from pagedserve.sample.structured_output import GrammarCompiler
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.cpu_malloc import keep_freed_memory_in_heap
@@ -155,6 +156,7 @@ class LLMEngine:
         )
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(hf.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, hf.vocab_size, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
         self.generation_tokens = 0
@@ -190,6 +192,8 @@ class LLMEngine:
         req = Request(
             request_id, token_ids, params, make_generator(params.seed, self.device), times
         )
+        if params.structured_outputs is not None:
+            req.grammar = self.grammars.matcher(params.structured_outputs)
         group = RequestGroup(request_id, prompt_text, token_ids, params)
         group.sequences.append(self.outputs.new_sequence(req))
         self.groups[request_id] = group
@@ -266,7 +270,7 @@ class LLMEngine:
         if len(row_of_logits) != logits.shape[0]:
             logits = logits[torch.tensor(row_of_logits, device=logits.device)]
         rows = [
-            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar)
             for r in sampling
         ]
         result = self.sampler(logits, rows)
@@ -295,6 +299,8 @@ class LLMEngine:
             gen = make_generator(params.seed, self.device, i)
             child = Request(req.request_id, req.prompt_token_ids, params, gen, req.times, index=i)
             child.num_cached_tokens = req.num_cached_tokens
+            if req.grammar is not None:
+                child.grammar = req.grammar.deep_copy()
             self.scheduler.fork(req, child)
             group.sequences.append(self.outputs.new_sequence(child))
             children.append(child)
@@ -313,6 +319,8 @@ class LLMEngine:
                 req.times.first_token_time = now
             req.times.last_token_time = now
             status = self.outputs.append(seq, token_id, entry)
+            if req.grammar is not None and status is None and _grammar_complete(req, token_id):
+                status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 self.scheduler.finish(req, status)
             touched[req.request_id] = group
@@ -343,3 +351,19 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+
+def _grammar_complete(req: Request, token_id: int) -> bool:
+    """Feed the sampled token to the sequence's grammar; True when nothing may follow it (the
+    JSON object is closed, the choice is made), so the sequence ends there."""
+    assert req.grammar is not None
+    if not req.grammar.consume_token(token_id):
+        # The mask only lets through tokens the grammar takes, so this is a bug, not bad input.
+        logger.error(
+            "request %s: grammar refused token %d: %s",
+            req.request_id,
+            token_id,
+            req.grammar.get_error(),
+        )
+        return True
+    return req.grammar.is_stopped()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.sample.structured_output import LLMatcher
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -76,6 +77,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.grammar: LLMatcher | None = None  # structured output: where its text stands
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from pagedserve.sample.structured_output import LLMatcher, allowed_tokens
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -25,6 +26,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far, not including the token being sampled
     generator: torch.Generator | None = None  # per-sequence RNG; None = the global RNG
+    grammar: LLMatcher | None = None  # structured output: only tokens it allows may come next
 
 
 class TokenMask(NamedTuple):
@@ -121,7 +123,7 @@ class SamplingMetadata:
             max_top_k=max_top_k,
             top_p=top_p,
             generators=generators,
-            allowed=_allowed_tokens(params, vocab_size, device),
+            allowed=_allowed_tokens(rows, vocab_size, device),
             logit_bias=_logit_bias(params, vocab_size, device),
             min_tokens_ban=_min_tokens_ban(rows, vocab_size, eos_token_ids, device),
             penalties=_penalties(rows, vocab_size, device),
@@ -130,16 +132,30 @@ class SamplingMetadata:
 
 
 def _allowed_tokens(
-    params: list[SamplingParams], vocab_size: int, device: torch.device
+    rows: list[SamplingRow], vocab_size: int, device: torch.device
 ) -> TokenMask | None:
-    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
-    if not rows:
+    """Rows limited by ``allowed_token_ids``, by a grammar, or both (then by both at once)."""
+    listed = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if not listed and not constrained:
         return None
-    lists = [[t for t in params[i].allowed_token_ids if 0 <= t < vocab_size] for i in rows]
-    local = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(x) for x in lists]))
-    allowed = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
-    allowed[local, torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long)] = True
-    return TokenMask(torch.tensor(rows, device=device), allowed.to(device))
+    limited = sorted(set(listed) | set(constrained))
+    local = {row: j for j, row in enumerate(limited)}
+    allowed = torch.ones(len(limited), vocab_size, dtype=torch.bool)
+    if listed:
+        lists = [
+            [t for t in rows[i].params.allowed_token_ids if 0 <= t < vocab_size] for i in listed
+        ]
+        in_list = torch.zeros(len(listed), vocab_size, dtype=torch.bool)
+        which = torch.repeat_interleave(
+            torch.arange(len(listed)), torch.tensor([len(x) for x in lists])
+        )
+        in_list[which, torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long)] = True
+        allowed[[local[i] for i in listed]] = in_list
+    if constrained:
+        grammar_rows = [local[i] for i in constrained]
+        allowed[grammar_rows] &= allowed_tokens([rows[i].grammar for i in constrained], vocab_size)
+    return TokenMask(torch.tensor(limited, device=device), allowed.to(device))
 
 
 def _logit_bias(

@@ -1,0 +1,105 @@
+"""Structured outputs: JSON schema, JSON object, regex and choice constraints on the sampled text.
+
+Each constrained sequence carries a grammar matcher from llguidance, the Rust library behind
+vLLM's ``guidance`` backend (llama.cpp can be built with it too). Before a step's draw the matcher
+says which tokens may come next (a bitmask over the vocabulary); the sampler sets the others to
+-inf, so greedy and sampled rows alike only ever pick a token that keeps the text inside the
+grammar. After the draw the matcher consumes the token. When the grammar is complete and nothing
+may follow (a closed JSON object, one of the choices), the sequence finishes with reason ``stop``.
+
+llguidance builds a grammar's token masks lazily, with no precompute over the vocabulary per
+schema: a matcher for SmolLM2's 49k tokens took 0.6-1 ms for a two-field schema and 6 ms for one
+of 50 nested fields, so the engine makes it at admission, between steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+from llguidance import LLMatcher, LLTokenizer
+
+from pagedserve.sampling_params import StructuredOutputsParams
+
+__all__ = ["GrammarCompiler", "LLMatcher", "allowed_tokens", "check_grammar"]
+
+
+class GrammarCompiler:
+    """Turns a request's :class:`StructuredOutputsParams` into a fresh matcher for one model.
+
+    The llguidance view of the tokenizer (about 0.3 s for a 50k vocabulary) is built on the
+    first constrained request, not at start-up."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self._hf_tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos_token_ids = sorted(eos_token_ids)
+        self._tokenizer: LLTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> LLTokenizer:
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos_token_ids
+                )
+            except Exception as exc:  # the library's own error types, for tokenizers it cannot take
+                raise ValueError(
+                    f"structured outputs do not support this tokenizer: {exc}"
+                ) from exc
+        return self._tokenizer
+
+    def matcher(self, params: StructuredOutputsParams) -> LLMatcher:
+        """A matcher at the start of the grammar; ``ValueError`` naming what is wrong with it."""
+        grammar = grammar_of(params)
+        error = LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise ValueError(f"invalid {params.kind} constraint: {error.strip()}")
+        matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"invalid {params.kind} constraint: {matcher.get_error()}")
+        return matcher
+
+
+def check_grammar(params: StructuredOutputsParams) -> None:
+    """``ValueError`` when the schema or regex itself is not valid (no tokenizer needed)."""
+    error = LLMatcher.validate_grammar(grammar_of(params))
+    if error:
+        raise ValueError(f"invalid {params.kind} constraint: {error.strip()}")
+
+
+def grammar_of(params: StructuredOutputsParams) -> str:
+    """llguidance's grammar text for a constraint."""
+    if params.regex is not None:
+        return LLMatcher.grammar_from_regex(params.regex)
+    if params.choice is not None:
+        # Lark string literals take JSON's escapes, so each choice is matched literally.
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
+        return LLMatcher.grammar_from_lark(f"start: {alternatives}")
+    schema = params.json if params.json is not None else {"type": "object"}
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise ValueError("a JSON schema must be a JSON object")
+    overrides = {"whitespace_flexible": False} if params.disable_any_whitespace else None
+    return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
+
+
+def allowed_tokens(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:
+    """[len(matchers), vocab_size] bool: the tokens each matcher allows next.
+
+    llguidance writes bit ``t % 32`` of 32-bit word ``t // 32`` for token ``t``; read as
+    little-endian bytes (x86, Arm) that is bit ``t % 8`` of byte ``t // 8``, which numpy unpacks
+    in one pass (about ten times faster than shifting the words in torch at 64 rows)."""
+    words = (vocab_size + 31) // 32
+    bitmask = np.empty((len(matchers), words), dtype=np.int32)
+    for row, matcher in zip(bitmask, matchers, strict=True):
+        matcher.unsafe_compute_mask_ptr(row.ctypes.data, words * 4)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(bits).view(torch.bool)

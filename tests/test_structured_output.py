@@ -1,0 +1,119 @@
+"""Structured outputs through the engine: every output keeps to its constraint.
+
+A tiny random model is the hardest client for a grammar: it would write anything, so whatever
+keeps its outputs inside the constraint is the mask, not the model. The packaged SmolLM2 shows
+the common case, a chat model asked for JSON.
+"""
+
+import json
+import re
+
+import pytest
+
+from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["colour", "ok", "count"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return LLM(tiny_model_dir("llama"), kv_cache_memory=0.05)
+
+
+def _texts(llm, constraint, n=6, prompt="Answer:", **params):
+    params = SamplingParams(
+        **{"n": n, "temperature": 1.0, "seed": 7, "max_tokens": 64, **params},
+        structured_outputs=constraint,
+    )
+    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    return out.outputs
+
+
+def test_choice_is_one_of_the_choices(tiny):
+    choices = ["yes", "no", "not sure"]
+    outputs = _texts(tiny, StructuredOutputsParams(choice=choices))
+    assert all(o.text in choices and o.finish_reason == "stop" for o in outputs)
+
+
+def test_regex_is_matched(tiny):
+    outputs = _texts(tiny, StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}"))
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", o.text) for o in outputs), outputs
+
+
+def test_json_schema_is_followed(tiny):
+    constraint = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    for out in _texts(tiny, constraint):
+        value = json.loads(out.text)
+        assert set(value) == {"colour", "ok", "count"} and out.finish_reason == "stop"
+        assert value["colour"] in ("red", "green", "blue") and isinstance(value["ok"], bool)
+        assert isinstance(value["count"], int) and 0 <= value["count"] <= 99
+        assert " " not in out.text and "\n" not in out.text
+
+
+def test_greedy_rows_are_constrained_too(tiny):
+    outputs = _texts(tiny, StructuredOutputsParams(choice=["alpha", "beta"]), n=1, temperature=0)
+    assert outputs[0].text in ("alpha", "beta")
+
+
+def test_allowed_token_ids_narrow_the_grammar(tiny, smollm2_tokenizer):
+    """Both limits hold at once: of the two choices only the one spelled by allowed tokens."""
+    (yes,) = smollm2_tokenizer.encode("yes")
+    outputs = _texts(
+        tiny, StructuredOutputsParams(choice=["yes", "no"]), allowed_token_ids=[yes, 0, 1, 2]
+    )
+    assert all(o.text == "yes" for o in outputs)
+
+
+def test_free_requests_beside_constrained_ones_are_unchanged(tiny):
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = tiny.generate(["Hello there"], free, use_tqdm=False)[0].outputs[0].token_ids
+    constrained = SamplingParams(
+        temperature=1.0, max_tokens=32, structured_outputs=StructuredOutputsParams(regex="[ab]+c")
+    )
+    mixed = tiny.generate(
+        ["Answer:", "Hello there", "Answer:"], [constrained, free, constrained], use_tqdm=False
+    )
+    assert mixed[1].outputs[0].token_ids == alone
+    for i in (0, 2):
+        text = mixed[i].outputs[0].text
+        # the grammar ends at "c"; a length cut leaves a prefix of the language
+        assert re.fullmatch(r"[ab]+c|[ab]*", text), text
+    stats = tiny.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"json": {"type": "nonsense"}},
+        {"json": "{not json"},
+        {"regex": "a(("},
+        {"choice": []},
+        {"regex": "a", "choice": ["a"]},
+        {},
+    ],
+)
+def test_bad_constraints_are_refused(tiny, constraint):
+    with pytest.raises(ValueError):
+        params = SamplingParams(structured_outputs=StructuredOutputsParams(**constraint))
+        tiny.llm_engine.add_request("bad", [1, 2, 3], params)
+    assert not tiny.llm_engine.has_unfinished_requests()
+
+
+def test_chat_model_answers_a_json_object(smollm2_path, smollm2_cache_gib):
+    llm = LLM(smollm2_path, kv_cache_memory=smollm2_cache_gib(64))
+    messages = [{"role": "user", "content": "Describe a cat as JSON with a name and an age."}]
+    params = SamplingParams(
+        temperature=0, max_tokens=120, structured_outputs=StructuredOutputsParams(json_object=True)
+    )
+    (out,) = llm.chat(messages, params, use_tqdm=False)[0].outputs
+    assert isinstance(json.loads(out.text), dict) and out.finish_reason == "stop"
