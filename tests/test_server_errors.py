@@ -89,7 +89,7 @@ def test_health_and_metrics_stay_open(server):
 
 
 # Structured output and tool calling are refused (400) rather than silently ignored.
-SCHEMA = {"name": "answer", "schema": {"type": "object"}}
+BAD_SCHEMA = {"name": "answer", "schema": {"type": "nonsense"}}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
@@ -113,8 +113,19 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"n": 129}, "n"),
         ({"messages": "not a list"}, "messages"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": SCHEMA}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": BAD_SCHEMA}},
+            "response_format",
+        ),
+        ({"structured_outputs": {"regex": "a(("}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs"),
+        (
+            {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+        ),
         ({"tools": [TOOL]}, "tools"),
         ({"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
@@ -143,7 +154,11 @@ def test_chat_bad_values_are_400(server, change, param):
         ({"top_k": -5}, "top_k"),
         ({"suffix": "x"}, "suffix"),
         ({"stream": True, "n": 0}, "n"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": BAD_SCHEMA}},
+            "response_format",
+        ),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs"),
     ],
 )
 def test_completion_bad_values_are_400(server, change, param):

@@ -3,8 +3,10 @@ SmolLM2, driven by the official ``openai`` client."""
 
 from __future__ import annotations
 
+import json
 import time
 
+import pydantic
 import pytest
 from server_utils import MODEL_NAME, ServerProcess, request
 
@@ -276,3 +278,73 @@ def test_text_response_format_and_tools_not_chosen_are_served(client):
         client, max_tokens=4, response_format={"type": "text"}, tools=[tool], tool_choice="none"
     )
     assert chat.choices[0].message.content and not chat.choices[0].message.tool_calls
+
+
+CAT_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+CAT_CHAT = [{"role": "user", "content": "Describe a cat as JSON with a name and an age."}]
+
+
+def test_response_format_json_schema(client):
+    r = greedy_chat(
+        client,
+        messages=CAT_CHAT,
+        max_tokens=100,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "cat", "schema": CAT_SCHEMA},
+        },
+    )
+    cat = json.loads(r.choices[0].message.content)
+    assert set(cat) == {"name", "age"} and isinstance(cat["age"], int)
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_response_format_json_object_streams(client):
+    chunks = greedy_chat(
+        client,
+        messages=CAT_CHAT,
+        max_tokens=100,
+        response_format={"type": "json_object"},
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)
+
+
+def test_openai_parse_fills_a_pydantic_model(client):
+    """The client's structured-output helper: it sends the model's JSON schema and parses the
+    answer back into the model."""
+
+    class Cat(pydantic.BaseModel):
+        name: str
+        age: int
+
+    r = client.chat.completions.parse(
+        model=MODEL_NAME, messages=CAT_CHAT, max_tokens=100, temperature=0, response_format=Cat
+    )
+    assert isinstance(r.choices[0].message.parsed, Cat)
+
+
+def test_structured_outputs_choice_on_completions(client):
+    """vLLM's ``structured_outputs`` extra, here a choice, on the completions endpoint."""
+    choices = ["Paris", "London", "Rome"]
+    r = greedy_completion(
+        client, max_tokens=8, extra_body={"structured_outputs": {"choice": choices}}
+    )
+    assert r.choices[0].text in choices and r.choices[0].finish_reason == "stop"
+
+
+def test_structured_outputs_compact_json_schema(client):
+    r = greedy_chat(
+        client,
+        messages=CAT_CHAT,
+        max_tokens=100,
+        extra_body={"structured_outputs": {"json": CAT_SCHEMA, "disable_any_whitespace": True}},
+    )
+    text = r.choices[0].message.content
+    assert set(json.loads(text)) == {"name", "age"} and "\n" not in text

@@ -12,7 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.entrypoints.openai.errors import bad_request
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sample.structured_output import check_grammar
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_N = 128  # OpenAI's limit on choices per request
 
@@ -36,8 +37,28 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIModel):
     type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's ``structured_outputs`` extra (one constraint of the output text)."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    grammar: str | None = None  # not supported: refused
+    structural_tag: Any = None  # not supported: refused
 
 
 class SamplingFields(OpenAIModel):
@@ -56,6 +77,7 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
@@ -103,18 +125,62 @@ class SamplingFields(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=_logit_bias(self.logit_bias),
             allowed_token_ids=self.allowed_token_ids,
+            structured_outputs=self.structured_output_params(),
         )
+
+    def structured_output_params(self) -> StructuredOutputsParams | None:
+        """The constraint asked for by ``response_format`` (OpenAI) or ``structured_outputs``
+        (vLLM); a 400 naming the field when its schema or regex is not valid."""
+        fmt = self.response_format
+        kind = fmt.type if fmt else "text"
+        param = "response_format" if kind != "text" else "structured_outputs"
+        try:
+            if kind == "json_object":
+                params = StructuredOutputsParams(json_object=True)
+            elif kind == "json_schema":
+                if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                    raise ValueError("response_format of type json_schema needs json_schema.schema")
+                params = StructuredOutputsParams(json=fmt.json_schema.json_schema)
+            elif self.structured_outputs is not None:
+                so = self.structured_outputs
+                params = StructuredOutputsParams(
+                    json=so.json_schema,
+                    regex=so.regex,
+                    choice=so.choice,
+                    json_object=so.json_object,
+                    disable_any_whitespace=so.disable_any_whitespace,
+                )
+            else:
+                return None
+            check_grammar(params)
+        except ValueError as exc:
+            raise bad_request(str(exc), param=param) from exc
+        return params
 
     def refuse_unsupported(self) -> None:
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
         it (a client that asks for JSON must not be handed free text); checked first, before any
         tokenizing."""
         kind = self.response_format.type if self.response_format else "text"
+        if kind not in ("text", "json_object", "json_schema"):
+            raise bad_request(
+                f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+                "'json_schema'",
+                param="response_format",
+            )
+        so = self.structured_outputs
+        if so is None:
+            return
+        if so.grammar is not None or so.structural_tag is not None:
+            raise bad_request(
+                "structured_outputs grammar and structural_tag are not supported yet; use json, "
+                "regex, choice or json_object",
+                param="structured_outputs",
+            )
         if kind != "text":
             raise bad_request(
-                f"response_format type {kind!r} is not supported: this server has no structured "
-                "output yet; leave response_format out or use type 'text'",
-                param="response_format",
+                "give response_format or structured_outputs, not both",
+                param="structured_outputs",
             )
 
     def token_ids_to_check(self) -> dict[str, list[int]]:
