@@ -88,9 +88,10 @@ def test_health_and_metrics_stay_open(server):
     assert status == 200 and "pagedserve:num_requests_running" in text
 
 
-# Structured output and tool calling are refused (400) rather than silently ignored.
+# Output constraints and tool choices the server cannot honour are a 400, never ignored.
 BAD_SCHEMA = {"name": "answer", "schema": {"type": "nonsense"}}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
 
 
 @pytest.mark.parametrize(
@@ -128,10 +129,25 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         ),
         ({"tools": [TOOL]}, "tools"),
         ({"tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
-        ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
         (
-            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
             "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),
+        ({"tools": [BAD_TOOL], "tool_choice": "required"}, "tools"),
+        (
+            {
+                "tools": [TOOL],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]},
+            "messages",
         ),
     ],
 )

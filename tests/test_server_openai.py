@@ -348,3 +348,86 @@ def test_structured_outputs_compact_json_schema(client):
     )
     text = r.choices[0].message.content
     assert set(json.loads(text)) == {"name", "age"} and "\n" not in text
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+    },
+}
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def tool_chat(client, **kwargs):
+    args = {"messages": WEATHER_CHAT, "tools": [WEATHER, CLOCK], "max_tokens": 100}
+    return greedy_chat(client, **{**args, **kwargs})
+
+
+def streamed_calls(chunks):
+    """The tool calls of a stream, put together from their deltas, and the finish reason."""
+    calls, finish = {}, None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        finish = chunk.choices[0].finish_reason or finish
+        for d in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+            call["name"] += d.function.name or ""
+            call["arguments"] += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def test_named_tool_choice_calls_that_function(client):
+    r = tool_chat(client, tool_choice=NAMED_WEATHER)
+    message = r.choices[0].message
+    (call,) = message.tool_calls
+    assert message.content is None and r.choices[0].finish_reason == "stop"
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    (streamed,), finish = streamed_calls(tool_chat(client, tool_choice=NAMED_WEATHER, stream=True))
+    assert finish == "stop" and streamed["name"] == "get_weather"
+    assert streamed["arguments"] == call.function.arguments
+
+
+def test_required_tool_choice_returns_tool_calls(client):
+    r = tool_chat(client, tool_choice="required", parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)
+    streamed, finish = streamed_calls(
+        tool_chat(client, tool_choice="required", parallel_tool_calls=False, stream=True)
+    )
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in streamed] == [
+        (call.function.name, call.function.arguments)
+    ]
+
+
+def test_a_tool_result_continues_the_conversation(client):
+    call = tool_chat(client, tool_choice=NAMED_WEATHER).choices[0].message.tool_calls[0]
+    history = [
+        *WEATHER_CHAT,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    r = greedy_chat(client, messages=history, tools=[WEATHER], tool_choice="none")
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.tool_calls import forced_mode, forced_schema
 from pagedserve.sample.structured_output import check_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -35,6 +36,8 @@ class ChatMessage(OpenAIModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class JsonSchemaFormat(OpenAIModel):
@@ -220,19 +223,40 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def refuse_unsupported(self) -> None:
-        """As for every request, plus tool calling: with tools and any ``tool_choice`` but
-        ``none`` (``auto`` when left out, as OpenAI defaults) the client expects the server to
-        parse tool calls, which it does not do yet (vLLM likewise refuses unless started with a
-        tool-call parser)."""
+        """As for every request, plus tool choices that cannot be honoured (see
+        ``tool_calls.forced_mode``: ``auto``, which is the default with tools, needs a parser
+        of the model's tool-call format, as in vLLM) and forced calls beside another output
+        constraint."""
         super().refuse_unsupported()
-        if self.tools and self.tool_choice != "none":
+        if self.tool_mode is not None and (
+            self.structured_outputs is not None
+            or (self.response_format is not None and self.response_format.type != "text")
+        ):
             raise bad_request(
-                "tool calling is not supported yet: send tool_choice 'none' to run the request "
-                "without tools, or leave tools out",
-                param="tool_choice" if self.tool_choice is not None else "tools",
+                "a forced tool call already fixes the output; leave out response_format and "
+                "structured_outputs",
+                param="tool_choice",
             )
+
+    @property
+    def tool_mode(self) -> tuple[str, str] | None:
+        return forced_mode(self.tools, self.tool_choice)
+
+    def structured_output_params(self) -> StructuredOutputsParams | None:
+        """Forced tool calls hold the answer to the tools' schemas; else as every request."""
+        mode = self.tool_mode
+        if mode is None:
+            return super().structured_output_params()
+        parallel = self.parallel_tool_calls is not False
+        params = StructuredOutputsParams(json=forced_schema(self.tools or [], mode, parallel))
+        try:
+            check_grammar(params)
+        except ValueError as exc:
+            raise bad_request(f"a tool's parameters schema is not valid: {exc}", "tools") from exc
+        return params
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -129,8 +129,10 @@ class OpenAIServing:
         continue_final_message: bool,
         chat_template: str | None,
         chat_template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The conversation as prompt text, through the model's (or the given) chat template."""
+        """The conversation as prompt text, through the model's (or the given) chat template,
+        which also sees ``tools`` (templates of tool-calling models list them for the model)."""
         if not messages:
             raise bad_request("messages must contain at least one message", param="messages")
         if add_generation_prompt and continue_final_message:
@@ -160,6 +162,7 @@ class OpenAIServing:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                tools=tools,
                 **kwargs,
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
@@ -227,7 +230,26 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
     if message.name is not None:
         out["name"] = message.name
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [_template_call(call, index) for call in message.tool_calls]
     return out
+
+
+def _template_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    """An earlier tool call as chat templates take it: the arguments as an object, not the JSON
+    text the API carries (as vLLM hands them over)."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request(f"messages[{index}]: a tool call needs function.name", "messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 async def last_output(stream: RequestStream) -> RequestOutput:

@@ -25,6 +25,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     sse,
     usage_dict,
 )
+from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, calls_finish_reason, read_calls
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
@@ -43,6 +44,7 @@ class ServingChat:
             req.continue_final_message,
             req.chat_template,
             req.chat_template_kwargs,
+            req.tools,
         )
         prompt_ids = await s.tokenize(text, req.add_special_tokens)
         params = s.sampling_params(
@@ -55,28 +57,40 @@ class ServingChat:
             return SSEResponse(
                 self._stream(req, request_id, created, stream, top_logprobs), stream.abort
             )
+        tool_mode = req.tool_mode
 
         async def run() -> Response:
             stream = (await s.submit_all(request_id, [prompt_ids], [params]))[0]
             final = await last_output(stream)
-            return JSONResponse(self._response(request_id, created, final, top_logprobs))
+            return JSONResponse(self._response(request_id, created, final, top_logprobs, tool_mode))
 
         return await cancel_on_disconnect(raw, run)
 
     def _response(
-        self, request_id: str, created: int, out: RequestOutput, top_logprobs: int | None
+        self,
+        request_id: str,
+        created: int,
+        out: RequestOutput,
+        top_logprobs: int | None,
+        tool_mode: tuple[str, str] | None,
     ) -> dict[str, Any]:
         choices = []
         for c in sorted(out.outputs, key=lambda c: c.index):
             logprobs = None
             if top_logprobs is not None:
                 logprobs = {"content": self._logprobs(c, 0, len(c.token_ids), top_logprobs)}
+            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+            finish_reason = c.finish_reason
+            calls = read_calls(c.text, tool_mode, _call_id) if tool_mode else None
+            if calls is not None:
+                message.update(content=None, tool_calls=calls)
+                finish_reason = calls_finish_reason(tool_mode, finish_reason)
             choices.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish_reason,
                 }
             )
         return {
@@ -121,6 +135,8 @@ class ServingChat:
                     "finish_reason": None,
                 }
             )
+        tool_mode = req.tool_mode
+        tool_deltas = [ToolCallDeltas(tool_mode, _call_id) for _ in range(n)] if tool_mode else None
         text_pos = [0] * n
         token_pos = [0] * n
         done = [False] * n
@@ -144,12 +160,18 @@ class ServingChat:
                     text_pos[i] = len(c.text)
                     token_pos[i] = num_tokens
                     done[i] = c.finish_reason is not None
+                    delta: dict[str, Any] = {"content": new_text} if new_text else {}
+                    finish_reason = c.finish_reason
+                    if tool_deltas is not None:
+                        delta, finish_reason = tool_deltas[i].next(new_text, c.text, finish_reason)
+                        if not delta and finish_reason is None and logprobs is None:
+                            continue
                     yield chunk(
                         {
                             "index": i,
-                            "delta": {"content": new_text} if new_text else {},
+                            "delta": delta,
                             "logprobs": logprobs,
-                            "finish_reason": c.finish_reason,
+                            "finish_reason": finish_reason,
                         }
                     )
         except EngineError as exc:
@@ -190,6 +212,10 @@ class ServingChat:
                 }
             )
         return entries
+
+
+def _call_id() -> str:
+    return new_id("chatcmpl-tool")
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:
