@@ -10,7 +10,8 @@ from typing import Any
 class StructuredOutputsParams:
     """A constraint on the output text (vLLM's ``structured_outputs``); exactly one of ``json``
     (a JSON schema, as a dict or its text), ``regex``, ``choice`` (the output is one of these
-    strings) or ``json_object`` (any JSON object) is set.
+    strings), ``grammar`` (a context-free grammar in GBNF, llama.cpp's and vLLM's EBNF form with
+    ``root ::= ...``, or in Lark with ``start: ...``) or ``json_object`` (any JSON object) is set.
 
     ``disable_any_whitespace``: JSON is written compactly, with no whitespace between tokens
     (by default a model may put whitespace wherever JSON allows it, as vLLM does)."""
@@ -18,6 +19,7 @@ class StructuredOutputsParams:
     json: str | dict[str, Any] | None = None
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
 
@@ -25,7 +27,8 @@ class StructuredOutputsParams:
         given = self._given()
         if len(given) != 1:
             raise ValueError(
-                "structured_outputs needs exactly one of json, regex, choice or json_object, "
+                "structured_outputs needs exactly one of json, regex, choice, grammar or "
+                "json_object, "
                 f"got {', '.join(given) or 'none'}"
             )
         if self.choice is not None and (
@@ -36,13 +39,14 @@ class StructuredOutputsParams:
     def _given(self) -> list[str]:
         return [
             name
-            for name in ("json", "regex", "choice", "json_object")
+            for name in ("json", "regex", "choice", "grammar", "json_object")
             if getattr(self, name) not in (None, False)
         ]
 
     @property
     def kind(self) -> str:
-        """Which constraint this is: ``json``, ``regex``, ``choice`` or ``json_object``."""
+        """Which constraint this is: ``json``, ``regex``, ``choice``, ``grammar`` or
+        ``json_object``."""
         return self._given()[0]
 
 

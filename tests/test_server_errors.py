@@ -122,7 +122,8 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ),
         ({"structured_outputs": {"regex": "a(("}}, "structured_outputs"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
-        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "root ::= (("}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": {"type": "x"}}}, "structured_outputs"),
         (
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
             "structured_outputs",

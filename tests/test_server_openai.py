@@ -337,6 +337,11 @@ def test_structured_outputs_choice_on_completions(client):
         client, max_tokens=8, extra_body={"structured_outputs": {"choice": choices}}
     )
     assert r.choices[0].text in choices and r.choices[0].finish_reason == "stop"
+    grammar = 'root ::= city ", " country\ncity ::= "Paris" | "Lyon"\ncountry ::= "France"'
+    r = greedy_completion(
+        client, max_tokens=8, extra_body={"structured_outputs": {"grammar": grammar}}
+    )
+    assert r.choices[0].text in ("Paris, France", "Lyon, France")
 
 
 def test_structured_outputs_compact_json_schema(client):

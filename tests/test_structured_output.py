@@ -59,6 +59,28 @@ def test_json_schema_is_followed(tiny):
         assert " " not in out.text and "\n" not in out.text
 
 
+GBNF = r"""
+root ::= "SELECT " column " FROM " table
+column ::= "id" | "name" | "age"
+table ::= [a-z]{1,4} "_" [0-9]
+"""
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        GBNF,
+        'start: "SELECT " column " FROM " TABLE\ncolumn: "id" | "name" | "age"\n'
+        "TABLE: /[a-z]{1,4}_[0-9]/\n",
+    ],
+    ids=["gbnf", "lark"],
+)
+def test_grammar_is_followed(tiny, grammar):
+    """A context-free grammar, written in GBNF (vLLM's EBNF, llama.cpp's) or in Lark."""
+    for out in _texts(tiny, StructuredOutputsParams(grammar=grammar)):
+        assert re.fullmatch(r"SELECT (id|name|age) FROM [a-z]{1,4}_[0-9]", out.text), out.text
+
+
 def test_greedy_rows_are_constrained_too(tiny):
     outputs = _texts(tiny, StructuredOutputsParams(choice=["alpha", "beta"]), n=1, temperature=0)
     assert outputs[0].text in ("alpha", "beta")
@@ -97,6 +119,8 @@ def test_free_requests_beside_constrained_ones_are_unchanged(tiny):
         {"json": {"type": "nonsense"}},
         {"json": "{not json"},
         {"regex": "a(("},
+        {"grammar": "root ::= missing"},
+        {"grammar": "root ::= (("},
         {"choice": []},
         {"regex": "a", "choice": ["a"]},
         {},

@@ -1,4 +1,4 @@
-"""Structured outputs: JSON schema, JSON object, regex and choice constraints on the sampled text.
+"""Structured outputs: JSON schema, JSON object, regex, choice and grammar constraints on the text.
 
 Each constrained sequence carries a grammar matcher from llguidance, the Rust library behind
 vLLM's ``guidance`` backend (llama.cpp can be built with it too). Before a step's draw the matcher
@@ -21,6 +21,7 @@ import llguidance.hf
 import numpy as np
 import torch
 from llguidance import LLMatcher, LLTokenizer
+from llguidance.gbnf_to_lark import any_to_lark
 
 from pagedserve.sampling_params import StructuredOutputsParams
 
@@ -75,6 +76,11 @@ def grammar_of(params: StructuredOutputsParams) -> str:
     """llguidance's grammar text for a constraint."""
     if params.regex is not None:
         return LLMatcher.grammar_from_regex(params.regex)
+    if params.grammar is not None:
+        try:
+            return LLMatcher.grammar_from_lark(any_to_lark(params.grammar))
+        except Exception as exc:  # the GBNF converter raises bare Exceptions too
+            raise ValueError(f"invalid grammar constraint: {exc}") from exc
     if params.choice is not None:
         # Lark string literals take JSON's escapes, so each choice is matched literally.
         alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)

@@ -58,9 +58,9 @@ class StructuredOutputs(OpenAIModel):
     json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
-    grammar: str | None = None  # not supported: refused
     structural_tag: Any = None  # not supported: refused
 
 
@@ -150,6 +150,7 @@ class SamplingFields(OpenAIModel):
                     json=so.json_schema,
                     regex=so.regex,
                     choice=so.choice,
+                    grammar=so.grammar,
                     json_object=so.json_object,
                     disable_any_whitespace=so.disable_any_whitespace,
                 )
@@ -174,10 +175,10 @@ class SamplingFields(OpenAIModel):
         so = self.structured_outputs
         if so is None:
             return
-        if so.grammar is not None or so.structural_tag is not None:
+        if so.structural_tag is not None:
             raise bad_request(
-                "structured_outputs grammar and structural_tag are not supported yet; use json, "
-                "regex, choice or json_object",
+                "structured_outputs structural_tag is not supported yet; use json, regex, "
+                "choice, grammar or json_object",
                 param="structured_outputs",
             )
         if kind != "text":
