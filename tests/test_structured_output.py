@@ -141,3 +141,25 @@ def test_chat_model_answers_a_json_object(smollm2_path, smollm2_cache_gib):
     )
     (out,) = llm.chat(messages, params, use_tqdm=False)[0].outputs
     assert isinstance(json.loads(out.text), dict) and out.finish_reason == "stop"
+
+
+def test_preemption_keeps_the_grammar_where_it_was(tiny, tiny_model_dir):
+    """Seeded constrained requests give the same outputs alone and in a cache too small for all
+    of them at once, where running requests are preempted and recomputed."""
+    constraint = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    params = [
+        SamplingParams(temperature=1.0, seed=i, max_tokens=64, structured_outputs=constraint)
+        for i in range(16)
+    ]
+    prompts = [f"Request {i}:" for i in range(16)]
+    alone = [
+        tiny.generate([p], q, use_tqdm=False)[0].outputs[0].text
+        for p, q in zip(prompts, params, strict=True)
+    ]
+    # 8 blocks of 16 tokens, 512 bytes a token (2 layers, 2 kv heads of 16, float32 K and V)
+    small = LLM(tiny_model_dir("llama"), kv_cache_memory=8 * 16 * 512 / (1 << 30))
+    assert small.llm_engine.num_blocks == 8
+    crowded = [r.outputs[0].text for r in small.generate(prompts, params, use_tqdm=False)]
+    assert crowded == alone
+    stats = small.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.num_free_blocks == stats.num_total_blocks
