@@ -145,15 +145,10 @@ class SamplingFields(OpenAIModel):
                     raise ValueError("response_format of type json_schema needs json_schema.schema")
                 params = StructuredOutputsParams(json=fmt.json_schema.json_schema)
             elif self.structured_outputs is not None:
-                so = self.structured_outputs
-                params = StructuredOutputsParams(
-                    json=so.json_schema,
-                    regex=so.regex,
-                    choice=so.choice,
-                    grammar=so.grammar,
-                    json_object=so.json_object,
-                    disable_any_whitespace=so.disable_any_whitespace,
+                fields = self.structured_outputs.model_dump(
+                    by_alias=True, exclude={"structural_tag"}
                 )
+                params = StructuredOutputsParams(**fields)
             else:
                 return None
             check_grammar(params)
