@@ -31,13 +31,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="reuse the KV cache of shared prompt prefixes (default: on)",
     )
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="on a GPU, run decode steps without CUDA graphs",
+    )
     group.add_argument("--seed", type=int, default=0, help="engine and workload seed")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``LLM(...)`` keyword arguments given on the command line."""
     kwargs: dict[str, Any] = {"model": args.model, "seed": args.seed}
-    for dest in [*_ENGINE_FLAGS, "enable_prefix_caching"]:
+    for dest in [*_ENGINE_FLAGS, "enable_prefix_caching", "enforce_eager"]:
         value = getattr(args, dest)
         if value is not None:
             kwargs[dest] = value

@@ -149,7 +149,14 @@ class LLMEngine:
                 capacity,
             )
             self.max_model_len = capacity
-        self.runner = ModelRunner(self.model, kv_cache, self.device)
+        self.runner = ModelRunner(
+            self.model,
+            kv_cache,
+            self.device,
+            config.max_num_seqs,
+            self.max_model_len,
+            config.enforce_eager,
+        )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len

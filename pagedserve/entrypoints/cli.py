@@ -62,6 +62,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="reuse the KV cache of shared prompt prefixes (default: on)",
     )
     g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="on a GPU, run decode steps without CUDA graphs",
+    )
+    g.add_argument(
         "--chat-template", default=None, help="a chat template file (jinja2), or the template"
     )
     g.add_argument("--seed", type=int, default=None, help="engine seed")
@@ -78,6 +84,7 @@ _ENGINE_FIELDS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "enable_prefix_caching",
+    "enforce_eager",
     "seed",
 )
 

@@ -47,7 +47,10 @@ def num_blocks_for_budget(
 
 
 class KVCache:
-    """One ``[num_blocks, block_size, num_kv_heads, head_dim]`` K pool and V pool per layer."""
+    """One K pool and one V pool per layer, ``[num_blocks + 1, block_size, num_kv_heads,
+    head_dim]``: the scheduler hands out blocks ``0 .. num_blocks - 1``; the last one,
+    :attr:`scratch_block`, belongs to no request (padded rows of a CUDA-graph step write there).
+    """
 
     def __init__(
         self,
@@ -59,11 +62,12 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         # Zeroed, not empty: padded attention reads masked slots, and 0 * NaN garbage is NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
         self.block_size = block_size
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,13 +11,29 @@ from torch import nn
 
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model.layers.attention import Attention, AttentionMetadata, build_kernels
+from pagedserve.worker.decode_graphs import DecodeGraphs
 from pagedserve.worker.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model and its KV cache; one :meth:`execute` per engine step."""
+    """Owns the model and its KV cache; one :meth:`execute` per engine step.
 
-    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+    On CUDA, unless ``enforce_eager``, pure-decode steps replay CUDA graphs
+    (:mod:`pagedserve.worker.decode_graphs`); ``max_num_seqs`` and ``max_model_len`` bound their
+    shapes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        max_num_seqs: int,
+        max_model_len: int,
+        enforce_eager: bool = False,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -28,6 +45,17 @@ class ModelRunner:
         model_dtype = next(model.parameters()).dtype
         if device.type == "cpu" and model_dtype == torch.float32:
             build_kernels(kv_cache.k[0].dtype)
+        self.graphs: DecodeGraphs | None = None
+        # The reference attention walks per-request Python lists, which a graph cannot replay.
+        if device.type == "cuda" and not enforce_eager and layers[0].backend != "reference":
+            self.graphs = DecodeGraphs(
+                model,
+                self.block_size,
+                kv_cache.scratch_block,
+                max_num_seqs,
+                -(-max_model_len // self.block_size),
+                device,
+            )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
@@ -84,8 +112,12 @@ class ModelRunner:
         self.kv_cache.copy_blocks(sched.block_copies)
         input_ids, positions, meta, sample_rows = self.prepare(sched)
         cu = meta.query_start_loc_cpu
-        token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         wants_prompt_logits = any(r.params.prompt_logprobs is not None for r in sched.requests)
+        if not wants_prompt_logits:
+            logits = self._graph_logits(input_ids, positions, meta, sample_rows)
+            if logits is not None:
+                return StepLogits(logits, sample_rows, [])
+        token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         if not wants_prompt_logits and len(sample_rows) < cu[-1]:  # only these rows leave
             meta.output_rows = token_rows
             meta.output_reqs = self._to_device(sample_rows.astype(np.int64))
@@ -94,6 +126,28 @@ class ModelRunner:
         logits = self.model.compute_logits(rows)
         prompt_logits = self._prompt_logits(sched, hidden, cu) if wants_prompt_logits else []
         return StepLogits(logits, sample_rows, prompt_logits)
+
+    def _graph_logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: np.ndarray,
+    ) -> torch.Tensor | None:
+        """The sampling rows' logits from a decode graph; None where the graphs do not take
+        the step. A capture that fails turns the graphs off, with a warning: steps then run
+        eagerly, as with ``enforce_eager``."""
+        if self.graphs is None or not self.graphs.applies(meta):
+            return None
+        try:
+            logits = self.graphs.run(input_ids, positions, meta)
+        except RuntimeError:
+            logger.warning("CUDA graph capture failed; decode steps run eagerly", exc_info=True)
+            self.graphs = None
+            return None
+        if len(sample_rows) < len(logits):
+            logits = logits[self._to_device(sample_rows)]
+        return logits
 
     def _prompt_logits(
         self, sched: SchedulerOutput, hidden: torch.Tensor, cu: list[int]
