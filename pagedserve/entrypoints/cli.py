@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
 logger = logging.getLogger("pagedserve")
 
 BENCHMARKS = ("throughput", "serve", "latency")
@@ -168,6 +170,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--stats-interval", type=float, default=5.0, help="seconds between stats log lines"
     )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="answer tool_choice 'auto' (the default with tools): the model may call tools, "
+        "read back with --tool-call-parser",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3) or llama3_json "
+        "(Llama 3.1/3.2)",
+    )
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
@@ -177,6 +192,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from pagedserve.entrypoints.openai.api_server import ServerSettings, bind_socket, serve
 
     configure_logging(args.log_level)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser")
     chat_template = _chat_template(args)
     try:
         sock = bind_socket(args.host, args.port)
@@ -193,6 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
         stats_interval_s=args.stats_interval,
         shutdown_timeout_s=args.shutdown_timeout,
         access_log=not args.disable_access_log,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
     )
     logger.info("serving the model as %s", ", ".join(repr(n) for n in names))
     serve(engine, settings, sock)

@@ -57,6 +57,7 @@ class ServerSettings:
     stats_interval_s: float = 5.0
     shutdown_timeout_s: float = 20.0
     access_log: bool = True
+    tool_call_parser: str | None = None  # set: tool_choice "auto" is answered (vLLM's flags)
 
 
 class GuardMiddleware:
@@ -135,7 +136,7 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``engine``; starting the app starts the engine thread."""
-    serving = OpenAIServing(engine, settings.served_model_names)
+    serving = OpenAIServing(engine, settings.served_model_names, settings.tool_call_parser)
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)
     tokenize = ServingTokenize(serving)

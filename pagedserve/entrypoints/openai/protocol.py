@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from pagedserve.entrypoints.openai.errors import bad_request
-from pagedserve.entrypoints.openai.tool_calls import forced_mode, forced_schema
+from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
 from pagedserve.sample.structured_output import check_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -221,13 +221,18 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    _tool_mode: tuple[str, str] | None = PrivateAttr(default=None)
+
+    def resolve_tools(self, auto_parser: str | None) -> None:
+        """Settle what ``tool_choice`` asks for (see ``tool_calls.tool_mode``), on a server whose
+        parser for ``auto`` is ``auto_parser`` (None: ``auto`` is refused, as in vLLM without
+        ``--enable-auto-tool-choice``). Call it before anything reads :attr:`tool_mode`."""
+        self._tool_mode = tool_mode(self.tools, self.tool_choice, auto_parser)
+
     def refuse_unsupported(self) -> None:
-        """As for every request, plus tool choices that cannot be honoured (see
-        ``tool_calls.forced_mode``: ``auto``, which is the default with tools, needs a parser
-        of the model's tool-call format, as in vLLM) and forced calls beside another output
-        constraint."""
+        """As for every request, plus forced tool calls beside another output constraint."""
         super().refuse_unsupported()
-        if self.tool_mode is not None and (
+        if self.forces_tool_calls and (
             self.structured_outputs is not None
             or (self.response_format is not None and self.response_format.type != "text")
         ):
@@ -239,12 +244,16 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def tool_mode(self) -> tuple[str, str] | None:
-        return forced_mode(self.tools, self.tool_choice)
+        return self._tool_mode
+
+    @property
+    def forces_tool_calls(self) -> bool:
+        return self._tool_mode is not None and self._tool_mode[0] != AUTO
 
     def structured_output_params(self) -> StructuredOutputsParams | None:
         """Forced tool calls hold the answer to the tools' schemas; else as every request."""
         mode = self.tool_mode
-        if mode is None:
+        if mode is None or not self.forces_tool_calls:
             return super().structured_output_params()
         parallel = self.parallel_tool_calls is not False
         params = StructuredOutputsParams(json=forced_schema(self.tools or [], mode, parallel))

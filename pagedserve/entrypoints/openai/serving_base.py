@@ -47,9 +47,11 @@ class OpenAIServing:
         self,
         engine: AsyncEngine,
         served_model_names: list[str],
+        tool_parser: str | None = None,
     ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
+        self.tool_parser = tool_parser  # the parser of tool_choice "auto"; None refuses it
         self.model_name = served_model_names[0]
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len

@@ -25,7 +25,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     sse,
     usage_dict,
 )
-from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, calls_finish_reason, read_calls
+from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
@@ -36,6 +36,7 @@ class ServingChat:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         s = self.s
         s.check_model(req.model)
+        req.resolve_tools(s.tool_parser)
         req.refuse_unsupported()
         top_logprobs = req.num_logprobs
         text = s.render_chat(
@@ -81,10 +82,9 @@ class ServingChat:
                 logprobs = {"content": self._logprobs(c, 0, len(c.token_ids), top_logprobs)}
             message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
             finish_reason = c.finish_reason
-            calls = read_calls(c.text, tool_mode, _call_id) if tool_mode else None
-            if calls is not None:
-                message.update(content=None, tool_calls=calls)
-                finish_reason = calls_finish_reason(tool_mode, finish_reason)
+            if tool_mode is not None:
+                fields, finish_reason = final_answer(c.text, tool_mode, finish_reason, _call_id)
+                message.update(fields)
             choices.append(
                 {
                     "index": c.index,

@@ -1,7 +1,7 @@
-"""Forced tool calls: ``tool_choice`` naming a function, or ``"required"``, with any model.
+"""Tool calls in chat answers: what ``tool_choice`` asks for, and the calls read back.
 
-As vLLM does without a model-specific parser, the engine's structured outputs force the answer
-into a JSON shape that is read back as tool calls, so no tool-call format of the model's own is
+Forced calls work with any model. As vLLM does, the engine's structured outputs hold the answer
+to a JSON shape that is read back as tool calls, so no tool-call format of the model's own is
 needed:
 - a named function: the answer is its ``arguments`` object, under the function's parameters
   schema; the call goes back with ``finish_reason`` ``stop`` (as OpenAI answers a forced call);
@@ -9,7 +9,9 @@ needed:
   per call, each under its function's schema (one call at most with ``parallel_tool_calls``
   false); the calls go back with ``finish_reason`` ``tool_calls``.
 
-``auto`` needs a parser that knows when the model chose to call a tool; that is not built yet.
+``auto`` (the default when tools are given) lets the model answer freely; a parser of its own
+tool-call format (:mod:`.tool_parsers`, chosen with ``--tool-call-parser``) reads the calls it
+chose to make, which go back with ``finish_reason`` ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 NAMED = "named"
 REQUIRED = "required"
+AUTO = "auto"
 
 
 def function_of(tool: dict[str, Any]) -> dict[str, Any]:
@@ -32,9 +36,13 @@ def function_of(tool: dict[str, Any]) -> dict[str, Any]:
     return function
 
 
-def forced_mode(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[str, str] | None:
-    """``(NAMED, function name)`` or ``(REQUIRED, "")`` when the request forces tool calls, None
-    for ``none``; a 400 for what cannot be honoured (``auto``, an unknown function, no tools)."""
+def tool_mode(
+    tools: list[dict[str, Any]] | None, tool_choice: Any, auto_parser: str | None
+) -> tuple[str, str] | None:
+    """``(NAMED, function name)`` or ``(REQUIRED, "")`` when the request forces tool calls,
+    ``(AUTO, parser name)`` when the model may choose, None for ``none`` or no tools; a 400 for
+    what cannot be honoured (``auto`` on a server without ``auto_parser``, an unknown function,
+    a tool choice without tools)."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise bad_request("tool_choice needs tools to choose from", param="tool_choice")
@@ -42,12 +50,15 @@ def forced_mode(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[s
     names = [function_of(t)["name"] for t in tools]
     if tool_choice == "none":
         return None
-    if tool_choice is None or tool_choice == "auto":
-        raise bad_request(
-            "tool_choice 'auto' needs a parser for the model's own tool-call format, which this "
-            "server does not have yet; send 'required', a named function, or 'none'",
-            param="tool_choice" if tool_choice is not None else "tools",
-        )
+    if tool_choice is None or tool_choice == AUTO:
+        if auto_parser is None:
+            raise bad_request(
+                "tool_choice 'auto' (the default with tools) needs the server started with "
+                "--enable-auto-tool-choice and a --tool-call-parser for the model's tool-call "
+                "format; or send 'required', a named function, or 'none'",
+                param="tool_choice" if tool_choice is not None else "tools",
+            )
+        return AUTO, auto_parser
     if tool_choice == REQUIRED:
         return REQUIRED, ""
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
@@ -91,40 +102,55 @@ def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def read_calls(
-    text: str, mode: tuple[str, str], new_id: Callable[[], str]
-) -> list[dict[str, Any]] | None:
-    """The tool calls of a finished answer; None when it is not whole (cut by ``max_tokens``),
-    in which case a ``required`` answer stays plain text. A named call keeps its arguments text
-    as it is, whole or not, as vLLM does."""
+def final_answer(
+    text: str, mode: tuple[str, str], finish_reason: str | None, new_id: Callable[[], str]
+) -> tuple[dict[str, Any], str | None]:
+    """The message fields (``content``, ``tool_calls``) and finish reason of a finished answer.
+
+    A named call keeps its arguments text as it is, whole or not, as vLLM does. A ``required``
+    answer cut short by ``max_tokens`` is not valid JSON and stays plain text, as does an
+    ``auto`` answer with no call in it."""
     kind, name = mode
     if kind == NAMED:
-        return [tool_call(new_id(), name, text)]
+        return {"content": None, "tool_calls": [tool_call(new_id(), name, text)]}, finish_reason
+    if kind == AUTO:
+        content, calls = TOOL_PARSERS[name]().split(text, final=True)
+        if not calls:
+            return {"content": text}, finish_reason
+        message = {
+            "content": content if content.strip() else None,
+            "tool_calls": [tool_call(new_id(), *call) for call in calls],
+        }
+        return message, "tool_calls"
     try:
-        calls = json.loads(text)
+        decoded = json.loads(text)
     except json.JSONDecodeError:
-        return None
-    return [
+        return {"content": text}, finish_reason
+    calls = [
         tool_call(new_id(), c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-        for c in calls
+        for c in decoded
     ]
-
-
-def calls_finish_reason(mode: tuple[str, str], finish_reason: str | None) -> str | None:
-    """``tool_calls`` for the calls of a whole ``required`` answer; a forced named call keeps
-    ``stop``, as OpenAI answers one."""
-    return "tool_calls" if mode[0] == REQUIRED and finish_reason == "stop" else finish_reason
+    return {"content": None, "tool_calls": calls}, (
+        "tool_calls" if finish_reason == "stop" else finish_reason
+    )
 
 
 class ToolCallDeltas:
-    """The stream of one choice's forced tool calls: a named call's arguments as they come,
-    under one call whose id and name go in its first delta; the calls of a ``required`` answer
-    once it is whole, in its last chunk (or its text, if it was cut short)."""
+    """The stream of one choice's tool calls.
+
+    A named call streams its arguments as they come, under one call whose id and name go in its
+    first delta. The calls of a ``required`` answer come once it is whole, in its last chunk (or
+    its text, if it was cut short). With ``auto`` the model's content streams as it comes, and
+    each call goes out whole as soon as the parser sees it complete.
+    """
 
     def __init__(self, mode: tuple[str, str], new_id: Callable[[], str]) -> None:
         self.mode = mode
         self.new_id = new_id
         self.call_id: str | None = None
+        self.parser = TOOL_PARSERS[mode[1]]() if mode[0] == AUTO else None
+        self.content_sent = 0
+        self.calls_sent = 0
 
     def next(
         self, new_text: str, text: str, finish_reason: str | None
@@ -141,10 +167,29 @@ class ToolCallDeltas:
             elif not new_text:
                 return {}, finish_reason
             return {"tool_calls": [call]}, finish_reason
+        if kind == AUTO:
+            return self._auto(text, finish_reason)
         if finish_reason is None:
             return {}, None
-        calls = read_calls(text, self.mode, self.new_id)
-        if calls is None:
-            return {"content": text}, finish_reason
-        deltas = [{"index": k, **c} for k, c in enumerate(calls)]
-        return {"tool_calls": deltas}, calls_finish_reason(self.mode, finish_reason)
+        message, finish_reason = final_answer(text, self.mode, finish_reason, self.new_id)
+        if message.get("tool_calls") is None:
+            return message, finish_reason
+        deltas = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+        return {"tool_calls": deltas}, finish_reason
+
+    def _auto(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        assert self.parser is not None
+        content, calls = self.parser.split(text, final=finish_reason is not None)
+        delta: dict[str, Any] = {}
+        if len(content) > self.content_sent:
+            delta["content"] = content[self.content_sent :]
+            self.content_sent = len(content)
+        if len(calls) > self.calls_sent:
+            delta["tool_calls"] = [
+                {"index": k, **tool_call(self.new_id(), *calls[k])}
+                for k in range(self.calls_sent, len(calls))
+            ]
+            self.calls_sent = len(calls)
+        if finish_reason is not None and self.calls_sent:
+            finish_reason = "tool_calls"
+        return delta, finish_reason

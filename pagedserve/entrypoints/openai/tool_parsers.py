@@ -1,0 +1,114 @@
+"""Tool calls a model chose to make (``tool_choice: "auto"``), read from its own text format.
+
+Each model family writes calls its own way, so the server is told which format to read, with
+vLLM's flags: ``--enable-auto-tool-choice --tool-call-parser NAME``. A parser splits the text
+generated so far into the content the client may see and the calls that are complete:
+:meth:`ToolParser.split` is called on every streamed step (with ``final`` false, it holds back
+text that may still turn into a call) and once on the whole answer.
+
+- ``hermes`` (Hermes 2/3, Qwen2.5, Qwen3): ``<tool_call>{"name": ..., "arguments": {...}}
+  </tool_call>`` blocks after optional content.
+- ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is one or more
+  ``{"name": ..., "parameters": {...}}`` objects (separated by ``;``), optionally after
+  ``<|python_tag|>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+Call = tuple[str, str]  # (function name, arguments as a JSON text)
+
+
+class ToolParser:
+    """Splits generated text into ``(content, calls)``."""
+
+    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
+        """The content and the complete calls in ``text``. While not ``final``, both only grow
+        from one call to the next as ``text`` grows."""
+        raise NotImplementedError
+
+
+def _call(obj: Any, arguments_key: str) -> Call | None:
+    """``(name, arguments JSON)`` of a decoded call object, None if it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    arguments = obj.get(arguments_key, {})
+    if not isinstance(arguments, dict):
+        return None
+    return obj["name"], json.dumps(arguments, ensure_ascii=False)
+
+
+def _held_back(text: str, marker: str) -> int:
+    """How many characters at the end of ``text`` could be the start of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class HermesParser(ToolParser):
+    START, END = "<tool_call>", "</tool_call>"
+    _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
+        start = text.find(self.START)
+        if start < 0:
+            return (text if final else text[: len(text) - _held_back(text, self.START)]), []
+        bodies = self._BLOCK.findall(text, start)
+        if final:
+            unclosed = text.rfind(self.START)
+            if text.find(self.END, unclosed) < 0:  # cut short, or the model ended without it
+                bodies.append(text[unclosed + len(self.START) :])
+        calls = []
+        for body in bodies:
+            try:
+                call = _call(json.loads(body), "arguments")
+            except json.JSONDecodeError:
+                call = None
+            if call is not None:
+                calls.append(call)
+            elif final:
+                return text, []  # a malformed call: the answer stays text, as vLLM keeps it
+        return text[:start], calls
+
+
+class Llama3JsonParser(ToolParser):
+    TAG = "<|python_tag|>"
+
+    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
+        body = text.lstrip()
+        if body.startswith(self.TAG):
+            body = body[len(self.TAG) :].lstrip()
+        elif not body.startswith("{") and not self.TAG.startswith(body):
+            return text, []  # plain content, streamed as it comes
+        if not final:
+            return "", []  # a call is read once it is whole
+        calls = self._calls(body)
+        return ("", calls) if calls else (text, [])
+
+    @staticmethod
+    def _calls(body: str) -> list[Call]:
+        decoder = json.JSONDecoder()
+        calls, pos = [], 0
+        while pos < len(body):
+            try:
+                obj, pos = decoder.raw_decode(body, pos)
+            except json.JSONDecodeError:
+                return []
+            key = "parameters" if isinstance(obj, dict) and "parameters" in obj else "arguments"
+            call = _call(obj, key)
+            if call is None:
+                return []
+            calls.append(call)
+            while pos < len(body) and body[pos] in " \t\r\n;":
+                pos += 1
+        return calls
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+}

@@ -1,0 +1,95 @@
+"""tool_choice "auto" on a server started with vLLM's ``--enable-auto-tool-choice
+--tool-call-parser``: the model's own tool-call text comes back as OpenAI tool calls.
+
+A tiny random model writes no tool calls of its own accord, so each request holds its answer
+to a regex (vLLM's ``structured_outputs`` extra): the text a Hermes-format model would write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from server_utils import MODEL_NAME, REPO, ServerProcess, wait_until_idle
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+CALL_TEXT = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+    "</tool_call>"
+)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    args = [tiny_model_dir("llama"), "--served-model-name", MODEL_NAME]
+    args += ["--kv-cache-memory", "0.05", "--enable-auto-tool-choice"]
+    srv = ServerProcess([*args, "--tool-call-parser", "hermes"]).wait_ready()
+    yield srv
+    srv.close()
+
+
+def chat(server, answer: str, **kwargs):
+    return server.client().chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],
+        max_tokens=120,
+        extra_body={"structured_outputs": {"regex": re.escape(answer)}},
+        **kwargs,
+    )
+
+
+def test_the_calls_the_model_writes_come_back_as_tool_calls(server):
+    r = chat(server, CALL_TEXT)
+    (choice,) = r.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check.\n"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    content, calls, finish = "", {}, None
+    for chunk in chat(server, CALL_TEXT, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            calls[d.index] = (d.id, d.function.name, d.function.arguments)
+        finish = chunk.choices[0].finish_reason or finish
+    assert (content, finish) == ("Let me check.\n", "tool_calls")
+    ((call_id, name, arguments),) = calls.values()
+    assert call_id.startswith("chatcmpl-tool-") and name == "get_weather"
+    assert arguments == call.function.arguments
+    wait_until_idle(server.url)
+
+
+def test_an_answer_without_calls_stays_text(server):
+    r = chat(server, "It is sunny <in> Paris.")
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == "It is sunny <in> Paris."
+    assert not r.choices[0].message.tool_calls
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in chat(server, "Sunny.", stream=True)
+    )
+    assert streamed == "Sunny."
+
+
+def test_auto_tool_choice_needs_a_parser():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pagedserve", "serve", "--enable-auto-tool-choice"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in proc.stderr
