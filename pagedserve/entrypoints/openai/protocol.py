@@ -253,7 +253,7 @@ class ChatCompletionRequest(SamplingFields):
     def structured_output_params(self) -> StructuredOutputsParams | None:
         """Forced tool calls hold the answer to the tools' schemas; else as every request."""
         mode = self.tool_mode
-        if mode is None or not self.forces_tool_calls:
+        if mode is None or mode[0] == AUTO:
             return super().structured_output_params()
         parallel = self.parallel_tool_calls is not False
         params = StructuredOutputsParams(json=forced_schema(self.tools or [], mode, parallel))
