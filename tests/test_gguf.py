@@ -11,6 +11,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize
 from tiny_models import PagedRunner, tiny_hf_model, write_tiny_gguf
 
+from pagedserve import LLM, SamplingParams
+from pagedserve.model.layers import linear as linear_module
+from pagedserve.model.layers.linear import Linear
 from pagedserve.model.loader import load_config, load_model
 
 CPU = torch.device("cpu")
@@ -117,6 +120,28 @@ def test_quantized_gguf_weights_dequantize_to_the_originals(qtype, tolerance, ti
     for name, want in expected.items():
         error = (params[name] - want).abs().max()
         assert error <= tolerance * want.abs().max(), f"{name}: error {error}"
+
+
+def test_q4_1_projections_decode_through_their_4_bit_blocks(tiny_llama, tmp_path, monkeypatch):
+    """A Q4_1 GGUF's projections keep their blocks (q/k rows unpermuted like their weights) and
+    decode steps multiply with them: generations equal the float32 panels' to the last bit."""
+    hf, _ = tiny_llama
+    path = write_tiny_gguf(hf, tmp_path / "tiny-q4_1.gguf", Q.Q4_1, with_tokenizer=True)
+    llm = LLM(str(path), kv_cache_memory=0.01)
+    projections = [m for m in llm.llm_engine.model.modules() if isinstance(m, Linear)]
+    assert projections and all(m.packed_q41 is not None for m in projections)
+    prompts = [{"prompt_token_ids": [5, 17, 900, 3, 11]}, {"prompt_token_ids": [1200, 7, 8]}]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+
+    def generate():
+        return [
+            (c.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
+            for c in (o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False))
+        ]
+
+    quantized = generate()
+    monkeypatch.setattr(linear_module, "Q41_MAX_ROWS", 0)
+    assert generate() == quantized
 
 
 def _random_k_blocks(qtype: GGMLQuantizationType, rows: int, cols: int) -> np.ndarray:

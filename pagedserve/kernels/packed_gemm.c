@@ -35,6 +35,7 @@
 
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "fast_exp.h"
@@ -163,15 +164,13 @@ static const tile_fn tiles[MR + 1] = {
 #endif
 };
 
-/* Rows first .. first + rows of y (n apart) = those of x (k apart) times panel p, in balanced
- * tiles of at most MR rows; the first tile prefetches panel p + 1. */
-static void rows_times_panel(float *y, const float *x, const float *packed, const float *bias,
-                             int64_t n, int64_t k, int64_t gated, int64_t p, int64_t first,
-                             int64_t rows)
+/* Rows first .. first + rows of y (n apart) = those of x (k apart) times `panel`, the p-th, in
+ * balanced tiles of at most MR rows; the first tile prefetches `next` (NULL: none). */
+static void tile_rows(float *y, const float *x, const float *panel, const float *next,
+                      const float *bias, int64_t n, int64_t k, int64_t gated, int64_t p,
+                      int64_t first, int64_t rows)
 {
-    const int64_t width = gated ? VL : NR, panels = (n + width - 1) / width;
-    const float *panel = packed + p * k * NR;
-    const float *next = p + 1 < panels ? panel + k * NR : NULL;
+    const int64_t width = gated ? VL : NR;
     const int64_t cols = n - p * width < width ? n - p * width : width;
     const float *b0 = bias ? bias + p * width : NULL;
     const float *b1 = bias ? (gated ? b0 + n : b0 + VL) : NULL;
@@ -183,6 +182,17 @@ static void rows_times_panel(float *y, const float *x, const float *packed, cons
                     t == 0 ? next : NULL);
         i += here;
     }
+}
+
+/* tile_rows for panel p of float32 panels, prefetching panel p + 1. */
+static void rows_times_panel(float *y, const float *x, const float *packed, const float *bias,
+                             int64_t n, int64_t k, int64_t gated, int64_t p, int64_t first,
+                             int64_t rows)
+{
+    const int64_t panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR);
+    const float *panel = packed + p * k * NR;
+    tile_rows(y, x, panel, p + 1 < panels ? panel + k * NR : NULL, bias, n, k, gated, p, first,
+              rows);
 }
 
 /* y [m, n] = x [m, k] W^T (+ bias [n]), W packed by packed_gemm_pack_f32; x and y contiguous.
@@ -213,4 +223,127 @@ void packed_gemm_f32(float *y, const float *x, const float *packed, const float 
             }
         }
     }
+}
+
+/* ---- Q4_1 weights, for steps of few rows ----
+ *
+ * llama.cpp's Q4_1 stores each output's inputs in blocks of 32: a scale d, a minimum m and
+ * 4-bit values q, with w = d * q + m. Decode steps stream every weight from memory once per
+ * step, so 4-bit panels (0.75 bytes a weight with their scales, against 4) take most of their
+ * time away. Packed in the float32 panels' column order, per block of 32 inputs: NR scales and
+ * NR minimums (float32), then per input VL bytes holding column i's value (low nibble) and
+ * column VL + i's (high). A thread expands each of its panels into float32 in a buffer that
+ * stays in its L2 and runs the float32 tiles over it: each weight is the float32 value the
+ * loader dequantized (d * q rounded, then + m rounded, as gguf's numpy code computes it), and
+ * each output the same sum in the same order, so results equal the float32 path's bit for bit.
+ */
+#define QBLOCK 32
+#define Q41_BLOCK_BYTES (2 * NR * (int64_t)sizeof(float) + QBLOCK * VL)
+#ifndef Q41_PREFETCH
+#define Q41_PREFETCH 8
+#endif
+
+typedef uint8_t vu8 __attribute__((vector_size(VL)));
+typedef int32_t vi32 __attribute__((vector_size(VL * sizeof(int32_t))));
+
+/* Bytes of packed Q4_1 weights [n, k] (gated: [2n, k]). */
+int64_t packed_gemm_q41_bytes(int64_t n, int64_t k, int64_t gated)
+{
+    const int64_t width = gated ? VL : NR;
+    return (n + width - 1) / width * (k / QBLOCK) * Q41_BLOCK_BYTES;
+}
+
+/* packed <- the Q4_1 blocks of w [n, k]: scale and minimum [n, k / 32] (float32), quants
+ * [n, k / 32, 16] (gguf's byte layout: input j of a block in byte j % 16, low nibble for
+ * j < 16). Columns map to panels as in packed_gemm_pack_f32; padding columns are zero. */
+void packed_gemm_pack_q41(uint8_t *packed, const float *scale, const float *minimum,
+                          const uint8_t *quants, int64_t n, int64_t k, int64_t gated)
+{
+    const int64_t width = gated ? VL : NR, outputs = gated ? n / 2 : n;
+    const int64_t panels = (outputs + width - 1) / width, blocks = k / QBLOCK;
+    #pragma omp parallel for
+    for (int64_t p = 0; p < panels; p++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t *block = packed + (p * blocks + b) * Q41_BLOCK_BYTES;
+            float d[NR] = {0}, m[NR] = {0};
+            uint8_t *q = block + 2 * NR * sizeof(float);
+            memset(q, 0, QBLOCK * VL);
+            for (int64_t j = 0; j < NR; j++) {
+                const int64_t feature = gated ? p * VL + j % VL : p * NR + j;
+                const int64_t row = gated ? j / VL * outputs + feature : feature;
+                if (feature >= outputs) continue;
+                d[j] = scale[row * blocks + b];
+                m[j] = minimum[row * blocks + b];
+                const uint8_t *qs = quants + (row * blocks + b) * (QBLOCK / 2);
+                for (int64_t i = 0; i < QBLOCK; i++) {
+                    const uint8_t v = i < QBLOCK / 2 ? qs[i] & 15 : qs[i - QBLOCK / 2] >> 4;
+                    q[i * VL + j % VL] |= j < VL ? v : (uint8_t)(v << 4);
+                }
+            }
+            memcpy(block, d, sizeof d);
+            memcpy(block + sizeof d, m, sizeof m);
+        }
+    }
+}
+
+/* out [k][NR] <- one packed Q4_1 panel, as float32. Contraction stays off here: d * q and the
+ * addition of m round separately, as in gguf's dequantization. */
+__attribute__((optimize("fp-contract=off")))
+static void expand_q41_panel(float *out, const uint8_t *panel, int64_t blocks)
+{
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *block = panel + b * Q41_BLOCK_BYTES;
+        /* The expansion outruns the hardware prefetcher: ask for the blocks ahead (reading
+         * past the panel's end only prefetches). */
+        for (int64_t line = 0; line < Q41_BLOCK_BYTES; line += 64)
+            __builtin_prefetch(block + Q41_PREFETCH * Q41_BLOCK_BYTES + line, 0, 0);
+        const vf d0 = load_v((const float *)block), d1 = load_v((const float *)block + VL);
+        const vf m0 = load_v((const float *)block + NR), m1 = load_v((const float *)block + NR + VL);
+        const uint8_t *q = block + 2 * NR * sizeof(float);
+        for (int64_t i = 0; i < QBLOCK; i++) {
+            vu8 bytes;
+            memcpy(&bytes, q + i * VL, sizeof bytes);
+            const vf lo = __builtin_convertvector(__builtin_convertvector(bytes & 15, vi32), vf);
+            const vf hi = __builtin_convertvector(__builtin_convertvector(bytes >> 4, vi32), vf);
+            const vf w0 = d0 * lo + m0, w1 = d1 * hi + m1;
+            memcpy(out + (b * QBLOCK + i) * NR, &w0, sizeof w0);
+            memcpy(out + (b * QBLOCK + i) * NR + VL, &w1, sizeof w1);
+        }
+    }
+}
+
+/* A thread's buffer for one expanded panel, kept from call to call (a fresh allocation of a
+ * few hundred KiB is an mmap and its page faults, every call). NULL if it cannot grow. */
+static float *panel_buffer(int64_t floats)
+{
+    static _Thread_local float *buffer;
+    static _Thread_local int64_t capacity;
+    if (floats > capacity) {
+        float *grown = realloc(buffer, sizeof(float) * floats);
+        if (!grown) return NULL;
+        buffer = grown;
+        capacity = floats;
+    }
+    return buffer;
+}
+
+/* packed_gemm_f32 with W packed by packed_gemm_pack_q41 (k a multiple of 32); the threads split
+ * the panels. Returns -1 if a thread's panel buffer could not be allocated, else 0. */
+int64_t packed_gemm_q41(float *y, const float *x, const uint8_t *packed, const float *bias,
+                        int64_t m, int64_t n, int64_t k, int64_t gated)
+{
+    const int64_t panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR), blocks = k / QBLOCK;
+    int64_t failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+        float *panel = panel_buffer(k * NR);
+        failed = panel == NULL;
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (!panel) continue;
+            expand_q41_panel(panel, packed + p * blocks * Q41_BLOCK_BYTES, blocks);
+            tile_rows(y, x, panel, NULL, bias, n, k, gated, p, 0, m);
+        }
+    }
+    return failed ? -1 : 0;
 }

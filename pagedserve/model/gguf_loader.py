@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
+from pagedserve.kernels.packed_gemm import Q41Blocks
 from pagedserve.model.llama import ROPE_FREQ_FACTORS
 
 # general.architecture -> (HF architecture name, config class)
@@ -138,13 +139,39 @@ def gguf_weights(
     reader: GGUFReader, config: PretrainedConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor dequantized to float32, under its Hugging Face name, one at a time."""
-    permute = gguf_architecture(reader) == "llama"
     for tensor in reader.tensors:
         array = dequantize(tensor.data, tensor.tensor_type)
         weight = torch.from_numpy(array if array.flags.writeable else np.array(array))
         name = hf_tensor_name(tensor.name)
-        if permute and ".self_attn.q_proj." in name:
-            weight = unpermute_rotary(weight, config.num_attention_heads)
-        elif permute and ".self_attn.k_proj." in name:
-            weight = unpermute_rotary(weight, config.num_key_value_heads)
-        yield name, weight
+        yield name, _in_hf_order(reader, config, name, weight)
+
+
+def q41_blocks(reader: GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, Q41Blocks]]:
+    """The Q4_1 tensors as their blocks (scales, minimums and 4-bit values, rows in the same
+    order as :func:`gguf_weights` gives their weights), under their Hugging Face names: the
+    few-row GEMM reads them instead of the float32 weights."""
+    for tensor in reader.tensors:
+        if tensor.tensor_type != GGMLQuantizationType.Q4_1 or len(tensor.shape) != 2:
+            continue
+        raw = np.asarray(tensor.data).reshape(int(tensor.shape[1]), int(tensor.shape[0]) // 32, 20)
+        halves = raw[..., :4].copy().view(np.float16).astype(np.float32)
+        parts = (halves[..., 0], halves[..., 1], raw[..., 4:])
+        name = hf_tensor_name(tensor.name)
+        scale, minimum, quants = (
+            _in_hf_order(reader, config, name, torch.from_numpy(np.ascontiguousarray(part)))
+            for part in parts
+        )
+        yield name, Q41Blocks(scale, minimum, quants)
+
+
+def _in_hf_order(
+    reader: GGUFReader, config: PretrainedConfig, name: str, rows: torch.Tensor
+) -> torch.Tensor:
+    """A tensor's rows as Hugging Face orders them: llama.cpp permutes Llama's q/k rows."""
+    if gguf_architecture(reader) != "llama":
+        return rows
+    if ".self_attn.q_proj." in name:
+        return unpermute_rotary(rows, config.num_attention_heads)
+    if ".self_attn.k_proj." in name:
+        return unpermute_rotary(rows, config.num_key_value_heads)
+    return rows

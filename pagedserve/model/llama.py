@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.kernels.packed_gemm import Q41Blocks
 from pagedserve.model.layers.attention import Attention, AttentionMetadata
 from pagedserve.model.layers.embedding import Embedding
 from pagedserve.model.layers.linear import GateUpSilu, Linear, MergedLinear, linear, pack_weight
@@ -169,18 +170,28 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> float32 logits ``[N, vocab]``; call it only on the rows that sample."""
-        return linear(hidden, self._head_weight(), None, self.packed_head).float()
-
-    def _head_weight(self) -> torch.Tensor:
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return head.weight
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return linear(hidden, self.model.embed_tokens.weight, None, self.packed_head).float()
 
     def prepack(self) -> None:
-        """Pack every projection's weight (and the lm head) for the fast CPU GEMM path."""
+        """Pack every projection's weight (the lm head's too; a tied one from the embedding)
+        for the fast CPU GEMM path."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
-        self.packed_head = pack_weight(self._head_weight())
+        if self.lm_head is None:
+            self.packed_head = pack_weight(self.model.embed_tokens.weight)
+
+    def load_q41(self, blocks: Iterable[tuple[str, Q41Blocks]]) -> None:
+        """Hand each projection the Q4_1 blocks (a GGUF file's) that its weight was dequantized
+        from, for :meth:`prepack`; other tensors' blocks (an embedding's) go unused."""
+        for name, tensor_blocks in blocks:
+            parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+            fused, shard = _STACKED.get(leaf, (leaf, 0))
+            module = self.get_submodule(f"{parent}.{fused}") if parent else getattr(self, leaf)
+            if isinstance(module, Linear):
+                module.set_q41(shard, tensor_blocks)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
