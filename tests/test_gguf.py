@@ -41,6 +41,9 @@ def test_packaged_config(smollm2):
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
     assert (config.vocab_size, config.max_position_embeddings) == (49152, 8192)
     assert config.tie_word_embeddings and smollm2.lm_head is None
+    # Its Q4_1 projections and Q8_0 embedding (the tied head) are kept for decode steps too.
+    assert smollm2.packed_head_quantized is not None
+    assert smollm2.model.layers[0].mlp.gate_up_proj.packed_quantized is not None
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
     assert config.rope_parameters["rope_theta"] == 100000.0
 
@@ -122,14 +125,20 @@ def test_quantized_gguf_weights_dequantize_to_the_originals(qtype, tolerance, ti
         assert error <= tolerance * want.abs().max(), f"{name}: error {error}"
 
 
-def test_q4_1_projections_decode_through_their_4_bit_blocks(tiny_llama, tmp_path, monkeypatch):
-    """A Q4_1 GGUF's projections keep their blocks (q/k rows unpermuted like their weights) and
-    decode steps multiply with them: generations equal the float32 panels' to the last bit."""
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_quantized_projections_decode_through_their_blocks(
+    qtype, tiny_llama, tmp_path, monkeypatch
+):
+    """A Q4_1 or Q8_0 GGUF's projections (and tied head) keep their blocks (q/k rows unpermuted
+    like their weights) and decode steps multiply with them: generations equal the float32
+    panels' to the last bit."""
     hf, _ = tiny_llama
-    path = write_tiny_gguf(hf, tmp_path / "tiny-q4_1.gguf", Q.Q4_1, with_tokenizer=True)
+    path = write_tiny_gguf(hf, tmp_path / f"tiny-{qtype.name}.gguf", qtype, with_tokenizer=True)
     llm = LLM(str(path), kv_cache_memory=0.01)
-    projections = [m for m in llm.llm_engine.model.modules() if isinstance(m, Linear)]
-    assert projections and all(m.packed_q41 is not None for m in projections)
+    model = llm.llm_engine.model
+    projections = [m for m in model.modules() if isinstance(m, Linear)]
+    assert projections and all(m.packed_quantized is not None for m in projections)
+    assert (model.lm_head is None) == (model.packed_head_quantized is not None)
     prompts = [{"prompt_token_ids": [5, 17, 900, 3, 11]}, {"prompt_token_ids": [1200, 7, 8]}]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
 
@@ -140,7 +149,7 @@ def test_q4_1_projections_decode_through_their_4_bit_blocks(tiny_llama, tmp_path
         ]
 
     quantized = generate()
-    monkeypatch.setattr(linear_module, "Q41_MAX_ROWS", 0)
+    monkeypatch.setattr(linear_module, "QUANTIZED_MAX_ROWS", 0)
     assert generate() == quantized
 
 

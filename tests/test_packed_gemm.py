@@ -12,7 +12,13 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from pagedserve.kernels import packed_gemm
-from pagedserve.model.layers.linear import Q41_MAX_ROWS, GateUpSilu, Linear, MergedLinear
+from pagedserve.model.layers.linear import (
+    QUANTIZED_MAX_ROWS,
+    GateUpSilu,
+    Linear,
+    MergedLinear,
+    packed_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,51 +105,63 @@ def test_many_threads_take_few_rows_in_passes_over_the_panels(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-def _q41(weight: torch.Tensor) -> tuple[packed_gemm.Q41Blocks, torch.Tensor]:
-    """``weight`` quantized to Q4_1 by gguf: its blocks, and the float32 weight they stand for."""
-    raw = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
-    rows, groups = weight.shape[0], weight.shape[1] // 32
-    blocks = raw.reshape(rows, groups, 20)
-    halves = torch.from_numpy(blocks[..., :4].copy().view(np.float16).astype(np.float32))
-    q41 = packed_gemm.Q41Blocks(halves[..., 0], halves[..., 1], torch.from_numpy(blocks[..., 4:]))
-    return q41, torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).copy())
+def _quantized(weight: torch.Tensor, kind: str) -> tuple[packed_gemm.QuantBlocks, torch.Tensor]:
+    """``weight`` quantized by gguf to ``kind``: its blocks, and the float32 weight they stand
+    for."""
+    qtype = GGMLQuantizationType[kind]
+    raw = quantize(weight.numpy(), qtype)
+    blocks = raw.reshape(weight.shape[0], weight.shape[1] // 32, -1)
+    head = 4 if kind == "Q4_1" else 2
+    halves = torch.from_numpy(blocks[..., :head].copy().view(np.float16).astype(np.float32))
+    minimum = halves[..., 1] if kind == "Q4_1" else None
+    quantized = packed_gemm.QuantBlocks(
+        kind, halves[..., 0], minimum, torch.from_numpy(blocks[..., head:].copy())
+    )
+    return quantized, torch.from_numpy(dequantize(raw, qtype).copy())
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (66, 96), (40, 1536)])
-def test_q41_panels_give_the_float32_panels_products_bit_for_bit(out_features, in_features, gated):
-    """The 4-bit panels expand to the float32 weights gguf dequantizes (d * q, rounded, then + m)
-    and sum them in the same order: equal outputs, for every row count and partial panel."""
+def test_quantized_panels_give_the_float32_panels_products_bit_for_bit(
+    out_features, in_features, gated, kind
+):
+    """The quantized panels expand to the float32 weights gguf dequantizes (Q4_1: d * q,
+    rounded, then + m) and sum them in the same order: equal outputs, for every row count and
+    partial panel."""
     generator = torch.Generator().manual_seed(out_features)
     n = 2 * out_features if gated else out_features
-    q41, weight = _q41(torch.randn(n, in_features, generator=generator))
+    blocks, weight = _quantized(torch.randn(n, in_features, generator=generator), kind)
     bias = torch.randn(n, generator=generator)
-    packed, packed_q41 = packed_gemm.pack(weight, gated), packed_gemm.pack_q41(q41, gated)
+    packed, quantized = packed_gemm.pack(weight, gated), packed_gemm.pack_quantized(blocks, gated)
     for rows in (1, 3, 14, 29, 33):
         x = torch.randn(rows, in_features, generator=generator)
         want = packed_gemm.linear(x, packed, out_features, bias, gated)
-        assert torch.equal(packed_gemm.linear(x, packed_q41, out_features, bias, gated), want)
+        assert torch.equal(packed_gemm.linear(x, quantized, out_features, bias, gated), want)
 
 
-def test_a_merged_layer_uses_its_q41_shards_for_few_rows_only():
+def test_a_merged_layer_uses_its_quantized_shards_for_few_rows_only():
     generator = torch.Generator().manual_seed(3)
     layer = GateUpSilu(64, 48)
-    shards = [_q41(torch.randn(48, 64, generator=generator)) for _ in range(2)]
-    for shard, (q41, weight) in enumerate(shards):
+    shards = [_quantized(torch.randn(48, 64, generator=generator), "Q4_1") for _ in range(2)]
+    for shard, (blocks, weight) in enumerate(shards):
         layer.load_shard(shard, "weight", weight)
-        layer.set_q41(shard, q41)
+        layer.set_quantized(shard, blocks)
     layer.prepack()
-    assert layer.packed_q41 is not None and layer.packed_q41.dtype == torch.uint8
-    few, many = torch.randn(Q41_MAX_ROWS, 64), torch.randn(Q41_MAX_ROWS + 1, 64)
-    assert layer.packed_for(few) is layer.packed_q41 and layer.packed_for(many) is layer.packed
-    both = torch.cat([few, many])
-    assert torch.equal(layer(few), layer(both)[:Q41_MAX_ROWS])
-    half = Linear(64, 48)
-    half.set_q41(0, shards[0][0])
-    half.weight.data.copy_(shards[0][1])
-    half.prepack()
-    assert half.packed_q41 is not None
-    unquantized = MergedLinear(64, [48, 48])
-    unquantized.set_q41(0, shards[0][0])  # one shard of two: the float32 panels serve
-    unquantized.prepack()
-    assert unquantized.packed_q41 is None and not unquantized.q41_shards
+    assert layer.packed_quantized is not None and not layer.quantized_shards
+    few, many = torch.randn(QUANTIZED_MAX_ROWS, 64), torch.randn(QUANTIZED_MAX_ROWS + 1, 64)
+    assert packed_for(few, layer.packed, layer.packed_quantized) is layer.packed_quantized
+    assert packed_for(many, layer.packed, layer.packed_quantized) is layer.packed
+    assert torch.equal(layer(few), layer(torch.cat([few, many]))[:QUANTIZED_MAX_ROWS])
+
+
+@pytest.mark.parametrize("second", [None, "Q8_0"])
+def test_a_merged_layer_needs_every_shard_quantized_alike(second):
+    """One shard of two quantized, or the two in different types: the float32 panels serve."""
+    generator = torch.Generator().manual_seed(4)
+    layer = MergedLinear(64, [48, 48])
+    layer.set_quantized(0, _quantized(torch.randn(48, 64, generator=generator), "Q4_1")[0])
+    if second:
+        layer.set_quantized(1, _quantized(torch.randn(48, 64, generator=generator), second)[0])
+    layer.prepack()
+    assert layer.packed is not None and layer.packed_quantized is None

@@ -225,89 +225,129 @@ void packed_gemm_f32(float *y, const float *x, const float *packed, const float 
     }
 }
 
-/* ---- Q4_1 weights, for steps of few rows ----
+/* ---- Quantized weights (GGUF Q4_1 and Q8_0), for steps of few rows ----
  *
- * llama.cpp's Q4_1 stores each output's inputs in blocks of 32: a scale d, a minimum m and
- * 4-bit values q, with w = d * q + m. Decode steps stream every weight from memory once per
- * step, so 4-bit panels (0.75 bytes a weight with their scales, against 4) take most of their
- * time away. Packed in the float32 panels' column order, per block of 32 inputs: NR scales and
- * NR minimums (float32), then per input VL bytes holding column i's value (low nibble) and
- * column VL + i's (high). A thread expands each of its panels into float32 in a buffer that
- * stays in its L2 and runs the float32 tiles over it: each weight is the float32 value the
- * loader dequantized (d * q rounded, then + m rounded, as gguf's numpy code computes it), and
- * each output the same sum in the same order, so results equal the float32 path's bit for bit.
+ * llama.cpp's types store each output's inputs in blocks of 32 with a float16 scale d: Q4_1
+ * adds a minimum m and holds 4-bit values q (w = d * q + m), Q8_0 holds 8-bit signed q
+ * (w = d * q). Decode steps stream every weight from memory once per step, so these panels
+ * (0.75 and 1.125 bytes a weight with their scales, against 4) take most of that time away.
+ * They are packed in the float32 panels' column order, per block of 32 inputs:
+ *   - Q4_1: NR scales and NR minimums (float32), then per input VL bytes, each holding column
+ *     i's value (low nibble) and column VL + i's (high);
+ *   - Q8_0: NR scales (float32), then per input NR bytes, one per column.
+ * A thread expands each of its panels into float32 in a buffer that stays in its L2 and runs the
+ * float32 tiles over it: each weight is the float32 value the loader dequantized (as gguf's
+ * numpy code computes it: d * q rounded, then + m rounded), and each output the same sum in the
+ * same order, so results equal the float32 path's bit for bit.
  */
 #define QBLOCK 32
 #define Q41_BLOCK_BYTES (2 * NR * (int64_t)sizeof(float) + QBLOCK * VL)
-#ifndef Q41_PREFETCH
-#define Q41_PREFETCH 8
-#endif
+#define Q80_BLOCK_BYTES (NR * (int64_t)sizeof(float) + QBLOCK * NR)
+/* Blocks ahead that the expansion prefetches: it outruns the hardware prefetcher otherwise
+ * (SmolLM2's gate/up projection, one row, cold: 115 us a call without, 75 with 8). */
+#define QUANT_PREFETCH 8
+
+enum { Q41 = 0, Q80 = 1 };
 
 typedef uint8_t vu8 __attribute__((vector_size(VL)));
 typedef int32_t vi32 __attribute__((vector_size(VL * sizeof(int32_t))));
 
-/* Bytes of packed Q4_1 weights [n, k] (gated: [2n, k]). */
-int64_t packed_gemm_q41_bytes(int64_t n, int64_t k, int64_t gated)
+static int64_t block_bytes(int64_t type)
 {
-    const int64_t width = gated ? VL : NR;
-    return (n + width - 1) / width * (k / QBLOCK) * Q41_BLOCK_BYTES;
+    return type == Q41 ? Q41_BLOCK_BYTES : Q80_BLOCK_BYTES;
 }
 
-/* packed <- the Q4_1 blocks of w [n, k]: scale and minimum [n, k / 32] (float32), quants
- * [n, k / 32, 16] (gguf's byte layout: input j of a block in byte j % 16, low nibble for
- * j < 16). Columns map to panels as in packed_gemm_pack_f32; padding columns are zero. */
-void packed_gemm_pack_q41(uint8_t *packed, const float *scale, const float *minimum,
-                          const uint8_t *quants, int64_t n, int64_t k, int64_t gated)
+/* Bytes of quantized weights [n, k] of `type` packed (gated: [2n, k]). */
+int64_t packed_gemm_quant_bytes(int64_t n, int64_t k, int64_t gated, int64_t type)
+{
+    const int64_t width = gated ? VL : NR;
+    return (n + width - 1) / width * (k / QBLOCK) * block_bytes(type);
+}
+
+/* packed <- the blocks of w [n, k] of `type`: scale (and, Q4_1, minimum) [n, k / 32] as float32,
+ * quants [n, k / 32, bytes] in gguf's byte layout (Q4_1: 16 bytes, input j of a block in byte
+ * j % 16, low nibble for j < 16; Q8_0: 32 signed bytes). Columns map to panels as in
+ * packed_gemm_pack_f32; padding columns are zero. */
+void packed_gemm_pack_quant(uint8_t *packed, const float *scale, const float *minimum,
+                            const uint8_t *quants, int64_t n, int64_t k, int64_t gated,
+                            int64_t type)
 {
     const int64_t width = gated ? VL : NR, outputs = gated ? n / 2 : n;
     const int64_t panels = (outputs + width - 1) / width, blocks = k / QBLOCK;
+    const int64_t bytes = block_bytes(type), qbytes = type == Q41 ? QBLOCK / 2 : QBLOCK;
     #pragma omp parallel for
     for (int64_t p = 0; p < panels; p++) {
         for (int64_t b = 0; b < blocks; b++) {
-            uint8_t *block = packed + (p * blocks + b) * Q41_BLOCK_BYTES;
+            uint8_t *block = packed + (p * blocks + b) * bytes;
             float d[NR] = {0}, m[NR] = {0};
-            uint8_t *q = block + 2 * NR * sizeof(float);
-            memset(q, 0, QBLOCK * VL);
+            uint8_t *q = block + (type == Q41 ? 2 : 1) * NR * sizeof(float);
+            memset(q, 0, QBLOCK * (type == Q41 ? VL : NR));
             for (int64_t j = 0; j < NR; j++) {
                 const int64_t feature = gated ? p * VL + j % VL : p * NR + j;
                 const int64_t row = gated ? j / VL * outputs + feature : feature;
                 if (feature >= outputs) continue;
                 d[j] = scale[row * blocks + b];
+                const uint8_t *qs = quants + (row * blocks + b) * qbytes;
+                if (type == Q80) {
+                    for (int64_t i = 0; i < QBLOCK; i++) q[i * NR + j] = qs[i];
+                    continue;
+                }
                 m[j] = minimum[row * blocks + b];
-                const uint8_t *qs = quants + (row * blocks + b) * (QBLOCK / 2);
                 for (int64_t i = 0; i < QBLOCK; i++) {
                     const uint8_t v = i < QBLOCK / 2 ? qs[i] & 15 : qs[i - QBLOCK / 2] >> 4;
                     q[i * VL + j % VL] |= j < VL ? v : (uint8_t)(v << 4);
                 }
             }
             memcpy(block, d, sizeof d);
-            memcpy(block + sizeof d, m, sizeof m);
+            if (type == Q41) memcpy(block + sizeof d, m, sizeof m);
         }
     }
 }
 
-/* out [k][NR] <- one packed Q4_1 panel, as float32. Contraction stays off here: d * q and the
- * addition of m round separately, as in gguf's dequantization. */
+/* out [k][NR] <- one packed panel, as float32. Contraction stays off: d * q and the addition of
+ * m round separately, as in gguf's dequantization. (Reading past the end only prefetches.) */
 __attribute__((optimize("fp-contract=off")))
-static void expand_q41_panel(float *out, const uint8_t *panel, int64_t blocks)
+static void expand_panel(float *out, const uint8_t *panel, int64_t blocks, int64_t type)
 {
+    const int64_t bytes = block_bytes(type);
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *block = panel + b * Q41_BLOCK_BYTES;
-        /* The expansion outruns the hardware prefetcher: ask for the blocks ahead (reading
-         * past the panel's end only prefetches). */
-        for (int64_t line = 0; line < Q41_BLOCK_BYTES; line += 64)
-            __builtin_prefetch(block + Q41_PREFETCH * Q41_BLOCK_BYTES + line, 0, 0);
-        const vf d0 = load_v((const float *)block), d1 = load_v((const float *)block + VL);
-        const vf m0 = load_v((const float *)block + NR), m1 = load_v((const float *)block + NR + VL);
+        const uint8_t *block = panel + b * bytes;
+        const float *d = (const float *)block;
+        for (int64_t line = 0; line < bytes; line += 64)
+            __builtin_prefetch(block + QUANT_PREFETCH * bytes + line, 0, 0);
+        float *o = out + b * QBLOCK * NR;
+        vf d0, d1;
+        memcpy(&d0, d, sizeof d0);
+        memcpy(&d1, d + VL, sizeof d1);
+        if (type == Q80) {
+            const uint8_t *q = block + NR * sizeof(float);
+            for (int64_t i = 0; i < QBLOCK; i++) {
+                vu8 q0, q1;
+                memcpy(&q0, q + i * NR, sizeof q0);
+                memcpy(&q1, q + i * NR + VL, sizeof q1);
+                /* signed bytes, offset to unsigned (b ^ 128 = b + 128), widened, offset back:
+                 * GCC widens a vector of signed bytes element by element */
+                const vi32 s0 = __builtin_convertvector(q0 ^ 128, vi32) - 128;
+                const vi32 s1 = __builtin_convertvector(q1 ^ 128, vi32) - 128;
+                const vf w0 = d0 * __builtin_convertvector(s0, vf);
+                const vf w1 = d1 * __builtin_convertvector(s1, vf);
+                memcpy(o + i * NR, &w0, sizeof w0);
+                memcpy(o + i * NR + VL, &w1, sizeof w1);
+            }
+            continue;
+        }
+        vf m0, m1;
+        memcpy(&m0, d + NR, sizeof m0);
+        memcpy(&m1, d + NR + VL, sizeof m1);
         const uint8_t *q = block + 2 * NR * sizeof(float);
         for (int64_t i = 0; i < QBLOCK; i++) {
-            vu8 bytes;
-            memcpy(&bytes, q + i * VL, sizeof bytes);
-            const vf lo = __builtin_convertvector(__builtin_convertvector(bytes & 15, vi32), vf);
-            const vf hi = __builtin_convertvector(__builtin_convertvector(bytes >> 4, vi32), vf);
+            vu8 bytes8;
+            memcpy(&bytes8, q + i * VL, sizeof bytes8);
+            const vf lo = __builtin_convertvector(__builtin_convertvector(bytes8 & 15, vi32), vf);
+            const vf hi = __builtin_convertvector(__builtin_convertvector(bytes8 >> 4, vi32), vf);
             const vf w0 = d0 * lo + m0, w1 = d1 * hi + m1;
-            memcpy(out + (b * QBLOCK + i) * NR, &w0, sizeof w0);
-            memcpy(out + (b * QBLOCK + i) * NR + VL, &w1, sizeof w1);
+            memcpy(o + i * NR, &w0, sizeof w0);
+            memcpy(o + i * NR + VL, &w1, sizeof w1);
         }
     }
 }
@@ -327,10 +367,10 @@ static float *panel_buffer(int64_t floats)
     return buffer;
 }
 
-/* packed_gemm_f32 with W packed by packed_gemm_pack_q41 (k a multiple of 32); the threads split
- * the panels. Returns -1 if a thread's panel buffer could not be allocated, else 0. */
-int64_t packed_gemm_q41(float *y, const float *x, const uint8_t *packed, const float *bias,
-                        int64_t m, int64_t n, int64_t k, int64_t gated)
+/* packed_gemm_f32 with W packed by packed_gemm_pack_quant (k a multiple of 32); the threads
+ * split the panels. Returns -1 if a thread's panel buffer could not be allocated, else 0. */
+int64_t packed_gemm_quant(float *y, const float *x, const uint8_t *packed, const float *bias,
+                          int64_t m, int64_t n, int64_t k, int64_t gated, int64_t type)
 {
     const int64_t panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR), blocks = k / QBLOCK;
     int64_t failed = 0;
@@ -341,7 +381,7 @@ int64_t packed_gemm_q41(float *y, const float *x, const uint8_t *packed, const f
         #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
             if (!panel) continue;
-            expand_q41_panel(panel, packed + p * blocks * Q41_BLOCK_BYTES, blocks);
+            expand_panel(panel, packed + p * blocks * block_bytes(type), blocks, type);
             tile_rows(y, x, panel, NULL, bias, n, k, gated, p, 0, m);
         }
     }

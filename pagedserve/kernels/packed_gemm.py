@@ -1,5 +1,5 @@
 """Python face of the C packed-weight GEMM (``y = x W^T + b``; float32, CPU), with weights
-packed from float32 or from llama.cpp's Q4_1 blocks (for steps of few rows)."""
+packed from float32 or from llama.cpp's Q4_1 or Q8_0 blocks (for steps of few rows)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def _lib() -> ctypes.CDLL | None:
             "packed_gemm_panel_width": ([_i64], _i64),
             "packed_gemm_pack_f32": ([_ptr, _ptr, _i64, _i64, _i64], None),
             "packed_gemm_f32": ([_ptr] * 4 + [_i64] * 4, None),
-            "packed_gemm_q41_bytes": ([_i64] * 3, _i64),
-            "packed_gemm_pack_q41": ([_ptr] * 4 + [_i64] * 3, None),
-            "packed_gemm_q41": ([_ptr] * 4 + [_i64] * 4, _i64),
+            "packed_gemm_quant_bytes": ([_i64] * 4, _i64),
+            "packed_gemm_pack_quant": ([_ptr] * 4 + [_i64] * 4, None),
+            "packed_gemm_quant": ([_ptr] * 4 + [_i64] * 5, _i64),
         },
     )
 
@@ -50,43 +50,59 @@ def pack(weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
     return packed
 
 
-@dataclass
-class Q41Blocks:
-    """A weight ``[n, k]`` in llama.cpp's Q4_1 type: for each output and block of 32 inputs, a
-    scale and a minimum (``[n, k / 32]``, float32) and 32 4-bit values (``quants``
-    ``[n, k / 32, 16]`` uint8, as in a GGUF file); the weight is ``scale * value + minimum``."""
+# Quantized types the kernel reads, and the dtype of their packed tensors (which tells them apart).
+QUANT_TYPES = {"Q4_1": (0, torch.uint8), "Q8_0": (1, torch.int8)}
 
+
+@dataclass
+class QuantBlocks:
+    """A weight ``[n, k]`` in one of llama.cpp's block types (:data:`QUANT_TYPES`), as a GGUF file
+    holds it: for each output and block of 32 inputs a scale (``[n, k / 32]``, as float32) and
+    the values (``quants`` ``[n, k / 32, bytes]`` uint8). Q4_1 has a ``minimum`` too, and its
+    weight is ``scale * value + minimum``; Q8_0's is ``scale * value`` (signed bytes)."""
+
+    type: str
     scale: torch.Tensor
-    minimum: torch.Tensor
+    minimum: torch.Tensor | None
     quants: torch.Tensor
 
     @staticmethod
-    def cat(parts: list[Q41Blocks]) -> Q41Blocks:
-        """The blocks of the parts' weights stacked by rows (the shards of a merged weight)."""
-        return Q41Blocks(
+    def cat(parts: list[QuantBlocks]) -> QuantBlocks | None:
+        """The parts' weights stacked by rows (the shards of a merged weight); None if their
+        types differ."""
+        if len({p.type for p in parts}) != 1:
+            return None
+        minimums = [p.minimum for p in parts]
+        return QuantBlocks(
+            parts[0].type,
             torch.cat([p.scale for p in parts]),
-            torch.cat([p.minimum for p in parts]),
+            None if minimums[0] is None else torch.cat(minimums),
             torch.cat([p.quants for p in parts]),
         )
 
 
-def pack_q41(blocks: Q41Blocks, gated: bool = False) -> torch.Tensor:
-    """The weight of ``blocks`` in the kernel's Q4_1 panel layout (uint8), for :func:`linear`;
-    its products equal those of :func:`pack` on the dequantized weight, bit for bit."""
+def pack_quantized(blocks: QuantBlocks, gated: bool = False) -> torch.Tensor:
+    """The weight of ``blocks`` in the kernel's quantized panel layout, for :func:`linear`
+    (uint8 for Q4_1, int8 for Q8_0); its products equal those of :func:`pack` on the
+    dequantized weight, bit for bit."""
     lib = _lib()
     assert lib is not None
+    type_id, dtype = QUANT_TYPES[blocks.type]
     n, groups = blocks.scale.shape
     outputs = n // 2 if gated else n
-    packed = torch.empty(lib.packed_gemm_q41_bytes(outputs, groups * 32, gated), dtype=torch.uint8)
-    scale, minimum, quants = (t.contiguous() for t in (blocks.scale, blocks.minimum, blocks.quants))
-    lib.packed_gemm_pack_q41(
+    size = lib.packed_gemm_quant_bytes(outputs, groups * 32, gated, type_id)
+    packed = torch.empty(size, dtype=dtype)
+    scale, quants = blocks.scale.contiguous(), blocks.quants.contiguous()
+    minimum = blocks.minimum.contiguous() if blocks.minimum is not None else None
+    lib.packed_gemm_pack_quant(
         packed.data_ptr(),
         scale.data_ptr(),
-        minimum.data_ptr(),
+        minimum.data_ptr() if minimum is not None else None,
         quants.data_ptr(),
         n,
         groups * 32,
         gated,
+        type_id,
     )
     return packed
 
@@ -98,8 +114,8 @@ def linear(
     bias: torch.Tensor | None,
     gated: bool = False,
 ) -> torch.Tensor:
-    """``x [..., k] W^T + bias`` with ``W`` packed by :func:`pack` (float32) or :func:`pack_q41`
-    (uint8) -> ``[..., out_features]``. ``gated``: ``silu(x Wg^T + bg) * (x Wu^T + bu)``,
+    """``x [..., k] W^T + bias`` with ``W`` packed by :func:`pack` (float32) or
+    :func:`pack_quantized` -> ``[..., out_features]``. ``gated``: ``silu(x Wg^T + bg) * (x Wu^T + bu)``,
     ``out_features`` = d of ``[2 d, k]``."""
     lib = _lib()
     assert lib is not None
@@ -118,9 +134,10 @@ def linear(
         k,
         gated,
     )
-    if packed.dtype == torch.uint8:
-        if lib.packed_gemm_q41(*args) != 0:
-            raise MemoryError("packed_gemm_q41: no memory for a panel buffer")
-    else:
+    if packed.dtype == torch.float32:
         lib.packed_gemm_f32(*args)
+    else:
+        type_id = next(i for i, dtype in QUANT_TYPES.values() if dtype == packed.dtype)
+        if lib.packed_gemm_quant(*args, type_id) != 0:
+            raise MemoryError("packed_gemm_quant: no memory for a panel buffer")
     return y.view(*x.shape[:-1], out_features)

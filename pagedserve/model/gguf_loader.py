@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
-from pagedserve.kernels.packed_gemm import Q41Blocks
+from pagedserve.kernels.packed_gemm import QUANT_TYPES, QuantBlocks
 from pagedserve.model.llama import ROPE_FREQ_FACTORS
 
 # general.architecture -> (HF architecture name, config class)
@@ -146,22 +146,29 @@ def gguf_weights(
         yield name, _in_hf_order(reader, config, name, weight)
 
 
-def q41_blocks(reader: GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, Q41Blocks]]:
-    """The Q4_1 tensors as their blocks (scales, minimums and 4-bit values, rows in the same
-    order as :func:`gguf_weights` gives their weights), under their Hugging Face names: the
-    few-row GEMM reads them instead of the float32 weights."""
+def quantized_blocks(
+    reader: GGUFReader, config: PretrainedConfig
+) -> Iterator[tuple[str, QuantBlocks]]:
+    """The matrices held in a block type the few-row GEMM reads (:data:`QUANT_TYPES`), as their
+    blocks (rows in the order :func:`gguf_weights` gives their weights), under their Hugging
+    Face names."""
     for tensor in reader.tensors:
-        if tensor.tensor_type != GGMLQuantizationType.Q4_1 or len(tensor.shape) != 2:
+        kind = tensor.tensor_type.name
+        if kind not in QUANT_TYPES or len(tensor.shape) != 2:
             continue
-        raw = np.asarray(tensor.data).reshape(int(tensor.shape[1]), int(tensor.shape[0]) // 32, 20)
-        halves = raw[..., :4].copy().view(np.float16).astype(np.float32)
-        parts = (halves[..., 0], halves[..., 1], raw[..., 4:])
+        rows, groups = int(tensor.shape[1]), int(tensor.shape[0]) // 32
+        raw = np.asarray(tensor.data).reshape(rows, groups, -1)
+        halves = raw[..., : 4 if kind == "Q4_1" else 2].copy().view(np.float16).astype(np.float32)
         name = hf_tensor_name(tensor.name)
         scale, minimum, quants = (
-            _in_hf_order(reader, config, name, torch.from_numpy(np.ascontiguousarray(part)))
-            for part in parts
+            None if part is None else _in_hf_order(reader, config, name, torch.from_numpy(part))
+            for part in (
+                np.ascontiguousarray(halves[..., 0]),
+                np.ascontiguousarray(halves[..., 1]) if kind == "Q4_1" else None,
+                np.ascontiguousarray(raw[..., 4 if kind == "Q4_1" else 2 :]),
+            )
         )
-        yield name, Q41Blocks(scale, minimum, quants)
+        yield name, QuantBlocks(kind, scale, minimum, quants)
 
 
 def _in_hf_order(

@@ -13,10 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.kernels.packed_gemm import Q41Blocks
+from pagedserve.kernels.packed_gemm import QuantBlocks, pack_quantized
 from pagedserve.model.layers.attention import Attention, AttentionMetadata
 from pagedserve.model.layers.embedding import Embedding
-from pagedserve.model.layers.linear import GateUpSilu, Linear, MergedLinear, linear, pack_weight
+from pagedserve.model.layers.linear import (
+    GateUpSilu,
+    Linear,
+    MergedLinear,
+    linear,
+    pack_weight,
+    packed_for,
+)
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
@@ -150,6 +157,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, self.biases(config))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.packed_head: torch.Tensor | None = None
+        self.packed_head_quantized: torch.Tensor | None = None
+        self._embedding_blocks: QuantBlocks | None = None
         self.lm_head = (
             None
             if self.tie_word_embeddings
@@ -172,7 +181,8 @@ class LlamaForCausalLM(nn.Module):
         """``[N, H]`` -> float32 logits ``[N, vocab]``; call it only on the rows that sample."""
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        return linear(hidden, self.model.embed_tokens.weight, None, self.packed_head).float()
+        packed = packed_for(hidden, self.packed_head, self.packed_head_quantized)
+        return linear(hidden, self.model.embed_tokens.weight, None, packed).float()
 
     def prepack(self) -> None:
         """Pack every projection's weight (the lm head's too; a tied one from the embedding)
@@ -182,16 +192,23 @@ class LlamaForCausalLM(nn.Module):
                 module.prepack()
         if self.lm_head is None:
             self.packed_head = pack_weight(self.model.embed_tokens.weight)
+            blocks, self._embedding_blocks = self._embedding_blocks, None
+            if self.packed_head is not None and blocks is not None:
+                self.packed_head_quantized = pack_quantized(blocks)
 
-    def load_q41(self, blocks: Iterable[tuple[str, Q41Blocks]]) -> None:
-        """Hand each projection the Q4_1 blocks (a GGUF file's) that its weight was dequantized
-        from, for :meth:`prepack`; other tensors' blocks (an embedding's) go unused."""
+    def load_quantized(self, blocks: Iterable[tuple[str, QuantBlocks]]) -> None:
+        """Hand each projection (and a tied lm head) the blocks (a GGUF file's) that its weight
+        was dequantized from, for :meth:`prepack`."""
         for name, tensor_blocks in blocks:
+            if name == "model.embed_tokens.weight":
+                if self.lm_head is None:  # the embedding is the head
+                    self._embedding_blocks = tensor_blocks
+                continue
             parent, _, leaf = name.removesuffix(".weight").rpartition(".")
             fused, shard = _STACKED.get(leaf, (leaf, 0))
             module = self.get_submodule(f"{parent}.{fused}") if parent else getattr(self, leaf)
             if isinstance(module, Linear):
-                module.set_q41(shard, tensor_blocks)
+                module.set_quantized(shard, tensor_blocks)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagedserve.model.gguf_loader import gguf_config, gguf_weights, open_gguf, q41_blocks
+from pagedserve.model.gguf_loader import gguf_config, gguf_weights, open_gguf, quantized_blocks
 from pagedserve.model.hf_config import hf_config, safetensors_weights
 from pagedserve.model.registry import get_model_class
 
@@ -32,7 +32,7 @@ def load_config(path: str) -> PretrainedConfig:
 def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Build the model for ``path``'s architecture on ``device`` in ``dtype`` and load its
     weights (GGUF tensors are dequantized; on CPU in float32 the projections also keep Q4_1
-    tensors' 4-bit blocks for steps of few rows). The result is in eval mode without gradients."""
+    and Q8_0 tensors' blocks for steps of few rows). The result is in eval mode without gradients."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     config = load_config(path)
@@ -45,7 +45,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.
         and torch.device(device).type == "cpu"
         and dtype == torch.float32
     ):
-        model.load_q41(q41_blocks(open_gguf(path), config))  # for the GEMM of decode steps
+        model.load_quantized(quantized_blocks(open_gguf(path), config))  # for decode steps
     model.requires_grad_(False)
     model.prepack()
     return model.eval()

@@ -8,10 +8,10 @@ GEMM kernel (``kernels/packed_gemm.c``) and :func:`linear` multiplies with it: 1
 oneDNN's prepacked matmul at a 64-sequence decode step, as fast at one row and at a prefill
 chunk, and 2-3x ``F.linear``; results equal within float rounding.
 
-A weight that came from a GGUF file's Q4_1 blocks keeps them too, packed for the same kernel
-(:meth:`Linear.set_q41`): steps of at most :data:`Q41_MAX_ROWS` rows (decodes) multiply with the
-4-bit panels, which take a fifth of the float32 panels' memory traffic, and get the same results
-bit for bit.
+A weight that came from a GGUF file's Q4_1 or Q8_0 blocks keeps them too, packed for the same
+kernel (:meth:`Linear.set_quantized`): steps of at most :data:`QUANTIZED_MAX_ROWS` rows (decodes)
+multiply with those panels, which take a fifth (Q4_1) or a third (Q8_0) of the float32 panels'
+memory traffic, and get the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.kernels import packed_gemm
-from pagedserve.kernels.packed_gemm import Q41Blocks
+from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.layers.activation import silu_and_mul
 
-# Rows up to which the 4-bit panels take a product. SmolLM2-135M's projections, 30 layers, on
-# this project's 2-core AVX-512 machine: 4.8 against 10.7 ms at 1 row, 6.9 against 10.9 at 8,
-# 10.4 against 13.9 at 16, 17.2 against 18.1 at 32, even at 64.
-Q41_MAX_ROWS = 32
+# Rows up to which the quantized panels take a product. SmolLM2-135M's Q4_1 projections, 30
+# layers, on this project's 2-core AVX-512 machine: 4.8 against 10.7 ms at 1 row, 6.9 against
+# 10.9 at 8, 10.4 against 13.9 at 16, 17.2 against 18.1 at 32, even at 64.
+QUANTIZED_MAX_ROWS = 32
+
+
+def packed_for(
+    x: torch.Tensor, packed: torch.Tensor | None, quantized: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The packed weight to multiply ``x`` with: the quantized one for few rows, if any."""
+    if quantized is not None and x.numel() <= QUANTIZED_MAX_ROWS * x.shape[-1]:
+        return quantized
+    return packed
 
 
 class Linear(nn.Module):
@@ -44,34 +53,29 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None
-        self.packed_q41: torch.Tensor | None = None
-        self.q41_shards: dict[int, Q41Blocks] = {}
+        self.packed_quantized: torch.Tensor | None = None
+        self.quantized_shards: dict[int, QuantBlocks] = {}
 
     @property
     def num_shards(self) -> int:
         return 1
 
-    def set_q41(self, shard: int, blocks: Q41Blocks) -> None:
-        """The Q4_1 blocks that shard ``shard`` of the weight was dequantized from."""
-        self.q41_shards[shard] = blocks
+    def set_quantized(self, shard: int, blocks: QuantBlocks) -> None:
+        """The blocks that shard ``shard`` of the weight was dequantized from."""
+        self.quantized_shards[shard] = blocks
 
     def prepack(self) -> None:
         """Pack the loaded weight for the fast CPU path (call after loading the weights), and
-        its Q4_1 blocks when every shard has them."""
+        its quantized blocks when every shard has some of one type."""
         self.packed = pack_weight(self.weight, self.gated)
-        shards, self.q41_shards = self.q41_shards, {}
+        shards, self.quantized_shards = self.quantized_shards, {}
         if self.packed is not None and len(shards) == self.num_shards:
-            blocks = Q41Blocks.cat([shards[i] for i in range(self.num_shards)])
-            self.packed_q41 = packed_gemm.pack_q41(blocks, self.gated)
-
-    def packed_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The packed weight to multiply ``x`` with: the 4-bit one for few rows, if any."""
-        if self.packed_q41 is not None and x.numel() <= Q41_MAX_ROWS * x.shape[-1]:
-            return self.packed_q41
-        return self.packed
+            blocks = QuantBlocks.cat([shards[i] for i in range(self.num_shards)])
+            if blocks is not None:
+                self.packed_quantized = packed_gemm.pack_quantized(blocks, self.gated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed_for(x))
+        return linear(x, self.weight, self.bias, packed_for(x, self.packed, self.packed_quantized))
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -151,7 +155,7 @@ class GateUpSilu(MergedLinear):
         self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed_for(x)
+        packed = packed_for(x, self.packed, self.packed_quantized)
         if not _uses_packed(x, packed):
             return silu_and_mul(F.linear(x, self.weight, self.bias))
         return packed_gemm.linear(x, packed, self.size, self.bias, gated=True)
