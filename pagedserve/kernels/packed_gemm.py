@@ -115,8 +115,8 @@ def linear(
     gated: bool = False,
 ) -> torch.Tensor:
     """``x [..., k] W^T + bias`` with ``W`` packed by :func:`pack` (float32) or
-    :func:`pack_quantized` -> ``[..., out_features]``. ``gated``: ``silu(x Wg^T + bg) * (x Wu^T + bu)``,
-    ``out_features`` = d of ``[2 d, k]``."""
+    :func:`pack_quantized` -> ``[..., out_features]``. ``gated``: ``silu(x Wg^T + bg) *
+    (x Wu^T + bu)``, ``out_features`` = d of ``[2 d, k]``."""
     lib = _lib()
     assert lib is not None
     k = x.shape[-1]
