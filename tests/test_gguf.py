@@ -125,18 +125,31 @@ def test_quantized_gguf_weights_dequantize_to_the_originals(qtype, tolerance, ti
         assert error <= tolerance * want.abs().max(), f"{name}: error {error}"
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_0, Q.Q4_K], ids=lambda q: q.name)
 def test_quantized_projections_decode_through_their_blocks(
     qtype, tiny_llama, tmp_path, monkeypatch
 ):
-    """A Q4_1 or Q8_0 GGUF's projections (and tied head) keep their blocks (q/k rows unpermuted
-    like their weights) and decode steps multiply with them: generations equal the float32
-    panels' to the last bit."""
+    """A GGUF's Q4_1, Q8_0, Q4_0 or Q4_K projections (and tied head) keep their blocks (q/k rows
+    unpermuted like their weights) and decode steps multiply with them: generations equal the
+    float32 panels' to the last bit. (gguf writes no K-quants: Q4_K is random blocks in the one
+    matrix 256 inputs wide, ffn_down.)"""
     hf, _ = tiny_llama
-    path = write_tiny_gguf(hf, tmp_path / f"tiny-{qtype.name}.gguf", qtype, with_tokenizer=True)
+    raw = {}
+    if qtype == Q.Q4_K:
+        blocks = _random_k_blocks(Q.Q4_K, hf.config.hidden_size, hf.config.intermediate_size)
+        raw = {f"blk.{i}.ffn_down.weight": (blocks, Q.Q4_K) for i in range(2)}
+    path = write_tiny_gguf(
+        hf,
+        tmp_path / f"tiny-{qtype.name}.gguf",
+        Q.F32 if raw else qtype,
+        raw_tensors=raw,
+        with_tokenizer=True,
+    )
     llm = LLM(str(path), kv_cache_memory=0.01)
     model = llm.llm_engine.model
     projections = [m for m in model.modules() if isinstance(m, Linear)]
+    if raw:
+        projections = [layer.mlp.down_proj for layer in model.model.layers]
     assert projections and all(m.packed_quantized is not None for m in projections)
     assert (model.lm_head is None) == (model.packed_head_quantized is not None)
     prompts = [{"prompt_token_ids": [5, 17, 900, 3, 11]}, {"prompt_token_ids": [1200, 7, 8]}]

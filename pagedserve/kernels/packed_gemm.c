@@ -235,6 +235,7 @@ void packed_gemm_f32(float *y, const float *x, const float *packed, const float 
  *   - Q4_1: NR scales and NR minimums (float32), then per input VL bytes, each holding column
  *     i's value (low nibble) and column VL + i's (high);
  *   - Q8_0: NR scales (float32), then per input NR bytes, one per column.
+ * (The loader carries Q4_K in the first layout and Q4_0 in the second, exactly.)
  * A thread expands each of its panels into float32 in a buffer that stays in its L2 and runs the
  * float32 tiles over it: each weight is the float32 value the loader dequantized (as gguf's
  * numpy code computes it: d * q rounded, then + m rounded), and each output the same sum in the

@@ -56,10 +56,12 @@ QUANT_TYPES = {"Q4_1": (0, torch.uint8), "Q8_0": (1, torch.int8)}
 
 @dataclass
 class QuantBlocks:
-    """A weight ``[n, k]`` in one of llama.cpp's block types (:data:`QUANT_TYPES`), as a GGUF file
-    holds it: for each output and block of 32 inputs a scale (``[n, k / 32]``, as float32) and
-    the values (``quants`` ``[n, k / 32, bytes]`` uint8). Q4_1 has a ``minimum`` too, and its
-    weight is ``scale * value + minimum``; Q8_0's is ``scale * value`` (signed bytes)."""
+    """A weight ``[n, k]`` in one of the kernel's two block layouts (:data:`QUANT_TYPES`, named
+    for the llama.cpp types they match byte for byte; the loader carries others in them): for
+    each output and block of 32 inputs a scale (``[n, k / 32]``, float32) and the values
+    (``quants`` ``[n, k / 32, bytes]`` uint8). Q4_1 has a ``minimum`` too, and its weight is
+    ``scale * value + minimum`` (16 bytes of 4-bit values, gguf's order); Q8_0's is
+    ``scale * value`` (32 signed bytes)."""
 
     type: str
     scale: torch.Tensor

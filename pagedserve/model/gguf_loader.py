@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import Q4_K, dequantize
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
-from pagedserve.kernels.packed_gemm import QUANT_TYPES, QuantBlocks
+from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.llama import ROPE_FREQ_FACTORS
 
 # general.architecture -> (HF architecture name, config class)
@@ -149,26 +149,79 @@ def gguf_weights(
 def quantized_blocks(
     reader: GGUFReader, config: PretrainedConfig
 ) -> Iterator[tuple[str, QuantBlocks]]:
-    """The matrices held in a block type the few-row GEMM reads (:data:`QUANT_TYPES`), as their
-    blocks (rows in the order :func:`gguf_weights` gives their weights), under their Hugging
-    Face names."""
+    """The matrices stored in a type the few-row GEMM reads, as blocks in one of its two
+    layouts (rows in the order :func:`gguf_weights` gives their weights), under their Hugging
+    Face names: Q4_1 and Q4_K in the Q4_1 layout, Q8_0 and Q4_0 in the Q8_0 layout. Each
+    conversion keeps the float32 weight that gguf's dequantization computes, to the bit."""
     for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        if kind not in QUANT_TYPES or len(tensor.shape) != 2:
+        convert = _TO_LAYOUT.get(tensor.tensor_type)
+        if convert is None or len(tensor.shape) != 2:
             continue
-        rows, groups = int(tensor.shape[1]), int(tensor.shape[0]) // 32
-        raw = np.asarray(tensor.data).reshape(rows, groups, -1)
-        halves = raw[..., : 4 if kind == "Q4_1" else 2].copy().view(np.float16).astype(np.float32)
+        rows = int(tensor.shape[1])
+        layout, parts = convert(np.asarray(tensor.data).reshape(rows, -1))
         name = hf_tensor_name(tensor.name)
         scale, minimum, quants = (
             None if part is None else _in_hf_order(reader, config, name, torch.from_numpy(part))
-            for part in (
-                np.ascontiguousarray(halves[..., 0]),
-                np.ascontiguousarray(halves[..., 1]) if kind == "Q4_1" else None,
-                np.ascontiguousarray(raw[..., 4 if kind == "Q4_1" else 2 :]),
-            )
+            for part in parts
         )
-        yield name, QuantBlocks(kind, scale, minimum, quants)
+        yield name, QuantBlocks(layout, scale, minimum, quants)
+
+
+Parts = tuple[np.ndarray, np.ndarray | None, np.ndarray]
+
+
+def _halves(raw: np.ndarray, count: int) -> list[np.ndarray]:
+    """The first ``count`` float16 fields of each block, as float32 ``[rows, blocks]`` arrays."""
+    values = raw[..., : 2 * count].copy().view(np.float16).astype(np.float32)
+    return [np.ascontiguousarray(values[..., i]) for i in range(count)]
+
+
+def _q4_1(raw: np.ndarray) -> tuple[str, Parts]:
+    blocks = raw.reshape(raw.shape[0], -1, 20)  # d, m, 16 bytes of 4-bit values
+    d, m = _halves(blocks, 2)
+    return "Q4_1", (d, m, np.ascontiguousarray(blocks[..., 4:]))
+
+
+def _q8_0(raw: np.ndarray) -> tuple[str, Parts]:
+    blocks = raw.reshape(raw.shape[0], -1, 34)  # d, 32 signed bytes
+    (d,) = _halves(blocks, 1)
+    return "Q8_0", (d, None, np.ascontiguousarray(blocks[..., 2:]))
+
+
+def _q4_0(raw: np.ndarray) -> tuple[str, Parts]:
+    """w = d * (q - 8): the Q8_0 layout with the signed values q - 8."""
+    blocks = raw.reshape(raw.shape[0], -1, 18)  # d, 16 bytes of 4-bit values
+    (d,) = _halves(blocks, 1)
+    packed = blocks[..., 2:]
+    values = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.int8) - np.int8(8)
+    return "Q8_0", (d, None, values.view(np.uint8))
+
+
+def _q4_k(raw: np.ndarray) -> tuple[str, Parts]:
+    """Super-blocks of 256: per 32 inputs a 6-bit scale and minimum under float16 d and dmin;
+    w = (d * sc) * q - dmin * m, which is the Q4_1 layout with scale d * sc and minimum
+    -(dmin * m) (each product rounded to float32 as gguf computes it)."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)  # d, dmin, 12 bytes of scales, 128 of 4-bit values
+    d, dmin = _halves(blocks, 2)
+    sc, m = Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+    scale = (d[..., None] * sc.reshape(rows, -1, 8).astype(np.float32)).reshape(rows, -1)
+    minimum = -(dmin[..., None] * m.reshape(rows, -1, 8).astype(np.float32)).reshape(rows, -1)
+    # 32 bytes hold two sub-blocks of 32: low nibbles, then high ones
+    codes = (
+        blocks[..., 16:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8)[:, None]
+    )
+    values = (codes & 15).reshape(rows, -1, 32)  # [rows, k / 32, 32]
+    nibbles = values[..., :16] | (values[..., 16:] << 4)  # Q4_1's byte layout
+    return "Q4_1", (scale, minimum, np.ascontiguousarray(nibbles))
+
+
+_TO_LAYOUT = {
+    GGMLQuantizationType.Q4_1: _q4_1,
+    GGMLQuantizationType.Q8_0: _q8_0,
+    GGMLQuantizationType.Q4_0: _q4_0,
+    GGMLQuantizationType.Q4_K: _q4_k,
+}
 
 
 def _in_hf_order(
