@@ -125,19 +125,19 @@ def test_quantized_gguf_weights_dequantize_to_the_originals(qtype, tolerance, ti
         assert error <= tolerance * want.abs().max(), f"{name}: error {error}"
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_0, Q.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
 def test_quantized_projections_decode_through_their_blocks(
     qtype, tiny_llama, tmp_path, monkeypatch
 ):
-    """A GGUF's Q4_1, Q8_0, Q4_0 or Q4_K projections (and tied head) keep their blocks (q/k rows
-    unpermuted like their weights) and decode steps multiply with them: generations equal the
-    float32 panels' to the last bit. (gguf writes no K-quants: Q4_K is random blocks in the one
-    matrix 256 inputs wide, ffn_down.)"""
+    """A GGUF's Q4_1, Q8_0, Q4_0, Q4_K or Q6_K projections (and tied head) keep their blocks
+    (q/k rows unpermuted like their weights) and decode steps multiply with them: generations
+    equal the float32 panels' to the last bit. (gguf writes no K-quants: those are random blocks
+    in the one matrix 256 inputs wide, ffn_down.)"""
     hf, _ = tiny_llama
     raw = {}
-    if qtype == Q.Q4_K:
-        blocks = _random_k_blocks(Q.Q4_K, hf.config.hidden_size, hf.config.intermediate_size)
-        raw = {f"blk.{i}.ffn_down.weight": (blocks, Q.Q4_K) for i in range(2)}
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        blocks = _random_k_blocks(qtype, hf.config.hidden_size, hf.config.intermediate_size)
+        raw = {f"blk.{i}.ffn_down.weight": (blocks, qtype) for i in range(2)}
     path = write_tiny_gguf(
         hf,
         tmp_path / f"tiny-{qtype.name}.gguf",

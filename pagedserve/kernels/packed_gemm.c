@@ -234,8 +234,11 @@ void packed_gemm_f32(float *y, const float *x, const float *packed, const float 
  * They are packed in the float32 panels' column order, per block of 32 inputs:
  *   - Q4_1: NR scales and NR minimums (float32), then per input VL bytes, each holding column
  *     i's value (low nibble) and column VL + i's (high);
- *   - Q8_0: NR scales (float32), then per input NR bytes, one per column.
- * (The loader carries Q4_K in the first layout and Q4_0 in the second, exactly.)
+ *   - Q8_0: NR scales (float32), then per input NR bytes, one per column;
+ *   - Q8_0 with a scale per 16 inputs (for Q6_K): NR scales for the first 16 inputs and NR
+ *     for the last 16, then the bytes as in Q8_0.
+ * (The loader carries Q4_K in the first layout, Q4_0 in the second and Q6_K in the third,
+ * exactly.)
  * A thread expands each of its panels into float32 in a buffer that stays in its L2 and runs the
  * float32 tiles over it: each weight is the float32 value the loader dequantized (as gguf's
  * numpy code computes it: d * q rounded, then + m rounded), and each output the same sum in the
@@ -244,18 +247,19 @@ void packed_gemm_f32(float *y, const float *x, const float *packed, const float 
 #define QBLOCK 32
 #define Q41_BLOCK_BYTES (2 * NR * (int64_t)sizeof(float) + QBLOCK * VL)
 #define Q80_BLOCK_BYTES (NR * (int64_t)sizeof(float) + QBLOCK * NR)
+#define Q816_BLOCK_BYTES (2 * NR * (int64_t)sizeof(float) + QBLOCK * NR)
 /* Blocks ahead that the expansion prefetches: it outruns the hardware prefetcher otherwise
  * (SmolLM2's gate/up projection, one row, cold: 115 us a call without, 75 with 8). */
 #define QUANT_PREFETCH 8
 
-enum { Q41 = 0, Q80 = 1 };
+enum { Q41 = 0, Q80 = 1, Q816 = 2 };
 
 typedef uint8_t vu8 __attribute__((vector_size(VL)));
 typedef int32_t vi32 __attribute__((vector_size(VL * sizeof(int32_t))));
 
 static int64_t block_bytes(int64_t type)
 {
-    return type == Q41 ? Q41_BLOCK_BYTES : Q80_BLOCK_BYTES;
+    return type == Q41 ? Q41_BLOCK_BYTES : type == Q80 ? Q80_BLOCK_BYTES : Q816_BLOCK_BYTES;
 }
 
 /* Bytes of quantized weights [n, k] of `type` packed (gated: [2n, k]). */
@@ -265,10 +269,10 @@ int64_t packed_gemm_quant_bytes(int64_t n, int64_t k, int64_t gated, int64_t typ
     return (n + width - 1) / width * (k / QBLOCK) * block_bytes(type);
 }
 
-/* packed <- the blocks of w [n, k] of `type`: scale (and, Q4_1, minimum) [n, k / 32] as float32,
- * quants [n, k / 32, bytes] in gguf's byte layout (Q4_1: 16 bytes, input j of a block in byte
- * j % 16, low nibble for j < 16; Q8_0: 32 signed bytes). Columns map to panels as in
- * packed_gemm_pack_f32; padding columns are zero. */
+/* packed <- the blocks of w [n, k] of `type`: scale [n, k / 32] (per 16 inputs: [n, k / 16]) and,
+ * Q4_1, minimum [n, k / 32], as float32; quants [n, k / 32, bytes] in gguf's byte layout (Q4_1:
+ * 16 bytes, input j of a block in byte j % 16, low nibble for j < 16; else 32 signed bytes).
+ * Columns map to panels as in packed_gemm_pack_f32; padding columns are zero. */
 void packed_gemm_pack_quant(uint8_t *packed, const float *scale, const float *minimum,
                             const uint8_t *quants, int64_t n, int64_t k, int64_t gated,
                             int64_t type)
@@ -280,16 +284,22 @@ void packed_gemm_pack_quant(uint8_t *packed, const float *scale, const float *mi
     for (int64_t p = 0; p < panels; p++) {
         for (int64_t b = 0; b < blocks; b++) {
             uint8_t *block = packed + (p * blocks + b) * bytes;
+            /* m: Q4_1's minimums, or the scales of the last 16 inputs */
             float d[NR] = {0}, m[NR] = {0};
-            uint8_t *q = block + (type == Q41 ? 2 : 1) * NR * sizeof(float);
+            uint8_t *q = block + (type == Q80 ? 1 : 2) * NR * sizeof(float);
             memset(q, 0, QBLOCK * (type == Q41 ? VL : NR));
             for (int64_t j = 0; j < NR; j++) {
                 const int64_t feature = gated ? p * VL + j % VL : p * NR + j;
                 const int64_t row = gated ? j / VL * outputs + feature : feature;
                 if (feature >= outputs) continue;
-                d[j] = scale[row * blocks + b];
                 const uint8_t *qs = quants + (row * blocks + b) * qbytes;
-                if (type == Q80) {
+                if (type == Q816) {
+                    d[j] = scale[(row * blocks + b) * 2];
+                    m[j] = scale[(row * blocks + b) * 2 + 1];
+                } else {
+                    d[j] = scale[row * blocks + b];
+                }
+                if (type != Q41) {
                     for (int64_t i = 0; i < QBLOCK; i++) q[i * NR + j] = qs[i];
                     continue;
                 }
@@ -300,7 +310,7 @@ void packed_gemm_pack_quant(uint8_t *packed, const float *scale, const float *mi
                 }
             }
             memcpy(block, d, sizeof d);
-            if (type == Q41) memcpy(block + sizeof d, m, sizeof m);
+            if (type != Q80) memcpy(block + sizeof d, m, sizeof m);
         }
     }
 }
@@ -320,9 +330,13 @@ static void expand_panel(float *out, const uint8_t *panel, int64_t blocks, int64
         vf d0, d1;
         memcpy(&d0, d, sizeof d0);
         memcpy(&d1, d + VL, sizeof d1);
-        if (type == Q80) {
-            const uint8_t *q = block + NR * sizeof(float);
+        if (type != Q41) {
+            const uint8_t *q = block + (type == Q80 ? 1 : 2) * NR * sizeof(float);
             for (int64_t i = 0; i < QBLOCK; i++) {
+                if (type == Q816 && i == QBLOCK / 2) {  /* the last 16 inputs' scales */
+                    memcpy(&d0, d + NR, sizeof d0);
+                    memcpy(&d1, d + NR + VL, sizeof d1);
+                }
                 vu8 q0, q1;
                 memcpy(&q0, q + i * NR, sizeof q0);
                 memcpy(&q1, q + i * NR + VL, sizeof q1);

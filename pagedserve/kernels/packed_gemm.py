@@ -50,17 +50,19 @@ def pack(weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
     return packed
 
 
-# Quantized types the kernel reads, and the dtype of their packed tensors (which tells them apart).
-QUANT_TYPES = {"Q4_1": (0, torch.uint8), "Q8_0": (1, torch.int8)}
+# The kernel's quantized block layouts (named for the llama.cpp types they match byte for byte;
+# Q8_0x16 is Q8_0 with a scale per 16 inputs) and the dtype of their packed tensors, which tells
+# them apart.
+QUANT_TYPES = {"Q4_1": (0, torch.uint8), "Q8_0": (1, torch.int8), "Q8_0x16": (2, torch.int16)}
 
 
 @dataclass
 class QuantBlocks:
-    """A weight ``[n, k]`` in one of the kernel's two block layouts (:data:`QUANT_TYPES`, named
-    for the llama.cpp types they match byte for byte; the loader carries others in them): for
-    each output and block of 32 inputs a scale (``[n, k / 32]``, float32) and the values
+    """A weight ``[n, k]`` in one of the kernel's block layouts (:data:`QUANT_TYPES`; the loader
+    carries other llama.cpp types in them): for each output and block of 32 inputs a scale
+    (``[n, k / 32]``, float32; Q8_0x16: one per 16 inputs, ``[n, k / 16]``) and the values
     (``quants`` ``[n, k / 32, bytes]`` uint8). Q4_1 has a ``minimum`` too, and its weight is
-    ``scale * value + minimum`` (16 bytes of 4-bit values, gguf's order); Q8_0's is
+    ``scale * value + minimum`` (16 bytes of 4-bit values, gguf's order); the others'
     ``scale * value`` (32 signed bytes)."""
 
     type: str
@@ -90,10 +92,10 @@ def pack_quantized(blocks: QuantBlocks, gated: bool = False) -> torch.Tensor:
     lib = _lib()
     assert lib is not None
     type_id, dtype = QUANT_TYPES[blocks.type]
-    n, groups = blocks.scale.shape
+    n, groups = blocks.quants.shape[:2]
     outputs = n // 2 if gated else n
     size = lib.packed_gemm_quant_bytes(outputs, groups * 32, gated, type_id)
-    packed = torch.empty(size, dtype=dtype)
+    packed = torch.empty(size, dtype=torch.uint8).view(dtype)
     scale, quants = blocks.scale.contiguous(), blocks.quants.contiguous()
     minimum = blocks.minimum.contiguous() if blocks.minimum is not None else None
     lib.packed_gemm_pack_quant(

@@ -151,8 +151,9 @@ def quantized_blocks(
 ) -> Iterator[tuple[str, QuantBlocks]]:
     """The matrices stored in a type the few-row GEMM reads, as blocks in one of its two
     layouts (rows in the order :func:`gguf_weights` gives their weights), under their Hugging
-    Face names: Q4_1 and Q4_K in the Q4_1 layout, Q8_0 and Q4_0 in the Q8_0 layout. Each
-    conversion keeps the float32 weight that gguf's dequantization computes, to the bit."""
+    Face names: Q4_1 and Q4_K in the Q4_1 layout, Q8_0 and Q4_0 in the Q8_0 layout, Q6_K in
+    Q8_0x16. Each conversion keeps the float32 weight that gguf's dequantization computes, to
+    the bit."""
     for tensor in reader.tensors:
         convert = _TO_LAYOUT.get(tensor.tensor_type)
         if convert is None or len(tensor.shape) != 2:
@@ -216,11 +217,34 @@ def _q4_k(raw: np.ndarray) -> tuple[str, Parts]:
     return "Q4_1", (scale, minimum, np.ascontiguousarray(nibbles))
 
 
+def _q6_k(raw: np.ndarray) -> tuple[str, Parts]:
+    """Super-blocks of 256: 6-bit values under a signed 8-bit scale per 16 inputs and float16 d;
+    w = (d * sc) * (q - 32), the per-16-scale Q8_0 layout with signed values q - 32. The values
+    are unpacked as gguf's dequantization unpacks them."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, 210)  # 128 bytes of low 4 bits, 64 of high 2, 16 scales, d
+    ql, qh, sc, d = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208], blocks[:, 208:]
+    scale = d.copy().view(np.float16).astype(np.float32) * sc.view(np.int8).astype(np.float32)
+    low = ql.reshape(len(blocks), -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    high = qh.reshape(len(blocks), -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(
+        1, 1, 4, 1
+    )
+    low = (low & 15).reshape(len(blocks), -1, 32)
+    high = (high & 3).reshape(len(blocks), -1, 32)
+    values = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    return "Q8_0x16", (
+        np.ascontiguousarray(scale.reshape(rows, -1)),
+        None,
+        np.ascontiguousarray(values.view(np.uint8).reshape(rows, -1, 32)),
+    )
+
+
 _TO_LAYOUT = {
     GGMLQuantizationType.Q4_1: _q4_1,
     GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q4_0: _q4_0,
     GGMLQuantizationType.Q4_K: _q4_k,
+    GGMLQuantizationType.Q6_K: _q6_k,
 }
 
 

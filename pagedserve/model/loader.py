@@ -32,7 +32,7 @@ def load_config(path: str) -> PretrainedConfig:
 def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Build the model for ``path``'s architecture on ``device`` in ``dtype`` and load its
     weights (GGUF tensors are dequantized; on CPU in float32 the projections also keep Q4_0,
-    Q4_1, Q4_K and Q8_0 tensors' blocks for steps of few rows). The result is in eval mode without
+    Q4_1, Q4_K, Q6_K and Q8_0 tensors' blocks for steps of few rows). The result is in eval mode without
     gradients."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")

@@ -8,10 +8,10 @@ GEMM kernel (``kernels/packed_gemm.c``) and :func:`linear` multiplies with it: 1
 oneDNN's prepacked matmul at a 64-sequence decode step, as fast at one row and at a prefill
 chunk, and 2-3x ``F.linear``; results equal within float rounding.
 
-A weight that came from a GGUF file's Q4_0, Q4_1, Q4_K or Q8_0 blocks keeps them too, packed
-for the same kernel (:meth:`Linear.set_quantized`): steps of at most :data:`QUANTIZED_MAX_ROWS`
-rows (decodes) multiply with those panels, which take a fifth (4-bit) or a third (8-bit) of the
-float32 panels' memory traffic, and get the same results bit for bit.
+A weight that came from a GGUF file's Q4_0, Q4_1, Q4_K, Q6_K or Q8_0 blocks keeps them too,
+packed for the same kernel (:meth:`Linear.set_quantized`): steps of at most
+:data:`QUANTIZED_MAX_ROWS` rows (decodes) multiply with those panels, which take a fifth (4-bit)
+or a third (8-bit) of the float32 panels' memory traffic, and get the same results bit for bit.
 """
 
 from __future__ import annotations
