@@ -54,6 +54,7 @@ def pack(weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
 # Q8_0x16 is Q8_0 with a scale per 16 inputs) and the dtype of their packed tensors, which tells
 # them apart.
 QUANT_TYPES = {"Q4_1": (0, torch.uint8), "Q8_0": (1, torch.int8), "Q8_0x16": (2, torch.int16)}
+_TYPE_OF_DTYPE = {dtype: type_id for type_id, dtype in QUANT_TYPES.values()}
 
 
 @dataclass
@@ -141,7 +142,6 @@ def linear(
     if packed.dtype == torch.float32:
         lib.packed_gemm_f32(*args)
     else:
-        type_id = next(i for i, dtype in QUANT_TYPES.values() if dtype == packed.dtype)
-        if lib.packed_gemm_quant(*args, type_id) != 0:
+        if lib.packed_gemm_quant(*args, _TYPE_OF_DTYPE[packed.dtype]) != 0:
             raise MemoryError("packed_gemm_quant: no memory for a panel buffer")
     return y.view(*x.shape[:-1], out_features)
