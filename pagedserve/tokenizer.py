@@ -62,11 +62,27 @@ def read_chat_template(template: str) -> str:
     return file.read_text()
 
 
+# The special tokens a GGUF names by id, and the tokenizer attribute each sets.
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
 def _gguf_tokenizer(file: Path) -> PreTrainedTokenizerFast:
-    """transformers builds the tokenizer from the GGUF metadata but ignores
-    ``tokenizer.ggml.pre`` for some vocabularies; fix the pre-tokenizer for those."""
+    """transformers builds the tokenizer from the GGUF metadata, but not always faithfully: it
+    ignores ``tokenizer.ggml.pre`` for some vocabularies (the pre-tokenizer is fixed here for
+    those), and some versions misread the special tokens (5.17 makes SmolLM2's bos its eos too,
+    and drops its pad), so they are set from the file's own ids."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(file.parent), gguf_file=file.name)
-    pre = metadata(open_gguf(str(file)), "tokenizer.ggml.pre")
+    reader = open_gguf(str(file))
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        token_id = metadata(reader, key)
+        if token_id is not None and 0 <= int(token_id) < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
+    pre = metadata(reader, "tokenizer.ggml.pre")
     if pre in GGUF_PRE_TOKENIZERS:
         tokenizer.backend_tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     elif pre not in (None, "default", "gpt-2"):

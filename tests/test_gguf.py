@@ -145,7 +145,7 @@ def test_quantized_projections_decode_through_their_blocks(
         raw_tensors=raw,
         with_tokenizer=True,
     )
-    llm = LLM(str(path), kv_cache_memory=0.01)
+    llm = LLM(str(path), kv_cache_memory=0.01, device="cpu")  # the panels are a CPU path
     model = llm.llm_engine.model
     projections = [m for m in model.modules() if isinstance(m, Linear)]
     if raw:

@@ -4,6 +4,7 @@ chat template, and template overrides."""
 from __future__ import annotations
 
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 from pagedserve.tokenizer import load_tokenizer, read_chat_template
 
@@ -47,6 +48,22 @@ def test_special_tokens(smollm2_tokenizer):
     assert tok.encode("<|im_start|>user") == [1, tok.encode("user")[0]]
     assert tok.encode("hi")[0] != tok.bos_token_id  # SmolLM2 adds no BOS
     assert len(tok) == 49152
+
+
+def test_special_tokens_come_from_the_gguf_ids(smollm2_path, monkeypatch):
+    """Some transformers versions misread a GGUF's special tokens (5.17 gives SmolLM2 its bos as
+    eos and no pad); the file's own ids win."""
+    from_pretrained = PreTrainedTokenizerFast.from_pretrained
+
+    def misread(*args, **kwargs):
+        tok = from_pretrained(*args, **kwargs)
+        tok.eos_token = tok.bos_token
+        tok.pad_token = None
+        return tok
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", misread)
+    tok = load_tokenizer(smollm2_path)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
 
 
 def test_chat_template(smollm2_tokenizer):
