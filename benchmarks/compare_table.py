@@ -1,4 +1,5 @@
-"""Print the vLLM-vs-pagedserve table from the results folder of ``compare_vllm.sh``.
+"""Print the vLLM-vs-pagedserve table from the results folder of ``compare_vllm.sh``, with
+llama.cpp's columns when that run served it too (``LLAMACPP=1``).
 
 Usage: python benchmarks/compare_table.py OUT_DIR
 """
@@ -48,31 +49,41 @@ def load(out: Path, who: str, tag: str) -> dict | None:
     }
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return ours / theirs if theirs and ours is not None else None
+
+
+def _value(out: Path, who: str, tag: str, key: str) -> float | None:
+    run = load(out, who, tag)
+    return run.get(key) if run else None
 
 
 def table(out: Path) -> str:
+    with_llamacpp = any(out.glob("llamacpp-*.json"))
+    extra = " llama.cpp | ours / llama.cpp |" if with_llamacpp else ""
     lines = [
-        "| workload | metric | vLLM tuned | pagedserve | ours / vLLM | target | met |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | metric | vLLM tuned | pagedserve | ours / vLLM | target | met |" + extra,
+        "| --- | --- | --- | --- | --- | --- | --- |" + " --- | --- |" * with_llamacpp,
     ]
     for label, tag, key, unit, target, higher in ROWS:
-        theirs, ours = load(out, "vllm", tag), load(out, "ours", tag)
-        a = theirs.get(key) if theirs else None
-        b = ours.get(key) if ours else None
-        ratio = b / a if a and b is not None else None
+        a, b = _value(out, "vllm", tag, key), _value(out, "ours", tag, key)
+        ratio = _ratio(b, a)
         goal = "-" if target is None else f"{'>=' if higher else '<='} {target:g}"
         met = "-"
         if target is not None and ratio is not None:
             met = "yes" if (ratio >= target if higher else ratio <= target) else "no"
-        ratio_text = "-" if ratio is None else f"{ratio:.2f}"
-        lines.append(
-            f"| {label} | {unit} | {_fmt(a)} | {_fmt(b)} | {ratio_text} | {goal} | {met} |"
-        )
+        row = f"| {label} | {unit} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, 2)} | {goal} | {met} |"
+        if with_llamacpp:
+            c = _value(out, "llamacpp", tag, key)
+            row += f" {_fmt(c)} | {_fmt(_ratio(b, c), 2)} |"
+        lines.append(row)
     failed = [
         f"{who}-{tag}: {r['failed']} failed"
-        for who in ("vllm", "ours")
+        for who in ("vllm", "ours", "llamacpp")
         for tag in ("burst", "single", "prefill")
         if (r := load(out, who, tag)) and r.get("failed")
     ]

@@ -2,14 +2,18 @@
 # Side-by-side benchmark: the real vLLM (CPU build, tuned as its CPU docs advise) against
 # pagedserve out of the box, on the same machine, weights (SmolLM2-135M-Instruct in float32) and
 # workloads, one after the other, both measured with the same client (`pagedserve bench serve`).
-# Prints a table of both numbers, the ratio ours / vLLM and the target from issue 4.
+# Prints a table of both numbers, the ratio ours / vLLM and the target from issue 4; with
+# LLAMACPP=1, llama.cpp's `llama-server` on the same GGUF (its Q4_1 weights, computed quantized)
+# serves the same workloads too, and the table gains its column.
 #
-# Needs vLLM installed by ../shared/peers/setup_vllm_cpu.sh (see ../shared/peers/README.md).
+# Needs vLLM installed by ../shared/peers/setup_vllm_cpu.sh (see ../shared/peers/README.md), and
+# for LLAMACPP=1 llama-server built by benchmarks/setup_llamacpp.sh.
 # Usage: benchmarks/compare_vllm.sh            (about 5-10 minutes on 2 cores)
 # Env:   PEERS        where vLLM and the models are (default: peers/ beside this checkout)
 #        OUT          folder for the raw results (default: /tmp/compare_vllm.DATE)
 #        ONLY         "serve" or "offline" to run half of it
 #        VLLM_CLIENT  1: also run vLLM's own `vllm bench serve` on workload 1 against both servers
+#        LLAMACPP     1: also serve llama.cpp (2 threads, 64 slots sharing one KV cache), last
 #        OURS_ARGS    extra engine flags for pagedserve, e.g. "--kv-cache-dtype float16" (the
 #                     targets of issue 4 are for none: out of the box)
 set -euo pipefail
@@ -19,17 +23,26 @@ PEERS=${PEERS:-$(cd "$ROOT/.." && pwd)/peers}
 OUT=${OUT:-/tmp/compare_vllm.$(date +%Y%m%d-%H%M%S)}
 ONLY=${ONLY:-all}
 VLLM_CLIENT=${VLLM_CLIENT:-0}
+LLAMACPP=${LLAMACPP:-0}
 read -r -a OURS_ARGS <<<"${OURS_ARGS:-}"
 PY=$ROOT/.venv/bin/python
 PAGEDSERVE=$ROOT/.venv/bin/pagedserve
 VLLM=$PEERS/vllm/bin/vllm
 HF_MODEL=$PEERS/models/smollm2-135m-instruct-hf
+GGUF=$PEERS/models/SmolLM2-135M-Instruct.Q4_1.gguf
+LLAMA_SERVER=$PEERS/llamacpp/llama-server
 VLLM_PORT=8100
 OUR_PORT=8000
+LLAMACPP_PORT=8200
 
 for f in "$VLLM" "$HF_MODEL/model.safetensors" "$PY" "$PAGEDSERVE"; do
   [ -e "$f" ] || { echo "missing $f (run ../shared/peers/setup_vllm_cpu.sh first?)" >&2; exit 1; }
 done
+if [ "$LLAMACPP" = 1 ]; then
+  for f in "$LLAMA_SERVER" "$GGUF"; do
+    [ -e "$f" ] || { echo "missing $f (run benchmarks/setup_llamacpp.sh first?)" >&2; exit 1; }
+  done
+fi
 mkdir -p "$OUT"
 
 # vLLM tuned: both cores for the model, tcmalloc and Intel OpenMP preloaded, 4 GiB of KV cache.
@@ -110,6 +123,9 @@ serving_workloads() {
   echo "pagedserve: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- pagedserve || echo '+dirty')"
   echo "pagedserve flags: ${OURS_ARGS[*]:-none}"
   echo "vllm: $("$PEERS/vllm/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"
+  if [ "$LLAMACPP" = 1 ]; then
+    echo "llama.cpp: $("$LLAMA_SERVER" --version 2>&1 | sed -n 's/^version: //p')"
+  fi
 } | tee "$OUT/machine.txt"
 
 if [ "$ONLY" != offline ]; then
@@ -124,6 +140,16 @@ if [ "$ONLY" != offline ]; then
     "${OURS_ARGS[@]}"
   serving_workloads ours "$OUR_PORT"
   stop_server
+
+  if [ "$LLAMACPP" = 1 ]; then
+    # 64 slots (the burst's concurrency) share one 64 x 1152-token cache (-kvu), so the prefill
+    # workload's 32 x 1056 tokens fit too; both cores for prompt and generation threads.
+    echo "## llama.cpp llama-server, port $LLAMACPP_PORT"
+    start_server "$LLAMACPP_PORT" "$OUT/llamacpp-server.log" "$LLAMA_SERVER" -m "$GGUF" \
+      --port "$LLAMACPP_PORT" -t 2 -tb 2 -np 64 -kvu -c 73728 -cb --no-webui
+    serving_workloads llamacpp "$LLAMACPP_PORT"
+    stop_server
+  fi
 fi
 
 if [ "$ONLY" != serve ]; then

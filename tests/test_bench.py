@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from bench_stub_server import PROMPT_TOKENS, StubServer, StubState
@@ -241,3 +243,28 @@ def test_latency_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     result = json.loads(out.read_text())
     assert len(result["latencies"]) == 3
     assert set(result["percentiles"]) == {"10", "25", "50", "75", "90", "99"}
+
+
+def _compare_table():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_table.py"
+    spec = importlib.util.spec_from_file_location("compare_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_table_adds_llamacpp_columns_only_when_it_ran(tmp_path):
+    compare_table = _compare_table()
+    for who, tok_s in (("vllm", 400.0), ("ours", 600.0)):
+        (tmp_path / f"{who}-burst.json").write_text(json.dumps({"output_throughput": tok_s}))
+    without = compare_table.table(tmp_path)
+    assert "llama.cpp" not in without
+    assert "| serve 64 at once, 128/128 | tok/s | 400.0 | 600.0 | 1.50 | >= 1.2 | yes |" in without
+
+    (tmp_path / "llamacpp-burst.json").write_text(
+        json.dumps({"output_throughput": 300.0, "failed": 2})
+    )
+    with_it = compare_table.table(tmp_path)
+    assert "| ours / vLLM | target | met | llama.cpp | ours / llama.cpp |" in with_it
+    assert "| 1.50 | >= 1.2 | yes | 300.0 | 2.00 |" in with_it
+    assert "llamacpp-burst: 2 failed" in with_it
