@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tokenizers import pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from pagedserve.model.gguf_loader import metadata, open_gguf
@@ -72,19 +72,29 @@ GGUF_SPECIAL_TOKENS = {
 
 
 def _gguf_tokenizer(file: Path) -> PreTrainedTokenizerFast:
-    """transformers builds the tokenizer from the GGUF metadata, but not always faithfully: it
-    ignores ``tokenizer.ggml.pre`` for some vocabularies (the pre-tokenizer is fixed here for
-    those), and some versions misread the special tokens (5.17 makes SmolLM2's bos its eos too,
-    and drops its pad), so they are set from the file's own ids."""
+    """transformers builds the tokenizer from the GGUF metadata, but not always faithfully, so
+    the file's own word wins where it was misread:
+    - the pre-tokenizer, which ``tokenizer.ggml.pre`` names and transformers ignores for some
+      vocabularies;
+    - a byte-level BPE (``tokenizer.ggml.model`` "gpt2"): some versions (5.17) build it with
+      SentencePiece's byte fallback and decoders, which decode the same but make llguidance read
+      its tokens as raw text, so structured outputs fail;
+    - the special tokens (5.17 makes SmolLM2's bos its eos too, and drops its pad).
+    """
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(file.parent), gguf_file=file.name)
     reader = open_gguf(str(file))
+    backend = tokenizer.backend_tokenizer
+    pre = metadata(reader, "tokenizer.ggml.pre")
+    if pre in GGUF_PRE_TOKENIZERS:
+        backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    elif pre not in (None, "default", "gpt-2"):
+        logger.info("GGUF pre-tokenizer %r: keeping the one transformers builds", pre)
+    if metadata(reader, "tokenizer.ggml.model") == "gpt2" and isinstance(backend.model, models.BPE):
+        backend.model.byte_fallback = False
+        backend.normalizer = None
+        backend.decoder = decoders.ByteLevel()
     for attribute, key in GGUF_SPECIAL_TOKENS.items():
         token_id = metadata(reader, key)
         if token_id is not None and 0 <= int(token_id) < len(tokenizer):
             setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
-    pre = metadata(reader, "tokenizer.ggml.pre")
-    if pre in GGUF_PRE_TOKENIZERS:
-        tokenizer.backend_tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
-    elif pre not in (None, "default", "gpt-2"):
-        logger.info("GGUF pre-tokenizer %r: keeping the one transformers builds", pre)
     return tokenizer

@@ -143,9 +143,12 @@ def test_chat_model_answers_a_json_object(smollm2_path, smollm2_cache_gib):
     assert isinstance(json.loads(out.text), dict) and out.finish_reason == "stop"
 
 
-def test_preemption_keeps_the_grammar_where_it_was(tiny, tiny_model_dir):
+def test_preemption_keeps_the_grammar_where_it_was(tiny_model_dir):
     """Seeded constrained requests give the same outputs alone and in a cache too small for all
-    of them at once, where running requests are preempted and recomputed."""
+    of them at once, where running requests are preempted and recomputed. Both engines run on
+    the CPU in float32, where the block arithmetic below holds and a batch's numbers do not
+    depend on its size (a GPU's auto dtype is bfloat16)."""
+    tiny = LLM(tiny_model_dir("llama"), kv_cache_memory=0.05, device="cpu")
     constraint = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
     params = [
         SamplingParams(temperature=1.0, seed=i, max_tokens=64, structured_outputs=constraint)
@@ -157,7 +160,7 @@ def test_preemption_keeps_the_grammar_where_it_was(tiny, tiny_model_dir):
         for p, q in zip(prompts, params, strict=True)
     ]
     # 8 blocks of 16 tokens, 512 bytes a token (2 layers, 2 kv heads of 16, float32 K and V)
-    small = LLM(tiny_model_dir("llama"), kv_cache_memory=8 * 16 * 512 / (1 << 30))
+    small = LLM(tiny_model_dir("llama"), kv_cache_memory=8 * 16 * 512 / (1 << 30), device="cpu")
     assert small.llm_engine.num_blocks == 8
     crowded = [r.outputs[0].text for r in small.generate(prompts, params, use_tqdm=False)]
     assert crowded == alone

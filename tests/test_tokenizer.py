@@ -3,7 +3,9 @@ chat template, and template overrides."""
 
 from __future__ import annotations
 
+import llguidance.hf
 import pytest
+from tokenizers import decoders
 from transformers import PreTrainedTokenizerFast
 
 from pagedserve.tokenizer import load_tokenizer, read_chat_template
@@ -50,13 +52,19 @@ def test_special_tokens(smollm2_tokenizer):
     assert len(tok) == 49152
 
 
-def test_special_tokens_come_from_the_gguf_ids(smollm2_path, monkeypatch):
-    """Some transformers versions misread a GGUF's special tokens (5.17 gives SmolLM2 its bos as
-    eos and no pad); the file's own ids win."""
+def test_a_misread_gguf_tokenizer_is_mended(smollm2_path, monkeypatch):
+    """transformers 5.17 builds SmolLM2's GGUF tokenizer as SentencePiece would (byte fallback,
+    its decoders), with its bos as eos and no pad: it decodes the same, but llguidance then reads
+    "Ġ" as a letter. The file's own word wins: byte-level BPE, and its special token ids."""
     from_pretrained = PreTrainedTokenizerFast.from_pretrained
 
     def misread(*args, **kwargs):
         tok = from_pretrained(*args, **kwargs)
+        backend = tok.backend_tokenizer
+        backend.model.byte_fallback = True
+        backend.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Fuse(), decoders.ByteLevel()]
+        )
         tok.eos_token = tok.bos_token
         tok.pad_token = None
         return tok
@@ -64,6 +72,8 @@ def test_special_tokens_come_from_the_gguf_ids(smollm2_path, monkeypatch):
     monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", misread)
     tok = load_tokenizer(smollm2_path)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
+    text = "Let me check 42."
+    assert llguidance.hf.from_tokenizer(tok).decode_str(tok.encode(text)) == text
 
 
 def test_chat_template(smollm2_tokenizer):

@@ -129,6 +129,8 @@ def _copy_tokenizer_metadata(writer: GGUFWriter) -> None:
     writer.add_token_merges(metadata(reader, "tokenizer.ggml.merges"))
     writer.add_chat_template(metadata(reader, "tokenizer.chat_template"))
     writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(metadata(reader, "tokenizer.ggml.add_space_prefix"))
+    writer.add_unk_token_id(metadata(reader, "tokenizer.ggml.unknown_token_id"))
 
 
 def write_tiny_gguf(
