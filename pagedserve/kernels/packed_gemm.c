@@ -101,6 +101,27 @@ static inline void store_row(float *y, vf a0, vf a1, int64_t cols, int64_t gated
     memcpy(y, out, sizeof(float) * cols);
 }
 
+/* A finished tile's rows into y (n apart): the bias added (bias0 / bias1: the panel's two column
+ * vectors' biases, cols real entries each when gated; NULL: none), then stored by store_row. */
+static inline __attribute__((always_inline)) void store_tile(float *y, int64_t n, vf (*acc)[2],
+                                                              int rows, const float *bias0,
+                                                              const float *bias1, int64_t cols,
+                                                              int64_t gated)
+{
+    if (bias0) {
+        float padded[NR] = {0};
+        const int64_t first = gated ? cols : (cols < VL ? cols : VL);
+        memcpy(padded, bias0, sizeof(float) * first);
+        memcpy(padded + VL, bias1, sizeof(float) * (gated ? cols : cols - first));
+        const vf b0 = load_v(padded), b1 = load_v(padded + VL);
+        for (int r = 0; r < rows; r++) {
+            acc[r][0] += b0;
+            acc[r][1] += b1;
+        }
+    }
+    for (int r = 0; r < rows; r++) store_row(y + r * n, acc[r][0], acc[r][1], cols, gated);
+}
+
 /* One tile: ROWS rows of x (k apart) times one panel into y (n apart), cols of them stored.
  * bias0 / bias1, if not NULL, are the biases of the panel's two column vectors (cols real
  * entries each when gated); next, if not NULL, is the panel to prefetch meanwhile. */
@@ -123,18 +144,7 @@ static inline void store_row(float *y, vf a0, vf a1, int64_t cols, int64_t gated
                 acc[r][1] += a * w1;                                                           \
             }                                                                                  \
         }                                                                                      \
-        if (bias0) {                                                                           \
-            float padded[NR] = {0};                                                            \
-            const int64_t first = gated ? cols : (cols < VL ? cols : VL);                       \
-            memcpy(padded, bias0, sizeof(float) * first);                                      \
-            memcpy(padded + VL, bias1, sizeof(float) * (gated ? cols : cols - first));          \
-            const vf b0 = load_v(padded), b1 = load_v(padded + VL);                            \
-            for (int r = 0; r < ROWS; r++) {                                                   \
-                acc[r][0] += b0;                                                               \
-                acc[r][1] += b1;                                                               \
-            }                                                                                  \
-        }                                                                                      \
-        for (int r = 0; r < ROWS; r++) store_row(y + r * n, acc[r][0], acc[r][1], cols, gated); \
+        store_tile(y, n, acc, ROWS, bias0, bias1, cols, gated);                                \
     }
 
 DEFINE_TILE(1)
@@ -164,14 +174,20 @@ static const tile_fn tiles[MR + 1] = {
 #endif
 };
 
+/* The real output columns of panel p (the last one may be short). */
+static inline int64_t panel_cols(int64_t n, int64_t gated, int64_t p)
+{
+    const int64_t width = gated ? VL : NR;
+    return n - p * width < width ? n - p * width : width;
+}
+
 /* Rows first .. first + rows of y (n apart) = those of x (k apart) times `panel`, the p-th, in
  * balanced tiles of at most MR rows; the first tile prefetches `next` (NULL: none). */
 static void tile_rows(float *y, const float *x, const float *panel, const float *next,
                       const float *bias, int64_t n, int64_t k, int64_t gated, int64_t p,
                       int64_t first, int64_t rows)
 {
-    const int64_t width = gated ? VL : NR;
-    const int64_t cols = n - p * width < width ? n - p * width : width;
+    const int64_t width = gated ? VL : NR, cols = panel_cols(n, gated, p);
     const float *b0 = bias ? bias + p * width : NULL;
     const float *b1 = bias ? (gated ? b0 + n : b0 + VL) : NULL;
     const int64_t ntiles = (rows + MR - 1) / MR;
@@ -239,17 +255,18 @@ void packed_gemm_f32(float *y, const float *x, const float *packed, const float 
  *     for the last 16, then the bytes as in Q8_0.
  * (The loader carries Q4_K in the first layout, Q4_0 in the second and Q6_K in the third,
  * exactly.)
- * A thread expands each of its panels into float32 in a buffer that stays in its L2 and runs the
- * float32 tiles over it: each weight is the float32 value the loader dequantized (as gguf's
+ * The tiles multiply straight from the quantized panels, dequantizing each weight in registers
+ * as they go (expanding a panel into a float32 buffer first and running the float32 tiles over
+ * it measured slower below 24 rows, as fast at 24-32: SmolLM2's 30 layers of projections, one
+ * row, 3.2 against 5.4 ms). Each weight is the float32 value the loader dequantized (as gguf's
  * numpy code computes it: d * q rounded, then + m rounded), and each output the same sum in the
- * same order, so results equal the float32 path's bit for bit.
+ * same order as the float32 tile's, so results equal the float32 path's bit for bit.
  */
 #define QBLOCK 32
 #define Q41_BLOCK_BYTES (2 * NR * (int64_t)sizeof(float) + QBLOCK * VL)
 #define Q80_BLOCK_BYTES (NR * (int64_t)sizeof(float) + QBLOCK * NR)
 #define Q816_BLOCK_BYTES (2 * NR * (int64_t)sizeof(float) + QBLOCK * NR)
-/* Blocks ahead that the expansion prefetches: it outruns the hardware prefetcher otherwise
- * (SmolLM2's gate/up projection, one row, cold: 115 us a call without, 75 with 8). */
+/* Blocks ahead that a quantized tile prefetches: it outruns the hardware prefetcher otherwise. */
 #define QUANT_PREFETCH 8
 
 enum { Q41 = 0, Q80 = 1, Q816 = 2 };
@@ -315,90 +332,138 @@ void packed_gemm_pack_quant(uint8_t *packed, const float *scale, const float *mi
     }
 }
 
-/* out [k][NR] <- one packed panel, as float32. Contraction stays off: d * q and the addition of
- * m round separately, as in gguf's dequantization. (Reading past the end only prefetches.) */
-__attribute__((optimize("fp-contract=off")))
-static void expand_panel(float *out, const uint8_t *panel, int64_t blocks, int64_t type)
+/* v as computed: GCC cannot see through an empty asm, so a product kept this way is rounded
+ * before anything is added to it (gguf's dequantization has no fused multiply-add) while the
+ * rest of this file contracts a * b + c into one. */
+#if defined(__x86_64__)
+#define ROUNDED(v) __asm__("" : "+v"(v))
+#elif defined(__aarch64__)
+#define ROUNDED(v) __asm__("" : "+w"(v))
+#else
+#define ROUNDED(v)                                                                             \
+    do {                                                                                       \
+        volatile vf rounded_ = (v);                                                            \
+        (v) = rounded_;                                                                        \
+    } while (0)
+#endif
+
+/* Input i of a packed block of `type`: its NR float32 weights, as gguf dequantizes them. */
+static inline __attribute__((always_inline)) void block_weights(vf *w0, vf *w1,
+                                                                 const uint8_t *block,
+                                                                 int64_t type, int64_t i)
 {
-    const int64_t bytes = block_bytes(type);
+    const float *d = (const float *)block;
+    if (type == Q41) {
+        vu8 bytes8;
+        memcpy(&bytes8, block + 2 * NR * sizeof(float) + i * VL, sizeof bytes8);
+        const vi32 q0 = __builtin_convertvector(bytes8 & 15, vi32);
+        const vi32 q1 = __builtin_convertvector(bytes8 >> 4, vi32);
+        vf lo = load_v(d) * __builtin_convertvector(q0, vf);
+        vf hi = load_v(d + VL) * __builtin_convertvector(q1, vf);
+        ROUNDED(lo);
+        ROUNDED(hi);
+        *w0 = lo + load_v(d + NR);
+        *w1 = hi + load_v(d + NR + VL);
+        return;
+    }
+    const float *scale = type == Q816 && i >= QBLOCK / 2 ? d + NR : d;  /* Q816: per 16 inputs */
+    const uint8_t *q = block + (type == Q80 ? 1 : 2) * NR * sizeof(float) + i * NR;
+    vu8 q0, q1;
+    memcpy(&q0, q, sizeof q0);
+    memcpy(&q1, q + VL, sizeof q1);
+    /* signed bytes, offset to unsigned (b ^ 128 = b + 128), widened, offset back: GCC widens a
+     * vector of signed bytes element by element */
+    const vi32 s0 = __builtin_convertvector(q0 ^ 128, vi32) - 128;
+    const vi32 s1 = __builtin_convertvector(q1 ^ 128, vi32) - 128;
+    *w0 = load_v(scale) * __builtin_convertvector(s0, vf);
+    *w1 = load_v(scale + VL) * __builtin_convertvector(s1, vf);
+}
+
+/* Asks for the lines of the block QUANT_PREFETCH blocks on (reading past the end only
+ * prefetches). */
+static inline void prefetch_ahead(const uint8_t *block, int64_t bytes)
+{
+    for (int64_t line = 0; line < bytes; line += 64)
+        __builtin_prefetch(block + QUANT_PREFETCH * bytes + line, 0, 0);
+}
+
+/* Rows of x a quantized tile takes at most (its accumulators and the weights it dequantizes
+ * stay in registers). */
+#define QUANT_DIRECT_ROWS 8
+
+/* tile_rows' tile for ROWS rows (x k apart, y n apart) over one quantized panel of `type`: the
+ * same multiply-adds in the same order as tile_##ROWS over the float32 panel. */
+static inline __attribute__((always_inline)) void quant_tile(
+    float *y, int64_t n, const float *x, const uint8_t *panel, int64_t blocks, int64_t type,
+    const float *bias0, const float *bias1, int64_t cols, int64_t gated, int rows)
+{
+    const int64_t bytes = block_bytes(type), k = blocks * QBLOCK;
+    vf acc[QUANT_DIRECT_ROWS][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = (vf){0};
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *block = panel + b * bytes;
-        const float *d = (const float *)block;
-        for (int64_t line = 0; line < bytes; line += 64)
-            __builtin_prefetch(block + QUANT_PREFETCH * bytes + line, 0, 0);
-        float *o = out + b * QBLOCK * NR;
-        vf d0, d1;
-        memcpy(&d0, d, sizeof d0);
-        memcpy(&d1, d + VL, sizeof d1);
-        if (type != Q41) {
-            const uint8_t *q = block + (type == Q80 ? 1 : 2) * NR * sizeof(float);
-            for (int64_t i = 0; i < QBLOCK; i++) {
-                if (type == Q816 && i == QBLOCK / 2) {  /* the last 16 inputs' scales */
-                    memcpy(&d0, d + NR, sizeof d0);
-                    memcpy(&d1, d + NR + VL, sizeof d1);
-                }
-                vu8 q0, q1;
-                memcpy(&q0, q + i * NR, sizeof q0);
-                memcpy(&q1, q + i * NR + VL, sizeof q1);
-                /* signed bytes, offset to unsigned (b ^ 128 = b + 128), widened, offset back:
-                 * GCC widens a vector of signed bytes element by element */
-                const vi32 s0 = __builtin_convertvector(q0 ^ 128, vi32) - 128;
-                const vi32 s1 = __builtin_convertvector(q1 ^ 128, vi32) - 128;
-                const vf w0 = d0 * __builtin_convertvector(s0, vf);
-                const vf w1 = d1 * __builtin_convertvector(s1, vf);
-                memcpy(o + i * NR, &w0, sizeof w0);
-                memcpy(o + i * NR + VL, &w1, sizeof w1);
-            }
-            continue;
-        }
-        vf m0, m1;
-        memcpy(&m0, d + NR, sizeof m0);
-        memcpy(&m1, d + NR + VL, sizeof m1);
-        const uint8_t *q = block + 2 * NR * sizeof(float);
+        prefetch_ahead(block, bytes);
         for (int64_t i = 0; i < QBLOCK; i++) {
-            vu8 bytes8;
-            memcpy(&bytes8, q + i * VL, sizeof bytes8);
-            const vf lo = __builtin_convertvector(__builtin_convertvector(bytes8 & 15, vi32), vf);
-            const vf hi = __builtin_convertvector(__builtin_convertvector(bytes8 >> 4, vi32), vf);
-            const vf w0 = d0 * lo + m0, w1 = d1 * hi + m1;
-            memcpy(o + i * NR, &w0, sizeof w0);
-            memcpy(o + i * NR + VL, &w1, sizeof w1);
+            vf w0, w1;
+            block_weights(&w0, &w1, block, type, i);
+            for (int r = 0; r < rows; r++) {
+                const float a = x[r * k + b * QBLOCK + i];
+                acc[r][0] += a * w0;
+                acc[r][1] += a * w1;
+            }
         }
     }
+    store_tile(y, n, acc, rows, bias0, bias1, cols, gated);
 }
 
-/* A thread's buffer for one expanded panel, kept from call to call (a fresh allocation of a
- * few hundred KiB is an mmap and its page faults, every call). NULL if it cannot grow. */
-static float *panel_buffer(int64_t floats)
-{
-    static _Thread_local float *buffer;
-    static _Thread_local int64_t capacity;
-    if (floats > capacity) {
-        float *grown = realloc(buffer, sizeof(float) * floats);
-        if (!grown) return NULL;
-        buffer = grown;
-        capacity = floats;
+#define QUANT_TILE_ARGS                                                                        \
+    float *y, int64_t n, const float *x, const uint8_t *panel, int64_t blocks,                 \
+        const float *bias0, const float *bias1, int64_t cols, int64_t gated
+#define DEFINE_QUANT_TILE(ROWS, TYPE)                                                          \
+    static void quant_tile_##ROWS##_##TYPE(QUANT_TILE_ARGS)                                    \
+    {                                                                                          \
+        quant_tile(y, n, x, panel, blocks, TYPE, bias0, bias1, cols, gated, ROWS);             \
     }
-    return buffer;
-}
+#define DEFINE_QUANT_TILES(TYPE)                                                               \
+    DEFINE_QUANT_TILE(1, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(2, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(3, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(4, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(5, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(6, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(7, TYPE)                                                                 \
+    DEFINE_QUANT_TILE(8, TYPE)
+DEFINE_QUANT_TILES(Q41)
+DEFINE_QUANT_TILES(Q80)
+DEFINE_QUANT_TILES(Q816)
+
+typedef void (*quant_tile_fn)(QUANT_TILE_ARGS);
+#define QUANT_TILES(TYPE)                                                                      \
+    {NULL, quant_tile_1_##TYPE, quant_tile_2_##TYPE, quant_tile_3_##TYPE, quant_tile_4_##TYPE,   \
+     quant_tile_5_##TYPE, quant_tile_6_##TYPE, quant_tile_7_##TYPE, quant_tile_8_##TYPE}
+static const quant_tile_fn quant_tiles[3][QUANT_DIRECT_ROWS + 1] = {
+    QUANT_TILES(Q41), QUANT_TILES(Q80), QUANT_TILES(Q816),
+};
 
 /* packed_gemm_f32 with W packed by packed_gemm_pack_quant (k a multiple of 32); the threads
- * split the panels. Returns -1 if a thread's panel buffer could not be allocated, else 0. */
-int64_t packed_gemm_quant(float *y, const float *x, const uint8_t *packed, const float *bias,
-                          int64_t m, int64_t n, int64_t k, int64_t gated, int64_t type)
+ * split the panels, and each multiplies its rows, in balanced tiles of at most
+ * QUANT_DIRECT_ROWS, straight from the quantized panel (from cache after the first tile). */
+void packed_gemm_quant(float *y, const float *x, const uint8_t *packed, const float *bias,
+                       int64_t m, int64_t n, int64_t k, int64_t gated, int64_t type)
 {
-    const int64_t panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR), blocks = k / QBLOCK;
-    int64_t failed = 0;
-    #pragma omp parallel reduction(|:failed)
-    {
-        float *panel = panel_buffer(k * NR);
-        failed = panel == NULL;
-        #pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
-            if (!panel) continue;
-            expand_panel(panel, packed + p * blocks * block_bytes(type), blocks, type);
-            tile_rows(y, x, panel, NULL, bias, n, k, gated, p, 0, m);
+    const int64_t width = gated ? VL : NR, blocks = k / QBLOCK;
+    const int64_t panels = (n + width - 1) / width;
+    const int64_t ntiles = (m + QUANT_DIRECT_ROWS - 1) / QUANT_DIRECT_ROWS;
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        const float *b0 = bias ? bias + p * width : NULL;
+        for (int64_t t = 0, i = 0; t < ntiles; t++) {
+            const int64_t here = (m - i + ntiles - t - 1) / (ntiles - t);
+            quant_tiles[type][here](y + i * n + p * width, n, x + i * k,
+                                    packed + p * blocks * block_bytes(type), blocks, b0,
+                                    bias ? (gated ? b0 + n : b0 + VL) : NULL,
+                                    panel_cols(n, gated, p), gated);
+            i += here;
         }
     }
-    return failed ? -1 : 0;
 }

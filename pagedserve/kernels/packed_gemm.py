@@ -25,7 +25,7 @@ def _lib() -> ctypes.CDLL | None:
             "packed_gemm_f32": ([_ptr] * 4 + [_i64] * 4, None),
             "packed_gemm_quant_bytes": ([_i64] * 4, _i64),
             "packed_gemm_pack_quant": ([_ptr] * 4 + [_i64] * 4, None),
-            "packed_gemm_quant": ([_ptr] * 4 + [_i64] * 5, _i64),
+            "packed_gemm_quant": ([_ptr] * 4 + [_i64] * 5, None),
         },
     )
 
@@ -142,6 +142,5 @@ def linear(
     if packed.dtype == torch.float32:
         lib.packed_gemm_f32(*args)
     else:
-        if lib.packed_gemm_quant(*args, _TYPE_OF_DTYPE[packed.dtype]) != 0:
-            raise MemoryError("packed_gemm_quant: no memory for a panel buffer")
+        lib.packed_gemm_quant(*args, _TYPE_OF_DTYPE[packed.dtype])
     return y.view(*x.shape[:-1], out_features)
