@@ -126,7 +126,7 @@ def _quantized(weight: torch.Tensor, kind: str) -> tuple[packed_gemm.QuantBlocks
 def test_quantized_panels_give_the_float32_panels_products_bit_for_bit(
     out_features, in_features, gated, kind
 ):
-    """The quantized panels expand to the float32 weights gguf dequantizes (Q4_1: d * q,
+    """The quantized panels dequantize to the float32 weights gguf computes (Q4_1: d * q,
     rounded, then + m) and sum them in the same order: equal outputs, for every row count and
     partial panel."""
     generator = torch.Generator().manual_seed(out_features)

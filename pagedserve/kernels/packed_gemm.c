@@ -35,7 +35,6 @@
 
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "fast_exp.h"
