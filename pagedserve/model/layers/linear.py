@@ -27,8 +27,9 @@ from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.layers.activation import silu_and_mul
 
 # Rows up to which the quantized panels take a product. SmolLM2-135M's Q4_1 projections, 30
-# layers, on this project's 2-core AVX-512 machine: 4.8 against 10.7 ms at 1 row, 6.9 against
-# 10.9 at 8, 10.4 against 13.9 at 16, 17.2 against 18.1 at 32, even at 64.
+# layers through the modules, on this project's 2-core AVX-512 machine: 3.4 against 11.9 ms at
+# 1 row, 5.9 against 12.7 at 8, 10.5 against 14.5 at 16, 19.3 against 19.9 at 32; the float32
+# panels win from 48 (28.0 against 26.3).
 QUANTIZED_MAX_ROWS = 32
 
 
