@@ -14,6 +14,7 @@ from tiny_models import PagedRunner, tiny_hf_model, write_tiny_gguf
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.layers import linear as linear_module
 from pagedserve.model.layers.linear import Linear
+from pagedserve.model.layers.rotary import rope_parameters
 from pagedserve.model.loader import load_config, load_model
 
 CPU = torch.device("cpu")
@@ -45,7 +46,7 @@ def test_packaged_config(smollm2):
     assert smollm2.packed_head_quantized is not None
     assert smollm2.model.layers[0].mlp.gate_up_proj.packed_quantized is not None
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
-    assert config.rope_parameters["rope_theta"] == 100000.0
+    assert rope_parameters(config) == (100000.0, {"rope_type": "default"})
 
 
 def test_packaged_model_matches_transformers(smollm2, hf_smollm2):
