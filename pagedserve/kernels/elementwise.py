@@ -36,8 +36,9 @@ def supports(*tensors: torch.Tensor) -> bool:
     """Whether the C kernels can handle an op on these tensors."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
-        return False
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_cpu:
+            return False
     return _lib() is not None
 
 

@@ -34,7 +34,7 @@ def supports(
         return False
     if k.dtype != torch.float32 or v.dtype != torch.float32 or v_cache.dtype != k_cache.dtype:
         return False
-    if any(t.device.type != "cpu" for t in (k, v, k_cache, v_cache)):
+    if not (k.is_cpu and v.is_cpu and k_cache.is_cpu and v_cache.is_cpu):
         return False
     return available(k_cache.dtype)
 

@@ -125,7 +125,7 @@ def linear(
     lib = _lib()
     assert lib is not None
     k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     if bias is not None:
         bias = bias.detach().contiguous()
     y = x2.new_empty((x2.shape[0], out_features))
@@ -143,4 +143,4 @@ def linear(
         lib.packed_gemm_f32(*args)
     else:
         lib.packed_gemm_quant(*args, _TYPE_OF_DTYPE[packed.dtype])
-    return y.view(*x.shape[:-1], out_features)
+    return y if x2 is x else y.view(*x.shape[:-1], out_features)

@@ -35,7 +35,7 @@ def available(kv_dtype: torch.dtype = torch.float32) -> bool:
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel takes these queries and pools: float32 queries on the CPU, head size
     16, 32, ... 128, pools of float32, float16 or bfloat16."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.device.type != "cpu":
+    if not q.is_cpu or q.dtype != torch.float32 or not k_cache.is_cpu:
         return False
     lib = _lib(k_cache.dtype)
     return lib is not None and bool(lib.paged_decode_attention_supports(q.shape[-1]))
