@@ -173,11 +173,25 @@ static const tile_fn tiles[MR + 1] = {
 #endif
 };
 
-/* The real output columns of panel p (the last one may be short). */
-static inline int64_t panel_cols(int64_t n, int64_t gated, int64_t p)
+/* Panel p's place in y: its first output column, how many of its columns are real (the last
+ * panel may be short) and the biases of its two column vectors (NULL without a bias). */
+typedef struct {
+    int64_t first, cols;
+    const float *bias0, *bias1;
+} PanelOut;
+
+static inline PanelOut panel_out(const float *bias, int64_t n, int64_t gated, int64_t p)
 {
-    const int64_t width = gated ? VL : NR;
-    return n - p * width < width ? n - p * width : width;
+    const int64_t width = gated ? VL : NR, first = p * width;
+    const float *b0 = bias ? bias + first : NULL;
+    return (PanelOut){first, n - first < width ? n - first : width, b0,
+                      bias ? (gated ? b0 + n : b0 + VL) : NULL};
+}
+
+/* Rows in the next of tiles_left balanced tiles when `left` rows remain. */
+static inline int64_t tile_height(int64_t left, int64_t tiles_left)
+{
+    return (left + tiles_left - 1) / tiles_left;
 }
 
 /* Rows first .. first + rows of y (n apart) = those of x (k apart) times `panel`, the p-th, in
@@ -186,15 +200,12 @@ static void tile_rows(float *y, const float *x, const float *panel, const float 
                       const float *bias, int64_t n, int64_t k, int64_t gated, int64_t p,
                       int64_t first, int64_t rows)
 {
-    const int64_t width = gated ? VL : NR, cols = panel_cols(n, gated, p);
-    const float *b0 = bias ? bias + p * width : NULL;
-    const float *b1 = bias ? (gated ? b0 + n : b0 + VL) : NULL;
+    const PanelOut out = panel_out(bias, n, gated, p);
     const int64_t ntiles = (rows + MR - 1) / MR;
     for (int64_t t = 0, i = first; t < ntiles; t++) {
-        const int64_t left = first + rows - i, tiles_left = ntiles - t;
-        const int64_t here = (left + tiles_left - 1) / tiles_left;
-        tiles[here](y + i * n + p * width, n, x + i * k, panel, b0, b1, k, cols, gated,
-                    t == 0 ? next : NULL);
+        const int64_t here = tile_height(first + rows - i, ntiles - t);
+        tiles[here](y + i * n + out.first, n, x + i * k, panel, out.bias0, out.bias1, k,
+                    out.cols, gated, t == 0 ? next : NULL);
         i += here;
     }
 }
@@ -388,16 +399,16 @@ static inline void prefetch_ahead(const uint8_t *block, int64_t bytes)
 
 /* Rows of x a quantized tile takes at most (its accumulators and the weights it dequantizes
  * stay in registers). */
-#define QUANT_DIRECT_ROWS 8
+#define QUANT_MR 8
 
-/* tile_rows' tile for ROWS rows (x k apart, y n apart) over one quantized panel of `type`: the
- * same multiply-adds in the same order as tile_##ROWS over the float32 panel. */
+/* A tile of `rows` rows (x k apart, y n apart) over one quantized panel of `type`: the same
+ * multiply-adds in the same order as the float32 tile of as many rows over the float32 panel. */
 static inline __attribute__((always_inline)) void quant_tile(
     float *y, int64_t n, const float *x, const uint8_t *panel, int64_t blocks, int64_t type,
     const float *bias0, const float *bias1, int64_t cols, int64_t gated, int rows)
 {
     const int64_t bytes = block_bytes(type), k = blocks * QBLOCK;
-    vf acc[QUANT_DIRECT_ROWS][2];
+    vf acc[QUANT_MR][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = (vf){0};
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *block = panel + b * bytes;
@@ -440,28 +451,26 @@ typedef void (*quant_tile_fn)(QUANT_TILE_ARGS);
 #define QUANT_TILES(TYPE)                                                                      \
     {NULL, quant_tile_1_##TYPE, quant_tile_2_##TYPE, quant_tile_3_##TYPE, quant_tile_4_##TYPE,   \
      quant_tile_5_##TYPE, quant_tile_6_##TYPE, quant_tile_7_##TYPE, quant_tile_8_##TYPE}
-static const quant_tile_fn quant_tiles[3][QUANT_DIRECT_ROWS + 1] = {
+static const quant_tile_fn quant_tiles[3][QUANT_MR + 1] = {
     QUANT_TILES(Q41), QUANT_TILES(Q80), QUANT_TILES(Q816),
 };
 
 /* packed_gemm_f32 with W packed by packed_gemm_pack_quant (k a multiple of 32); the threads
  * split the panels, and each multiplies its rows, in balanced tiles of at most
- * QUANT_DIRECT_ROWS, straight from the quantized panel (from cache after the first tile). */
+ * QUANT_MR, straight from the quantized panel (from cache after the first tile). */
 void packed_gemm_quant(float *y, const float *x, const uint8_t *packed, const float *bias,
                        int64_t m, int64_t n, int64_t k, int64_t gated, int64_t type)
 {
-    const int64_t width = gated ? VL : NR, blocks = k / QBLOCK;
-    const int64_t panels = (n + width - 1) / width;
-    const int64_t ntiles = (m + QUANT_DIRECT_ROWS - 1) / QUANT_DIRECT_ROWS;
+    const int64_t blocks = k / QBLOCK, panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR);
+    const int64_t ntiles = (m + QUANT_MR - 1) / QUANT_MR;
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
-        const float *b0 = bias ? bias + p * width : NULL;
+        const PanelOut out = panel_out(bias, n, gated, p);
+        const uint8_t *panel = packed + p * blocks * block_bytes(type);
         for (int64_t t = 0, i = 0; t < ntiles; t++) {
-            const int64_t here = (m - i + ntiles - t - 1) / (ntiles - t);
-            quant_tiles[type][here](y + i * n + p * width, n, x + i * k,
-                                    packed + p * blocks * block_bytes(type), blocks, b0,
-                                    bias ? (gated ? b0 + n : b0 + VL) : NULL,
-                                    panel_cols(n, gated, p), gated);
+            const int64_t here = tile_height(m - i, ntiles - t);
+            quant_tiles[type][here](y + i * n + out.first, n, x + i * k, panel, blocks,
+                                    out.bias0, out.bias1, out.cols, gated);
             i += here;
         }
     }
