@@ -67,7 +67,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager",
         action="store_true",
         default=None,
-        help="on a GPU, run decode steps without CUDA graphs",
+        help="run decode steps module by module: no CUDA graphs on a GPU, no one-call "
+        "decoder stack on the CPU",
     )
     g.add_argument(
         "--chat-template", default=None, help="a chat template file (jinja2), or the template"

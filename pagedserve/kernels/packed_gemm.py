@@ -57,6 +57,11 @@ QUANT_TYPES = {"Q4_1": (0, torch.uint8), "Q8_0": (1, torch.int8), "Q8_0x16": (2,
 _TYPE_OF_DTYPE = {dtype: type_id for type_id, dtype in QUANT_TYPES.values()}
 
 
+def quant_type_of(packed: torch.Tensor) -> int:
+    """The kernel's type id of a weight packed by :func:`pack_quantized`."""
+    return _TYPE_OF_DTYPE[packed.dtype]
+
+
 @dataclass
 class QuantBlocks:
     """A weight ``[n, k]`` in one of the kernel's block layouts (:data:`QUANT_TYPES`; the loader
@@ -142,5 +147,5 @@ def linear(
     if packed.dtype == torch.float32:
         lib.packed_gemm_f32(*args)
     else:
-        lib.packed_gemm_quant(*args, _TYPE_OF_DTYPE[packed.dtype])
+        lib.packed_gemm_quant(*args, quant_type_of(packed))
     return y if x2 is x else y.view(*x.shape[:-1], out_features)

@@ -11,6 +11,7 @@ from torch import nn
 
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model.layers.attention import Attention, AttentionMetadata, build_kernels
+from pagedserve.worker.cpu_decode import CpuDecodeStack
 from pagedserve.worker.decode_graphs import DecodeGraphs
 from pagedserve.worker.kv_cache import KVCache
 
@@ -20,9 +21,10 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     """Owns the model and its KV cache; one :meth:`execute` per engine step.
 
-    On CUDA, unless ``enforce_eager``, pure-decode steps replay CUDA graphs
-    (:mod:`pagedserve.worker.decode_graphs`); ``max_num_seqs`` and ``max_model_len`` bound their
-    shapes.
+    Unless ``enforce_eager``, pure-decode steps replay CUDA graphs on CUDA
+    (:mod:`pagedserve.worker.decode_graphs`; ``max_num_seqs`` and ``max_model_len`` bound their
+    shapes), and on the CPU run all the decoder layers in one C call
+    (:mod:`pagedserve.worker.cpu_decode`).
     """
 
     def __init__(
@@ -46,6 +48,9 @@ class ModelRunner:
         if device.type == "cpu" and model_dtype == torch.float32:
             build_kernels(kv_cache.k[0].dtype)
         self.graphs: DecodeGraphs | None = None
+        self.cpu_stack: CpuDecodeStack | None = None
+        if device.type == "cpu" and not enforce_eager:
+            self.cpu_stack = CpuDecodeStack.build(model, self.block_size)
         # The reference attention walks per-request Python lists, which a graph cannot replay.
         if device.type == "cuda" and not enforce_eager and layers[0].backend != "reference":
             self.graphs = DecodeGraphs(
@@ -117,6 +122,9 @@ class ModelRunner:
             logits = self._graph_logits(input_ids, positions, meta, sample_rows)
             if logits is not None:
                 return StepLogits(logits, sample_rows, [])
+            if self.cpu_stack is not None and self.cpu_stack.applies(meta, len(sample_rows)):
+                hidden = self.cpu_stack.run(input_ids, positions, meta)  # every row samples
+                return StepLogits(self.model.compute_logits(hidden), sample_rows, [])
         token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         if not wants_prompt_logits and len(sample_rows) < cu[-1]:  # only these rows leave
             meta.output_rows = token_rows

@@ -1,0 +1,215 @@
+"""Python face of ``decoder_stack.c``: a decode step through every decoder layer in one C call.
+
+The driver calls the other C kernels (packed GEMM, norms, rotary, K/V store, decode attention)
+through their entry points, taken here from the very builds that the modules call, so its
+results equal the module-by-module forward's bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from pagedserve.kernels import elementwise, kv_store, packed_gemm, paged_decode_attention
+from pagedserve.kernels.cpu_build import bind_kernel
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+
+_SHAPES = ("hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate", "block_size")
+
+
+class _Stack(ctypes.Structure):
+    """``Stack`` of decoder_stack.c: the kernels' entry points, the shapes, the final norm."""
+
+    _fields_ = [
+        ("gemm_f32", _ptr),
+        ("gemm_quant", _ptr),
+        ("rms_norm", _ptr),
+        ("add_rms_norm", _ptr),
+        ("rotary", _ptr),
+        ("write_kv", _ptr),
+        ("attention", _ptr),
+        *((name, _i64) for name in _SHAPES),
+        ("quant_max_rows", _i64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("final_norm", _ptr),
+    ]
+
+
+class _Projection(ctypes.Structure):
+    _fields_ = [("panels", _ptr), ("quantized", _ptr), ("quant_type", _i64), ("bias", _ptr)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _ptr),
+        ("post_norm", _ptr),
+        ("qkv", _Projection),
+        ("o", _Projection),
+        ("gate_up", _Projection),
+        ("down", _Projection),
+        ("k_cache", _ptr),
+        ("v_cache", _ptr),
+    ]
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    return bind_kernel(
+        "decoder_stack",
+        {
+            "decoder_stack_scratch": ([ctypes.POINTER(_Stack), _i64], _i64),
+            "decoder_stack_decode": (
+                [ctypes.POINTER(_Stack), ctypes.POINTER(_Layer)]
+                + [_i64] * 2
+                + [_ptr] * 5
+                + [_i64]
+                + [_ptr] * 2,
+                None,
+            ),
+        },
+    )
+
+
+@dataclass
+class Projection:
+    """One projection's packed weights (:func:`packed_gemm.pack`, and
+    :func:`packed_gemm.pack_quantized` or None) and bias (or None)."""
+
+    panels: torch.Tensor
+    quantized: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass
+class Layer:
+    """One decoder layer: its two norms' weights, its projections (q/k/v stacked; gate/up
+    stacked and packed gated) and its K/V pools."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
+    return None if lib is None else ctypes.cast(getattr(lib, name), _ptr).value
+
+
+class DecoderStack:
+    """The decoder layers of one model, ready for :meth:`decode`; build with :meth:`create`."""
+
+    def __init__(self, stack: _Stack, layers: ctypes.Array, keep: list[torch.Tensor]) -> None:
+        self._stack = stack
+        self._layers = layers
+        self._keep = keep  # the tensors whose memory the structures point into
+
+    @classmethod
+    def create(
+        cls,
+        layers: list[Layer],
+        final_norm: torch.Tensor,
+        shapes: dict[str, int],
+        eps: float,
+        scale: float,
+        quant_max_rows: int,
+    ) -> DecoderStack | None:
+        """The stack of ``layers`` (``shapes``: hidden, num_heads, num_kv_heads, head_dim,
+        intermediate, block_size), or None when a kernel it needs is not built here."""
+        kv_dtype = layers[0].k_cache.dtype
+        if not (
+            _lib() is not None
+            and paged_decode_attention.supports(
+                torch.empty(0, 1, shapes["head_dim"]), layers[0].k_cache
+            )
+            and kv_store.available(kv_dtype)
+        ):
+            return None
+        gemm, norms = packed_gemm._lib(), elementwise._lib()
+        kv, attention = kv_store._lib(kv_dtype), paged_decode_attention._lib(kv_dtype)
+        entries = {
+            "gemm_f32": _address(gemm, "packed_gemm_f32"),
+            "gemm_quant": _address(gemm, "packed_gemm_quant"),
+            "rms_norm": _address(norms, "rms_norm_f32"),
+            "add_rms_norm": _address(norms, "add_rms_norm_f32"),
+            "rotary": _address(norms, "rotary_f32"),
+            "write_kv": _address(kv, "write_kv"),
+            "attention": _address(attention, "paged_decode_attention"),
+        }
+        if None in entries.values():
+            return None
+        keep = [final_norm]
+        stack = _Stack(
+            **entries,
+            **{name: shapes[name] for name in _SHAPES},
+            quant_max_rows=quant_max_rows,
+            eps=eps,
+            scale=scale,
+            final_norm=final_norm.data_ptr(),
+        )
+
+        def projection(p: Projection) -> _Projection:
+            keep.extend(t for t in (p.panels, p.quantized, p.bias) if t is not None)
+            quantized = p.quantized
+            return _Projection(
+                p.panels.data_ptr(),
+                None if quantized is None else quantized.data_ptr(),
+                0 if quantized is None else packed_gemm.quant_type_of(quantized),
+                None if p.bias is None else p.bias.data_ptr(),
+            )
+
+        structs = (_Layer * len(layers))()
+        for struct, layer in zip(structs, layers, strict=True):
+            keep.extend((layer.input_norm, layer.post_norm, layer.k_cache, layer.v_cache))
+            struct.input_norm = layer.input_norm.data_ptr()
+            struct.post_norm = layer.post_norm.data_ptr()
+            struct.qkv = projection(layer.qkv)
+            struct.o = projection(layer.o)
+            struct.gate_up = projection(layer.gate_up)
+            struct.down = projection(layer.down)
+            struct.k_cache = layer.k_cache.data_ptr()
+            struct.v_cache = layer.v_cache.data_ptr()
+        return cls(stack, structs, keep)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        rope: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step of ``m`` sequences: ``hidden [m, H]``, their token embeddings (used,
+        and overwritten, as the residual stream), ``rope [m, D]`` the cos and sin halves at
+        their positions, ``slots [m]`` int64, ``block_tables [m, max_blocks]`` and ``seq_lens
+        [m]`` int32, all contiguous float32 / integer CPU tensors. Returns the final norm's
+        output ``[m, H]``."""
+        lib = _lib()
+        assert lib is not None
+        m = hidden.shape[0]
+        out = torch.empty_like(hidden)
+        scratch = hidden.new_empty(lib.decoder_stack_scratch(self._stack, m))
+        lib.decoder_stack_decode(
+            self._stack,
+            self._layers,
+            len(self._layers),
+            m,
+            hidden.data_ptr(),
+            out.data_ptr(),
+            rope.data_ptr(),
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            seq_lens.data_ptr(),
+            scratch.data_ptr(),
+        )
+        return out

@@ -1,0 +1,97 @@
+"""Pure-decode steps on the CPU through all the decoder layers in one C call.
+
+The CPU counterpart of :mod:`pagedserve.worker.decode_graphs`: a step in which every request
+decodes one token runs the same kernels as the modules, in the same order, but from the C driver
+of :mod:`pagedserve.kernels.decoder_stack` instead of nine Python-wrapped calls per layer. At one
+sequence that was most of the Python in a step (SmolLM2-135M: about 2 ms of 7). The embedding,
+the RoPE table lookup and the lm head stay in PyTorch, one call each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedserve.kernels import elementwise
+from pagedserve.kernels.decoder_stack import DecoderStack, Layer, Projection
+from pagedserve.model.layers.attention import AttentionMetadata
+from pagedserve.model.layers.linear import QUANTIZED_MAX_ROWS, Linear
+from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+
+def _projection(linear: Linear) -> Projection | None:
+    if linear.packed is None:
+        return None
+    bias = None if linear.bias is None else linear.bias.detach()
+    return Projection(linear.packed, linear.packed_quantized, bias)
+
+
+def _layer(layer: LlamaDecoderLayer) -> Layer | None:
+    """The layer for the driver; None where a module would not take the C path."""
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = [
+        _projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    ]
+    norms = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+    pools = (attn.attn.k_cache, attn.attn.v_cache)
+    if None in projections or pools[0] is None or pools[1] is None:
+        return None
+    if attn.attn.backend != "fast" or not elementwise.supports(*norms):
+        return None
+    qkv, o, gate_up, down = projections
+    return Layer(*norms, qkv, o, gate_up, down, *pools)
+
+
+class CpuDecodeStack:
+    """A Llama-family model's pure-decode steps through :class:`DecoderStack`; build it with
+    :meth:`build` once the KV pools are assigned to the attention layers."""
+
+    def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
+        self.model = model
+        self.stack = stack
+
+    @classmethod
+    def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
+        """The stack of ``model``, or None where its decode steps cannot take it: another
+        architecture, weights not packed for the C GEMM (not float32 on the CPU), the reference
+        attention backend, or a kernel not built here."""
+        if not isinstance(model, LlamaForCausalLM):
+            return None
+        inner = model.model
+        layers = [_layer(layer) for layer in inner.layers]
+        norms = [inner.norm]
+        for layer in inner.layers:
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        final_norm = inner.norm.weight.detach()
+        if None in layers or len({n.eps for n in norms}) != 1:
+            return None
+        if not elementwise.supports(final_norm, inner.rotary_emb.cos_sin):
+            return None
+        attention = inner.layers[0].self_attn
+        shapes = {
+            "hidden": model.config.hidden_size,
+            "num_heads": attention.num_heads,
+            "num_kv_heads": attention.num_kv_heads,
+            "head_dim": attention.head_dim,
+            "intermediate": inner.layers[0].mlp.gate_up_proj.size,
+            "block_size": block_size,
+        }
+        stack = DecoderStack.create(
+            layers, final_norm, shapes, inner.norm.eps, attention.attn.scale, QUANTIZED_MAX_ROWS
+        )
+        return None if stack is None else cls(model, stack)
+
+    @staticmethod
+    def applies(meta: AttentionMetadata, num_sampling: int) -> bool:
+        """Whether the step is pure decode with every request sampling (``split_decodes`` ran)."""
+        return not meta.prefill_reqs and num_sampling == meta.num_reqs
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The step's final hidden states ``[B, H]``, as ``model(input_ids, positions, meta)``
+        returns them."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids)
+        rope = inner.rotary_emb.cos_sin[positions]
+        return self.stack.decode(hidden, rope, meta.slot_mapping, meta.block_tables, meta.seq_lens)

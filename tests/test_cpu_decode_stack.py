@@ -1,0 +1,101 @@
+"""Pure-decode steps on the CPU run all decoder layers in one C call (:mod:`pagedserve.worker.
+cpu_decode`); generations equal the module-by-module forward's (``enforce_eager``) to the last bit:
+float32 and quantized panels, biases, 16-bit K/V pools, batches that grow and shrink."""
+
+from __future__ import annotations
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+from tiny_models import tiny_hf_model, write_tiny_gguf
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.worker.cpu_decode import CpuDecodeStack
+
+# 40 prompts across block boundaries with budgets that end them at different steps: decode steps
+# of more than 32 sequences (float32 panels) shrink to a few (quantized panels, where there are).
+PROMPTS = [[3 + (7 * i + j) % 900 for j in range(2 + 3 * i % 61)] for i in range(40)]
+MAX_TOKENS = [4 + 5 * i % 37 for i in range(40)]
+
+
+def _generate(model: str, monkeypatch, enforce_eager: bool, **engine_args) -> tuple[list, int]:
+    """Greedy generations with their top logprobs, and how many steps the stack ran."""
+    runs = []
+    run = CpuDecodeStack.run
+
+    def counting(self, input_ids, positions, meta):
+        runs.append(len(input_ids))
+        return run(self, input_ids, positions, meta)
+
+    monkeypatch.setattr(CpuDecodeStack, "run", counting)
+    llm = LLM(
+        model,
+        device="cpu",
+        dtype="float32",
+        kv_cache_memory=0.02,
+        max_num_seqs=40,
+        enforce_eager=enforce_eager,
+        **engine_args,
+    )
+    assert (llm.llm_engine.runner.cpu_stack is None) == enforce_eager
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3) for n in MAX_TOKENS
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    generations = [
+        (c.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
+        for c in (o.outputs[0] for o in outputs)
+    ]
+    return generations, len(runs)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kv_cache_dtype"),
+    [("llama", "auto"), ("qwen2", "auto"), ("llama_tied", "float16"), ("llama", "bfloat16")],
+)
+def test_stack_equals_the_modules(kind, kv_cache_dtype, tiny_model_dir, monkeypatch):
+    model = tiny_model_dir(kind)
+    want, eager_runs = _generate(model, monkeypatch, True, kv_cache_dtype=kv_cache_dtype)
+    got, runs = _generate(model, monkeypatch, False, kv_cache_dtype=kv_cache_dtype)
+    assert eager_runs == 0 and runs > 30
+    assert got == want
+
+
+def test_stack_decodes_through_quantized_panels(tmp_path, monkeypatch):
+    """A Q4_1 GGUF: steps of at most 32 sequences multiply with its blocks, larger ones with the
+    float32 panels, in the stack as in the modules."""
+    path = str(
+        write_tiny_gguf(tiny_hf_model("llama"), tmp_path / "tiny.gguf", Q.Q4_1, with_tokenizer=True)
+    )
+    want, _ = _generate(path, monkeypatch, True)
+    got, runs = _generate(path, monkeypatch, False)
+    assert runs > 30
+    assert got == want
+
+
+def test_steps_the_stack_leaves_to_the_modules(tiny_model_dir, monkeypatch):
+    """Steps that want prompt logprobs run module by module (the stack gives only the last
+    hidden states); so does every step of the reference attention backend, which the stack's
+    kernels are tested against."""
+    model = tiny_model_dir("llama")
+    llm = LLM(model, device="cpu", kv_cache_memory=0.02)
+    runner = llm.llm_engine.runner
+    assert runner.cpu_stack is not None
+    runs = []
+    monkeypatch.setattr(runner.cpu_stack, "run", lambda *args: runs.append(args))
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1)
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    assert runs == []
+
+    monkeypatch.setenv("PAGEDSERVE_ATTENTION_BACKEND", "reference")
+    reference = LLM(model, device="cpu", kv_cache_memory=0.02)
+    assert reference.llm_engine.runner.cpu_stack is None
+
+
+def test_stack_needs_packed_weights(tiny_model_dir, monkeypatch):
+    """Without the C GEMM's packed weights (bfloat16, or prepacking off) there is no stack."""
+    model = tiny_model_dir("llama")
+    bf16 = LLM(model, device="cpu", dtype="bfloat16", kv_cache_memory=0.02)
+    assert bf16.llm_engine.runner.cpu_stack is None
+    monkeypatch.setenv("PAGEDSERVE_DISABLE_PREPACK", "1")
+    llm = LLM(model, device="cpu", dtype="float32", kv_cache_memory=0.02)
+    assert llm.llm_engine.runner.cpu_stack is None
