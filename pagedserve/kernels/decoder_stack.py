@@ -105,10 +105,29 @@ def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
     return None if lib is None else ctypes.cast(getattr(lib, name), _ptr).value
 
 
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _projection_struct(p: Projection) -> _Projection:
+    quant_type = 0 if p.quantized is None else packed_gemm.quant_type_of(p.quantized)
+    return _Projection(_pointer(p.panels), _pointer(p.quantized), quant_type, _pointer(p.bias))
+
+
+def _layer_struct(layer: Layer) -> _Layer:
+    return _Layer(
+        _pointer(layer.input_norm),
+        _pointer(layer.post_norm),
+        *(_projection_struct(p) for p in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+        _pointer(layer.k_cache),
+        _pointer(layer.v_cache),
+    )
+
+
 class DecoderStack:
     """The decoder layers of one model, ready for :meth:`decode`; build with :meth:`create`."""
 
-    def __init__(self, stack: _Stack, layers: ctypes.Array, keep: list[torch.Tensor]) -> None:
+    def __init__(self, stack: _Stack, layers: ctypes.Array, keep: object) -> None:
         self._stack = stack
         self._layers = layers
         self._keep = keep  # the tensors whose memory the structures point into
@@ -126,13 +145,8 @@ class DecoderStack:
         """The stack of ``layers`` (``shapes``: hidden, num_heads, num_kv_heads, head_dim,
         intermediate, block_size), or None when a kernel it needs is not built here."""
         kv_dtype = layers[0].k_cache.dtype
-        if not (
-            _lib() is not None
-            and paged_decode_attention.supports(
-                torch.empty(0, 1, shapes["head_dim"]), layers[0].k_cache
-            )
-            and kv_store.available(kv_dtype)
-        ):
+        queries = torch.empty(0, 1, shapes["head_dim"])
+        if _lib() is None or not paged_decode_attention.supports(queries, layers[0].k_cache):
             return None
         gemm, norms = packed_gemm._lib(), elementwise._lib()
         kv, attention = kv_store._lib(kv_dtype), paged_decode_attention._lib(kv_dtype)
@@ -147,7 +161,6 @@ class DecoderStack:
         }
         if None in entries.values():
             return None
-        keep = [final_norm]
         stack = _Stack(
             **entries,
             **{name: shapes[name] for name in _SHAPES},
@@ -156,29 +169,8 @@ class DecoderStack:
             scale=scale,
             final_norm=final_norm.data_ptr(),
         )
-
-        def projection(p: Projection) -> _Projection:
-            keep.extend(t for t in (p.panels, p.quantized, p.bias) if t is not None)
-            quantized = p.quantized
-            return _Projection(
-                p.panels.data_ptr(),
-                None if quantized is None else quantized.data_ptr(),
-                0 if quantized is None else packed_gemm.quant_type_of(quantized),
-                None if p.bias is None else p.bias.data_ptr(),
-            )
-
-        structs = (_Layer * len(layers))()
-        for struct, layer in zip(structs, layers, strict=True):
-            keep.extend((layer.input_norm, layer.post_norm, layer.k_cache, layer.v_cache))
-            struct.input_norm = layer.input_norm.data_ptr()
-            struct.post_norm = layer.post_norm.data_ptr()
-            struct.qkv = projection(layer.qkv)
-            struct.o = projection(layer.o)
-            struct.gate_up = projection(layer.gate_up)
-            struct.down = projection(layer.down)
-            struct.k_cache = layer.k_cache.data_ptr()
-            struct.v_cache = layer.v_cache.data_ptr()
-        return cls(stack, structs, keep)
+        structs = (_Layer * len(layers))(*(_layer_struct(layer) for layer in layers))
+        return cls(stack, structs, (layers, final_norm))
 
     def decode(
         self,
