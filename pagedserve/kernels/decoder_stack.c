@@ -1,9 +1,10 @@
 /* A decode step through all the decoder layers of a Llama-family model in one call, on the CPU.
  *
- * The module-by-module forward spends about 2 ms a step in Python at one sequence (nine kernel
- * calls per layer, each with its views, checks and ctypes conversions), as long as the layers'
- * arithmetic. This driver makes the same kernel calls, in the same order on the same buffers, from
- * C: the caller hands it each kernel's entry point (from the kernels' own builds, one per K/V pool
+ * Through the modules, a decode step makes nine kernel calls per layer from Python, each with
+ * its views, checks and ctypes conversions; at one sequence that is as long as the layers'
+ * arithmetic (SmolLM2-135M: a step of 7.1 ms through the modules, 3.7 ms through this driver).
+ * This driver makes the same kernel calls, in the same order on the same buffers, from C: the
+ * caller hands it each kernel's entry point (from the kernels' own builds, one per K/V pool
  * type), the layers' packed weights and pools, and one step's inputs. Every kernel sees what it
  * would have seen from the modules, so the hidden states equal theirs bit for bit.
  *
