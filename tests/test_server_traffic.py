@@ -171,7 +171,11 @@ def test_metrics_names(server):
     assert m["pagedserve:generation_tokens_total"] > 0
     assert m["pagedserve:time_to_first_token_seconds_count"] > 0
     assert m["pagedserve:prefix_cache_queries_total"] >= m["pagedserve:prefix_cache_hits_total"]
-    # the stats line is logged while there is traffic
+    # the stats line is logged at the first interval's end (2 s here) after traffic; the tests
+    # before this one may all finish inside one interval
+    deadline = time.monotonic() + 10
+    while "Avg generation throughput" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "Avg generation throughput" in server.output()
 
 
