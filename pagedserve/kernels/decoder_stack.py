@@ -128,9 +128,12 @@ class DecoderStack:
     """The decoder layers of one model, ready for :meth:`decode`; build with :meth:`create`."""
 
     def __init__(self, stack: _Stack, layers: ctypes.Array, keep: object) -> None:
+        lib = _lib()
+        assert lib is not None
         self._stack = stack
         self._layers = layers
         self._keep = keep  # the tensors whose memory the structures point into
+        self._scratch_per_row = lib.decoder_stack_scratch(stack, 1)
 
     @classmethod
     def create(
@@ -189,7 +192,7 @@ class DecoderStack:
         assert lib is not None
         m = hidden.shape[0]
         out = torch.empty_like(hidden)
-        scratch = hidden.new_empty(lib.decoder_stack_scratch(self._stack, m))
+        scratch = hidden.new_empty(m * self._scratch_per_row)
         lib.decoder_stack_decode(
             self._stack,
             self._layers,

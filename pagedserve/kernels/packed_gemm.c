@@ -5,8 +5,9 @@
  * panel front to back: per k, NR weights (two vectors) times MR rows of x (broadcast scalars)
  * into MR x 2 vector accumulators that stay in registers for the whole k loop. Each panel is
  * reused from cache by every tile of rows, and while the tiles run, each prefetches its share
- * of the next panel. Rows go in tiles of at most MR, balanced (64 rows with MR = 14: five tiles of 13
- * or 12, not four of 14 and one of 8). How the threads share the work depends on the rows:
+ * of the next panel. Rows go in tiles of at most MR, balanced (64 rows with MR = 14: five
+ * tiles of 13 or 12, not four of 14 and one of 8). How the threads share the work depends on
+ * the rows:
  *   - few rows (decode steps): the threads split the panels, so that the weights stream from
  *     memory once per step, with their loads in flight while the arithmetic runs;
  *   - many rows (prefill chunks, SPLIT_ROWS_MIN per thread and more): each thread takes its own
@@ -124,7 +125,7 @@ static inline __attribute__((always_inline)) void store_tile(float *y, int64_t n
 /* One tile: ROWS rows of x (k apart) times one panel into y (n apart), cols of them stored.
  * bias0 / bias1, if not NULL, are the biases of the panel's two column vectors (cols real
  * entries each when gated); next, if not NULL, is this tile's share of the panel to prefetch
- * meanwhile, `step` bytes of it per k (two lines when step is more than one). */
+ * meanwhile, `step` bytes of it per k (two lines a k when a step is longer than one). */
 #define DEFINE_TILE(ROWS)                                                                      \
     static void tile_##ROWS(float *y, int64_t n, const float *x, const float *panel,          \
                             const float *bias0, const float *bias1, int64_t k, int64_t cols,   \
