@@ -69,12 +69,18 @@ int64_t packed_gemm_panel_width(int64_t gated)
     return gated ? VL : NR;
 }
 
+/* Panels of `outputs` output columns (gated: of d = outputs gate/up pairs). */
+static inline int64_t panel_count(int64_t outputs, int64_t gated)
+{
+    const int64_t width = packed_gemm_panel_width(gated);
+    return (outputs + width - 1) / width;
+}
+
 /* packed [panels][k][NR] <- w [n, k], padded with zero columns. Gated (n = 2d): panel p holds
  * gate rows p * VL ... in its first VL columns and the up rows d + p * VL ... in the rest. */
 void packed_gemm_pack_f32(float *packed, const float *w, int64_t n, int64_t k, int64_t gated)
 {
-    const int64_t width = gated ? VL : NR, outputs = gated ? n / 2 : n;
-    const int64_t panels = (outputs + width - 1) / width;
+    const int64_t outputs = gated ? n / 2 : n, panels = panel_count(outputs, gated);
     #pragma omp parallel for
     for (int64_t p = 0; p < panels; p++) {
         float *panel = packed + p * k * NR;
@@ -184,7 +190,7 @@ typedef struct {
 
 static inline PanelOut panel_out(const float *bias, int64_t n, int64_t gated, int64_t p)
 {
-    const int64_t width = gated ? VL : NR, first = p * width;
+    const int64_t width = packed_gemm_panel_width(gated), first = p * width;
     const float *b0 = bias ? bias + first : NULL;
     return (PanelOut){first, n - first < width ? n - first : width, b0,
                       bias ? (gated ? b0 + n : b0 + VL) : NULL};
@@ -223,7 +229,7 @@ static void rows_times_panel(float *y, const float *x, const float *packed, cons
                              int64_t n, int64_t k, int64_t gated, int64_t p, int64_t first,
                              int64_t rows)
 {
-    const int64_t panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR);
+    const int64_t panels = panel_count(n, gated);
     const float *panel = packed + p * k * NR;
     tile_rows(y, x, panel, p + 1 < panels ? panel + k * NR : NULL, bias, n, k, gated, p, first,
               rows);
@@ -234,7 +240,7 @@ static void rows_times_panel(float *y, const float *x, const float *packed, cons
 void packed_gemm_f32(float *y, const float *x, const float *packed, const float *bias, int64_t m,
                      int64_t n, int64_t k, int64_t gated)
 {
-    const int64_t panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR);
+    const int64_t panels = panel_count(n, gated);
     #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads();
@@ -300,8 +306,7 @@ static int64_t block_bytes(int64_t type)
 /* Bytes of quantized weights [n, k] of `type` packed (gated: [2n, k]). */
 int64_t packed_gemm_quant_bytes(int64_t n, int64_t k, int64_t gated, int64_t type)
 {
-    const int64_t width = gated ? VL : NR;
-    return (n + width - 1) / width * (k / QBLOCK) * block_bytes(type);
+    return panel_count(n, gated) * (k / QBLOCK) * block_bytes(type);
 }
 
 /* packed <- the blocks of w [n, k] of `type`: scale [n, k / 32] (per 16 inputs: [n, k / 16]) and,
@@ -312,8 +317,8 @@ void packed_gemm_pack_quant(uint8_t *packed, const float *scale, const float *mi
                             const uint8_t *quants, int64_t n, int64_t k, int64_t gated,
                             int64_t type)
 {
-    const int64_t width = gated ? VL : NR, outputs = gated ? n / 2 : n;
-    const int64_t panels = (outputs + width - 1) / width, blocks = k / QBLOCK;
+    const int64_t outputs = gated ? n / 2 : n, panels = panel_count(outputs, gated);
+    const int64_t blocks = k / QBLOCK;
     const int64_t bytes = block_bytes(type), qbytes = type == Q41 ? QBLOCK / 2 : QBLOCK;
     #pragma omp parallel for
     for (int64_t p = 0; p < panels; p++) {
@@ -469,7 +474,7 @@ static const quant_tile_fn quant_tiles[3][QUANT_MR + 1] = {
 void packed_gemm_quant(float *y, const float *x, const uint8_t *packed, const float *bias,
                        int64_t m, int64_t n, int64_t k, int64_t gated, int64_t type)
 {
-    const int64_t blocks = k / QBLOCK, panels = (n + (gated ? VL : NR) - 1) / (gated ? VL : NR);
+    const int64_t blocks = k / QBLOCK, panels = panel_count(n, gated);
     const int64_t ntiles = (m + QUANT_MR - 1) / QUANT_MR;
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
