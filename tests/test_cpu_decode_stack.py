@@ -1,6 +1,6 @@
 """Pure-decode steps on the CPU run all decoder layers in one C call (:mod:`pagedserve.worker.
 cpu_decode`); generations equal the module-by-module forward's (``enforce_eager``) to the last bit:
-float32 and quantized panels, biases, 16-bit K/V pools, batches that grow and shrink."""
+float32, bfloat16 and quantized panels, biases, 16-bit K/V pools, batches that grow and shrink."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from tiny_models import tiny_hf_model, write_tiny_gguf
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.kernels import packed_gemm
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 
 # 40 prompts across block boundaries with budgets that end them at different steps: decode steps
@@ -27,10 +28,10 @@ def _generate(model: str, monkeypatch, enforce_eager: bool, **engine_args) -> tu
         return run(self, input_ids, positions, meta)
 
     monkeypatch.setattr(CpuDecodeStack, "run", counting)
+    engine_args.setdefault("dtype", "float32")
     llm = LLM(
         model,
         device="cpu",
-        dtype="float32",
         kv_cache_memory=0.02,
         max_num_seqs=40,
         enforce_eager=enforce_eager,
@@ -60,14 +61,27 @@ def test_stack_equals_the_modules(kind, kv_cache_dtype, tiny_model_dir, monkeypa
     assert got == want
 
 
-def test_stack_decodes_through_quantized_panels(tmp_path, monkeypatch):
+@pytest.mark.skipif(not packed_gemm.bf16_available(), reason="this CPU lacks AVX512-BF16")
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen2"])
+def test_stack_equals_the_modules_with_bfloat16_panels(kind, tiny_model_dir, monkeypatch):
+    model = tiny_model_dir(kind)
+    want, _ = _generate(model, monkeypatch, True, dtype="bfloat16")
+    got, runs = _generate(model, monkeypatch, False, dtype="bfloat16")
+    assert runs > 30
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float32", *(["bfloat16"] if packed_gemm.bf16_available() else [])]
+)
+def test_stack_decodes_through_quantized_panels(dtype, tmp_path, monkeypatch):
     """A Q4_1 GGUF: steps of at most 32 sequences multiply with its blocks, larger ones with the
-    float32 panels, in the stack as in the modules."""
+    float32 (or bfloat16) panels, in the stack as in the modules."""
     path = str(
         write_tiny_gguf(tiny_hf_model("llama"), tmp_path / "tiny.gguf", Q.Q4_1, with_tokenizer=True)
     )
-    want, _ = _generate(path, monkeypatch, True)
-    got, runs = _generate(path, monkeypatch, False)
+    want, _ = _generate(path, monkeypatch, True, dtype=dtype)
+    got, runs = _generate(path, monkeypatch, False, dtype=dtype)
     assert runs > 30
     assert got == want
 
@@ -92,10 +106,11 @@ def test_steps_the_stack_leaves_to_the_modules(tiny_model_dir, monkeypatch):
 
 
 def test_stack_needs_packed_weights(tiny_model_dir, monkeypatch):
-    """Without the C GEMM's packed weights (bfloat16, or prepacking off) there is no stack."""
+    """Without the C GEMM's packed weights (float16 modules, or prepacking off) there is no
+    stack."""
     model = tiny_model_dir("llama")
-    bf16 = LLM(model, device="cpu", dtype="bfloat16", kv_cache_memory=0.02)
-    assert bf16.llm_engine.runner.cpu_stack is None
+    half = LLM(model, device="cpu", dtype="float16", kv_cache_memory=0.02)
+    assert half.llm_engine.runner.cpu_stack is None
     monkeypatch.setenv("PAGEDSERVE_DISABLE_PREPACK", "1")
     llm = LLM(model, device="cpu", dtype="float32", kv_cache_memory=0.02)
     assert llm.llm_engine.runner.cpu_stack is None

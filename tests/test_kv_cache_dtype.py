@@ -133,7 +133,8 @@ def test_a_16_bit_cache_holds_twice_the_tokens(tiny_model_dir):
     [("bfloat16", "float32"), ("float16", "bfloat16"), ("float32", "float16")],
 )
 def test_any_model_and_cache_types_generate(dtype, kv_cache_dtype, tiny_model_dir):
-    """The torch paths (no C kernel takes 16-bit queries) read pools of another type too."""
+    """Models of any type read pools of another type: the torch paths (no C kernel takes 16-bit
+    queries) and bfloat16 panels' float32 modules alike."""
     llm = LLM(tiny_model_dir("llama"), dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = llm.generate(["Hello there", "A longer prompt " * 8], params, use_tqdm=False)

@@ -44,6 +44,64 @@ def test_matches_f_linear(rows, out_features, in_features, bias):
     torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-4)
 
 
+def _bf16_reference(x, weight, bias, gated):
+    """x W^T (+ b) from bfloat16-rounded x and W, summed in float64; gated: silu(gate) * up."""
+    y = F.linear(x.bfloat16().double(), weight.bfloat16().double())
+    y = (y if bias is None else y + bias.double()).float()
+    if not gated:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.skipif(not packed_gemm.bf16_available(), reason="this CPU lacks AVX512-BF16")
+@pytest.mark.parametrize(
+    "rows,out_features,in_features",
+    [
+        (1, 6, 3),  # one row, one partial panel, an odd input count (a zero pair padding it)
+        (15, 64, 64),  # one row past a 14-row tile
+        (64, 576, 576),  # a 64-sequence decode step of SmolLM2-135M
+        (300, 96, 41),  # the threads split the rows; odd inputs
+        (1031, 96, 576),  # a prefill chunk: each thread's rows in slices, the last one short
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_bf16_panels_sum_bf16_products_in_float32(rows, out_features, in_features, bias, gated):
+    generator = torch.Generator().manual_seed(rows + in_features)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator) * in_features**-0.5
+    b = torch.randn(out_features, generator=generator) if bias else None
+    packed = packed_gemm.pack(weight, gated, torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    size = out_features // 2 if gated else out_features
+    got = packed_gemm.linear(x, packed, size, b, gated)
+    torch.testing.assert_close(got, _bf16_reference(x, weight, b, gated), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not packed_gemm.bf16_available(), reason="this CPU lacks AVX512-BF16")
+def test_bf16_rounding_is_to_nearest_even_and_keeps_nan_and_inf():
+    """Weights and inputs round as PyTorch's ``.bfloat16()`` does, including ties, the largest
+    floats (to inf), infinities and NaN. (Subnormal inputs count as zero: VDPBF16PS flushes
+    them.)"""
+    edge = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, float("inf"), float("-inf"), 1.5]
+    weight = torch.tensor(edge + [0.0]).reshape(8, 1)
+    got = packed_gemm.linear(
+        torch.ones(1, 1), packed_gemm.pack(weight, False, torch.bfloat16), 8, None
+    )
+    assert got[0].tolist() == weight.bfloat16().float()[:, 0].tolist()
+    x = torch.tensor([edge + [0.0]]).reshape(8, 1)
+    got = packed_gemm.linear(x, packed_gemm.pack(torch.ones(1, 1), False, torch.bfloat16), 1, None)
+    assert got[:, 0].tolist() == x.bfloat16().float()[:, 0].tolist()
+    nan = packed_gemm.linear(
+        torch.tensor([[float("nan")]]),
+        packed_gemm.pack(torch.ones(1, 1), False, torch.bfloat16),
+        1,
+        None,
+    )
+    assert nan.isnan().all()
+
+
 def test_linear_module_packs_and_keeps_leading_dims():
     layer = Linear(24, 40, bias=True)
     torch.nn.init.normal_(layer.weight)

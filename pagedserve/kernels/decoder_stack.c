@@ -35,7 +35,7 @@ typedef void (*attention_fn)(float *, const float *, const void *, const void *,
 
 /* The kernels' entry points and the model's shapes (mirrored by decoder_stack.py). */
 typedef struct {
-    gemm_f32_fn gemm_f32;
+    gemm_f32_fn gemm_f32, gemm_bf16; /* gemm_bf16: for bfloat16 panels */
     gemm_quant_fn gemm_quant;
     rms_norm_fn rms_norm;
     add_rms_norm_fn add_rms_norm;
@@ -48,11 +48,11 @@ typedef struct {
     const float *final_norm;
 } Stack;
 
-/* One projection's packed weights: float32 panels, and quantized ones (NULL: none) of
- * quant_type; its bias (NULL: none). */
+/* One projection's packed weights: float32 panels (bfloat16 if bf16_panels), and quantized
+ * ones (NULL: none) of quant_type; its bias (NULL: none). */
 typedef struct {
     const void *panels, *quantized;
-    int64_t quant_type;
+    int64_t quant_type, bf16_panels;
     const float *bias;
 } Projection;
 
@@ -69,7 +69,7 @@ static void project(const Stack *s, const Projection *w, float *y, const float *
     if (w->quantized && m <= s->quant_max_rows)
         s->gemm_quant(y, x, w->quantized, w->bias, m, n, k, gated, w->quant_type);
     else
-        s->gemm_f32(y, x, w->panels, w->bias, m, n, k, gated);
+        (w->bf16_panels ? s->gemm_bf16 : s->gemm_f32)(y, x, w->panels, w->bias, m, n, k, gated);
 }
 
 /* Floats of scratch that decoder_stack_decode needs for m rows. */

@@ -27,6 +27,7 @@ class _Stack(ctypes.Structure):
 
     _fields_ = [
         ("gemm_f32", _ptr),
+        ("gemm_bf16", _ptr),
         ("gemm_quant", _ptr),
         ("rms_norm", _ptr),
         ("add_rms_norm", _ptr),
@@ -42,7 +43,13 @@ class _Stack(ctypes.Structure):
 
 
 class _Projection(ctypes.Structure):
-    _fields_ = [("panels", _ptr), ("quantized", _ptr), ("quant_type", _i64), ("bias", _ptr)]
+    _fields_ = [
+        ("panels", _ptr),
+        ("quantized", _ptr),
+        ("quant_type", _i64),
+        ("bf16_panels", _i64),
+        ("bias", _ptr),
+    ]
 
 
 class _Layer(ctypes.Structure):
@@ -78,7 +85,7 @@ def _lib() -> ctypes.CDLL | None:
 
 @dataclass
 class Projection:
-    """One projection's packed weights (:func:`packed_gemm.pack`, and
+    """One projection's packed weights (:func:`packed_gemm.pack`, float32 or bfloat16, and
     :func:`packed_gemm.pack_quantized` or None) and bias (or None)."""
 
     panels: torch.Tensor
@@ -111,7 +118,10 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _projection_struct(p: Projection) -> _Projection:
     quant_type = 0 if p.quantized is None else packed_gemm.quant_type_of(p.quantized)
-    return _Projection(_pointer(p.panels), _pointer(p.quantized), quant_type, _pointer(p.bias))
+    bf16 = p.panels.dtype == torch.bfloat16
+    return _Projection(
+        _pointer(p.panels), _pointer(p.quantized), quant_type, bf16, _pointer(p.bias)
+    )
 
 
 def _layer_struct(layer: Layer) -> _Layer:
@@ -155,6 +165,7 @@ class DecoderStack:
         kv, attention = kv_store._lib(kv_dtype), paged_decode_attention._lib(kv_dtype)
         entries = {
             "gemm_f32": _address(gemm, "packed_gemm_f32"),
+            "gemm_bf16": _address(gemm, "packed_gemm_bf16"),
             "gemm_quant": _address(gemm, "packed_gemm_quant"),
             "rms_norm": _address(norms, "rms_norm_f32"),
             "add_rms_norm": _address(norms, "add_rms_norm_f32"),

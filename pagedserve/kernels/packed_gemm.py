@@ -1,5 +1,6 @@
-"""Python face of the C packed-weight GEMM (``y = x W^T + b``; float32, CPU), with weights
-packed from float32 or from llama.cpp's Q4_1 or Q8_0 blocks (for steps of few rows)."""
+"""Python face of the C packed-weight GEMM (``y = x W^T + b``; float32 in and out, CPU), with
+weights packed in float32, in bfloat16 (CPUs with AVX512-BF16) or from llama.cpp's Q4_1 or Q8_0
+blocks (for steps of few rows)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def _lib() -> ctypes.CDLL | None:
             "packed_gemm_panel_width": ([_i64], _i64),
             "packed_gemm_pack_f32": ([_ptr, _ptr, _i64, _i64, _i64], None),
             "packed_gemm_f32": ([_ptr] * 4 + [_i64] * 4, None),
+            "packed_gemm_bf16_available": ([], _i64),
+            "packed_gemm_bf16_elements": ([_i64] * 3, _i64),
+            "packed_gemm_pack_bf16": ([_ptr, _ptr, _i64, _i64, _i64], None),
+            "packed_gemm_bf16": ([_ptr] * 4 + [_i64] * 4, None),
             "packed_gemm_quant_bytes": ([_i64] * 4, _i64),
             "packed_gemm_pack_quant": ([_ptr] * 4 + [_i64] * 4, None),
             "packed_gemm_quant": ([_ptr] * 4 + [_i64] * 5, None),
@@ -34,18 +39,34 @@ def available() -> bool:
     return _lib() is not None
 
 
-def pack(weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """``weight [n, k]`` (float32, CPU) in the kernel's panel layout, a flat tensor. ``gated``:
-    the weight is gate and up stacked (``n = 2 d``), for :func:`linear` with ``gated``."""
+def bf16_available() -> bool:
+    """Whether this CPU multiplies bfloat16 panels (AVX512-BF16; see :func:`pack`)."""
+    lib = _lib()
+    return lib is not None and bool(lib.packed_gemm_bf16_available())
+
+
+def pack(
+    weight: torch.Tensor, gated: bool = False, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``weight [n, k]`` (float32, CPU) in the kernel's panel layout, a flat tensor of ``dtype``:
+    float32, or bfloat16 where :func:`bf16_available` (the weight rounded, and each product's
+    input too; sums in float32). ``gated``: the weight is gate and up stacked (``n = 2 d``), for
+    :func:`linear` with ``gated``."""
     lib = _lib()
     assert lib is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
     n, k = weight.shape
     outputs = n // 2 if gated else n
     if gated and n % 2:
         raise ValueError(f"a gated weight stacks two halves; {n} rows do not split")
+    weight = weight.detach().contiguous()
+    if dtype == torch.bfloat16:
+        assert bf16_available()
+        packed = torch.empty(lib.packed_gemm_bf16_elements(outputs, k, gated), dtype=dtype)
+        lib.packed_gemm_pack_bf16(packed.data_ptr(), weight.data_ptr(), n, k, gated)
+        return packed
+    assert dtype == torch.float32
     panels = -(-outputs // lib.packed_gemm_panel_width(gated))
     packed = torch.empty(panels * k * lib.packed_gemm_panel_width(False))
-    weight = weight.detach().contiguous()
     lib.packed_gemm_pack_f32(packed.data_ptr(), weight.data_ptr(), n, k, gated)
     return packed
 
@@ -124,7 +145,7 @@ def linear(
     bias: torch.Tensor | None,
     gated: bool = False,
 ) -> torch.Tensor:
-    """``x [..., k] W^T + bias`` with ``W`` packed by :func:`pack` (float32) or
+    """``x [..., k] W^T + bias`` with ``W`` packed by :func:`pack` (float32 or bfloat16) or
     :func:`pack_quantized` -> ``[..., out_features]``. ``gated``: ``silu(x Wg^T + bg) *
     (x Wu^T + bu)``, ``out_features`` = d of ``[2 d, k]``."""
     lib = _lib()
@@ -146,6 +167,8 @@ def linear(
     )
     if packed.dtype == torch.float32:
         lib.packed_gemm_f32(*args)
+    elif packed.dtype == torch.bfloat16:
+        lib.packed_gemm_bf16(*args)
     else:
         lib.packed_gemm_quant(*args, quant_type_of(packed))
     return y if x2 is x else y.view(*x.shape[:-1], out_features)

@@ -184,14 +184,14 @@ class LlamaForCausalLM(nn.Module):
         packed = packed_for(hidden, self.packed_head, self.packed_head_quantized)
         return linear(hidden, self.model.embed_tokens.weight, None, packed).float()
 
-    def prepack(self) -> None:
+    def prepack(self, panel_dtype: torch.dtype = torch.float32) -> None:
         """Pack every projection's weight (the lm head's too; a tied one from the embedding)
-        for the fast CPU GEMM path."""
+        for the fast CPU GEMM path, in ``panel_dtype``."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack()
+                module.prepack(panel_dtype)
         if self.lm_head is None:
-            self.packed_head = pack_weight(self.model.embed_tokens.weight)
+            self.packed_head = pack_weight(self.model.embed_tokens.weight, False, panel_dtype)
             blocks, self._embedding_blocks = self._embedding_blocks, None
             if self.packed_head is not None and blocks is not None:
                 self.packed_head_quantized = pack_quantized(blocks)

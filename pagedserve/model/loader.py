@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from pagedserve.model.gguf_loader import gguf_config, gguf_weights, open_gguf, quantized_blocks
 from pagedserve.model.hf_config import hf_config, safetensors_weights
+from pagedserve.model.layers.linear import bf16_panels_available
 from pagedserve.model.registry import get_model_class
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -29,13 +30,30 @@ def load_config(path: str) -> PretrainedConfig:
     return hf_config(model)
 
 
+def bf16_matmuls_in_float32(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the model runs in float32 with bfloat16 matmuls where ``dtype`` bfloat16 is
+    asked for: on a CPU whose C GEMM multiplies bfloat16 panels (AVX512-BF16). There the
+    weights and each matmul's inputs are rounded to bfloat16 and summed in float32, the rest
+    (norms, rotary, attention over a bfloat16 KV cache, the residual stream) runs in float32, as
+    under ``torch.autocast``; and the model takes the C kernels, which run float32 only.
+    PyTorch's own bfloat16 modules ran 32 x 1024-token prompts (32 tokens out) at 876 total
+    tok/s on this project's 2-core machine, half of the float32 C path's 1723."""
+    return (
+        dtype == torch.bfloat16 and torch.device(device).type == "cpu" and bf16_panels_available()
+    )
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Build the model for ``path``'s architecture on ``device`` in ``dtype`` and load its
     weights (GGUF tensors are dequantized; on CPU in float32 the projections also keep Q4_0,
-    Q4_1, Q4_K, Q6_K and Q8_0 tensors' blocks for steps of few rows). The result is in eval mode without
+    Q4_1, Q4_K, Q6_K and Q8_0 tensors' blocks for steps of few rows; see
+    :func:`bf16_matmuls_in_float32` for bfloat16 on CPU). The result is in eval mode without
     gradients."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    panel_dtype = torch.float32
+    if bf16_matmuls_in_float32(dtype, device):
+        dtype, panel_dtype = torch.float32, torch.bfloat16
     config = load_config(path)
     model_class = get_model_class(config)
     with torch.device(device), _default_dtype(dtype):
@@ -48,7 +66,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.
     ):
         model.load_quantized(quantized_blocks(open_gguf(path), config))  # for decode steps
     model.requires_grad_(False)
-    model.prepack()
+    model.prepack(panel_dtype)
     return model.eval()
 
 
