@@ -23,6 +23,11 @@
  *
  * Portable C11 with GCC vector extensions, no intrinsics: the vector width and the register
  * blocking follow the target (AVX-512 and aarch64: 32 vector registers; otherwise 16).
+ *
+ * bfloat16 products (a bfloat16 pool's build on a CPU with AVX512-BF16, when the caller asks,
+ * for a model whose matmuls run in bfloat16): Q and P are rounded to bfloat16 and both products
+ * run VDPBF16PS, two multiply-adds per lane per instruction, over pairs of head dims (Q K^T) and
+ * of keys (P V); see prefill_bf16_products.h. Scores, softmax and sums stay float32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -117,6 +122,7 @@ typedef struct {
     int64_t group, head_dim, block_size, max_blocks;
     int64_t q_stride, out_stride, pool_row; /* floats between tokens of q, of out; pool rows */
     float q_scale;                          /* scale * log2(e) */
+    int bf16;                               /* bfloat16 products */
 } Problem;
 
 typedef struct {
@@ -135,6 +141,7 @@ typedef struct {
     float *qt, *kt, *vt, *s, *ot, *m, *m_new, *l, *alpha;
     int32_t *qpos;
     const float *kg[KEY_TILE / QK_KEYS], *vg[KEY_TILE / QK_KEYS]; /* the key tile's groups */
+    const kv_t *kb[KEY_TILE / QK_KEYS]; /* bfloat16 products: the groups' K rows as stored */
 } Scratch;
 
 /* Query positions per head in a tile of a request with qlen new tokens and seq_len positions in
@@ -153,11 +160,32 @@ static int64_t tile_positions(int64_t qlen, int64_t seq_len, int64_t group)
     return VL * (needed < vecs ? needed : vecs);
 }
 
+/* Stores acc (QK_KEYS keys x nv row vectors of scores) into s; scores of key positions kpos + j
+ * after a row's position become -inf when `masked`; m_new[c] takes the maximum over them. */
+ALWAYS_INLINE void finish_scores(float *s, vf (*acc)[ROW_VECS], int64_t rows, int nv,
+                                 float *m_new, const int32_t *qpos, int64_t kpos, int masked)
+{
+    #pragma GCC unroll 16
+    for (int c = 0; c < nv; c++) {
+        if (masked) {
+            const vi q = *(const vi *)(qpos + c * VL);
+            #pragma GCC unroll 16
+            for (int j = 0; j < QK_KEYS; j++)
+                acc[j][c] = select_v(q >= (int32_t)(kpos + j), acc[j][c], splat(-INFINITY));
+        }
+        vf mx = load(m_new + c * VL);
+        #pragma GCC unroll 16
+        for (int j = 0; j < QK_KEYS; j++) {
+            store(s + j * rows + c * VL, acc[j][c]);
+            mx = max_v(mx, acc[j][c]);
+        }
+        store(m_new + c * VL, mx);
+    }
+}
+
 /* s[j][c] = qt[:, c] . k[j] for QK_KEYS keys (rows of k, k_stride apart) and nv <= ROW_VECS
- * row vectors; scores of key positions kpos + j after a row's position become -inf when
- * `masked`; m_new[c] takes the maximum over these keys. k_stride is a run-time value (the pools'
- * row length): with a constant one GCC loads whole unaligned vectors to broadcast their first
- * lane. */
+ * row vectors, finished by finish_scores. k_stride is a run-time value (the pools' row length):
+ * with a constant one GCC loads whole unaligned vectors to broadcast their first lane. */
 ALWAYS_INLINE void qk_block(float *s, const float *qt, int64_t rows, const float *k, int64_t D,
                             int64_t k_stride, int nv, float *m_new, const int32_t *qpos,
                             int64_t kpos, int masked)
@@ -179,22 +207,7 @@ ALWAYS_INLINE void qk_block(float *s, const float *qt, int64_t rows, const float
             for (int c = 0; c < nv; c++) acc[j][c] = fma_v(qv[c], kd, acc[j][c]);
         }
     }
-    #pragma GCC unroll 16
-    for (int c = 0; c < nv; c++) {
-        if (masked) {
-            const vi q = *(const vi *)(qpos + c * VL);
-            #pragma GCC unroll 16
-            for (int j = 0; j < QK_KEYS; j++)
-                acc[j][c] = select_v(q >= (int32_t)(kpos + j), acc[j][c], splat(-INFINITY));
-        }
-        vf mx = load(m_new + c * VL);
-        #pragma GCC unroll 16
-        for (int j = 0; j < QK_KEYS; j++) {
-            store(s + j * rows + c * VL, acc[j][c]);
-            mx = max_v(mx, acc[j][c]);
-        }
-        store(m_new + c * VL, mx);
-    }
+    finish_scores(s, acc, rows, nv, m_new, qpos, kpos, masked);
 }
 
 /* ot[i][c] = ot[i][c] * alpha[c] + sum_j v[j][i] * p[j][c] for nd <= PV_DIMS dims (rows of ot,
@@ -233,35 +246,74 @@ ALWAYS_INLINE void pv_block(float *ot, const float *alpha, const float *p, int64
         for (int c = 0; c < nv; c++) store(ot + i * rows + c * VL, acc[i][c]);
 }
 
+/* Where the K/V row of this head at context position pos starts, in elements from a pool's base. */
+static inline int64_t pool_offset(const Problem *pr, const Tile *t, int64_t pos)
+{
+    const int32_t block = pr->block_tables[t->req * pr->max_blocks + pos / pr->block_size];
+    return ((int64_t)block * pr->block_size + pos % pr->block_size) * pr->pool_row
+           + t->kv_head * pr->head_dim;
+}
+
+#if defined(KV_BFLOAT16) && defined(__AVX512BF16__) && VL == 16
+#define PREFILL_BF16 1
+#include <immintrin.h>
+
+#include "prefill_bf16_products.h"
+#else
+#define PREFILL_BF16 0
+#endif
+
 /* The scores of nv row vectors from c on against key positions k0 .. k0 + nk - 1. */
 ALWAYS_INLINE void qk_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int64_t k0,
-                              int64_t nk, int masked, int64_t D, int64_t k_stride)
+                              int64_t nk, int masked, int64_t D, int64_t k_stride, int bf16)
 {
     const int64_t at = c * VL;
-    for (int64_t j = 0; j < nk; j += QK_KEYS)
+    for (int64_t j = 0; j < nk; j += QK_KEYS) {
+#if PREFILL_BF16
+        if (bf16) {
+            qk_block_bf16(sc->s + j * t->rows + at, (const uint32_t *)sc->qt + at, t->rows,
+                          sc->kb[j / QK_KEYS], D, k_stride, nv, sc->m_new + at, sc->qpos + at,
+                          k0 + j, masked);
+            continue;
+        }
+#endif
         qk_block(sc->s + j * t->rows + at, sc->qt + at, t->rows, sc->kg[j / QK_KEYS], D,
                  k_stride, nv, sc->m_new + at, sc->qpos + at, k0 + j, masked);
+    }
 }
 
 /* s = scores of the tile's rows against key positions k0 .. k0 + nk - 1 (groups at kg), masked
  * where `masked`; m_new = max(m, their maxima). */
 ALWAYS_INLINE void qk_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_t k0, int64_t nk,
-                           int masked, int64_t D)
+                           int masked, int64_t D, int bf16)
 {
     memcpy(sc->m_new, sc->m, sizeof(float) * t->rows);
+    const int64_t stride = pr->pool_row;
     int64_t c = 0;
     for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS)
-        qk_columns(sc, t, c, ROW_VECS, k0, nk, masked, D, pr->pool_row);
-    for (; c + 2 <= t->row_vecs; c += 2) qk_columns(sc, t, c, 2, k0, nk, masked, D, pr->pool_row);
-    for (; c < t->row_vecs; c++) qk_columns(sc, t, c, 1, k0, nk, masked, D, pr->pool_row);
+        qk_columns(sc, t, c, ROW_VECS, k0, nk, masked, D, stride, bf16);
+    for (; c + 2 <= t->row_vecs; c += 2) qk_columns(sc, t, c, 2, k0, nk, masked, D, stride, bf16);
+    for (; c < t->row_vecs; c++) qk_columns(sc, t, c, 1, k0, nk, masked, D, stride, bf16);
 }
 
 /* ot = alpha * ot + V^T P for nv row vectors from c on. */
 ALWAYS_INLINE void pv_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int64_t nk,
-                              int64_t D, int64_t v_stride)
+                              int64_t D, int64_t v_stride, int bf16)
 {
     const int64_t at = c * VL, rows = t->rows, groups = nk / QK_KEYS;
     int64_t d = 0;
+#if PREFILL_BF16
+    if (bf16) {
+        const uint32_t *p = (const uint32_t *)sc->s + at, *vt = (const uint32_t *)sc->vt;
+        for (; d + PV_DIMS <= D; d += PV_DIMS)
+            pv_block_bf16(sc->ot + d * rows + at, sc->alpha + at, p, rows, vt, d, nk / 2, D,
+                          PV_DIMS, nv);
+        for (; d < D; d++)
+            pv_block_bf16(sc->ot + d * rows + at, sc->alpha + at, p, rows, vt, d, nk / 2, D, 1,
+                          nv);
+        return;
+    }
+#endif
     for (; d + PV_DIMS <= D; d += PV_DIMS)
         pv_block(sc->ot + d * rows + at, sc->alpha + at, sc->s + at, rows, sc->vg, d, groups,
                  v_stride, PV_DIMS, nv);
@@ -271,13 +323,14 @@ ALWAYS_INLINE void pv_columns(Scratch *sc, const Tile *t, int64_t c, int nv, int
 }
 
 /* ot = alpha * ot + V^T P over the nk keys of the tile (value groups at vg, P in s). */
-ALWAYS_INLINE void pv_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_t nk, int64_t D)
+ALWAYS_INLINE void pv_tile(Scratch *sc, const Problem *pr, const Tile *t, int64_t nk, int64_t D,
+                           int bf16)
 {
     int64_t c = 0;
     for (; c + ROW_VECS <= t->row_vecs; c += ROW_VECS)
-        pv_columns(sc, t, c, ROW_VECS, nk, D, pr->pool_row);
-    for (; c + 2 <= t->row_vecs; c += 2) pv_columns(sc, t, c, 2, nk, D, pr->pool_row);
-    for (; c < t->row_vecs; c++) pv_columns(sc, t, c, 1, nk, D, pr->pool_row);
+        pv_columns(sc, t, c, ROW_VECS, nk, D, pr->pool_row, bf16);
+    for (; c + 2 <= t->row_vecs; c += 2) pv_columns(sc, t, c, 2, nk, D, pr->pool_row, bf16);
+    for (; c < t->row_vecs; c++) pv_columns(sc, t, c, 1, nk, D, pr->pool_row, bf16);
 }
 
 /* Online softmax over one key tile: s becomes exp2(s - m_new), alpha = exp2(m - m_new) the
@@ -298,14 +351,6 @@ static void softmax_tile(Scratch *sc, const Tile *t, int64_t nk)
         store(sc->l + c * VL, fma_v(load(sc->l + c * VL), a, sum));
         store(sc->m + c * VL, mx);
     }
-}
-
-/* Where the K/V row of this head at context position pos starts, in elements from a pool's base. */
-static inline int64_t pool_offset(const Problem *pr, const Tile *t, int64_t pos)
-{
-    const int32_t block = pr->block_tables[t->req * pr->max_blocks + pos / pr->block_size];
-    return ((int64_t)block * pr->block_size + pos % pr->block_size) * pr->pool_row
-           + t->kv_head * pr->head_dim;
 }
 
 /* Points kg and vg at the groups of QK_KEYS keys and values of positions k0 .. k0 + nk - 1 of
@@ -395,34 +440,57 @@ ALWAYS_INLINE void store_outputs(const Scratch *sc, const Problem *pr, const Til
     }
 }
 
-ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w, int64_t D)
+/* One work item; bf16 (a constant wherever this is inlined): with bfloat16 products. */
+ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w, int64_t D,
+                               int bf16)
 {
     const Tile t = make_tile(pr, w);
-    load_queries(sc, pr, &t, D);
+#if PREFILL_BF16
+    if (bf16)
+        load_queries_bf16(sc, pr, &t, D);
+    else
+#endif
+        load_queries(sc, pr, &t, D);
     const int64_t first = t.ctx_start + t.p0, end = first + t.n; /* keys [0, end) are needed */
     for (int64_t k0 = 0; k0 < end; k0 += KEY_TILE) {
         const int64_t nk = end - k0 < KEY_TILE ? end - k0 : KEY_TILE;
-        const int64_t padded = load_keys(sc, pr, &t, k0, nk, D);
-        qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D);
+        int64_t padded;
+#if PREFILL_BF16
+        if (bf16) {
+            padded = load_keys_bf16(sc, pr, &t, k0, nk, D);
+            qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D, 1);
+            softmax_tile_bf16(sc, &t, padded);
+            pv_tile(sc, pr, &t, padded, D, 1);
+            continue;
+        }
+#endif
+        padded = load_keys(sc, pr, &t, k0, nk, D);
+        qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D, 0);
         softmax_tile(sc, &t, padded);
-        pv_tile(sc, pr, &t, padded, D);
+        pv_tile(sc, pr, &t, padded, D, 0);
     }
     store_outputs(sc, pr, &t, D);
 }
 
 static void attend_64(Scratch *sc, const Problem *pr, const WorkItem *w)
 {
-    attend_tile(sc, pr, w, 64);
+    if (pr->bf16)
+        attend_tile(sc, pr, w, 64, 1);
+    else
+        attend_tile(sc, pr, w, 64, 0);
 }
 
 static void attend_128(Scratch *sc, const Problem *pr, const WorkItem *w)
 {
-    attend_tile(sc, pr, w, 128);
+    if (pr->bf16)
+        attend_tile(sc, pr, w, 128, 1);
+    else
+        attend_tile(sc, pr, w, 128, 0);
 }
 
 static void attend_any(Scratch *sc, const Problem *pr, const WorkItem *w)
 {
-    attend_tile(sc, pr, w, pr->head_dim);
+    attend_tile(sc, pr, w, pr->head_dim, 0);
 }
 
 /* Biggest requests first; within one, kv head by kv head (so that both threads share a head's
@@ -501,6 +569,9 @@ static void scratch_free(Scratch *sc)
     free(sc->qpos);
 }
 
+/* Whether this build can take bfloat16 products (a bfloat16 pool's, with AVX512-BF16). */
+int64_t prefill_attention_bf16_products(void) { return PREFILL_BF16; }
+
 /* Returns 0, or -1 if out of memory (then out is not fully written). */
 int prefill_attention(
     float *out,                   /* [T, Hq, D], only the listed requests' rows are written */
@@ -512,12 +583,15 @@ int prefill_attention(
     const int32_t *seq_lens,      /* [B] */
     const int32_t *reqs,          /* [num_reqs] indices of the requests to compute */
     int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t max_blocks, int64_t q_stride, float scale)
+    int64_t block_size, int64_t max_blocks, int64_t q_stride, float scale,
+    int64_t bf16_products)       /* 1: bfloat16 products, where this build has them and D is 64
+                                  * or 128 */
 {
     const Problem pr = {
         out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         num_heads / num_kv_heads, head_dim, block_size, max_blocks,
         q_stride, num_heads * head_dim, num_kv_heads * head_dim, scale * 1.4426950408889634f,
+        bf16_products && prefill_attention_bf16_products() && (head_dim == 64 || head_dim == 128),
     };
     int64_t count, max_rows;
     WorkItem *items = plan(&pr, reqs, num_reqs, num_kv_heads, &count, &max_rows);

@@ -1,5 +1,6 @@
 """Python face of the C prefill-attention kernel (flash attention over the paged KV pools;
-float32 queries, float32, float16 or bfloat16 pools; CPU)."""
+float32 queries, float32, float16 or bfloat16 pools; CPU; bfloat16 products on request where
+the CPU has AVX512-BF16)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     """The kernel built for pools of ``kv_dtype``; None if it has no such build."""
     return bind_kv_kernel(
         "prefill_attention",
-        {"prefill_attention": ([_ptr] * 8 + [_i64] * 7 + [ctypes.c_float], ctypes.c_int)},
+        {
+            "prefill_attention": ([_ptr] * 8 + [_i64] * 7 + [ctypes.c_float, _i64], ctypes.c_int),
+            "prefill_attention_bf16_products": ([], _i64),
+        },
         kv_dtype,
     )
 
@@ -27,6 +31,14 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
 def available(kv_dtype: torch.dtype = torch.float32) -> bool:
     """Whether the kernel for pools of ``kv_dtype`` was built (it takes any head size)."""
     return _lib(kv_dtype) is not None
+
+
+def bf16_products_available(kv_dtype: torch.dtype) -> bool:
+    """Whether the kernel for pools of ``kv_dtype`` can multiply in bfloat16 (bfloat16 pools on
+    a CPU with AVX512-BF16): Q and the softmax's P rounded to bfloat16, both products two
+    multiply-adds per lane per instruction, the rest float32. Head sizes 64 and 128."""
+    lib = _lib(kv_dtype)
+    return lib is not None and bool(lib.prefill_attention_bf16_products())
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -55,6 +67,7 @@ def prefill_attention(
     scale: float,
     requests: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
     """Causal attention of ``q [T, Hq, D]`` over paged contexts; float32 queries on the CPU, pools
     of any type :func:`supports` takes.
@@ -65,6 +78,8 @@ def prefill_attention(
     requests listed in ``requests`` (int32 indices; default all) are computed, into ``out``
     (default a new tensor); its other rows are left as they are. ``q`` may have any token
     stride (a view of a fused projection's output): only its heads must be contiguous.
+    ``bf16_products``: multiply in bfloat16 where :func:`bf16_products_available` (and the head
+    size is 64 or 128); float32 otherwise.
     """
     assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
     assert v_cache.device.type == "cpu"
@@ -101,6 +116,7 @@ def prefill_attention(
         block_tables.shape[1],
         q.stride(0),
         scale,
+        bf16_products,
     )
     if status != 0:
         raise MemoryError("prefill_attention: no memory for the kernel's scratch buffers")

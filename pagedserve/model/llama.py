@@ -186,10 +186,13 @@ class LlamaForCausalLM(nn.Module):
 
     def prepack(self, panel_dtype: torch.dtype = torch.float32) -> None:
         """Pack every projection's weight (the lm head's too; a tied one from the embedding)
-        for the fast CPU GEMM path, in ``panel_dtype``."""
+        for the fast CPU GEMM path, in ``panel_dtype``; bfloat16 panels let prefill attention
+        multiply in bfloat16 too."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack(panel_dtype)
+            if isinstance(module, Attention):
+                module.bf16_products = panel_dtype == torch.bfloat16
         if self.lm_head is None:
             self.packed_head = pack_weight(self.model.embed_tokens.weight, False, panel_dtype)
             blocks, self._embedding_blocks = self._embedding_blocks, None

@@ -198,9 +198,10 @@ def fast_paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
-    """Decodes in one batched kernel call; prefill chunks in another (C kernel on CPU) or each
-    through SDPA."""
+    """Decodes in one batched kernel call; prefill chunks in another (C kernel on CPU, with
+    bfloat16 products if asked and it has them) or each through SDPA."""
     if meta.prefill_reqs is None:
         meta.split_decodes()
     if not meta.prefill_reqs:
@@ -230,6 +231,7 @@ def fast_paged_attention(
             scale,
             requests=meta.prefill_index,
             out=out,
+            bf16_products=bf16_products,
         )
     else:
         _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale)
@@ -288,7 +290,9 @@ class Attention(nn.Module):
     """One layer's attention over the paged KV cache.
 
     ``k_cache`` / ``v_cache`` are this layer's pools ``[num_blocks, block_size, Hkv, D]``; the
-    model runner assigns them after it allocates the cache.
+    model runner assigns them after it allocates the cache. ``bf16_products``: the model's
+    matmuls run in bfloat16 (see ``Linear``), and so may prefill attention's, over a bfloat16
+    cache on a CPU that has them (``prefill_attention.bf16_products_available``).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -300,6 +304,7 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "fast")
+        self.bf16_products = False
 
     def forward(
         self,
@@ -337,5 +342,7 @@ class Attention(nn.Module):
                 self.scale,
             )
         else:
-            out = fast_paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+            out = fast_paged_attention(
+                q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.bf16_products
+            )
         return out.reshape(-1, self.num_heads * self.head_dim)
