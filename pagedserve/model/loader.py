@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from pagedserve.model.layers.linear import bf16_panels_available
 from pagedserve.model.registry import get_model_class
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+logger = logging.getLogger(__name__)
 
 
 def load_config(path: str) -> PretrainedConfig:
@@ -54,6 +57,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.
     panel_dtype = torch.float32
     if bf16_matmuls_in_float32(dtype, device):
         dtype, panel_dtype = torch.float32, torch.bfloat16
+        logger.info("bfloat16 on this CPU: float32 modules, bfloat16 matmuls (AVX512-BF16)")
     config = load_config(path)
     model_class = get_model_class(config)
     with torch.device(device), _default_dtype(dtype):
