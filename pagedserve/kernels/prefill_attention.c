@@ -474,7 +474,7 @@ ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w
 
 static void attend_64(Scratch *sc, const Problem *pr, const WorkItem *w)
 {
-    if (pr->bf16)
+    if (PREFILL_BF16 && pr->bf16)
         attend_tile(sc, pr, w, 64, 1);
     else
         attend_tile(sc, pr, w, 64, 0);
@@ -482,7 +482,7 @@ static void attend_64(Scratch *sc, const Problem *pr, const WorkItem *w)
 
 static void attend_128(Scratch *sc, const Problem *pr, const WorkItem *w)
 {
-    if (pr->bf16)
+    if (PREFILL_BF16 && pr->bf16)
         attend_tile(sc, pr, w, 128, 1);
     else
         attend_tile(sc, pr, w, 128, 0);
