@@ -39,6 +39,7 @@
 
 #include <omp.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__)
@@ -391,6 +392,10 @@ void packed_gemm_bf16(float *y, const float *x, const uint16_t *packed, const fl
 {
     const int64_t pairs = (k + 1) / 2;
     uint16_t *xb = aligned_alloc(64, ((size_t)m * pairs * 4 + 63) / 64 * 64);
+    if (xb == NULL) { /* x's size in bfloat16; without it no product can be computed */
+        fputs("packed_gemm_bf16: out of memory for the rounded input\n", stderr);
+        abort();
+    }
     round_rows(xb, x, m, k, pairs);
     const Format f = {bf16_tiles, pairs, pairs * 4 * NR, pairs * 4};
     gemm(y, xb, packed, bias, m, n, gated, &f);
