@@ -12,7 +12,7 @@ from paged_steps import random_step
 from pagedserve import LLM, SamplingParams
 from pagedserve.kernels import packed_gemm, prefill_attention
 from pagedserve.model.layers.attention import Attention, reference_paged_attention
-from pagedserve.model.layers.linear import Linear
+from pagedserve.model.layers.linear import QUANTIZED_MAX_ROWS_BF16, Linear, packed_for
 
 needs_bf16 = pytest.mark.skipif(
     not packed_gemm.bf16_available(), reason="this CPU lacks AVX512-BF16"
@@ -32,6 +32,19 @@ def test_float32_modules_multiply_with_bfloat16_panels(tiny_model_dir):
     assert engine.runner.cpu_stack is not None
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     assert layers and all(m.bf16_products for m in layers)
+
+
+@needs_bf16
+def test_quantized_panels_serve_fewer_rows_beside_bfloat16_panels(smollm2_path):
+    """A GGUF's quantized panels stream fewer bytes, but bfloat16 panels multiply twice as fast:
+    the quantized ones take steps of at most 8 rows here (32 beside float32 panels)."""
+    model = LLM(smollm2_path, dtype="bfloat16", kv_cache_memory=0.01).llm_engine.model
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.packed.dtype == torch.bfloat16 and layer.packed_quantized is not None
+    few = torch.randn(QUANTIZED_MAX_ROWS_BF16, layer.in_features)
+    many = torch.randn(QUANTIZED_MAX_ROWS_BF16 + 1, layer.in_features)
+    assert packed_for(few, layer.packed, layer.packed_quantized) is layer.packed_quantized
+    assert packed_for(many, layer.packed, layer.packed_quantized) is layer.packed
 
 
 def test_without_bf16_panels_pytorch_runs_bfloat16_modules(tiny_model_dir, monkeypatch):

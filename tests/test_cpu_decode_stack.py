@@ -75,8 +75,9 @@ def test_stack_equals_the_modules_with_bfloat16_panels(kind, tiny_model_dir, mon
     "dtype", ["float32", *(["bfloat16"] if packed_gemm.bf16_available() else [])]
 )
 def test_stack_decodes_through_quantized_panels(dtype, tmp_path, monkeypatch):
-    """A Q4_1 GGUF: steps of at most 32 sequences multiply with its blocks, larger ones with the
-    float32 (or bfloat16) panels, in the stack as in the modules."""
+    """A Q4_1 GGUF: steps of few sequences (at most 32 beside float32 panels, 8 beside bfloat16
+    ones) multiply with its blocks, larger ones with the other panels, in the stack as in the
+    modules."""
     path = str(
         write_tiny_gguf(tiny_hf_model("llama"), tmp_path / "tiny.gguf", Q.Q4_1, with_tokenizer=True)
     )

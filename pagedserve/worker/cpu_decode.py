@@ -15,7 +15,7 @@ from torch import nn
 from pagedserve.kernels import elementwise
 from pagedserve.kernels.decoder_stack import DecoderStack, Layer, Projection
 from pagedserve.model.layers.attention import AttentionMetadata
-from pagedserve.model.layers.linear import QUANTIZED_MAX_ROWS, Linear
+from pagedserve.model.layers.linear import Linear, quantized_max_rows
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -77,7 +77,12 @@ class CpuDecodeStack:
             "block_size": block_size,
         }
         stack = DecoderStack.create(
-            layers, final_norm, shapes, inner.norm.eps, attention.attn.scale, QUANTIZED_MAX_ROWS
+            layers,
+            final_norm,
+            shapes,
+            inner.norm.eps,
+            attention.attn.scale,
+            quantized_max_rows(layers[0].qkv.panels),
         )
         return None if stack is None else cls(model, stack)
 

@@ -14,7 +14,7 @@ float32: 1.8-1.9x the float32 panels' rate at a prefill chunk.
 
 A weight that came from a GGUF file's Q4_0, Q4_1, Q4_K, Q6_K or Q8_0 blocks keeps them too,
 packed for the same kernel (:meth:`Linear.set_quantized`): steps of at most
-:data:`QUANTIZED_MAX_ROWS` rows (decodes) multiply with those panels, which take a fifth (4-bit)
+:func:`quantized_max_rows` rows (decodes) multiply with those panels, which take a fifth (4-bit)
 or a third (8-bit) of the float32 panels' memory traffic, and get the same results bit for bit.
 """
 
@@ -30,18 +30,29 @@ from pagedserve.kernels import packed_gemm
 from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.layers.activation import silu_and_mul
 
-# Rows up to which the quantized panels take a product. SmolLM2-135M's Q4_1 projections, 30
-# layers through the modules, on this project's 2-core AVX-512 machine: 3.4 against 11.9 ms at
-# 1 row, 5.9 against 12.7 at 8, 10.5 against 14.5 at 16, 19.3 against 19.9 at 32; the float32
-# panels win from 48 (28.0 against 26.3).
+# Rows up to which the quantized panels take a product beside float32 panels. SmolLM2-135M's
+# Q4_1 projections, 30 layers through the modules, on this project's 2-core AVX-512 machine: 3.4
+# against 11.9 ms at 1 row, 5.9 against 12.7 at 8, 10.5 against 14.5 at 16, 19.3 against 19.9 at
+# 32; the float32 panels win from 48 (28.0 against 26.3).
 QUANTIZED_MAX_ROWS = 32
+# The same beside bfloat16 panels, which move half float32's bytes at twice its multiply-adds:
+# 3.2 against 5.2-6.5 ms at 1 row, 6.1 against 8.3 at 6, 7.5-8.4 against 7.5-8.6 at 8; from 12
+# the bfloat16 panels win (10.0 against 11.3; at 32, 20.1 against 30.2).
+QUANTIZED_MAX_ROWS_BF16 = 8
+
+
+def quantized_max_rows(packed: torch.Tensor | None) -> int:
+    """Rows up to which quantized panels serve a product rather than ``packed``."""
+    if packed is not None and packed.dtype == torch.bfloat16:
+        return QUANTIZED_MAX_ROWS_BF16
+    return QUANTIZED_MAX_ROWS
 
 
 def packed_for(
     x: torch.Tensor, packed: torch.Tensor | None, quantized: torch.Tensor | None
 ) -> torch.Tensor | None:
     """The packed weight to multiply ``x`` with: the quantized one for few rows, if any."""
-    if quantized is not None and x.numel() <= QUANTIZED_MAX_ROWS * x.shape[-1]:
+    if quantized is not None and x.numel() <= quantized_max_rows(packed) * x.shape[-1]:
         return quantized
     return packed
 
