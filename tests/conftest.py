@@ -10,8 +10,10 @@ import torch
 from tiny_models import write_tiny_model
 from transformers import AutoModelForCausalLM
 
+from pagedserve import SamplingParams
 from pagedserve.engine.llm_engine import resolve_device, resolve_dtype
 from pagedserve.model_path import packaged_model_path
+from pagedserve.outputs import RequestOutput
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.kv_cache import kv_bytes_per_token
 
@@ -38,6 +40,27 @@ def hf_smollm2(smollm2_path):
     return AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def prompt_logprob_errors(hf_smollm2):
+    """``prompt_logprob_errors(llm)`` -> (at each position of a 79-token prompt, how far the
+    prompt logprob of ``llm``, an engine on the packaged model, is from transformers' float32
+    model; the request's output, 4 tokens generated after it)."""
+    text = "The quick brown fox jumps over the lazy dog near the river. " * 6
+
+    def errors(llm) -> tuple[list[float], RequestOutput]:
+        ids = llm.get_tokenizer().encode(text)
+        params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
+        out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        with torch.inference_mode():
+            expected = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0], dim=-1)
+        return [
+            abs(out.prompt_logprobs[pos][ids[pos]].logprob - expected[pos - 1, ids[pos]].item())
+            for pos in range(1, len(ids))
+        ], out
+
+    return errors
 
 
 @pytest.fixture(scope="session")

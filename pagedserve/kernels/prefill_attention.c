@@ -210,6 +210,29 @@ ALWAYS_INLINE void qk_block(float *s, const float *qt, int64_t rows, const float
     finish_scores(s, acc, rows, nv, m_new, qpos, kpos, masked);
 }
 
+/* acc = ot * alpha for nd <= PV_DIMS dims (rows of ot) and nv <= ROW_VECS row vectors: what
+ * a P V block adds the tile's products to. */
+ALWAYS_INLINE void scaled_outputs(vf (*acc)[ROW_VECS], const float *ot, const float *alpha,
+                                  int64_t rows, int nd, int nv)
+{
+    #pragma GCC unroll 16
+    for (int c = 0; c < nv; c++) {
+        const vf a = load(alpha + c * VL);
+        #pragma GCC unroll 16
+        for (int i = 0; i < nd; i++) acc[i][c] = load(ot + i * rows + c * VL) * a;
+    }
+}
+
+/* ot = acc, the block scaled_outputs began. */
+ALWAYS_INLINE void store_outputs_block(float *ot, vf (*acc)[ROW_VECS], int64_t rows, int nd,
+                                       int nv)
+{
+    #pragma GCC unroll 16
+    for (int i = 0; i < nd; i++)
+        #pragma GCC unroll 16
+        for (int c = 0; c < nv; c++) store(ot + i * rows + c * VL, acc[i][c]);
+}
+
 /* ot[i][c] = ot[i][c] * alpha[c] + sum_j v[j][i] * p[j][c] for nd <= PV_DIMS dims (rows of ot,
  * elements of the rows of v) and nv <= ROW_VECS row vectors. The keys come in groups of
  * QK_KEYS rows, v_stride apart, group g starting at v[g] + dim. */
@@ -218,12 +241,7 @@ ALWAYS_INLINE void pv_block(float *ot, const float *alpha, const float *p, int64
                             int nd, int nv)
 {
     vf acc[PV_DIMS][ROW_VECS];
-    #pragma GCC unroll 16
-    for (int c = 0; c < nv; c++) {
-        const vf a = load(alpha + c * VL);
-        #pragma GCC unroll 16
-        for (int i = 0; i < nd; i++) acc[i][c] = load(ot + i * rows + c * VL) * a;
-    }
+    scaled_outputs(acc, ot, alpha, rows, nd, nv);
     #pragma GCC unroll 1
     for (int64_t g = 0; g < groups; g++) {
         const float *vr = v[g] + dim;
@@ -240,10 +258,7 @@ ALWAYS_INLINE void pv_block(float *ot, const float *alpha, const float *p, int64
             }
         }
     }
-    #pragma GCC unroll 16
-    for (int i = 0; i < nd; i++)
-        #pragma GCC unroll 16
-        for (int c = 0; c < nv; c++) store(ot + i * rows + c * VL, acc[i][c]);
+    store_outputs_block(ot, acc, rows, nd, nv);
 }
 
 /* Where the K/V row of this head at context position pos starts, in elements from a pool's base. */

@@ -73,12 +73,7 @@ ALWAYS_INLINE void pv_block_bf16(float *ot, const float *alpha, const uint32_t *
                                  int nd, int nv)
 {
     vf acc[PV_DIMS][ROW_VECS];
-    #pragma GCC unroll 16
-    for (int c = 0; c < nv; c++) {
-        const vf a = load(alpha + c * VL);
-        #pragma GCC unroll 16
-        for (int i = 0; i < nd; i++) acc[i][c] = load(ot + i * rows + c * VL) * a;
-    }
+    scaled_outputs(acc, ot, alpha, rows, nd, nv);
     #pragma GCC unroll 1
     for (int64_t j = 0; j < pairs; j++, p += rows) {
         __m512bh pv[ROW_VECS];
@@ -91,10 +86,7 @@ ALWAYS_INLINE void pv_block_bf16(float *ot, const float *alpha, const uint32_t *
             for (int c = 0; c < nv; c++) acc[i][c] = dot_pairs(acc[i][c], pv[c], vd);
         }
     }
-    #pragma GCC unroll 16
-    for (int i = 0; i < nd; i++)
-        #pragma GCC unroll 16
-        for (int c = 0; c < nv; c++) store(ot + i * rows + c * VL, acc[i][c]);
+    store_outputs_block(ot, acc, rows, nd, nv);
 }
 
 /* The 16 lanes of a and b as 16 pairs (a[i], b[i]). */
