@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bfloat16.h"
+
 #if defined(KV_FLOAT16) || defined(KV_BFLOAT16)
 typedef uint16_t kv_t;
 #define KV_IS_FLOAT32 0
@@ -93,10 +95,7 @@ static inline kv_t kv_from_scalar(float x)
     memcpy(&bits, &h, sizeof bits);
     return bits;
 #elif defined(KV_BFLOAT16)
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN stays a quiet NaN */
-    return (kv_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    return bf16_round(x);
 #else
     return x;
 #endif

@@ -46,6 +46,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bfloat16.h"
 #include "fast_exp.h"
 #include "vector_width.h"
 
@@ -318,15 +319,6 @@ int64_t packed_gemm_bf16_elements(int64_t n, int64_t k, int64_t gated)
 
 #if defined(__AVX512BF16__) && VL == 16
 
-/* v rounded to the nearest bfloat16 (ties to even); NaN stays NaN. */
-static inline uint16_t bf16_of(float v)
-{
-    uint32_t b;
-    memcpy(&b, &v, sizeof b);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(b >> 16 | 0x40);
-    return (uint16_t)((b + 0x7fffu + (b >> 16 & 1)) >> 16);
-}
-
 /* packed [panels][k / 2][NR][2] <- w [n, k] in bfloat16, padded with zeros. */
 void packed_gemm_pack_bf16(uint16_t *packed, const float *w, int64_t n, int64_t k, int64_t gated)
 {
@@ -339,7 +331,7 @@ void packed_gemm_pack_bf16(uint16_t *packed, const float *w, int64_t n, int64_t 
             const int64_t row = panel_row(p, j, outputs, gated);
             for (int64_t kk = 0; kk < 2 * pairs; kk++)
                 panel[(kk / 2 * NR + j) * 2 + kk % 2] =
-                    row >= 0 && kk < k ? bf16_of(w[row * k + kk]) : 0;
+                    row >= 0 && kk < k ? bf16_round(w[row * k + kk]) : 0;
         }
     }
 }

@@ -14,15 +14,6 @@
  * Q and P are rounded to nearest even; scores, the softmax and the sums stay float32.
  */
 
-/* x as bfloat16, rounded to nearest even (NaN kept a NaN). */
-static inline uint32_t bf16_bits(float x)
-{
-    uint32_t b;
-    memcpy(&b, &x, sizeof b);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return b >> 16 | 0x40;
-    return (b + 0x7fffu + (b >> 16 & 1)) >> 16;
-}
-
 ALWAYS_INLINE uint32_t load_pair(const kv_t *p)
 {
     uint32_t x;
@@ -177,10 +168,13 @@ ALWAYS_INLINE void load_queries_bf16(Scratch *sc, const Problem *pr, const Tile 
         for (int64_t p = 0; p < t->tile_pos; p++) {
             const int64_t r = g * t->tile_pos + p;
             const float *qr = pr->q + (t->q_start + t->p0 + p) * pr->q_stride + head * D;
-            for (int64_t i = 0; i < D / 2; i++)
-                qt[i * t->rows + r] = p < t->n ? bf16_bits(qr[2 * i] * pr->q_scale)
-                                                     | bf16_bits(qr[2 * i + 1] * pr->q_scale) << 16
-                                               : 0;
+            for (int64_t i = 0; i < D / 2; i++) {
+                uint32_t pair = 0;
+                if (p < t->n)
+                    pair = bf16_round(qr[2 * i] * pr->q_scale)
+                           | (uint32_t)bf16_round(qr[2 * i + 1] * pr->q_scale) << 16;
+                qt[i * t->rows + r] = pair;
+            }
             sc->qpos[r] = (int32_t)(t->ctx_start + t->p0 + p);
             sc->m[r] = -INFINITY;
             sc->l[r] = 0.f;
