@@ -38,7 +38,7 @@ def test_float32_modules_multiply_with_bfloat16_panels(tiny_model_dir):
 def test_quantized_panels_serve_fewer_rows_beside_bfloat16_panels(smollm2_path):
     """A GGUF's quantized panels stream fewer bytes, but bfloat16 panels multiply twice as fast:
     the quantized ones take steps of at most 8 rows here (32 beside float32 panels)."""
-    model = LLM(smollm2_path, dtype="bfloat16", kv_cache_memory=0.01).llm_engine.model
+    model = LLM(smollm2_path, device="cpu", dtype="bfloat16", kv_cache_memory=0.01).llm_engine.model
     layer = model.model.layers[0].mlp.down_proj
     assert layer.packed.dtype == torch.bfloat16 and layer.packed_quantized is not None
     few = torch.randn(QUANTIZED_MAX_ROWS_BF16, layer.in_features)
@@ -61,7 +61,13 @@ def test_smollm2_prompt_logprobs_stay_close(smollm2_path, prompt_logprob_errors)
     bfloat16 panels multiply): the largest logprob difference from transformers' float32 model
     measured 0.12 (0.082 with float32 attention products); transformers' own bfloat16 model
     differs from it by up to 0.18."""
-    llm = LLM(smollm2_path, dtype="bfloat16", kv_cache_memory=0.125, max_num_batched_tokens=48)
+    llm = LLM(
+        smollm2_path,
+        device="cpu",
+        dtype="bfloat16",
+        kv_cache_memory=0.125,
+        max_num_batched_tokens=48,
+    )
     errors, _ = prompt_logprob_errors(llm)
     assert max(errors) < 0.25
     stats = llm.llm_engine.get_stats()
