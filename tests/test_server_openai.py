@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import openai
 import pydantic
 import pytest
 from server_utils import MODEL_NAME, ServerProcess, request
@@ -158,6 +159,26 @@ def test_completion_echo(client):
     assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
     assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
     assert lp.text_offset[num_prompt] == len(PROMPT)
+
+
+def test_completion_echo_only_scores_the_prompt(client):
+    """echo with max_tokens 0 returns the prompt and its logprobs, generating nothing (how
+    lm-evaluation-harness scores a text)."""
+    scored = greedy_completion(client, max_tokens=0, echo=True, logprobs=1)
+    (choice,) = scored.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == scored.usage.prompt_tokens and "".join(lp.tokens) == PROMPT
+    generated = greedy_completion(client, max_tokens=6, echo=True, logprobs=1).choices[0].logprobs
+    num_prompt = len(lp.tokens)
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(generated.token_logprobs[1:num_prompt], abs=1e-4)
+    chunks = list(greedy_completion(client, max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):
+        greedy_completion(client, max_tokens=0)
 
 
 def test_stop_string_in_stream(client):

@@ -301,6 +301,13 @@ class CompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0: the prompt comes back (with its logprobs if asked),
+        nothing is generated; how clients score a text (lm-evaluation-harness's loglikelihood,
+        as vLLM and OpenAI's legacy models answer it)."""
+        return self.echo and self.max_tokens == 0
+
     def refuse_unsupported(self) -> None:
         """As for every request, plus ``suffix`` (insertion needs a fill-in-the-middle model)."""
         super().refuse_unsupported()

@@ -26,7 +26,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     sse,
     usage_dict,
 )
-from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 
 
 class ServingCompletion:
@@ -51,8 +51,16 @@ class ServingCompletion:
                 raise bad_request("prompt must not be empty", param="prompt")
             prompt_ids.append(ids)
         echo_logprobs = req.logprobs if req.echo else None
+        max_tokens = req.max_tokens
+        if req.echo_only:
+            # The engine samples at least one token: one that always ends by length, dropped
+            # from the answer (see _Job._generated).
+            max_tokens = 1
+            req = req.model_copy(
+                update={"ignore_eos": True, "stop": None, "stop_token_ids": None, "min_tokens": 0}
+            )
         params = [
-            s.sampling_params(req, req.max_tokens, len(ids), req.logprobs, echo_logprobs)
+            s.sampling_params(req, max_tokens, len(ids), req.logprobs, echo_logprobs)
             for ids in prompt_ids
         ]
         request_id = new_id("cmpl")
@@ -110,13 +118,14 @@ class _Job:
         for p, out in enumerate(finals):
             echo = self._echo_text(p) if req.echo else ""
             for c in sorted(out.outputs, key=lambda c: c.index):
+                text, token_ids, token_logprobs = self._generated(c)
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self._logprobs(out, c.token_ids, c.logprobs, 0, echo=req.echo)
+                    logprobs = self._logprobs(out, token_ids, token_logprobs, 0, echo=req.echo)
                 choices.append(
                     {
                         "index": p * req.n + c.index,
-                        "text": echo + c.text,
+                        "text": echo + text,
                         "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
                     }
@@ -124,9 +133,16 @@ class _Job:
         return {
             **self.head,
             "choices": choices,
-            "usage": _usage(finals),
+            "usage": _usage(finals, req.echo_only),
             "system_fingerprint": None,
         }
+
+    def _generated(self, c: CompletionOutput) -> tuple[str, list[int], SampleLogprobs | None]:
+        """A choice's generated text, token ids and logprobs: none for an echo-only request,
+        whose one sampled token (see ``create``) is not part of the answer."""
+        if self.req.echo_only:
+            return "", [], None
+        return c.text, c.token_ids, c.logprobs
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[bytes]:
         req = self.req
@@ -147,8 +163,9 @@ class _Job:
                     i = p * n + c.index
                     if done[i]:
                         continue
-                    new_text = c.text[text_pos[i] :]
-                    num_tokens = len(c.token_ids)
+                    c_text, c_token_ids, c_logprobs = self._generated(c)
+                    new_text = c_text[text_pos[i] :]
+                    num_tokens = len(c_token_ids)
                     new_tokens = num_tokens > token_pos[i]
                     echo = not started[i] and req.echo
                     if not (new_text or echo or c.finish_reason is not None):
@@ -157,11 +174,11 @@ class _Job:
                     logprobs = None
                     if req.logprobs is not None:
                         logprobs = self._logprobs(
-                            out, c.token_ids, c.logprobs, token_pos[i], echo=echo, offset=offset[i]
+                            out, c_token_ids, c_logprobs, token_pos[i], echo=echo, offset=offset[i]
                         )
                     text = (self._echo_text(p) if echo else "") + new_text
                     started[i] = True
-                    text_pos[i] = len(c.text)
+                    text_pos[i] = len(c_text)
                     token_pos[i] = num_tokens
                     offset[i] += len(text)
                     done[i] = c.finish_reason is not None
@@ -180,7 +197,8 @@ class _Job:
             yield SSE_DONE
             return
         if include_usage and all(f is not None for f in finals):
-            yield sse({**head, "choices": [], "usage": _usage(finals)})  # type: ignore[arg-type]
+            usage = _usage(finals, req.echo_only)  # type: ignore[arg-type]
+            yield sse({**head, "choices": [], "usage": usage})
         yield SSE_DONE
 
     def _logprobs(
@@ -231,9 +249,11 @@ class _Job:
         }
 
 
-def _usage(finals: list[RequestOutput]) -> dict[str, Any]:
+def _usage(finals: list[RequestOutput], echo_only: bool) -> dict[str, Any]:
+    """Token counts; an echo-only request completes no tokens."""
+    completed = 0 if echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
     return usage_dict(
         sum(len(f.prompt_token_ids) for f in finals),
-        sum(len(c.token_ids) for f in finals for c in f.outputs),
+        completed,
         sum(f.num_cached_tokens or 0 for f in finals),
     )
