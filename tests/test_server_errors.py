@@ -199,6 +199,13 @@ def test_malformed_json_is_400(server):
         assert_error(body)
 
 
+def test_unknown_fields_are_ignored_with_a_warning(server):
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2, "max_token": 5, "best_of": 3}
+    status, answer = post(server, "/v1/completions", body)
+    assert status == 200 and len(answer["choices"]) == 1
+    assert "request fields ignored: best_of, max_token" in server.output()
+
+
 def test_unknown_model_is_404(server, client):
     status, body = post(server, "/v1/chat/completions", {"model": "nope", "messages": CHAT})
     assert status == 404

@@ -7,9 +7,11 @@ by the serving modules (cheaper per streamed chunk than pydantic serialisation).
 
 from __future__ import annotations
 
+import logging
+from functools import cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
@@ -17,6 +19,8 @@ from pagedserve.sample.structured_output import check_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_N = 128  # OpenAI's limit on choices per request
+
+logger = logging.getLogger(__name__)
 
 
 class OpenAIModel(BaseModel):
@@ -64,8 +68,26 @@ class StructuredOutputs(OpenAIModel):
     structural_tag: Any = None  # not supported: refused
 
 
+@cache
+def _known_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The keys a request body of this model may hold: field names and their aliases."""
+    fields = model.model_fields
+    return frozenset(fields) | frozenset(f.alias for f in fields.values() if f.alias)
+
+
 class SamplingFields(OpenAIModel):
     """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_ignored_fields(cls, data: Any) -> Any:
+        """Unknown fields are ignored, as the OpenAI API does, with a warning that names them (as
+        vLLM's): a misspelt parameter (``max_token``) should not pass unnoticed."""
+        if isinstance(data, dict):
+            ignored = sorted(str(k) for k in data if k not in _known_fields(cls))
+            if ignored:
+                logger.warning("request fields ignored: %s", ", ".join(ignored))
+        return data
 
     model: str | None = None
     n: int = 1
@@ -293,7 +315,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
     # vLLM extras
     add_special_tokens: bool = True
 
