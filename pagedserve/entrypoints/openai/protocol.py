@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI API (plus vLLM's extras) and their mapping to SamplingParams.
 
 Fields have types only; value ranges are checked once, by ``SamplingParams``, whose ``ValueError``
-becomes a 400. Unknown fields are ignored, as the OpenAI API does. Responses are plain dicts built
-by the serving modules (cheaper per streamed chunk than pydantic serialisation).
+becomes a 400. Unknown fields are ignored, as the OpenAI API does; a warning names a request's.
+Responses are plain dicts built by the serving modules (cheaper per streamed chunk than pydantic
+serialisation).
 """
 
 from __future__ import annotations
