@@ -181,6 +181,57 @@ def test_completion_echo_only_scores_the_prompt(client):
         greedy_completion(client, max_tokens=0)
 
 
+def test_prompt_logprobs(server, client):
+    """vLLM's prompt_logprobs extra: per prompt token its logprob (the same as echo's) and the N
+    best alternatives, keyed by token id; on completions per choice, on chat at the top."""
+    r = greedy_completion(client, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    (choice,) = r.choices
+    entries = choice.model_extra["prompt_logprobs"]
+    _, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
+    ids = tokenized["tokens"]
+    assert len(entries) == len(ids) == r.usage.prompt_tokens and entries[0] is None
+    echoed = greedy_completion(client, max_tokens=0, echo=True, logprobs=1).choices[0].logprobs
+    for i, (token_id, entry) in enumerate(zip(ids[1:], entries[1:], strict=True), start=1):
+        assert str(token_id) in entry and 1 <= len(entry) <= 3
+        own = entry[str(token_id)]
+        assert own["logprob"] == pytest.approx(echoed.token_logprobs[i], abs=1e-4)
+        assert own["decoded_token"] == echoed.tokens[i] and own["rank"] >= 1
+        assert all(v["rank"] <= 2 for k, v in entry.items() if k != str(token_id))
+        ranked = sorted(entry.values(), key=lambda v: v["rank"])
+        assert [v["logprob"] for v in ranked] == sorted(
+            (v["logprob"] for v in ranked), reverse=True
+        )
+    chat = greedy_chat(client, max_tokens=4, extra_body={"prompt_logprobs": 0})
+    entries = chat.model_extra["prompt_logprobs"]
+    assert len(entries) == chat.usage.prompt_tokens and entries[0] is None
+    assert all(len(entry) == 1 for entry in entries[1:])
+    assert greedy_chat(client, max_tokens=4).model_extra["prompt_logprobs"] is None
+    streamed = list(
+        greedy_chat(client, max_tokens=4, stream=True, extra_body={"prompt_logprobs": 0})
+    )
+    assert streamed[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        greedy_completion(client, stream=True, extra_body={"prompt_logprobs": 1})
+
+
+def test_stop_reason(server, client):
+    """vLLM's stop_reason: the stop string or token id that ended a choice, else null."""
+    full = greedy_completion(client, max_tokens=24).choices[0]
+    assert full.finish_reason == "length" and full.model_extra["stop_reason"] is None
+    stop = " " + full.text.split()[2]
+    by_string = greedy_completion(client, max_tokens=24, stop=[stop]).choices[0]
+    assert by_string.finish_reason == "stop" and by_string.model_extra["stop_reason"] == stop
+    chunks = list(greedy_completion(client, max_tokens=24, stop=[stop], stream=True))
+    assert chunks[-1].choices[0].model_extra["stop_reason"] == stop
+    _, generated = request(server.url + "/tokenize", "POST", {"prompt": full.text})
+    token_id = generated["tokens"][3]
+    extra = {"stop_token_ids": [token_id]}
+    by_token = greedy_completion(client, max_tokens=24, extra_body=extra).choices[0]
+    assert by_token.finish_reason == "stop" and by_token.model_extra["stop_reason"] == token_id
+    chat = greedy_chat(client, max_tokens=24, stop=[" "]).choices[0]
+    assert chat.finish_reason == "stop" and chat.model_extra["stop_reason"] == " "
+
+
 def test_stop_string_in_stream(client):
     full = greedy_completion(client, max_tokens=24).choices[0].text
     words = full.split()

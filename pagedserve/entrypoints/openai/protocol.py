@@ -115,10 +115,17 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def returned_prompt_logprobs(self) -> int | None:
+        """How many alternatives ``prompt_logprobs`` (vLLM's extra) returns per prompt token, or
+        None: none in a stream, where only 0 is accepted, as in vLLM."""
+        return None if self.stream else self.prompt_logprobs
 
     def sampling_params(
         self,
@@ -183,6 +190,10 @@ class SamplingFields(OpenAIModel):
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
         it (a client that asks for JSON must not be handed free text); checked first, before any
         tokenizing."""
+        if self.stream and self.prompt_logprobs:
+            raise bad_request(
+                "prompt_logprobs is not available when stream is true", param="prompt_logprobs"
+            )
         kind = self.response_format.type if self.response_format else "text"
         if kind not in ("text", "json_object", "json_schema"):
             raise bad_request(

@@ -360,6 +360,36 @@ def clamp_logprob(value: float) -> float:
     return value if value > -9999.0 else -9999.0
 
 
+def top_alternatives(alternatives: dict[int, Logprob], n: int, token_id: int) -> dict[int, Logprob]:
+    """``token_id``'s entry and the ``n`` best of a logprobs dict (which may hold more: the engine
+    computes a prompt's alternatives once, for the largest number any field of the request asks)."""
+    return {
+        tid: lp
+        for tid, lp in alternatives.items()
+        if tid == token_id or (lp.rank is not None and lp.rank <= n)
+    }
+
+
+def prompt_logprobs_json(out: RequestOutput, n: int | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token (null for the first, which nothing predicts)
+    its logprob, rank and text and those of the ``n`` best tokens there, keyed by token id."""
+    if n is None or out.prompt_logprobs is None:
+        return None
+    return [
+        None
+        if alternatives is None
+        else {
+            str(tid): {
+                "logprob": clamp_logprob(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for tid, lp in top_alternatives(alternatives, n, token_id).items()
+        }
+        for token_id, alternatives in zip(out.prompt_token_ids, out.prompt_logprobs, strict=False)
+    ]
+
+
 class SSEResponse(StreamingResponse):
     """A server-sent-event stream that runs ``on_close`` however it ends.
 

@@ -22,6 +22,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     last_output,
     logprob_text,
     new_id,
+    prompt_logprobs_json,
     sse,
     usage_dict,
 )
@@ -49,7 +50,12 @@ class ServingChat:
         )
         prompt_ids = await s.tokenize(text, req.add_special_tokens)
         params = s.sampling_params(
-            req, req.requested_max_tokens, len(prompt_ids), top_logprobs, prompt_param="messages"
+            req,
+            req.requested_max_tokens,
+            len(prompt_ids),
+            top_logprobs,
+            req.returned_prompt_logprobs,
+            prompt_param="messages",
         )
         request_id = new_id("chatcmpl")
         created = int(time.time())
@@ -63,7 +69,10 @@ class ServingChat:
         async def run() -> Response:
             stream = (await s.submit_all(request_id, [prompt_ids], [params]))[0]
             final = await last_output(stream)
-            return JSONResponse(self._response(request_id, created, final, top_logprobs, tool_mode))
+            prompt_logprobs = req.returned_prompt_logprobs
+            return JSONResponse(
+                self._response(request_id, created, final, top_logprobs, prompt_logprobs, tool_mode)
+            )
 
         return await cancel_on_disconnect(raw, run)
 
@@ -73,6 +82,7 @@ class ServingChat:
         created: int,
         out: RequestOutput,
         top_logprobs: int | None,
+        prompt_logprobs: int | None,
         tool_mode: tuple[str, str] | None,
     ) -> dict[str, Any]:
         choices = []
@@ -91,6 +101,7 @@ class ServingChat:
                     "message": message,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
+                    "stop_reason": c.stop_reason,
                 }
             )
         return {
@@ -101,6 +112,7 @@ class ServingChat:
             "choices": choices,
             "usage": _usage(out),
             "system_fingerprint": None,
+            "prompt_logprobs": prompt_logprobs_json(out, prompt_logprobs),
         }
 
     async def _stream(
@@ -133,6 +145,7 @@ class ServingChat:
                     "delta": {"role": "assistant", "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
+                    "stop_reason": None,
                 }
             )
         tool_mode = req.tool_mode
@@ -172,6 +185,7 @@ class ServingChat:
                             "delta": delta,
                             "logprobs": logprobs,
                             "finish_reason": finish_reason,
+                            "stop_reason": c.stop_reason,
                         }
                     )
         except EngineError as exc:

@@ -23,7 +23,9 @@ from pagedserve.entrypoints.openai.serving_base import (
     logprob_text,
     merged,
     new_id,
+    prompt_logprobs_json,
     sse,
+    top_alternatives,
     usage_dict,
 )
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
@@ -50,7 +52,10 @@ class ServingCompletion:
             if not ids:
                 raise bad_request("prompt must not be empty", param="prompt")
             prompt_ids.append(ids)
-        echo_logprobs = req.logprobs if req.echo else None
+        # The prompt's logprobs, computed once for whichever of echo and prompt_logprobs asks
+        # for more alternatives.
+        asked = (req.logprobs if req.echo else None, req.returned_prompt_logprobs)
+        prompt_logprobs = max((n for n in asked if n is not None), default=None)
         max_tokens = req.max_tokens
         if req.echo_only:
             # The engine samples at least one token: one that always ends by length, dropped
@@ -60,7 +65,7 @@ class ServingCompletion:
                 update={"ignore_eos": True, "stop": None, "stop_token_ids": None, "min_tokens": 0}
             )
         params = [
-            s.sampling_params(req, max_tokens, len(ids), req.logprobs, echo_logprobs)
+            s.sampling_params(req, max_tokens, len(ids), req.logprobs, prompt_logprobs)
             for ids in prompt_ids
         ]
         request_id = new_id("cmpl")
@@ -117,6 +122,7 @@ class _Job:
         choices = []
         for p, out in enumerate(finals):
             echo = self._echo_text(p) if req.echo else ""
+            prompt_logprobs = prompt_logprobs_json(out, req.returned_prompt_logprobs)
             for c in sorted(out.outputs, key=lambda c: c.index):
                 text, token_ids, token_logprobs = self._generated(c)
                 logprobs = None
@@ -128,6 +134,8 @@ class _Job:
                         "text": echo + text,
                         "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                        "prompt_logprobs": prompt_logprobs,
                     }
                 )
         return {
@@ -187,6 +195,7 @@ class _Job:
                         "text": text,
                         "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
                     }
                     obj = {**head, "choices": [choice]}
                     if include_usage:
@@ -237,6 +246,8 @@ class _Job:
         if echo:
             prompt_logprobs = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
             for token_id, alternatives in zip(out.prompt_token_ids, prompt_logprobs, strict=False):
+                if alternatives is not None:
+                    alternatives = top_alternatives(alternatives, self.req.logprobs or 0, token_id)
                 add(token_id, alternatives)
         if logprobs is not None:
             for token_id, alternatives in zip(token_ids[start:], logprobs[start:], strict=False):
