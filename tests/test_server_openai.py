@@ -214,6 +214,47 @@ def test_prompt_logprobs(server, client):
         greedy_completion(client, stream=True, extra_body={"prompt_logprobs": 1})
 
 
+def test_return_token_ids(server, client):
+    """vLLM's return_token_ids: the prompt's and each choice's token ids beside the text; a
+    stream sends the prompt's in its first chunk and each chunk's new ids."""
+    extra = {"extra_body": {"return_token_ids": True}}
+    _, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
+    r = greedy_completion(client, max_tokens=8, **extra)
+    (choice,) = r.choices
+    assert choice.model_extra["prompt_token_ids"] == tokenized["tokens"]
+    generated = choice.model_extra["token_ids"]
+    assert len(generated) == r.usage.completion_tokens == 8
+    _, detokenized = request(server.url + "/detokenize", "POST", {"tokens": generated})
+    assert detokenized["prompt"] == choice.text
+    chunks = list(greedy_completion(client, max_tokens=8, stream=True, **extra))
+    assert chunks[0].choices[0].model_extra["prompt_token_ids"] == tokenized["tokens"]
+    assert all("prompt_token_ids" not in c.choices[0].model_extra for c in chunks[1:])
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == generated
+    chat = greedy_chat(client, max_tokens=8, **extra)
+    assert len(chat.model_extra["prompt_token_ids"]) == chat.usage.prompt_tokens
+    chat_ids = chat.choices[0].model_extra["token_ids"]
+    assert len(chat_ids) == chat.usage.completion_tokens
+    chunks = list(greedy_chat(client, max_tokens=8, stream=True, **extra))
+    assert chunks[0].model_extra["prompt_token_ids"] == chat.model_extra["prompt_token_ids"]
+    assert [t for c in chunks[1:] for t in c.choices[0].model_extra["token_ids"]] == chat_ids
+    assert "token_ids" not in greedy_completion(client, max_tokens=2).choices[0].model_extra
+
+
+def test_return_tokens_as_token_ids(client):
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"."""
+    extra = {"return_tokens_as_token_ids": True, "return_token_ids": True}
+    r = greedy_completion(client, max_tokens=4, logprobs=1, extra_body=extra)
+    (choice,) = r.choices
+    names = [f"token_id:{t}" for t in choice.model_extra["token_ids"]]
+    assert choice.logprobs.tokens == names
+    assert all(name in top for name, top in zip(names, choice.logprobs.top_logprobs, strict=True))
+    chat = greedy_chat(client, max_tokens=4, logprobs=True, top_logprobs=1, extra_body=extra)
+    entries = chat.choices[0].logprobs.content
+    names = [f"token_id:{t}" for t in chat.choices[0].model_extra["token_ids"]]
+    assert [e.token for e in entries] == names
+    assert all(e.top_logprobs[0].token.startswith("token_id:") for e in entries)
+
+
 def test_stop_reason(server, client):
     """vLLM's stop_reason: the stop string or token id that ended a choice, else null."""
     full = greedy_completion(client, max_tokens=24).choices[0]

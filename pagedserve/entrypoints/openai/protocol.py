@@ -116,6 +116,8 @@ class SamplingFields(OpenAIModel):
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
 
     @property
     def include_usage(self) -> bool:

@@ -177,6 +177,19 @@ class OpenAIServing:
         """The text of one token (for logprobs), cached."""
         return self._token_text(token_id)
 
+    def token_labeler(self, as_ids: bool) -> Callable[[Logprob | None, int], str]:
+        """How logprobs name a token: by its text, or with vLLM's ``return_tokens_as_token_ids``
+        as ``"token_id:N"``, which names even a token whose bytes are not valid UTF-8 alone."""
+        if as_ids:
+            return lambda _, token_id: f"token_id:{token_id}"
+
+        def text(logprob: Logprob | None, token_id: int) -> str:
+            if logprob is not None and logprob.decoded_token is not None:
+                return logprob.decoded_token
+            return self.token_text(token_id)
+
+        return text
+
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -347,12 +360,6 @@ def by_rank(item: tuple[int, Logprob]) -> float:
     """Sort key of a logprobs dict's items: best rank first (the sampled token may be unranked)."""
     rank = item[1].rank
     return float("inf") if rank is None else rank
-
-
-def logprob_text(logprob: Logprob | None, token_id: int, token_text: Callable[[int], str]) -> str:
-    if logprob is not None and logprob.decoded_token is not None:
-        return logprob.decoded_token
-    return token_text(token_id)
 
 
 def clamp_logprob(value: float) -> float:

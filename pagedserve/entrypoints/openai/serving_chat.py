@@ -20,7 +20,6 @@ from pagedserve.entrypoints.openai.serving_base import (
     cancel_on_disconnect,
     clamp_logprob,
     last_output,
-    logprob_text,
     new_id,
     prompt_logprobs_json,
     sse,
@@ -62,49 +61,48 @@ class ServingChat:
         if req.stream:
             stream = (await s.submit_all(request_id, [prompt_ids], [params]))[0]
             return SSEResponse(
-                self._stream(req, request_id, created, stream, top_logprobs), stream.abort
+                self._stream(req, request_id, created, stream, top_logprobs, prompt_ids),
+                stream.abort,
             )
-        tool_mode = req.tool_mode
 
         async def run() -> Response:
             stream = (await s.submit_all(request_id, [prompt_ids], [params]))[0]
             final = await last_output(stream)
-            prompt_logprobs = req.returned_prompt_logprobs
-            return JSONResponse(
-                self._response(request_id, created, final, top_logprobs, prompt_logprobs, tool_mode)
-            )
+            return JSONResponse(self._response(req, request_id, created, final, top_logprobs))
 
         return await cancel_on_disconnect(raw, run)
 
     def _response(
         self,
+        req: ChatCompletionRequest,
         request_id: str,
         created: int,
         out: RequestOutput,
         top_logprobs: int | None,
-        prompt_logprobs: int | None,
-        tool_mode: tuple[str, str] | None,
     ) -> dict[str, Any]:
+        tool_mode = req.tool_mode
         choices = []
         for c in sorted(out.outputs, key=lambda c: c.index):
             logprobs = None
             if top_logprobs is not None:
-                logprobs = {"content": self._logprobs(c, 0, len(c.token_ids), top_logprobs)}
+                entries = self._logprobs(req, c, 0, len(c.token_ids), top_logprobs)
+                logprobs = {"content": entries}
             message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
             finish_reason = c.finish_reason
             if tool_mode is not None:
                 fields, finish_reason = final_answer(c.text, tool_mode, finish_reason, _call_id)
                 message.update(fields)
-            choices.append(
-                {
-                    "index": c.index,
-                    "message": message,
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-            )
-        return {
+            choice = {
+                "index": c.index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            if req.return_token_ids:
+                choice["token_ids"] = c.token_ids
+            choices.append(choice)
+        body = {
             "id": request_id,
             "object": "chat.completion",
             "created": created,
@@ -112,8 +110,11 @@ class ServingChat:
             "choices": choices,
             "usage": _usage(out),
             "system_fingerprint": None,
-            "prompt_logprobs": prompt_logprobs_json(out, prompt_logprobs),
+            "prompt_logprobs": prompt_logprobs_json(out, req.returned_prompt_logprobs),
         }
+        if req.return_token_ids:
+            body["prompt_token_ids"] = out.prompt_token_ids
+        return body
 
     async def _stream(
         self,
@@ -122,6 +123,7 @@ class ServingChat:
         created: int,
         stream: RequestStream,
         top_logprobs: int | None,
+        prompt_ids: list[int],
     ) -> AsyncIterator[bytes]:
         n = req.n
         include_usage = req.include_usage
@@ -132,13 +134,14 @@ class ServingChat:
             "model": self.s.model_name,
         }
 
-        def chunk(choice: dict[str, Any]) -> bytes:
-            obj = {**head, "choices": [choice]}
+        def chunk(choice: dict[str, Any], **fields: Any) -> bytes:
+            obj = {**head, "choices": [choice], **fields}
             if include_usage:
                 obj["usage"] = None
             return sse(obj)
 
         for i in range(n):
+            first = {"prompt_token_ids": prompt_ids} if req.return_token_ids and i == 0 else {}
             yield chunk(
                 {
                     "index": i,
@@ -146,12 +149,14 @@ class ServingChat:
                     "logprobs": None,
                     "finish_reason": None,
                     "stop_reason": None,
-                }
+                },
+                **first,
             )
         tool_mode = req.tool_mode
         tool_deltas = [ToolCallDeltas(tool_mode, _call_id) for _ in range(n)] if tool_mode else None
         text_pos = [0] * n
         token_pos = [0] * n
+        ids_sent = [0] * n  # token ids sent, for return_token_ids
         done = [False] * n
         final: RequestOutput | None = None
         try:
@@ -168,7 +173,7 @@ class ServingChat:
                         continue
                     logprobs = None
                     if top_logprobs is not None:
-                        entries = self._logprobs(c, token_pos[i], num_tokens, top_logprobs)
+                        entries = self._logprobs(req, c, token_pos[i], num_tokens, top_logprobs)
                         logprobs = {"content": entries}
                     text_pos[i] = len(c.text)
                     token_pos[i] = num_tokens
@@ -179,15 +184,17 @@ class ServingChat:
                         delta, finish_reason = tool_deltas[i].next(new_text, c.text, finish_reason)
                         if not delta and finish_reason is None and logprobs is None:
                             continue
-                    yield chunk(
-                        {
-                            "index": i,
-                            "delta": delta,
-                            "logprobs": logprobs,
-                            "finish_reason": finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    )
+                    choice = {
+                        "index": i,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                    if req.return_token_ids:
+                        choice["token_ids"] = c.token_ids[ids_sent[i] : num_tokens]
+                        ids_sent[i] = num_tokens
+                    yield chunk(choice)
         except EngineError as exc:
             yield sse(error_body(str(exc), "server_error", None, 500))
             yield SSE_DONE
@@ -197,18 +204,18 @@ class ServingChat:
         yield SSE_DONE
 
     def _logprobs(
-        self, c: CompletionOutput, start: int, end: int, top: int
+        self, req: ChatCompletionRequest, c: CompletionOutput, start: int, end: int, top: int
     ) -> list[dict[str, Any]] | None:
         """OpenAI's chat layout: one entry per token, with its ``top`` best alternatives."""
         if c.logprobs is None:
             return None
-        token_text = self.s.token_text
+        label = self.s.token_labeler(req.return_tokens_as_token_ids)
         entries = []
         for token_id, alternatives in zip(
             c.token_ids[start:end], c.logprobs[start:end], strict=False
         ):
             chosen = alternatives.get(token_id)
-            text = logprob_text(chosen, token_id, token_text)
+            text = label(chosen, token_id)
             best = sorted(alternatives.items(), key=by_rank)[:top] if top else []
             entries.append(
                 {
@@ -217,7 +224,7 @@ class ServingChat:
                     "bytes": list(text.encode()),
                     "top_logprobs": [
                         {
-                            "token": (t := logprob_text(lp, tid, token_text)),
+                            "token": (t := label(lp, tid)),
                             "logprob": clamp_logprob(lp.logprob),
                             "bytes": list(t.encode()),
                         }

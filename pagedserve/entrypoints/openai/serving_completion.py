@@ -20,7 +20,6 @@ from pagedserve.entrypoints.openai.serving_base import (
     cancel_on_disconnect,
     clamp_logprob,
     last_output,
-    logprob_text,
     merged,
     new_id,
     prompt_logprobs_json,
@@ -128,16 +127,17 @@ class _Job:
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = self._logprobs(out, token_ids, token_logprobs, 0, echo=req.echo)
-                choices.append(
-                    {
-                        "index": p * req.n + c.index,
-                        "text": echo + text,
-                        "logprobs": logprobs,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                        "prompt_logprobs": prompt_logprobs,
-                    }
-                )
+                choice = {
+                    "index": p * req.n + c.index,
+                    "text": echo + text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "prompt_logprobs": prompt_logprobs,
+                }
+                if req.return_token_ids:
+                    choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=token_ids)
+                choices.append(choice)
         return {
             **self.head,
             "choices": choices,
@@ -185,6 +185,7 @@ class _Job:
                             out, c_token_ids, c_logprobs, token_pos[i], echo=echo, offset=offset[i]
                         )
                     text = (self._echo_text(p) if echo else "") + new_text
+                    first, token_start = not started[i], token_pos[i]
                     started[i] = True
                     text_pos[i] = len(c_text)
                     token_pos[i] = num_tokens
@@ -197,6 +198,10 @@ class _Job:
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason,
                     }
+                    if req.return_token_ids:
+                        choice["token_ids"] = c_token_ids[token_start:num_tokens]
+                        if first:
+                            choice["prompt_token_ids"] = out.prompt_token_ids
                     obj = {**head, "choices": [choice]}
                     if include_usage:
                         obj["usage"] = None
@@ -220,7 +225,7 @@ class _Job:
         offset: int = 0,
     ) -> dict[str, Any]:
         """OpenAI's completions layout; with echo, the prompt's tokens come first."""
-        token_text = self.s.token_text
+        label = self.s.token_labeler(self.req.return_tokens_as_token_ids)
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
@@ -229,12 +234,12 @@ class _Job:
         def add(token_id: int, alternatives: dict[int, Logprob] | None) -> None:
             nonlocal offset
             chosen = alternatives.get(token_id) if alternatives else None
-            text = logprob_text(chosen, token_id, token_text)
+            text = label(chosen, token_id)
             tokens.append(text)
             token_logprobs.append(clamp_logprob(chosen.logprob) if chosen else None)
             top_logprobs.append(
                 {
-                    logprob_text(lp, tid, token_text): clamp_logprob(lp.logprob)
+                    label(lp, tid): clamp_logprob(lp.logprob)
                     for tid, lp in sorted(alternatives.items(), key=by_rank)
                 }
                 if alternatives
