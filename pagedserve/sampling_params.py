@@ -79,9 +79,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
+    # The token sequences of bad_words, set by the engine (it has the tokenizer) on admission.
+    bad_words_token_ids: list[list[int]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +92,7 @@ class SamplingParams:
         else:
             self.stop_strings = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.bad_words_token_ids = []
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k is None or self.top_k == -1:
@@ -139,6 +143,11 @@ class SamplingParams:
             fail("logit_bias", "values must be in [-100, 100]")
         if self.allowed_token_ids is not None and len(self.allowed_token_ids) == 0:
             fail("allowed_token_ids", "must not be empty")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list)
+            or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
+        ):
+            fail("bad_words", "must be non-empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -85,6 +85,31 @@ def test_min_tokens_and_eos(llm):
     assert len(longer.token_ids) >= len(short.token_ids) + 5
 
 
+def _contains(tokens: list[int], seq: list[int]) -> bool:
+    return any(tokens[i : i + len(seq)] == seq for i in range(len(tokens) - len(seq) + 1))
+
+
+def test_bad_words(llm):
+    """vLLM's bad_words: the output never holds the token sequences that spell them, one token
+    or several (a word with its punctuation, as " norm" then ",")."""
+    greedy = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
+    plain = _gen(llm, SamplingParams(**greedy))[0]
+    tokenizer = llm.get_tokenizer()
+
+    def num_tokens(word: str) -> int:
+        return len(tokenizer.encode(" " + word, add_special_tokens=False))
+
+    words = plain.text.split()
+    one = next(w for w in words if w.isalpha() and len(w) > 3 and num_tokens(w) == 1)
+    several = next(w for w in words if num_tokens(w) > 1)
+    for word in (one, several):
+        params = SamplingParams(**greedy, bad_words=[word])
+        out = _gen(llm, params)[0]
+        assert out.token_ids != plain.token_ids and params.bad_words_token_ids
+        assert not any(_contains(out.token_ids, seq) for seq in params.bad_words_token_ids)
+        assert word not in out.text.split()
+
+
 def test_logprobs_shape(llm):
     out = _gen(llm, SamplingParams(temperature=0, max_tokens=5, logprobs=4, ignore_eos=True))[0]
     assert len(out.logprobs) == 5

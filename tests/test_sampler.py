@@ -251,6 +251,25 @@ def test_min_tokens_masks_stop_tokens():
     assert greedy([1], min_tokens=3, ignore_eos=True) == EOS
 
 
+def test_bad_words_ban_the_token_that_completes_them():
+    logits = torch.zeros(1, V)
+    logits[0, 4] = 10.0
+    logits[0, 3] = 9.0
+    logits[0, 2] = 8.0
+    sampler = Sampler(V, {EOS})
+
+    def greedy(output: list[int], words: list[list[int]]) -> int:
+        row = make_row([3, 4], output, temperature=0, bad_words=["w"])
+        row.params.bad_words_token_ids = words
+        return sampler(logits.clone(), [row]).token_ids[0]
+
+    assert greedy([], [[4]]) == 3  # a one-token word is never sampled
+    assert greedy([1], [[1, 4]]) == 3  # the token that would complete the word
+    assert greedy([1, 2], [[1, 4]]) == 4  # the word's start is not right before
+    assert greedy([5, 1], [[5, 1, 4], [1, 3]]) == 2  # both end here
+    assert greedy([], [[3, 4]]) == 4  # only generated tokens count, not the prompt's
+
+
 def test_top_k_one_is_greedy():
     torch.manual_seed(3)
     logits = torch.randn(64, 1000)

@@ -150,6 +150,12 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
             {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]},
             "messages",
         ),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": MAX_LEN + 1}, "truncate_prompt_tokens"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ],
 )
 def test_chat_bad_values_are_400(server, change, param):

@@ -255,6 +255,27 @@ def test_return_tokens_as_token_ids(client):
     assert all(e.top_logprobs[0].token.startswith("token_id:") for e in entries)
 
 
+def test_truncate_prompt_tokens_and_bad_words(client):
+    """vLLM's truncate_prompt_tokens keeps a prompt's last tokens; bad_words are never written."""
+    long_prompt = "Once upon a time " * 40 + PROMPT
+    full = greedy_completion(client, prompt=long_prompt, max_tokens=4)
+    kept = greedy_completion(
+        client,
+        prompt=long_prompt,
+        max_tokens=4,
+        echo=True,
+        extra_body={"truncate_prompt_tokens": 12, "return_token_ids": True},
+    )
+    (choice,) = kept.choices
+    assert kept.usage.prompt_tokens == 12 < full.usage.prompt_tokens
+    assert PROMPT in choice.text and len(choice.text) < len(long_prompt)  # echoes what it saw
+    assert len(choice.model_extra["prompt_token_ids"]) == 12
+    plain = greedy_completion(client, max_tokens=8).choices[0].text
+    word = plain.split()[0]
+    banned = greedy_completion(client, max_tokens=8, extra_body={"bad_words": [word]})
+    assert word not in banned.choices[0].text.split()
+
+
 def test_stop_reason(server, client):
     """vLLM's stop_reason: the stop string or token id that ended a choice, else null."""
     full = greedy_completion(client, max_tokens=24).choices[0]

@@ -17,6 +17,7 @@ from pagedserve.engine.scheduler import Scheduler
 from pagedserve.model.loader import load_model
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import RequestOutput
+from pagedserve.sample.bad_words import bad_word_sequences
 from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
 from pagedserve.sample.structured_output import GrammarCompiler
 from pagedserve.sampling_params import SamplingParams
@@ -201,6 +202,8 @@ class LLMEngine:
         )
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
+        if params.bad_words:
+            params.bad_words_token_ids = bad_word_sequences(self.tokenizer, params.bad_words)
         group = RequestGroup(request_id, prompt_text, token_ids, params)
         group.sequences.append(self.outputs.new_sequence(req))
         self.groups[request_id] = group

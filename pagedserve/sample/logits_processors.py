@@ -1,8 +1,8 @@
 """Request-level changes to the logits before the draw (or the argmax of greedy rows).
 
-Order, as vLLM applies them: allowed tokens, logit bias, min_tokens stop-token masking, repetition
-penalty, then frequency and presence penalties. Every function works on the whole batch at once and
-changes ``logits`` ([B, V] float32) in place.
+Order, as vLLM applies them: allowed tokens, logit bias, banned tokens (stop tokens below
+min_tokens, bad words), repetition penalty, then frequency and presence penalties. Every function
+works on the whole batch at once and changes ``logits`` ([B, V] float32) in place.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
         apply_allowed_tokens(logits, meta.allowed)
     if meta.logit_bias is not None:
         apply_logit_bias(logits, meta.logit_bias)
-    if meta.min_tokens_ban is not None:
-        apply_token_ban(logits, meta.min_tokens_ban)
+    if meta.banned is not None:
+        apply_token_ban(logits, meta.banned)
     if meta.penalties is not None:
         apply_penalties(logits, meta.penalties)
     return logits

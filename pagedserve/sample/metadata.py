@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from pagedserve.sample.bad_words import banned_next_tokens
 from pagedserve.sample.structured_output import LLMatcher, allowed_tokens
 from pagedserve.sampling_params import SamplingParams
 
@@ -67,7 +68,7 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # sampled rows that draw from their own generator
     allowed: TokenMask | None
     logit_bias: SparseTokenValues | None
-    min_tokens_ban: SparseTokenValues | None  # stop tokens masked until min_tokens are out
+    banned: SparseTokenValues | None  # stop tokens until min_tokens are out; bad words' ends
     penalties: Penalties | None
     num_logprobs: list[int | None]
 
@@ -125,7 +126,7 @@ class SamplingMetadata:
             generators=generators,
             allowed=_allowed_tokens(rows, vocab_size, device),
             logit_bias=_logit_bias(params, vocab_size, device),
-            min_tokens_ban=_min_tokens_ban(rows, vocab_size, eos_token_ids, device),
+            banned=_banned(rows, vocab_size, eos_token_ids, device),
             penalties=_penalties(rows, vocab_size, device),
             num_logprobs=[p.logprobs for p in params],
         )
@@ -178,19 +179,22 @@ def _logit_bias(
     )
 
 
-def _min_tokens_ban(
+def _banned(
     rows: list[SamplingRow], vocab_size: int, eos_token_ids: set[int], device: torch.device
 ) -> SparseTokenValues | None:
-    """Stop tokens (eos unless ignore_eos, plus stop_token_ids) of rows still below min_tokens."""
+    """Tokens a row may not sample now: its stop tokens (eos unless ignore_eos, plus
+    stop_token_ids) while it is below min_tokens, and those that would complete a bad word."""
     entries: list[tuple[int, int]] = []
     for i, r in enumerate(rows):
         p = r.params
-        if len(r.output_token_ids) >= p.min_tokens:
-            continue
-        stops = set(p.stop_token_ids or ())
-        if not p.ignore_eos:
-            stops |= eos_token_ids
-        entries.extend((i, t) for t in stops if 0 <= t < vocab_size)
+        banned: set[int] = set()
+        if len(r.output_token_ids) < p.min_tokens:
+            banned.update(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                banned |= eos_token_ids
+        if p.bad_words_token_ids:
+            banned |= banned_next_tokens(p.bad_words_token_ids, r.output_token_ids)
+        entries.extend((i, t) for t in banned if 0 <= t < vocab_size)
     if not entries:
         return None
     row_ids, tokens = zip(*entries, strict=True)

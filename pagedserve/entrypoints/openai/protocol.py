@@ -118,6 +118,9 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = None
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
+    truncate_prompt_tokens: int | None = None
+    use_beam_search: bool = False
+    bad_words: list[str] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -128,6 +131,22 @@ class SamplingFields(OpenAIModel):
         """How many alternatives ``prompt_logprobs`` (vLLM's extra) returns per prompt token, or
         None: none in a stream, where only 0 is accepted, as in vLLM."""
         return None if self.stream else self.prompt_logprobs
+
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's left truncation; -1: as
+        many as the context holds), or all of them when it is not set."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return ids
+        if keep == -1:
+            keep = max_model_len
+        if not 1 <= keep <= max_model_len:
+            raise bad_request(
+                f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (the context "
+                f"length), got {self.truncate_prompt_tokens}",
+                param="truncate_prompt_tokens",
+            )
+        return ids[-keep:]
 
     def sampling_params(
         self,
@@ -160,6 +179,7 @@ class SamplingFields(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=_logit_bias(self.logit_bias),
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             structured_outputs=self.structured_output_params(),
         )
 
@@ -192,6 +212,8 @@ class SamplingFields(OpenAIModel):
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
         it (a client that asks for JSON must not be handed free text); checked first, before any
         tokenizing."""
+        if self.use_beam_search:
+            raise bad_request("beam search is not supported", param="use_beam_search")
         if self.stream and self.prompt_logprobs:
             raise bad_request(
                 "prompt_logprobs is not available when stream is true", param="prompt_logprobs"

@@ -47,7 +47,7 @@ class ServingChat:
             req.chat_template_kwargs,
             req.tools,
         )
-        prompt_ids = await s.tokenize(text, req.add_special_tokens)
+        prompt_ids = req.truncated(await s.tokenize(text, req.add_special_tokens), s.max_model_len)
         params = s.sampling_params(
             req,
             req.requested_max_tokens,

@@ -50,7 +50,10 @@ class ServingCompletion:
                 prompt_texts.append(None)
             if not ids:
                 raise bad_request("prompt must not be empty", param="prompt")
-            prompt_ids.append(ids)
+            kept = req.truncated(ids, s.max_model_len)
+            if len(kept) < len(ids):
+                prompt_texts[-1] = None  # an echo shows what the model saw
+            prompt_ids.append(kept)
         # The prompt's logprobs, computed once for whichever of echo and prompt_logprobs asks
         # for more alternatives.
         asked = (req.logprobs if req.echo else None, req.returned_prompt_logprobs)
