@@ -187,8 +187,11 @@ def _banned(
     entries: list[tuple[int, int]] = []
     for i, r in enumerate(rows):
         p = r.params
+        below_min = len(r.output_token_ids) < p.min_tokens
+        if not below_min and not p.bad_words_token_ids:
+            continue
         banned: set[int] = set()
-        if len(r.output_token_ids) < p.min_tokens:
+        if below_min:
             banned.update(p.stop_token_ids or ())
             if not p.ignore_eos:
                 banned |= eos_token_ids
