@@ -73,6 +73,24 @@ def test_shared_long_prefix_computes_only_new_tokens(llms):
     assert after.prefix_cache_queries - before.prefix_cache_queries == 1005
 
 
+def test_cache_salt_separates_prefixes(llms):
+    """Only prompts with the same cache_salt share cached blocks (vLLM's multi-tenant guard)."""
+    llm = llms[0]
+    rng = random.Random(2)
+    prompt = [rng.randrange(100, 40000) for _ in range(70)]
+    params = SamplingParams(temperature=0, max_tokens=4)
+
+    def cached(**salt) -> int:
+        out = llm.generate([{"prompt_token_ids": prompt, **salt}], params, use_tqdm=False)
+        return out[0].num_cached_tokens
+
+    assert cached(cache_salt="alice") == 0
+    assert cached(cache_salt="alice") == 64
+    assert cached(cache_salt="bob") == 0
+    assert cached() == 0
+    assert cached() == 64
+
+
 def test_eviction_cycles_many_long_prompts(smollm2_path, smollm2_cache_gib):
     # 40 blocks (640 tokens) for 12 prompts of ~200 tokens sharing prefixes in random order:
     # cached blocks get evicted and re-made all the time; outputs must match a cache-less engine.

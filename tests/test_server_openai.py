@@ -276,6 +276,21 @@ def test_truncate_prompt_tokens_and_bad_words(client):
     assert word not in banned.choices[0].text.split()
 
 
+def test_cache_salt(client):
+    """Requests share a cached prefix only under the same cache_salt."""
+    prompt = "Once upon a time, in a land far away, " * 6
+
+    def cached(**extra) -> int:
+        r = greedy_completion(client, prompt=prompt, max_tokens=2, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") > 0
+    assert cached(cache_salt="tenant-b") == 0
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        cached(cache_salt="")
+
+
 def test_stop_reason(server, client):
     """vLLM's stop_reason: the stop string or token id that ended a choice, else null."""
     full = greedy_completion(client, max_tokens=24).choices[0]

@@ -230,6 +230,7 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Submit a request; returns its output stream once the engine has accepted it.
 
@@ -244,7 +245,8 @@ class AsyncEngine:
         stream = RequestStream(request_id, self)
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._streams[request_id] = stream
-        self._post("add", (request_id, prompt, params, arrival_time or time.time(), accepted))
+        arrival = arrival_time or time.time()
+        self._post("add", (request_id, prompt, params, arrival, cache_salt, accepted))
         try:
             await accepted
         except BaseException:
@@ -301,9 +303,11 @@ class AsyncEngine:
             if kind == "abort":
                 aborts.extend(payload)
                 continue
-            request_id, prompt, params, arrival, accepted = payload
+            request_id, prompt, params, arrival, cache_salt, accepted = payload
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                self.engine.add_request(
+                    request_id, prompt, params, arrival_time=arrival, cache_salt=cache_salt
+                )
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to HTTP
                 self._call_in_loop(_settle, accepted, exc)
             else:

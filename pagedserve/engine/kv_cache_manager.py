@@ -29,8 +29,12 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
+            tokens = request.all_token_ids[i * bs : (i + 1) * bs]
+            if hashes:
+                hashes.append(hash_block(hashes[-1], tokens))
+            else:
+                salt = (request.cache_salt or "").encode()
+                hashes.append(hash_block(None, tokens, salt))
         return hashes[:num_full_blocks]
 
     def find_cached_prefix(self, request: Request) -> list[int]:

@@ -186,8 +186,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request; raises ``ValueError`` if it can never run."""
+        """Queue a request; raises ``ValueError`` if it can never run. Requests share cached
+        prefix blocks only when their ``cache_salt`` is the same (None for most)."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -197,9 +199,8 @@ class LLMEngine:
             prompt_text, token_ids = None, [int(t) for t in prompt]
         self._check_prompt(token_ids, params)
         times = RequestTimes(arrival_time=arrival_time or time.time())
-        req = Request(
-            request_id, token_ids, params, make_generator(params.seed, self.device), times
-        )
+        generator = make_generator(params.seed, self.device)
+        req = Request(request_id, token_ids, params, generator, times, cache_salt=cache_salt)
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
         if params.bad_words:
@@ -307,7 +308,15 @@ class LLMEngine:
         children = []
         for i in range(1, params.n):
             gen = make_generator(params.seed, self.device, i)
-            child = Request(req.request_id, req.prompt_token_ids, params, gen, req.times, index=i)
+            child = Request(
+                req.request_id,
+                req.prompt_token_ids,
+                params,
+                gen,
+                req.times,
+                index=i,
+                cache_salt=req.cache_salt,
+            )
             child.num_cached_tokens = req.num_cached_tokens
             if req.grammar is not None:
                 child.grammar = req.grammar.deep_copy()

@@ -61,6 +61,7 @@ class Request:
         generator: torch.Generator | None,
         times: RequestTimes,
         index: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -78,6 +79,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.grammar: LLMatcher | None = None  # structured output: where its text stands
+        # Mixed into the first block's hash: only requests with the same salt share its prefix.
+        self.cache_salt = cache_salt
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -44,7 +44,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
-        A prompt is a string or ``{"prompt_token_ids": [...]}`` (or ``{"prompt": str}``).
+        A prompt is a string or ``{"prompt_token_ids": [...]}`` (or ``{"prompt": str}``); a dict
+        may add ``"cache_salt"``: only prompts with the same salt share cached prefix blocks.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -57,7 +58,8 @@ class LLM:
         ids = []
         for prompt, params in zip(prompts, sampling_params, strict=True):
             request_id = str(next(self._ids))
-            self.llm_engine.add_request(request_id, _prompt_input(prompt), params)
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+            self.llm_engine.add_request(request_id, _prompt_input(prompt), params, cache_salt=salt)
             ids.append(request_id)
         return self._run(ids, use_tqdm)
 

@@ -121,6 +121,7 @@ class SamplingFields(OpenAIModel):
     truncate_prompt_tokens: int | None = None
     use_beam_search: bool = False
     bad_words: list[str] | None = None
+    cache_salt: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -212,6 +213,8 @@ class SamplingFields(OpenAIModel):
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
         it (a client that asks for JSON must not be handed free text); checked first, before any
         tokenizing."""
+        if self.cache_salt is not None and not self.cache_salt:
+            raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
         if self.use_beam_search:
             raise bad_request("beam search is not supported", param="use_beam_search")
         if self.stream and self.prompt_logprobs:

@@ -200,9 +200,12 @@ class OpenAIServing:
         prompt_ids: list[int],
         params: SamplingParams,
         arrival_time: float,
+        cache_salt: str | None,
     ) -> RequestStream:
         try:
-            return await self.engine.add_request(request_id, prompt_ids, params, arrival_time)
+            return await self.engine.add_request(
+                request_id, prompt_ids, params, arrival_time, cache_salt
+            )
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
         except EngineDeadError as exc:
@@ -213,15 +216,16 @@ class OpenAIServing:
         base_id: str,
         prompts: list[list[int]],
         params: list[SamplingParams],
+        cache_salt: str | None,
     ) -> list[RequestStream]:
         """Submit several prompts; on a refusal, abort the ones already accepted."""
         now = time.time()
         if len(prompts) == 1:
-            return [await self.submit(base_id, prompts[0], params[0], now)]
+            return [await self.submit(base_id, prompts[0], params[0], now, cache_salt)]
         streams: list[RequestStream] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(await self.submit(f"{base_id}-{i}", ids, p, now))
+                streams.append(await self.submit(f"{base_id}-{i}", ids, p, now, cache_salt))
         except BaseException:
             for stream in streams:
                 stream.abort()
