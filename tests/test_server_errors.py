@@ -151,6 +151,8 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
             "messages",
         ),
         ({"use_beam_search": True}, "use_beam_search"),
+        ({"priority": 1}, "priority"),
+        ({"cache_salt": ""}, "cache_salt"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": MAX_LEN + 1}, "truncate_prompt_tokens"),
         ({"bad_words": [" "]}, "bad_words"),
