@@ -76,8 +76,8 @@ def _known_fields(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(fields) | frozenset(f.alias for f in fields.values() if f.alias)
 
 
-class SamplingFields(OpenAIModel):
-    """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
+class RequestBody(OpenAIModel):
+    """A request's top-level body."""
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +89,10 @@ class SamplingFields(OpenAIModel):
             if ignored:
                 logger.warning("request fields ignored: %s", ", ".join(ignored))
         return data
+
+
+class SamplingFields(RequestBody):
+    """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
 
     model: str | None = None
     n: int = 1

@@ -27,18 +27,20 @@ from pagedserve.entrypoints.openai.serving_base import (
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 
 class ServingChat:
     def __init__(self, serving: OpenAIServing) -> None:
         self.s = serving
 
-    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+    async def prepare(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+        """The request checked, its messages rendered by the chat template and tokenized, and
+        its sampling parameters; a 400 for what is wrong."""
         s = self.s
         s.check_model(req.model)
         req.resolve_tools(s.tool_parser)
         req.refuse_unsupported()
-        top_logprobs = req.num_logprobs
         text = s.render_chat(
             req.messages,
             req.add_generation_prompt,
@@ -52,10 +54,16 @@ class ServingChat:
             req,
             req.requested_max_tokens,
             len(prompt_ids),
-            top_logprobs,
+            req.num_logprobs,
             req.returned_prompt_logprobs,
             prompt_param="messages",
         )
+        return prompt_ids, params
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        s = self.s
+        prompt_ids, params = await self.prepare(req)
+        top_logprobs = req.num_logprobs
         request_id = new_id("chatcmpl")
         created = int(time.time())
         if req.stream:
