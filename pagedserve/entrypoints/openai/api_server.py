@@ -29,9 +29,11 @@ from pagedserve.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
+from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
 from pagedserve.metrics import ServerMetrics, StatsLogger
 
@@ -139,6 +141,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     serving = OpenAIServing(engine, settings.served_model_names, settings.tool_call_parser)
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)
+    responses = ServingResponses(chat)
     tokenize = ServingTokenize(serving)
     metrics = ServerMetrics(serving.model_name, engine.get_stats)
     engine.observer = metrics
@@ -178,6 +181,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, raw: Request) -> Response:
         return await completion.create(req, raw)
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, raw: Request) -> Response:
+        return await responses.create(req, raw)
 
     def model_card(name: str) -> dict[str, Any]:
         return {

@@ -36,8 +36,10 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A unique id: ``chatcmpl-...`` for chat and completions, ``resp_...`` (``sep="_"``) for the
+    Responses API's objects, as OpenAI writes them."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 class OpenAIServing:

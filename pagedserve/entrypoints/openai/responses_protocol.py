@@ -1,0 +1,111 @@
+"""The body of OpenAI's Responses API (``POST /v1/responses``), text in and text out, and its
+translation into the chat request that the chat path serves.
+
+``instructions`` becomes a system message ahead of the ``input`` messages, ``max_output_tokens``
+the chat's ``max_tokens`` and ``text.format`` its ``response_format``. What the translation
+cannot honour (tools, images and files, a stored conversation to continue, background runs,
+automatic truncation) is a 400 naming the field, never ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, RequestBody
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class ResponsesRequest(RequestBody):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    background: bool | None = None
+    truncation: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request that answers this one; a 400 for what it cannot carry."""
+        if self.tools:
+            raise bad_request("tools are not supported on /v1/responses yet", param="tools")
+        if self.previous_response_id is not None:
+            raise bad_request(
+                "responses are not stored, so previous_response_id cannot be continued; send "
+                "the conversation in input",
+                param="previous_response_id",
+            )
+        if self.background:
+            raise bad_request("background responses are not supported", param="background")
+        if self.truncation not in (None, "disabled"):
+            raise bad_request("only truncation 'disabled' is supported", param="truncation")
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages.extend(self._messages())
+        return ChatCompletionRequest(
+            model=self.model,
+            messages=messages,
+            max_tokens=self.max_output_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stream=self.stream,
+            response_format=self._response_format(),
+            user=self.user,
+        )
+
+    def _messages(self) -> list[dict[str, str]]:
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        if not self.input:
+            raise bad_request("input must not be empty", param="input")
+        return [_message(item) for item in self.input]
+
+    def _response_format(self) -> dict[str, Any] | None:
+        fmt = (self.text or {}).get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type") not in (
+            "text",
+            "json_object",
+            "json_schema",
+        ):
+            raise bad_request(
+                "text.format type must be 'text', 'json_object' or 'json_schema'", param="text"
+            )
+        if fmt["type"] != "json_schema":
+            return {"type": fmt["type"]}
+        # The Responses API puts the schema's name and body beside its type; chat nests them.
+        schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+
+
+def _message(item: dict[str, Any]) -> dict[str, str]:
+    """One input item as a chat message: a message whose content is text."""
+    kind = item.get("type", "message")
+    if kind != "message" or "role" not in item:
+        raise bad_request(
+            f"input items of type {kind!r} are not supported; send messages with a role",
+            param="input",
+        )
+    content = item.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(f"only text content is supported, got {kind!r}", param="input")
+            parts.append(str(part.get("text", "")))
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise bad_request("a message's content must be text", param="input")
+    return {"role": str(item["role"]), "content": content}

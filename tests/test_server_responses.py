@@ -1,0 +1,140 @@
+"""OpenAI's Responses API (``/v1/responses``), end to end: a real ``pagedserve serve`` process on
+the packaged SmolLM2, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import openai
+import pydantic
+import pytest
+from server_utils import MODEL_NAME, ServerProcess
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def client():
+    srv = ServerProcess(
+        ["--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--kv-cache-memory", "0.5"]
+    ).wait_ready()
+    yield srv.client()
+    srv.close()
+
+
+def greedy_response(client, **kwargs):
+    args = {"model": MODEL_NAME, "input": QUESTION, "max_output_tokens": 24, "temperature": 0}
+    return client.responses.create(**{**args, **kwargs})
+
+
+def greedy_chat(client, messages, max_tokens=24):
+    return client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=max_tokens, temperature=0
+    )
+
+
+def test_response_object_answers_as_chat_does(client):
+    r = greedy_response(client)
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL_NAME
+    assert r.status == "completed" and r.incomplete_details is None and r.error is None
+    (item,) = r.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    (part,) = item.content
+    assert part.type == "output_text" and part.text == r.output_text
+    chat = greedy_chat(client, [{"role": "user", "content": QUESTION}])
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_instructions_and_message_items(client):
+    """``instructions`` is a system message; input items may hold text parts."""
+    items = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+    ]
+    r = greedy_response(client, instructions="Answer in one word.", input=items)
+    chat = greedy_chat(
+        client,
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": QUESTION},
+        ],
+    )
+    assert r.output_text == chat.choices[0].message.content
+
+
+def test_max_output_tokens_leaves_it_incomplete(client):
+    r = greedy_response(client, max_output_tokens=3)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 3
+
+
+def test_stream_events(client):
+    full = greedy_response(client)
+    events = list(greedy_response(client, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-4].text == full.output_text
+    assert events[-1].response.output_text == full.output_text
+    assert events[-1].response.usage.output_tokens == full.usage.output_tokens
+    with client.responses.stream(
+        model=MODEL_NAME, input=QUESTION, max_output_tokens=24, temperature=0
+    ) as stream:
+        for _ in stream:
+            pass
+        assert stream.get_final_response().output_text == full.output_text
+    cut = list(greedy_response(client, stream=True, max_output_tokens=3))
+    assert cut[-1].type == "response.incomplete"
+
+
+def test_json_schema_text_format(client):
+    class City(pydantic.BaseModel):
+        name: str
+        country: str
+
+    r = client.responses.parse(
+        model=MODEL_NAME,
+        input="Name a city in France, as JSON.",
+        text_format=City,
+        max_output_tokens=60,
+        temperature=0,
+    )
+    assert isinstance(r.output_parsed, City)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"background": True}, "background"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
+        ({"input": []}, "input"),
+        ({"text": {"format": {"type": "xml"}}}, "text"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "word " * 3000}, "input"),
+    ],
+)
+def test_what_it_cannot_honour_is_a_400(client, change, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        greedy_response(client, **change)
+    assert caught.value.body["param"] == param
