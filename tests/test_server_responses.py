@@ -3,6 +3,8 @@ the packaged SmolLM2, driven by the official ``openai`` client."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pydantic
 import pytest
@@ -119,14 +121,80 @@ def test_json_schema_text_format(client):
     assert isinstance(r.output_parsed, City)
 
 
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+def test_function_calls_and_their_outputs(client):
+    """Forced calls come back as function_call items; a call and its output, sent back as
+    input items, continue the conversation."""
+    question = "What is the weather in Paris?"
+    r = greedy_response(
+        client, input=question, tools=[WEATHER], tool_choice="required", max_output_tokens=60
+    )
+    (call,) = r.output
+    assert r.status == "completed" and call.type == "function_call"
+    assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    named = greedy_response(
+        client,
+        input=question,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=60,
+    )
+    assert [o.name for o in named.output] == ["get_weather"]
+    follow_up = [
+        {"role": "user", "content": question},
+        {
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": call.arguments,
+        },
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'},
+    ]
+    answer = greedy_response(client, input=follow_up, tools=[WEATHER], tool_choice="none")
+    assert answer.status == "completed" and answer.output_text
+    events = list(
+        greedy_response(
+            client,
+            input=question,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_output_tokens=60,
+            stream=True,
+        )
+    )
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[-2].item.arguments == events[3].delta == call.arguments
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [WEATHER]}, "tools"),  # tool_choice auto needs --enable-auto-tool-choice
+        ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tools"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"background": True}, "background"),
         ({"truncation": "auto"}, "truncation"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
         ({"input": []}, "input"),
         ({"text": {"format": {"type": "xml"}}}, "text"),

@@ -1,10 +1,13 @@
-"""The body of OpenAI's Responses API (``POST /v1/responses``), text in and text out, and its
-translation into the chat request that the chat path serves.
+"""The body of OpenAI's Responses API (``POST /v1/responses``) and its translation into the chat
+request that the chat path serves.
 
 ``instructions`` becomes a system message ahead of the ``input`` messages, ``max_output_tokens``
-the chat's ``max_tokens`` and ``text.format`` its ``response_format``. What the translation
-cannot honour (tools, images and files, a stored conversation to continue, background runs,
-automatic truncation) is a 400 naming the field, never ignored.
+the chat's ``max_tokens`` and ``text.format`` its ``response_format``. Function tools become chat
+tools (``{type, name, parameters}`` nested as ``{type, function: {...}}``), earlier
+``function_call`` items an assistant message's ``tool_calls`` and ``function_call_output`` items
+tool messages. What the translation cannot honour (other tools, images and files, a stored
+conversation to continue, background runs, automatic truncation) is a 400 naming the field,
+never ignored.
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ class ResponsesRequest(RequestBody):
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat request that answers this one; a 400 for what it cannot carry."""
-        if self.tools:
-            raise bad_request("tools are not supported on /v1/responses yet", param="tools")
         if self.previous_response_id is not None:
             raise bad_request(
                 "responses are not stored, so previous_response_id cannot be continued; send "
@@ -60,15 +61,39 @@ class ResponsesRequest(RequestBody):
             top_p=self.top_p,
             stream=self.stream,
             response_format=self._response_format(),
+            tools=[_chat_tool(t) for t in self.tools] if self.tools else None,
+            tool_choice=_chat_tool_choice(self.tool_choice),
+            parallel_tool_calls=self.parallel_tool_calls,
             user=self.user,
         )
 
-    def _messages(self) -> list[dict[str, str]]:
+    def _messages(self) -> list[dict[str, Any]]:
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         if not self.input:
             raise bad_request("input must not be empty", param="input")
-        return [_message(item) for item in self.input]
+        messages: list[dict[str, Any]] = []
+        for item in self.input:
+            kind = item.get("type", "message")
+            if kind == "function_call":
+                call = {
+                    "id": item.get("call_id"),
+                    "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+                }
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                    last["tool_calls"].append(call)  # parallel calls share one message
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                messages.append(
+                    {"role": "tool", "tool_call_id": item.get("call_id"), "content": output}
+                )
+            else:
+                messages.append(_message(item))
+        return messages
 
     def _response_format(self) -> dict[str, Any] | None:
         fmt = (self.text or {}).get("format")
@@ -87,6 +112,23 @@ class ResponsesRequest(RequestBody):
         # The Responses API puts the schema's name and body beside its type; chat nests them.
         schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": schema}
+
+
+def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A Responses function tool (``{type, name, description, parameters}``) as a chat tool."""
+    if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+        raise bad_request(
+            f"only function tools are supported, got {tool.get('type')!r}", param="tools"
+        )
+    fields = ("name", "description", "parameters", "strict")
+    return {"type": "function", "function": {k: tool[k] for k in fields if k in tool}}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """``{type: function, name}`` as chat's ``{type: function, function: {name}}``."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
 
 
 def _message(item: dict[str, Any]) -> dict[str, str]:

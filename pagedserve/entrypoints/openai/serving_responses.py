@@ -1,9 +1,11 @@
-"""POST /v1/responses: OpenAI's Responses API over the chat path, text in and text out.
+"""POST /v1/responses: OpenAI's Responses API over the chat path.
 
 The request is translated into a chat request (``responses_protocol``) and served by the chat
-path's checks, template and engine; the answer is written as a ``response`` object, or streamed
-as OpenAI's typed events, from ``response.created`` to ``response.completed`` (or
-``response.incomplete`` when ``max_output_tokens`` cut it). Responses are not stored.
+path's checks, template, tool calls and engine; the answer is written as a ``response`` object,
+or streamed as OpenAI's typed events, from ``response.created`` to ``response.completed`` (or
+``response.incomplete`` when ``max_output_tokens`` cut it). A text answer streams as it comes;
+with tools the answer is read back into a message and ``function_call`` items once it is whole
+(as chat's ``required`` calls are), and their events go out then. Responses are not stored.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pagedserve.entrypoints.openai.serving_base import (
     new_id,
 )
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
-from pagedserve.outputs import RequestOutput
+from pagedserve.entrypoints.openai.tool_calls import final_answer
+from pagedserve.outputs import CompletionOutput, RequestOutput
 
 # The chat fields a 400 may name, and the Responses fields the client sent them as.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
@@ -39,8 +42,9 @@ class ServingResponses:
 
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         s = self.chat.s
+        chat_req = req.chat_request()
         try:
-            prompt_ids, params = await self.chat.prepare(req.chat_request())
+            prompt_ids, params = await self.chat.prepare(chat_req)
         except APIError as exc:
             if exc.param in _PARAMS:
                 name = _PARAMS[exc.param]
@@ -48,7 +52,7 @@ class ServingResponses:
                     exc.message = name + exc.message[len(exc.param) :]
                 exc.param = name
             raise
-        job = _Job(req, s.model_name, new_id("resp", "_"), new_id("msg", "_"))
+        job = _Job(req, s.model_name, chat_req.tool_mode)
         if req.stream:
             stream = (await s.submit_all(job.id, [prompt_ids], [params], None))[0]
             return SSEResponse(job.events(stream), stream.abort)
@@ -63,23 +67,53 @@ class ServingResponses:
 class _Job:
     """One response being written."""
 
-    def __init__(self, req: ResponsesRequest, model: str, response_id: str, item_id: str) -> None:
+    def __init__(
+        self, req: ResponsesRequest, model: str, tool_mode: tuple[str, str] | None
+    ) -> None:
         self.req = req
         self.model = model
-        self.id = response_id
-        self.item_id = item_id
+        self.tool_mode = tool_mode
+        self.id = new_id("resp", "_")
+        self.item_id = new_id("msg", "_")
         self.created = int(time.time())
 
-    def response(self, out: RequestOutput | None) -> dict[str, Any]:
-        """The ``response`` object: in progress (no output yet), or finished with ``out``'s."""
+    def output(self, c: CompletionOutput) -> list[dict[str, Any]]:
+        """The output items of a finished answer: its text as a message, or with tools the
+        message (if any text) and one ``function_call`` item per call."""
+        if self.tool_mode is None:
+            return [self.message(c.text, "completed")]
+        fields, _ = final_answer(
+            c.text, self.tool_mode, c.finish_reason, lambda: new_id("call", "_")
+        )
+        items = [self.message(fields["content"], "completed")] if fields.get("content") else []
+        for call in fields.get("tool_calls") or []:
+            function = call["function"]
+            items.append(
+                {
+                    "type": "function_call",
+                    "id": new_id("fc", "_"),
+                    "call_id": call["id"],
+                    "name": function["name"],
+                    "arguments": function["arguments"],
+                    "status": "completed",
+                }
+            )
+        return items
+
+    def response(
+        self, out: RequestOutput | None, output: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The ``response`` object: in progress (no output yet), or finished with ``out``'s
+        (whose output items ``output`` already holds, if they were written before)."""
         req = self.req
-        status, output, usage, incomplete = "in_progress", [], None, None
+        status, usage, incomplete = "in_progress", None, None
         if out is not None:
             (c,) = out.outputs
             status = "incomplete" if c.finish_reason == "length" else "completed"
             if status == "incomplete":
                 incomplete = {"reason": "max_output_tokens"}
-            output = [self.message(c.text, "completed")]
+            if output is None:
+                output = self.output(c)
             usage = {
                 "input_tokens": len(out.prompt_token_ids),
                 "input_tokens_details": {"cached_tokens": out.num_cached_tokens or 0},
@@ -97,7 +131,7 @@ class _Job:
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
             "model": self.model,
-            "output": output,
+            "output": output or [],
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": None,
             "store": False,
@@ -105,7 +139,7 @@ class _Job:
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
-            "tools": [],
+            "tools": req.tools or [],
             "truncation": "disabled",
             "metadata": req.metadata or {},
             "user": req.user,
@@ -123,7 +157,7 @@ class _Job:
         }
 
     async def events(self, stream: RequestStream) -> AsyncIterator[bytes]:
-        """OpenAI's stream of typed events for one text message."""
+        """OpenAI's stream of typed events."""
         numbers = itertools.count()
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -131,33 +165,65 @@ class _Job:
             body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
             return f"event: {kind}\ndata: {body}\n\n".encode()
 
-        at = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         yield event("response.created", response=self.response(None))
         yield event("response.in_progress", response=self.response(None))
-        item = {**self.message("", "in_progress"), "content": []}
-        yield event("response.output_item.added", output_index=0, item=item)
-        yield event("response.content_part.added", **at, part=_text_part(""))
+        streaming = self.tool_mode is None  # a text answer streams; tool calls go out whole
+        at = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        if streaming:
+            item = {**self.message("", "in_progress"), "content": []}
+            yield event("response.output_item.added", output_index=0, item=item)
+            yield event("response.content_part.added", **at, part=_text_part(""))
         sent = 0
         final: RequestOutput | None = None
         try:
             async for out in stream:
                 final = out
                 text = out.outputs[0].text
-                if len(text) > sent:
+                if streaming and len(text) > sent:
                     yield event("response.output_text.delta", **at, delta=text[sent:], logprobs=[])
                     sent = len(text)
         except EngineError as exc:
             yield event("error", code="server_error", message=str(exc), param=None)
             return
         assert final is not None
-        text = final.outputs[0].text
-        yield event("response.output_text.done", **at, text=text, logprobs=[])
-        yield event("response.content_part.done", **at, part=_text_part(text))
-        yield event(
-            "response.output_item.done", output_index=0, item=self.message(text, "completed")
-        )
-        done = self.response(final)
+        output = self.output(final.outputs[0])
+        for index, item in enumerate(output):
+            if not streaming:
+                added = {**item, "status": "in_progress"}
+                if item["type"] == "message":
+                    added["content"] = []
+                else:
+                    added["arguments"] = ""
+                yield event("response.output_item.added", output_index=index, item=added)
+            for kind, fields in _item_events(item, index, opened=streaming):
+                yield event(kind, **fields)
+            yield event("response.output_item.done", output_index=index, item=item)
+        done = self.response(final, output)
         yield event(f"response.{done['status']}", response=done)
+
+
+def _item_events(
+    item: dict[str, Any], index: int, opened: bool
+) -> list[tuple[str, dict[str, Any]]]:
+    """The events that write a finished item's body, after its ``output_item.added``: a
+    message's text part (``opened``: its part was added and its text streamed already), a
+    call's arguments."""
+    if item["type"] == "function_call":
+        at = {"item_id": item["id"], "output_index": index}
+        return [
+            ("response.function_call_arguments.delta", {**at, "delta": item["arguments"]}),
+            ("response.function_call_arguments.done", {**at, "arguments": item["arguments"]}),
+        ]
+    (part,) = item["content"]
+    at = {"item_id": item["id"], "output_index": index, "content_index": 0}
+    events = []
+    if not opened:
+        events.append(("response.content_part.added", {**at, "part": _text_part("")}))
+        delta = {**at, "delta": part["text"], "logprobs": []}
+        events.append(("response.output_text.delta", delta))
+    events.append(("response.output_text.done", {**at, "text": part["text"], "logprobs": []}))
+    events.append(("response.content_part.done", {**at, "part": part}))
+    return events
 
 
 def _text_part(text: str) -> dict[str, Any]:
