@@ -195,6 +195,7 @@ def test_function_calls_and_their_outputs(client):
         ({"background": True}, "background"),
         ({"truncation": "auto"}, "truncation"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": [1]}]}, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
         ({"input": []}, "input"),
         ({"text": {"format": {"type": "xml"}}}, "text"),

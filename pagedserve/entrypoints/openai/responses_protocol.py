@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, RequestBody
 
@@ -53,6 +55,15 @@ class ResponsesRequest(RequestBody):
             raise bad_request("only truncation 'disabled' is supported", param="truncation")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         messages.extend(self._messages())
+        try:
+            return self._chat_request(messages)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][0]) if error["loc"] else "input"
+            field = {"messages": "input", "response_format": "text"}.get(field, field)
+            raise bad_request(f"{field}: {error['msg']}", param=field) from exc
+
+    def _chat_request(self, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         return ChatCompletionRequest(
             model=self.model,
             messages=messages,
