@@ -68,6 +68,34 @@ def test_instructions_and_message_items(client):
     assert r.output_text == chat.choices[0].message.content
 
 
+def test_output_text_logprobs(client):
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs``: the same entries as
+    chat's logprobs for the same messages; streamed, with each delta and whole at the end."""
+    wanted = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    r = greedy_response(client, max_output_tokens=8, **wanted)
+    logprobs = r.output[0].content[0].logprobs
+    chat = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    expected = chat.choices[0].logprobs.content
+    assert [e.token for e in logprobs] == [e.token for e in expected]
+    assert [e.logprob for e in logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in logprobs)
+    events = list(greedy_response(client, max_output_tokens=8, stream=True, **wanted))
+    streamed = [
+        e.token for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs
+    ]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    assert [e.token for e in done.logprobs] == [e.token for e in expected]
+    assert streamed == [e.token for e in expected][: len(streamed)] and streamed
+    assert greedy_response(client, max_output_tokens=3).output[0].content[0].logprobs == []
+
+
 def test_max_output_tokens_leaves_it_incomplete(client):
     r = greedy_response(client, max_output_tokens=3)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"

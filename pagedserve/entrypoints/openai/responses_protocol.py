@@ -40,6 +40,14 @@ class ResponsesRequest(RequestBody):
     truncation: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the text parts carry their tokens' logprobs (OpenAI: asked for in
+        ``include``, with ``top_logprobs`` alternatives each)."""
+        return "message.output_text.logprobs" in (self.include or [])
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat request that answers this one; a 400 for what it cannot carry."""
@@ -75,6 +83,8 @@ class ResponsesRequest(RequestBody):
             tools=[_chat_tool(t) for t in self.tools] if self.tools else None,
             tool_choice=_chat_tool_choice(self.tool_choice),
             parallel_tool_calls=self.parallel_tool_calls,
+            logprobs=self.wants_logprobs,
+            top_logprobs=self.top_logprobs if self.wants_logprobs else None,
             user=self.user,
         )
 

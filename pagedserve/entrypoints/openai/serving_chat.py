@@ -93,7 +93,7 @@ class ServingChat:
         for c in sorted(out.outputs, key=lambda c: c.index):
             logprobs = None
             if top_logprobs is not None:
-                entries = self._logprobs(req, c, 0, len(c.token_ids), top_logprobs)
+                entries = self.logprob_entries(req, c, 0, len(c.token_ids), top_logprobs)
                 logprobs = {"content": entries}
             message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
             finish_reason = c.finish_reason
@@ -181,7 +181,9 @@ class ServingChat:
                         continue
                     logprobs = None
                     if top_logprobs is not None:
-                        entries = self._logprobs(req, c, token_pos[i], num_tokens, top_logprobs)
+                        entries = self.logprob_entries(
+                            req, c, token_pos[i], num_tokens, top_logprobs
+                        )
                         logprobs = {"content": entries}
                     text_pos[i] = len(c.text)
                     token_pos[i] = num_tokens
@@ -211,10 +213,11 @@ class ServingChat:
             yield sse({**head, "choices": [], "usage": _usage(final)})
         yield SSE_DONE
 
-    def _logprobs(
+    def logprob_entries(
         self, req: ChatCompletionRequest, c: CompletionOutput, start: int, end: int, top: int
     ) -> list[dict[str, Any]] | None:
-        """OpenAI's chat layout: one entry per token, with its ``top`` best alternatives."""
+        """OpenAI's layout (chat's ``logprobs.content``, the Responses API's text parts): one
+        entry per token of ``start:end``, with its ``top`` best alternatives."""
         if c.logprobs is None:
             return None
         label = self.s.token_labeler(req.return_tokens_as_token_ids)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -35,6 +35,8 @@ from pagedserve.outputs import CompletionOutput, RequestOutput
 # The chat fields a 400 may name, and the Responses fields the client sent them as.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
 
+LogprobEntries = Callable[[CompletionOutput, int, int], list[dict[str, Any]]]
+
 
 class ServingResponses:
     def __init__(self, chat: ServingChat) -> None:
@@ -52,7 +54,14 @@ class ServingResponses:
                     exc.message = name + exc.message[len(exc.param) :]
                 exc.param = name
             raise
-        job = _Job(req, s.model_name, chat_req.tool_mode)
+        logprobs = None
+        if chat_req.num_logprobs is not None and chat_req.tool_mode is None:
+            top = chat_req.num_logprobs
+
+            def logprobs(c: CompletionOutput, start: int, end: int) -> list[dict[str, Any]]:
+                return self.chat.logprob_entries(chat_req, c, start, end, top) or []
+
+        job = _Job(req, s.model_name, chat_req.tool_mode, logprobs)
         if req.stream:
             stream = (await s.submit_all(job.id, [prompt_ids], [params], None))[0]
             return SSEResponse(job.events(stream), stream.abort)
@@ -68,11 +77,16 @@ class _Job:
     """One response being written."""
 
     def __init__(
-        self, req: ResponsesRequest, model: str, tool_mode: tuple[str, str] | None
+        self,
+        req: ResponsesRequest,
+        model: str,
+        tool_mode: tuple[str, str] | None,
+        logprobs: LogprobEntries | None,
     ) -> None:
         self.req = req
         self.model = model
         self.tool_mode = tool_mode
+        self.logprobs = logprobs  # the tokens' logprobs, when the request includes them
         self.id = new_id("resp", "_")
         self.item_id = new_id("msg", "_")
         self.created = int(time.time())
@@ -81,7 +95,8 @@ class _Job:
         """The output items of a finished answer: its text as a message, or with tools the
         message (if any text) and one ``function_call`` item per call."""
         if self.tool_mode is None:
-            return [self.message(c.text, "completed")]
+            logprobs = self.logprobs(c, 0, len(c.token_ids)) if self.logprobs else []
+            return [self.message(c.text, "completed", logprobs)]
         fields, _ = final_answer(
             c.text, self.tool_mode, c.finish_reason, lambda: new_id("call", "_")
         )
@@ -146,14 +161,16 @@ class _Job:
             "usage": usage,
         }
 
-    def message(self, text: str, status: str) -> dict[str, Any]:
-        """The output message item holding ``text``."""
+    def message(
+        self, text: str, status: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The output message item holding ``text`` (and its tokens' ``logprobs``)."""
         return {
             "type": "message",
             "id": self.item_id,
             "status": status,
             "role": "assistant",
-            "content": [_text_part(text)],
+            "content": [_text_part(text, logprobs)],
         }
 
     async def events(self, stream: RequestStream) -> AsyncIterator[bytes]:
@@ -173,15 +190,18 @@ class _Job:
             item = {**self.message("", "in_progress"), "content": []}
             yield event("response.output_item.added", output_index=0, item=item)
             yield event("response.content_part.added", **at, part=_text_part(""))
-        sent = 0
+        sent = tokens_sent = 0
         final: RequestOutput | None = None
         try:
             async for out in stream:
                 final = out
-                text = out.outputs[0].text
-                if streaming and len(text) > sent:
-                    yield event("response.output_text.delta", **at, delta=text[sent:], logprobs=[])
-                    sent = len(text)
+                c = out.outputs[0]
+                if streaming and len(c.text) > sent:
+                    num_tokens = len(c.token_ids)
+                    logprobs = self.logprobs(c, tokens_sent, num_tokens) if self.logprobs else []
+                    delta = c.text[sent:]
+                    yield event("response.output_text.delta", **at, delta=delta, logprobs=logprobs)
+                    sent, tokens_sent = len(c.text), num_tokens
         except EngineError as exc:
             yield event("error", code="server_error", message=str(exc), param=None)
             return
@@ -219,12 +239,13 @@ def _item_events(
     events = []
     if not opened:
         events.append(("response.content_part.added", {**at, "part": _text_part("")}))
-        delta = {**at, "delta": part["text"], "logprobs": []}
+        delta = {**at, "delta": part["text"], "logprobs": part["logprobs"]}
         events.append(("response.output_text.delta", delta))
-    events.append(("response.output_text.done", {**at, "text": part["text"], "logprobs": []}))
+    done = {**at, "text": part["text"], "logprobs": part["logprobs"]}
+    events.append(("response.output_text.done", done))
     events.append(("response.content_part.done", {**at, "part": part}))
     return events
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
