@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import EngineError, RequestStream
 from pagedserve.entrypoints.openai.errors import APIError
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.serving_base import (
     SSEResponse,
@@ -34,8 +35,6 @@ from pagedserve.outputs import CompletionOutput, RequestOutput
 
 # The chat fields a 400 may name, and the Responses fields the client sent them as.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
-
-LogprobEntries = Callable[[CompletionOutput, int, int], list[dict[str, Any]]]
 
 
 class ServingResponses:
@@ -54,14 +53,7 @@ class ServingResponses:
                     exc.message = name + exc.message[len(exc.param) :]
                 exc.param = name
             raise
-        logprobs = None
-        if chat_req.num_logprobs is not None and chat_req.tool_mode is None:
-            top = chat_req.num_logprobs
-
-            def logprobs(c: CompletionOutput, start: int, end: int) -> list[dict[str, Any]]:
-                return self.chat.logprob_entries(chat_req, c, start, end, top) or []
-
-        job = _Job(req, s.model_name, chat_req.tool_mode, logprobs)
+        job = _Job(req, self.chat, chat_req)
         if req.stream:
             stream = (await s.submit_all(job.id, [prompt_ids], [params], None))[0]
             return SSEResponse(job.events(stream), stream.abort)
@@ -77,16 +69,13 @@ class _Job:
     """One response being written."""
 
     def __init__(
-        self,
-        req: ResponsesRequest,
-        model: str,
-        tool_mode: tuple[str, str] | None,
-        logprobs: LogprobEntries | None,
+        self, req: ResponsesRequest, chat: ServingChat, chat_req: ChatCompletionRequest
     ) -> None:
         self.req = req
-        self.model = model
-        self.tool_mode = tool_mode
-        self.logprobs = logprobs  # the tokens' logprobs, when the request includes them
+        self.chat = chat
+        self.chat_req = chat_req
+        self.model = chat.s.model_name
+        self.tool_mode = chat_req.tool_mode
         self.id = new_id("resp", "_")
         self.item_id = new_id("msg", "_")
         self.created = int(time.time())
@@ -95,8 +84,7 @@ class _Job:
         """The output items of a finished answer: its text as a message, or with tools the
         message (if any text) and one ``function_call`` item per call."""
         if self.tool_mode is None:
-            logprobs = self.logprobs(c, 0, len(c.token_ids)) if self.logprobs else []
-            return [self.message(c.text, "completed", logprobs)]
+            return [self.message(c.text, "completed", self.logprobs(c, 0, len(c.token_ids)))]
         fields, _ = final_answer(
             c.text, self.tool_mode, c.finish_reason, lambda: new_id("call", "_")
         )
@@ -161,6 +149,14 @@ class _Job:
             "usage": usage,
         }
 
+    def logprobs(self, c: CompletionOutput, start: int, end: int) -> list[dict[str, Any]]:
+        """The logprobs of tokens ``start:end`` of a text answer, when the request includes them
+        (none otherwise)."""
+        top = self.chat_req.num_logprobs
+        if top is None or self.tool_mode is not None:
+            return []
+        return self.chat.logprob_entries(self.chat_req, c, start, end, top) or []
+
     def message(
         self, text: str, status: str, logprobs: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
@@ -198,7 +194,7 @@ class _Job:
                 c = out.outputs[0]
                 if streaming and len(c.text) > sent:
                     num_tokens = len(c.token_ids)
-                    logprobs = self.logprobs(c, tokens_sent, num_tokens) if self.logprobs else []
+                    logprobs = self.logprobs(c, tokens_sent, num_tokens)
                     delta = c.text[sent:]
                     yield event("response.output_text.delta", **at, delta=delta, logprobs=logprobs)
                     sent, tokens_sent = len(c.text), num_tokens
