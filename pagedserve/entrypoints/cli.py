@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("pagedserve")
@@ -184,6 +185,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3) or llama3_json "
         "(Llama 3.1/3.2)",
     )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        default=None,
+        help="split a reasoning model's <think> text into reasoning_content: deepseek_r1 "
+        "(DeepSeek-R1 and its distills, QwQ) or qwen3",
+    )
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
@@ -212,6 +220,7 @@ def run_serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         access_log=not args.disable_access_log,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        reasoning_parser=args.reasoning_parser,
     )
     logger.info("serving the model as %s", ", ".join(repr(n) for n in names))
     serve(engine, settings, sock)

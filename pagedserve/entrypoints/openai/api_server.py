@@ -60,6 +60,7 @@ class ServerSettings:
     shutdown_timeout_s: float = 20.0
     access_log: bool = True
     tool_call_parser: str | None = None  # set: tool_choice "auto" is answered (vLLM's flags)
+    reasoning_parser: str | None = None  # set: <think> text comes back as reasoning_content
 
 
 class GuardMiddleware:
@@ -138,7 +139,9 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``engine``; starting the app starts the engine thread."""
-    serving = OpenAIServing(engine, settings.served_model_names, settings.tool_call_parser)
+    serving = OpenAIServing(
+        engine, settings.served_model_names, settings.tool_call_parser, settings.reasoning_parser
+    )
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)
     responses = ServingResponses(chat)

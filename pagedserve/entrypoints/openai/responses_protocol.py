@@ -17,7 +17,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from pagedserve.entrypoints.openai.errors import bad_request
-from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, RequestBody
+from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    RequestBody,
+    StructuredOutputs,
+)
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -42,6 +46,7 @@ class ResponsesRequest(RequestBody):
     user: str | None = None
     include: list[str] | None = None
     top_logprobs: int | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra, as on chat
 
     @property
     def wants_logprobs(self) -> bool:
@@ -80,6 +85,7 @@ class ResponsesRequest(RequestBody):
             top_p=self.top_p,
             stream=self.stream,
             response_format=self._response_format(),
+            structured_outputs=self.structured_outputs,
             tools=[_chat_tool(t) for t in self.tools] if self.tools else None,
             tool_choice=_chat_tool_choice(self.tool_choice),
             parallel_tool_calls=self.parallel_tool_calls,

@@ -22,6 +22,7 @@ from pagedserve.engine.async_engine import (
 )
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
 from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
+from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -50,10 +51,13 @@ class OpenAIServing:
         engine: AsyncEngine,
         served_model_names: list[str],
         tool_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.tool_parser = tool_parser  # the parser of tool_choice "auto"; None refuses it
+        # Splits a reasoning model's thinking from its answer; None: the text is all content.
+        self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
         self.model_name = served_model_names[0]
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len

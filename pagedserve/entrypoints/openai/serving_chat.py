@@ -95,10 +95,13 @@ class ServingChat:
             if top_logprobs is not None:
                 entries = self.logprob_entries(req, c, 0, len(c.token_ids), top_logprobs)
                 logprobs = {"content": entries}
-            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+            reasoning, text = self.split(c.text, final=True)
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if reasoning is not None:
+                message.update(content=text or None, **_reasoning(reasoning or None))
             finish_reason = c.finish_reason
             if tool_mode is not None:
-                fields, finish_reason = final_answer(c.text, tool_mode, finish_reason, _call_id)
+                fields, finish_reason = final_answer(text, tool_mode, finish_reason, _call_id)
                 message.update(fields)
             choice = {
                 "index": c.index,
@@ -163,6 +166,7 @@ class ServingChat:
         tool_mode = req.tool_mode
         tool_deltas = [ToolCallDeltas(tool_mode, _call_id) for _ in range(n)] if tool_mode else None
         text_pos = [0] * n
+        reasoning_pos = [0] * n
         token_pos = [0] * n
         ids_sent = [0] * n  # token ids sent, for return_token_ids
         done = [False] * n
@@ -174,10 +178,12 @@ class ServingChat:
                     i = c.index
                     if done[i]:
                         continue
-                    new_text = c.text[text_pos[i] :]
+                    reasoning, text = self.split(c.text, final=c.finish_reason is not None)
+                    new_reasoning = (reasoning or "")[reasoning_pos[i] :]
+                    new_text = text[text_pos[i] :]
                     num_tokens = len(c.token_ids)
                     new_logprobs = top_logprobs is not None and num_tokens > token_pos[i]
-                    if not new_text and not new_logprobs and c.finish_reason is None:
+                    if not (new_text or new_reasoning or new_logprobs or c.finish_reason):
                         continue
                     logprobs = None
                     if top_logprobs is not None:
@@ -185,15 +191,18 @@ class ServingChat:
                             req, c, token_pos[i], num_tokens, top_logprobs
                         )
                         logprobs = {"content": entries}
-                    text_pos[i] = len(c.text)
+                    text_pos[i] = len(text)
+                    reasoning_pos[i] += len(new_reasoning)
                     token_pos[i] = num_tokens
                     done[i] = c.finish_reason is not None
                     delta: dict[str, Any] = {"content": new_text} if new_text else {}
                     finish_reason = c.finish_reason
                     if tool_deltas is not None:
-                        delta, finish_reason = tool_deltas[i].next(new_text, c.text, finish_reason)
-                        if not delta and finish_reason is None and logprobs is None:
-                            continue
+                        delta, finish_reason = tool_deltas[i].next(new_text, text, finish_reason)
+                    if new_reasoning:
+                        delta = {**_reasoning(new_reasoning), **delta}
+                    if not delta and finish_reason is None and logprobs is None:
+                        continue
                     choice = {
                         "index": i,
                         "delta": delta,
@@ -212,6 +221,13 @@ class ServingChat:
         if include_usage and final is not None:
             yield sse({**head, "choices": [], "usage": _usage(final)})
         yield SSE_DONE
+
+    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+        """(reasoning, content) of an answer so far, with the server's reasoning parser; without
+        one, (None, text)."""
+        if self.s.reasoning is None:
+            return None, text
+        return self.s.reasoning.split(text, final)
 
     def logprob_entries(
         self, req: ChatCompletionRequest, c: CompletionOutput, start: int, end: int, top: int
@@ -244,6 +260,11 @@ class ServingChat:
                 }
             )
         return entries
+
+
+def _reasoning(text: str | None) -> dict[str, str | None]:
+    """A message's (or delta's) reasoning, under vLLM's newer name and its older one."""
+    return {"reasoning": text, "reasoning_content": text}
 
 
 def _call_id() -> str:

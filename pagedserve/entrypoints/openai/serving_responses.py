@@ -81,14 +81,17 @@ class _Job:
         self.created = int(time.time())
 
     def output(self, c: CompletionOutput) -> list[dict[str, Any]]:
-        """The output items of a finished answer: its text as a message, or with tools the
-        message (if any text) and one ``function_call`` item per call."""
+        """The output items of a finished answer: a reasoning model's thinking as a reasoning
+        item (with the server's reasoning parser), then its text as a message, or with tools
+        the message (if any text) and one ``function_call`` item per call."""
+        reasoning, text = self.chat.split(c.text, final=True)
+        items = [_reasoning_item(reasoning)] if reasoning else []
         if self.tool_mode is None:
-            return [self.message(c.text, "completed", self.logprobs(c, 0, len(c.token_ids)))]
-        fields, _ = final_answer(
-            c.text, self.tool_mode, c.finish_reason, lambda: new_id("call", "_")
-        )
-        items = [self.message(fields["content"], "completed")] if fields.get("content") else []
+            logprobs = self.logprobs(c, 0, len(c.token_ids))
+            return [*items, self.message(text, "completed", logprobs)]
+        fields, _ = final_answer(text, self.tool_mode, c.finish_reason, lambda: new_id("call", "_"))
+        if fields.get("content"):
+            items.append(self.message(fields["content"], "completed"))
         for call in fields.get("tool_calls") or []:
             function = call["function"]
             items.append(
@@ -180,7 +183,8 @@ class _Job:
 
         yield event("response.created", response=self.response(None))
         yield event("response.in_progress", response=self.response(None))
-        streaming = self.tool_mode is None  # a text answer streams; tool calls go out whole
+        # A plain text answer streams; tool calls and a reasoning model's items go out whole.
+        streaming = self.tool_mode is None and self.chat.s.reasoning is None
         at = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         if streaming:
             item = {**self.message("", "in_progress"), "content": []}
@@ -206,10 +210,10 @@ class _Job:
         for index, item in enumerate(output):
             if not streaming:
                 added = {**item, "status": "in_progress"}
-                if item["type"] == "message":
-                    added["content"] = []
-                else:
+                if item["type"] == "function_call":
                     added["arguments"] = ""
+                else:
+                    added["content"] = []
                 yield event("response.output_item.added", output_index=index, item=added)
             for kind, fields in _item_events(item, index, opened=streaming):
                 yield event(kind, **fields)
@@ -223,7 +227,7 @@ def _item_events(
 ) -> list[tuple[str, dict[str, Any]]]:
     """The events that write a finished item's body, after its ``output_item.added``: a
     message's text part (``opened``: its part was added and its text streamed already), a
-    call's arguments."""
+    call's arguments, a reasoning item's text."""
     if item["type"] == "function_call":
         at = {"item_id": item["id"], "output_index": index}
         return [
@@ -232,6 +236,11 @@ def _item_events(
         ]
     (part,) = item["content"]
     at = {"item_id": item["id"], "output_index": index, "content_index": 0}
+    if item["type"] == "reasoning":
+        return [
+            ("response.reasoning_text.delta", {**at, "delta": part["text"]}),
+            ("response.reasoning_text.done", {**at, "text": part["text"]}),
+        ]
     events = []
     if not opened:
         events.append(("response.content_part.added", {**at, "part": _text_part("")}))
@@ -241,6 +250,16 @@ def _item_events(
     events.append(("response.output_text.done", done))
     events.append(("response.content_part.done", {**at, "part": part}))
     return events
+
+
+def _reasoning_item(text: str) -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": new_id("rs", "_"),
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+        "status": "completed",
+    }
 
 
 def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:

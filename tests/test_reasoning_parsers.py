@@ -1,0 +1,44 @@
+"""Reasoning parsers: a reasoning model's <think> text split from its answer, whole or streamed."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+
+R1 = REASONING_PARSERS["deepseek_r1"]
+QWEN3 = REASONING_PARSERS["qwen3"]
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "expected"),
+    [
+        (R1, "<think>a b</think>answer", ("a b", "answer")),
+        (R1, "a b</think>\n\nanswer", ("a b", "\n\nanswer")),  # the template opened <think>
+        (R1, "still thinking", ("still thinking", "")),  # cut before </think>
+        (R1, "\n<think>x</think>", ("x", "")),
+        (QWEN3, "<think>a</think>b", ("a", "b")),
+        (QWEN3, "no thinking here", ("", "no thinking here")),
+        (QWEN3, "plan</think>answer", ("plan", "answer")),
+    ],
+)
+def test_whole_answers(parser, text, expected):
+    assert parser.split(text, final=True) == expected
+
+
+@pytest.mark.parametrize("parser", [R1, QWEN3])
+def test_streamed_pieces_add_up_and_hold_back_partial_tags(parser):
+    text = "<think>step one, step two</think>The answer."
+    reasoning_sent = content_sent = ""
+    for end in range(1, len(text) + 1):
+        reasoning, content = parser.split(text[:end], final=end == len(text))
+        # what was sent is never taken back: each split extends the last
+        assert reasoning.startswith(reasoning_sent) and content.startswith(content_sent)
+        assert "<" not in reasoning and "<" not in content
+        reasoning_sent, content_sent = reasoning, content
+    assert (reasoning_sent, content_sent) == ("step one, step two", "The answer.")
+
+
+def test_qwen3_without_thinking_streams_content_at_once():
+    assert QWEN3.split("Hel", final=False) == ("", "Hel")
+    assert QWEN3.split("<th", final=False) == ("", "")  # may still open with <think>

@@ -1,0 +1,74 @@
+"""``--reasoning-parser``: a reasoning model's thinking comes back as ``reasoning_content`` (and
+``reasoning``), apart from its answer, in chat (whole and streamed) and in the Responses API. The
+packaged SmolLM2 does not think, so a regex holds its answer to ``<think>...</think>...``."""
+
+from __future__ import annotations
+
+import pytest
+from server_utils import MODEL_NAME, ServerProcess
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+THINKING = {"structured_outputs": {"regex": "<think>[a-z ]{3,30}</think>[A-Za-z ]{3,30}"}}
+
+
+@pytest.fixture(scope="module")
+def client():
+    srv = ServerProcess(
+        [
+            "--served-model-name",
+            MODEL_NAME,
+            "--max-model-len",
+            "2048",
+            "--kv-cache-memory",
+            "0.5",
+            "--reasoning-parser",
+            "deepseek_r1",
+        ]
+    ).wait_ready()
+    yield srv.client()
+    srv.close()
+
+
+def thinking_chat(client, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=60, temperature=0, extra_body=THINKING, **kwargs
+    )
+
+
+def test_chat_splits_thinking_from_the_answer(client):
+    r = thinking_chat(client)
+    message = r.choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert reasoning and message.model_extra["reasoning"] == reasoning
+    assert "<think>" not in reasoning and "</think>" not in (message.content or "")
+    assert message.content and r.choices[0].finish_reason == "stop"
+    chunks = list(thinking_chat(client, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed_reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+    streamed_content = "".join(d.content or "" for d in deltas)
+    assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
+
+
+def test_an_answer_cut_while_thinking_is_all_reasoning(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0, extra_body=THINKING
+    )
+    message = r.choices[0].message
+    assert message.content is None and message.model_extra["reasoning_content"]
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_responses_put_thinking_in_a_reasoning_item(client):
+    chat = thinking_chat(client).choices[0].message
+    args = {"model": MODEL_NAME, "input": CHAT[0]["content"], "temperature": 0}
+    r = client.responses.create(**args, max_output_tokens=60, extra_body=THINKING)
+    reasoning, message = r.output
+    assert reasoning.type == "reasoning" and message.type == "message"
+    assert reasoning.content[0].text == chat.model_extra["reasoning_content"]
+    assert r.output_text == chat.content
+    events = list(
+        client.responses.create(**args, max_output_tokens=60, extra_body=THINKING, stream=True)
+    )
+    kinds = [e.type for e in events]
+    assert "response.reasoning_text.done" in kinds and kinds[-1] == "response.completed"
+    assert events[-1].response.output_text == chat.content
