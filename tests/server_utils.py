@@ -88,6 +88,20 @@ class ServerProcess:
         self._log.close()
 
 
+def packaged_server(*args: str) -> ServerProcess:
+    """The packaged SmolLM2 served as MODEL_NAME (2048-token context, 0.5 GiB of KV cache), ready;
+    ``args`` are more server flags."""
+    flags = [
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-model-len",
+        "2048",
+        "--kv-cache-memory",
+        "0.5",
+    ]
+    return ServerProcess([*flags, *args]).wait_ready()
+
+
 def request(
     url: str,
     method: str = "GET",

@@ -9,7 +9,7 @@ import time
 import openai
 import pydantic
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, request
+from server_utils import MODEL_NAME, packaged_server, request
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 PROMPT = "The capital of France is"
@@ -17,9 +17,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(
-        ["--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--kv-cache-memory", "0.5"]
-    ).wait_ready()
+    srv = packaged_server()
     yield srv
     srv.close()
 

@@ -5,7 +5,7 @@ packaged SmolLM2 does not think, so a regex holds its answer to ``<think>...</th
 from __future__ import annotations
 
 import pytest
-from server_utils import MODEL_NAME, ServerProcess
+from server_utils import MODEL_NAME, packaged_server
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 THINKING = {"structured_outputs": {"regex": "<think>[a-z ]{3,30}</think>[A-Za-z ]{3,30}"}}
@@ -13,18 +13,7 @@ THINKING = {"structured_outputs": {"regex": "<think>[a-z ]{3,30}</think>[A-Za-z 
 
 @pytest.fixture(scope="module")
 def client():
-    srv = ServerProcess(
-        [
-            "--served-model-name",
-            MODEL_NAME,
-            "--max-model-len",
-            "2048",
-            "--kv-cache-memory",
-            "0.5",
-            "--reasoning-parser",
-            "deepseek_r1",
-        ]
-    ).wait_ready()
+    srv = packaged_server("--reasoning-parser", "deepseek_r1")
     yield srv.client()
     srv.close()
 

@@ -8,16 +8,14 @@ import json
 import openai
 import pydantic
 import pytest
-from server_utils import MODEL_NAME, ServerProcess
+from server_utils import MODEL_NAME, packaged_server
 
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def client():
-    srv = ServerProcess(
-        ["--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--kv-cache-memory", "0.5"]
-    ).wait_ready()
+    srv = packaged_server()
     yield srv.client()
     srv.close()
 
