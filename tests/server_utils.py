@@ -88,6 +88,22 @@ class ServerProcess:
         self._log.close()
 
 
+CHAT = [{"role": "user", "content": "Name three colours."}]
+PROMPT = "The capital of France is"
+
+
+def greedy_chat(client: openai.OpenAI, **kwargs: Any) -> Any:
+    """A greedy chat completion of CHAT on MODEL_NAME (``kwargs`` override)."""
+    args = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 24, "temperature": 0}
+    return client.chat.completions.create(**{**args, **kwargs})
+
+
+def greedy_completion(client: openai.OpenAI, **kwargs: Any) -> Any:
+    """A greedy completion of PROMPT on MODEL_NAME (``kwargs`` override)."""
+    args = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+    return client.completions.create(**{**args, **kwargs})
+
+
 def packaged_server(*args: str) -> ServerProcess:
     """The packaged SmolLM2 served as MODEL_NAME (2048-token context, 0.5 GiB of KV cache), ready;
     ``args`` are more server flags."""

@@ -9,10 +9,15 @@ import time
 import openai
 import pydantic
 import pytest
-from server_utils import MODEL_NAME, packaged_server, request
-
-CHAT = [{"role": "user", "content": "Name three colours."}]
-PROMPT = "The capital of France is"
+from server_utils import (
+    CHAT,
+    MODEL_NAME,
+    PROMPT,
+    greedy_chat,
+    greedy_completion,
+    packaged_server,
+    request,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +30,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return server.client()
-
-
-def greedy_chat(client, **kwargs):
-    args = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 24, "temperature": 0}
-    return client.chat.completions.create(**{**args, **kwargs})
-
-
-def greedy_completion(client, **kwargs):
-    args = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
-    return client.completions.create(**{**args, **kwargs})
 
 
 def test_chat_completion_object(server, client):
@@ -177,134 +172,6 @@ def test_completion_echo_only_scores_the_prompt(client):
     assert chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError):
         greedy_completion(client, max_tokens=0)
-
-
-def test_prompt_logprobs(server, client):
-    """vLLM's prompt_logprobs extra: per prompt token its logprob (the same as echo's) and the N
-    best alternatives, keyed by token id; on completions per choice, on chat at the top."""
-    r = greedy_completion(client, max_tokens=2, extra_body={"prompt_logprobs": 2})
-    (choice,) = r.choices
-    entries = choice.model_extra["prompt_logprobs"]
-    _, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
-    ids = tokenized["tokens"]
-    assert len(entries) == len(ids) == r.usage.prompt_tokens and entries[0] is None
-    echoed = greedy_completion(client, max_tokens=0, echo=True, logprobs=1).choices[0].logprobs
-    for i, (token_id, entry) in enumerate(zip(ids[1:], entries[1:], strict=True), start=1):
-        assert str(token_id) in entry and 1 <= len(entry) <= 3
-        own = entry[str(token_id)]
-        assert own["logprob"] == pytest.approx(echoed.token_logprobs[i], abs=1e-4)
-        assert own["decoded_token"] == echoed.tokens[i] and own["rank"] >= 1
-        assert all(v["rank"] <= 2 for k, v in entry.items() if k != str(token_id))
-        ranked = sorted(entry.values(), key=lambda v: v["rank"])
-        assert [v["logprob"] for v in ranked] == sorted(
-            (v["logprob"] for v in ranked), reverse=True
-        )
-    chat = greedy_chat(client, max_tokens=4, extra_body={"prompt_logprobs": 0})
-    entries = chat.model_extra["prompt_logprobs"]
-    assert len(entries) == chat.usage.prompt_tokens and entries[0] is None
-    assert all(len(entry) == 1 for entry in entries[1:])
-    assert greedy_chat(client, max_tokens=4).model_extra["prompt_logprobs"] is None
-    streamed = list(
-        greedy_chat(client, max_tokens=4, stream=True, extra_body={"prompt_logprobs": 0})
-    )
-    assert streamed[-1].choices[0].finish_reason == "length"
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        greedy_completion(client, stream=True, extra_body={"prompt_logprobs": 1})
-
-
-def test_return_token_ids(server, client):
-    """vLLM's return_token_ids: the prompt's and each choice's token ids beside the text; a
-    stream sends the prompt's in its first chunk and each chunk's new ids."""
-    extra = {"extra_body": {"return_token_ids": True}}
-    _, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
-    r = greedy_completion(client, max_tokens=8, **extra)
-    (choice,) = r.choices
-    assert choice.model_extra["prompt_token_ids"] == tokenized["tokens"]
-    generated = choice.model_extra["token_ids"]
-    assert len(generated) == r.usage.completion_tokens == 8
-    _, detokenized = request(server.url + "/detokenize", "POST", {"tokens": generated})
-    assert detokenized["prompt"] == choice.text
-    chunks = list(greedy_completion(client, max_tokens=8, stream=True, **extra))
-    assert chunks[0].choices[0].model_extra["prompt_token_ids"] == tokenized["tokens"]
-    assert all("prompt_token_ids" not in c.choices[0].model_extra for c in chunks[1:])
-    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == generated
-    chat = greedy_chat(client, max_tokens=8, **extra)
-    assert len(chat.model_extra["prompt_token_ids"]) == chat.usage.prompt_tokens
-    chat_ids = chat.choices[0].model_extra["token_ids"]
-    assert len(chat_ids) == chat.usage.completion_tokens
-    chunks = list(greedy_chat(client, max_tokens=8, stream=True, **extra))
-    assert chunks[0].model_extra["prompt_token_ids"] == chat.model_extra["prompt_token_ids"]
-    assert [t for c in chunks[1:] for t in c.choices[0].model_extra["token_ids"]] == chat_ids
-    assert "token_ids" not in greedy_completion(client, max_tokens=2).choices[0].model_extra
-
-
-def test_return_tokens_as_token_ids(client):
-    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"."""
-    extra = {"return_tokens_as_token_ids": True, "return_token_ids": True}
-    r = greedy_completion(client, max_tokens=4, logprobs=1, extra_body=extra)
-    (choice,) = r.choices
-    names = [f"token_id:{t}" for t in choice.model_extra["token_ids"]]
-    assert choice.logprobs.tokens == names
-    assert all(name in top for name, top in zip(names, choice.logprobs.top_logprobs, strict=True))
-    chat = greedy_chat(client, max_tokens=4, logprobs=True, top_logprobs=1, extra_body=extra)
-    entries = chat.choices[0].logprobs.content
-    names = [f"token_id:{t}" for t in chat.choices[0].model_extra["token_ids"]]
-    assert [e.token for e in entries] == names
-    assert all(e.top_logprobs[0].token.startswith("token_id:") for e in entries)
-
-
-def test_truncate_prompt_tokens_and_bad_words(client):
-    """vLLM's truncate_prompt_tokens keeps a prompt's last tokens; bad_words are never written."""
-    long_prompt = "Once upon a time " * 40 + PROMPT
-    full = greedy_completion(client, prompt=long_prompt, max_tokens=4)
-    kept = greedy_completion(
-        client,
-        prompt=long_prompt,
-        max_tokens=4,
-        echo=True,
-        extra_body={"truncate_prompt_tokens": 12, "return_token_ids": True},
-    )
-    (choice,) = kept.choices
-    assert kept.usage.prompt_tokens == 12 < full.usage.prompt_tokens
-    assert PROMPT in choice.text and len(choice.text) < len(long_prompt)  # echoes what it saw
-    assert len(choice.model_extra["prompt_token_ids"]) == 12
-    plain = greedy_completion(client, max_tokens=8).choices[0].text
-    word = plain.split()[0]
-    banned = greedy_completion(client, max_tokens=8, extra_body={"bad_words": [word]})
-    assert word not in banned.choices[0].text.split()
-
-
-def test_cache_salt(client):
-    """Requests share a cached prefix only under the same cache_salt."""
-    prompt = "Once upon a time, in a land far away, " * 6
-
-    def cached(**extra) -> int:
-        r = greedy_completion(client, prompt=prompt, max_tokens=2, extra_body=extra)
-        return r.usage.prompt_tokens_details.cached_tokens
-
-    assert cached(cache_salt="tenant-a") == 0
-    assert cached(cache_salt="tenant-a") > 0
-    assert cached(cache_salt="tenant-b") == 0
-    with pytest.raises(openai.BadRequestError, match="cache_salt"):
-        cached(cache_salt="")
-
-
-def test_stop_reason(server, client):
-    """vLLM's stop_reason: the stop string or token id that ended a choice, else null."""
-    full = greedy_completion(client, max_tokens=24).choices[0]
-    assert full.finish_reason == "length" and full.model_extra["stop_reason"] is None
-    stop = " " + full.text.split()[2]
-    by_string = greedy_completion(client, max_tokens=24, stop=[stop]).choices[0]
-    assert by_string.finish_reason == "stop" and by_string.model_extra["stop_reason"] == stop
-    chunks = list(greedy_completion(client, max_tokens=24, stop=[stop], stream=True))
-    assert chunks[-1].choices[0].model_extra["stop_reason"] == stop
-    _, generated = request(server.url + "/tokenize", "POST", {"prompt": full.text})
-    token_id = generated["tokens"][3]
-    extra = {"stop_token_ids": [token_id]}
-    by_token = greedy_completion(client, max_tokens=24, extra_body=extra).choices[0]
-    assert by_token.finish_reason == "stop" and by_token.model_extra["stop_reason"] == token_id
-    chat = greedy_chat(client, max_tokens=24, stop=[" "]).choices[0]
-    assert chat.finish_reason == "stop" and chat.model_extra["stop_reason"] == " "
 
 
 def test_stop_string_in_stream(client):

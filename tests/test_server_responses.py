@@ -25,7 +25,7 @@ def greedy_response(client, **kwargs):
     return client.responses.create(**{**args, **kwargs})
 
 
-def greedy_chat(client, messages, max_tokens=24):
+def chat_answer(client, messages, max_tokens=24):
     return client.chat.completions.create(
         model=MODEL_NAME, messages=messages, max_tokens=max_tokens, temperature=0
     )
@@ -39,7 +39,7 @@ def test_response_object_answers_as_chat_does(client):
     assert item.type == "message" and item.role == "assistant" and item.status == "completed"
     (part,) = item.content
     assert part.type == "output_text" and part.text == r.output_text
-    chat = greedy_chat(client, [{"role": "user", "content": QUESTION}])
+    chat = chat_answer(client, [{"role": "user", "content": QUESTION}])
     assert r.output_text == chat.choices[0].message.content
     assert r.usage.input_tokens == chat.usage.prompt_tokens
     assert r.usage.output_tokens == chat.usage.completion_tokens
@@ -54,7 +54,7 @@ def test_instructions_and_message_items(client):
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
     ]
     r = greedy_response(client, instructions="Answer in one word.", input=items)
-    chat = greedy_chat(
+    chat = chat_answer(
         client,
         [
             {"role": "system", "content": "Answer in one word."},
