@@ -51,7 +51,13 @@ def _generate(model: str, monkeypatch, enforce_eager: bool, **engine_args) -> tu
 
 @pytest.mark.parametrize(
     ("kind", "kv_cache_dtype"),
-    [("llama", "auto"), ("qwen2", "auto"), ("llama_tied", "float16"), ("llama", "bfloat16")],
+    [
+        ("llama", "auto"),
+        ("qwen2", "auto"),
+        ("qwen3", "auto"),
+        ("llama_tied", "float16"),
+        ("llama", "bfloat16"),
+    ],
 )
 def test_stack_equals_the_modules(kind, kv_cache_dtype, tiny_model_dir, monkeypatch):
     model = tiny_model_dir(kind)
@@ -62,7 +68,7 @@ def test_stack_equals_the_modules(kind, kv_cache_dtype, tiny_model_dir, monkeypa
 
 
 @pytest.mark.skipif(not packed_gemm.bf16_available(), reason="this CPU lacks AVX512-BF16")
-@pytest.mark.parametrize("kind", ["llama_tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen2", "qwen3"])
 def test_stack_equals_the_modules_with_bfloat16_panels(kind, tiny_model_dir, monkeypatch):
     model = tiny_model_dir(kind)
     want, _ = _generate(model, monkeypatch, True, dtype="bfloat16")

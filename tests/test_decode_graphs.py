@@ -57,12 +57,13 @@ def _logprobs(output) -> list[float]:
     return [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids, strict=True)]
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_padded_decode_steps_match_eager_steps(device, tiny_model_dir, monkeypatch):
+def test_padded_decode_steps_match_eager_steps(device, kind, tiny_model_dir, monkeypatch):
     """Every decode step's logits through the graphs equal the plain forward's on the same KV
     cache, and whole generations equal an engine without graphs: padded rows write only the
     scratch block."""
-    model_dir = tiny_model_dir("llama")
+    model_dir = tiny_model_dir(kind)
     llm = _engine(model_dir, device, enforce_eager=False)
     graphs = _with_graphs(llm)
     runner = llm.llm_engine.runner

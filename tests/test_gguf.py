@@ -59,7 +59,7 @@ def test_packaged_model_matches_transformers(smollm2, hf_smollm2):
         assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_tied"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "llama_tied"])
 def test_f32_gguf_matches_its_hf_model(kind, tmp_path):
     """Exact weights: name mapping, q/k un-permutation, llama3 rope via rope_freqs, tying."""
     hf = tiny_hf_model(kind)
@@ -217,5 +217,7 @@ def test_unsupported_gguf_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'.*llama, qwen2"):
+    with pytest.raises(
+        ValueError, match="unsupported GGUF architecture 'gpt2'.*llama, qwen2, qwen3"
+    ):
         load_config(str(path))

@@ -11,7 +11,7 @@ from pagedserve.model.layers.attention import Attention
 from pagedserve.model.loader import bf16_matmuls_in_float32, load_model
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES
 
-KINDS = ["llama", "qwen2", "llama_tied"]
+KINDS = ["llama", "qwen2", "qwen3", "llama_tied"]
 ATOL = 1e-4
 
 

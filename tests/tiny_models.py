@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from pagedserve.model.gguf_loader import metadata, open_gguf
@@ -56,13 +58,16 @@ LLAMA3_SCALING = {
 
 def tiny_config(kind: str) -> PretrainedConfig:
     """``llama`` (GQA, llama3 rope scaling), ``llama_tied`` (tied embeddings, plain rope),
-    ``llama_sharded`` (as ``llama``; written in shards), or ``qwen2`` (q/k/v bias)."""
+    ``llama_sharded`` (as ``llama``; written in shards), ``qwen2`` (q/k/v bias) or ``qwen3``
+    (per-head q/k norms, a head_dim twice hidden / heads, tied embeddings)."""
     if kind in ("llama", "llama_sharded"):
         return LlamaConfig(**_SIZES, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     if kind == "llama_tied":
         return LlamaConfig(**_SIZES, tie_word_embeddings=True)
     if kind == "qwen2":
         return Qwen2Config(**_SIZES, rope_theta=1000000.0, tie_word_embeddings=False)
+    if kind == "qwen3":
+        return Qwen3Config(**_SIZES, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True)
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 
@@ -70,7 +75,7 @@ def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
     """A transformers model of ``kind`` with every weight random (norms near 1, biases non-zero)
     so a wrong mapping of any tensor shows in the logits."""
     config = tiny_config(kind)
-    model_class = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
+    model_class = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(kind, LlamaForCausalLM)
     torch.manual_seed(seed)
     model = model_class(config).float().eval()
     with torch.no_grad():
@@ -100,6 +105,8 @@ def _hf_to_gguf_name(name: str) -> str:
         "self_attn.k_proj": "attn_k",
         "self_attn.v_proj": "attn_v",
         "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
         "post_attention_layernorm": "ffn_norm",
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
@@ -147,8 +154,8 @@ def write_tiny_gguf(
     but its 100k strings make writing and reading the file take seconds).
     """
     config = model.config
-    arch = "qwen2" if config.model_type == "qwen2" else "llama"
-    head_dim = config.hidden_size // config.num_attention_heads
+    arch = config.model_type if config.model_type in ("qwen2", "qwen3") else "llama"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -157,6 +164,8 @@ def write_tiny_gguf(
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     theta, scaling = rope_parameters(config)

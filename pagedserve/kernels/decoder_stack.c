@@ -10,7 +10,8 @@
  *
  * Per layer (H hidden, q = Hq * D, kv = Hkv * D, I intermediate; rows m, one per sequence):
  *   normed, residual = add_rms_norm(x, residual)      (the first layer: rms_norm(embeddings))
- *   qkv [m, q + 2 kv] = normed Wqkv^T                 rotated q|k [m, q + kv] = rotary(qkv)
+ *   qkv [m, q + 2 kv] = normed Wqkv^T                 (Qwen3: each q and k head rms-normed)
+ *   rotated q|k [m, q + kv] = rotary(qkv)
  *   k, v -> the pools at slots                        attn [m, q] = paged decode attention
  *   x = attn Wo^T; normed, residual = add_rms_norm(x, residual)
  *   act [m, I] = silu(normed Wg^T) * (normed Wu^T);   x = act Wd^T
@@ -58,6 +59,7 @@ typedef struct {
 
 typedef struct {
     const float *input_norm, *post_norm;
+    const float *q_norm, *k_norm; /* per-head norms' weights [D]; NULL: none */
     Projection qkv, o, gate_up, down;
     void *k_cache, *v_cache;
 } Layer;
@@ -98,6 +100,12 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
         const Layer *L = layers + l;
         if (l > 0) s->add_rms_norm(normed, residual, x, residual, L->input_norm, m, H, s->eps);
         project(s, &L->qkv, qkv, normed, m, q + 2 * kv, H, 0);
+        if (L->q_norm)
+            for (int64_t i = 0; i < m; i++) {
+                float *row = qkv + i * (q + 2 * kv);
+                s->rms_norm(row, row, L->q_norm, s->num_heads, D, s->eps);
+                s->rms_norm(row + q, row + q, L->k_norm, s->num_kv_heads, D, s->eps);
+            }
         s->rotary(qk, qkv, rope, rope + D / 2, m, heads, D, q + 2 * kv, D, D);
         s->write_kv(L->k_cache, L->v_cache, qk + q, qkv + q + kv, slots, m, kv, q + kv,
                     q + 2 * kv);

@@ -56,6 +56,8 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         ("input_norm", _ptr),
         ("post_norm", _ptr),
+        ("q_norm", _ptr),
+        ("k_norm", _ptr),
         ("qkv", _Projection),
         ("o", _Projection),
         ("gate_up", _Projection),
@@ -95,11 +97,14 @@ class Projection:
 
 @dataclass
 class Layer:
-    """One decoder layer: its two norms' weights, its projections (q/k/v stacked; gate/up
-    stacked and packed gated) and its K/V pools."""
+    """One decoder layer: its two norms' weights, its per-head q and k norms' (Qwen3; else
+    None), its projections (q/k/v stacked; gate/up stacked and packed gated) and its K/V
+    pools."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
     qkv: Projection
     o: Projection
     gate_up: Projection
@@ -128,6 +133,8 @@ def _layer_struct(layer: Layer) -> _Layer:
     return _Layer(
         _pointer(layer.input_norm),
         _pointer(layer.post_norm),
+        _pointer(layer.q_norm),
+        _pointer(layer.k_norm),
         *(_projection_struct(p) for p in (layer.qkv, layer.o, layer.gate_up, layer.down)),
         _pointer(layer.k_cache),
         _pointer(layer.v_cache),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import Q4_K, dequantize
-from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.llama import ROPE_FREQ_FACTORS
@@ -25,6 +25,7 @@ from pagedserve.model.llama import ROPE_FREQ_FACTORS
 GGUF_ARCHITECTURES: dict[str, tuple[str, type[PretrainedConfig]]] = {
     "llama": ("LlamaForCausalLM", LlamaConfig),
     "qwen2": ("Qwen2ForCausalLM", Qwen2Config),
+    "qwen3": ("Qwen3ForCausalLM", Qwen3Config),
 }
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -34,6 +35,8 @@ _PER_BLOCK = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -69,7 +72,8 @@ def gguf_architecture(reader: GGUFReader) -> str:
 
 
 def gguf_config(reader: GGUFReader) -> PretrainedConfig:
-    """A LlamaConfig / Qwen2Config equivalent to the one the GGUF was converted from."""
+    """A LlamaConfig / Qwen2Config / Qwen3Config equivalent to the one the GGUF was converted
+    from."""
     arch = gguf_architecture(reader)
     hf_arch, config_class = GGUF_ARCHITECTURES[arch]
 
@@ -95,7 +99,7 @@ def gguf_config(reader: GGUFReader) -> PretrainedConfig:
         rope_theta=arch_key("rope.freq_base", 10000.0),
         rope_scaling=_rope_scaling(arch_key("rope.scaling.type"), arch_key("rope.scaling.factor")),
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias=arch == "llama" and "blk.0.attn_q.bias" in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=metadata(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata(reader, "tokenizer.ggml.padding_token_id"),

@@ -1,8 +1,9 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral without sliding window) and Qwen2.
+"""The Llama family (Llama 2/3, SmolLM, Mistral without sliding window), Qwen2 and Qwen3.
 
 One flattened step: ``forward(input_ids[T], positions[T], meta) -> hidden[T, H]`` over every
 scheduled token of every request, no batch dimension and no padding. q/k/v are one GEMM and
-gate/up another; the architectures differ only in which projections carry a bias.
+gate/up another; the architectures differ only in which projections carry a bias and whether
+each q and k head is RMS-normed before the rotation (Qwen3).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -59,6 +60,8 @@ class LlamaAttention(nn.Module):
             config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(
@@ -70,6 +73,9 @@ class LlamaAttention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].view(
             num_tokens, self.num_heads + self.num_kv_heads, self.head_dim
         )
+        if self.q_norm is not None and self.k_norm is not None:
+            heads = self.num_heads
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), 1)
         qk = apply_rotary(qk, *rope)
         q = qk[:, : self.num_heads].flatten(1)
         k = qk[:, self.num_heads :].flatten(1)
@@ -91,10 +97,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, biases: tuple[bool, bool, bool]) -> None:
+    def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
         super().__init__()
         qkv_bias, o_bias, mlp_bias = biases
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm)
         self.mlp = LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -123,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, biases: tuple[bool, bool, bool]) -> None:
+    def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         theta, scaling = rope_parameters(config)
@@ -131,7 +137,7 @@ class LlamaModel(nn.Module):
             head_dim_of(config), config.max_position_embeddings, theta, scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, biases) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, biases, qk_norm) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -151,10 +157,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM over the paged KV cache; ``.config`` is the transformers config."""
 
+    # Whether each q and k head is RMS-normed (over head_dim) before the rotation.
+    qk_norm = False
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.biases(config))
+        self.model = LlamaModel(config, self.biases(config), self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.packed_head: torch.Tensor | None = None
         self.packed_head_quantized: torch.Tensor | None = None
@@ -270,3 +279,11 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     @staticmethod
     def biases(config: Any) -> tuple[bool, bool, bool]:
         return True, False, False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: the Llama layout (q/k/v bias as ``attention_bias`` says) with each q and k head
+    RMS-normed before the rotation, and a ``head_dim`` of its own (128 where hidden / heads is
+    64 or 80)."""
+
+    qk_norm = True

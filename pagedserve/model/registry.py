@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from pagedserve.model.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from pagedserve.model.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +15,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
@@ -33,8 +34,9 @@ def check_architecture(architectures: list[str] | None, where: str) -> str:
 
 def get_model_class(config: Any) -> type[nn.Module]:
     name = check_architecture(getattr(config, "architectures", None), "the model config")
+    # transformers leaves it None where a config does not use it (Qwen2/3's use_sliding_window).
     window = getattr(config, "sliding_window", None)
-    if name == "MistralForCausalLM" and window and window < config.max_position_embeddings:
+    if window and window < config.max_position_embeddings:
         logger.warning(
             "sliding_window=%d is not implemented: attention is full; outputs past %d tokens "
             "differ from the reference",

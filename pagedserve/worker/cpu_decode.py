@@ -33,13 +33,15 @@ def _layer(layer: LlamaDecoderLayer) -> Layer | None:
         _projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     ]
     norms = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+    head_norms = [None if n is None else n.weight.detach() for n in (attn.q_norm, attn.k_norm)]
     pools = (attn.attn.k_cache, attn.attn.v_cache)
     if None in projections or pools[0] is None or pools[1] is None:
         return None
-    if attn.attn.backend != "fast" or not elementwise.supports(*norms):
+    present = [n for n in head_norms if n is not None]
+    if attn.attn.backend != "fast" or not elementwise.supports(*norms, *present):
         return None
     qkv, o, gate_up, down = projections
-    return Layer(*norms, qkv, o, gate_up, down, *pools)
+    return Layer(*norms, *head_norms, qkv, o, gate_up, down, *pools)
 
 
 class CpuDecodeStack:
@@ -62,6 +64,7 @@ class CpuDecodeStack:
         norms = [inner.norm]
         for layer in inner.layers:
             norms += [layer.input_layernorm, layer.post_attention_layernorm]
+            norms += [n for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n is not None]
         final_norm = inner.norm.weight.detach()
         if None in layers or len({n.eps for n in norms}) != 1:
             return None
