@@ -28,3 +28,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # decode steps module by module (no CUDA graphs, no CPU stack)
     chat_template: str | None = None  # a template string or a path to a .jinja file
+    # auto (the model directory's generation_config.json: its eos ids, and the sampling defaults
+    # of requests that leave them out) | vllm (none) | a directory with a generation_config.json
+    generation_config: str = "auto"

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny_models import DEVICES, PagedRunner, tiny_hf_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3Config
 
 from pagedserve.model.layers.attention import Attention
 from pagedserve.model.loader import bf16_matmuls_in_float32, load_model
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES
 
-KINDS = ["llama", "qwen2", "qwen3", "llama_tied"]
+KINDS = ["llama", "qwen2", "qwen3", "llama_tied", "mistral", "qwen2_window", "gemma3"]
 ATOL = 1e-4
 
 
@@ -86,6 +87,31 @@ def test_sharded_safetensors_directory(tiny_model_dir, reference):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_text_half_of_a_multimodal_gemma3_checkpoint(prefix, tmp_path, reference):
+    """Gemma3ForConditionalGeneration (Gemma 3 4B and up), as the Hub's files name its tensors
+    and as transformers 5 does: the text model loads, the vision tower's tensors are skipped."""
+    hf = tiny_hf_model("gemma3")
+    tensors = {
+        name.replace("model.", prefix, 1): t.contiguous()
+        for name, t in hf.state_dict().items()
+        if name != "lm_head.weight"
+    }
+    outer = "" if prefix.startswith("language_model") else "model."
+    tensors[outer + "vision_tower.vision_model.post_layernorm.weight"] = torch.ones(8)
+    tensors[outer + "multi_modal_projector.mm_input_projection_weight"] = torch.ones(8, 64)
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = Gemma3Config(
+        text_config=hf.config.to_dict(), architectures=["Gemma3ForConditionalGeneration"]
+    )
+    config.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), torch.float32, torch.device("cpu"))
+    assert model.config.num_hidden_layers == 2
+    outputs = PagedRunner(model).step(list(enumerate(_prompts())))
+    for ours, theirs in zip(outputs, reference("gemma3"), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
 def test_config_is_the_transformers_config(tiny_model_dir):
     model = load_model(tiny_model_dir("llama"), torch.float32, torch.device("cpu"))
     config = model.config
@@ -96,9 +122,10 @@ def test_config_is_the_transformers_config(tiny_model_dir):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_follows_the_reference(dtype, device, tiny_model_dir):
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_half_precision_follows_the_reference(kind, dtype, device, tiny_model_dir):
     """In 16-bit the logits stay close to float32 transformers and greedy tokens mostly agree."""
-    path = tiny_model_dir("llama")
+    path = tiny_model_dir(kind)
     model = load_model(path, dtype, torch.device(device))
     # float32 modules with bfloat16 matmuls on a CPU with AVX512-BF16
     modules = torch.float32 if bf16_matmuls_in_float32(dtype, device) else dtype

@@ -15,8 +15,12 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -58,14 +62,34 @@ LLAMA3_SCALING = {
 
 def tiny_config(kind: str) -> PretrainedConfig:
     """``llama`` (GQA, llama3 rope scaling), ``llama_tied`` (tied embeddings, plain rope),
-    ``llama_sharded`` (as ``llama``; written in shards), ``qwen2`` (q/k/v bias) or ``qwen3``
-    (per-head q/k norms, a head_dim twice hidden / heads, tied embeddings)."""
+    ``llama_sharded`` (as ``llama``; written in shards), ``qwen2`` (q/k/v bias), ``qwen3``
+    (per-head q/k norms, a head_dim twice hidden / heads, tied embeddings), ``mistral`` (a
+    sliding window of 8 positions on every layer), ``qwen2_window`` (one on the second layer
+    only) or ``gemma3`` (a window on the first layer, each layer type its own RoPE, q/k norms,
+    query_pre_attn_scalar, soft-capped logits)."""
     if kind in ("llama", "llama_sharded"):
         return LlamaConfig(**_SIZES, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     if kind == "llama_tied":
         return LlamaConfig(**_SIZES, tie_word_embeddings=True)
     if kind == "qwen2":
         return Qwen2Config(**_SIZES, rope_theta=1000000.0, tie_word_embeddings=False)
+    if kind == "mistral":
+        return MistralConfig(**_SIZES, sliding_window=8)
+    if kind == "qwen2_window":
+        return Qwen2Config(**_SIZES, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    if kind == "gemma3":
+        return Gemma3TextConfig(
+            **_SIZES,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+            final_logit_softcapping=30.0,
+        )
     if kind == "qwen3":
         return Qwen3Config(**_SIZES, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True)
     raise ValueError(f"unknown tiny model kind {kind!r}")
@@ -75,7 +99,13 @@ def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
     """A transformers model of ``kind`` with every weight random (norms near 1, biases non-zero)
     so a wrong mapping of any tensor shows in the logits."""
     config = tiny_config(kind)
-    model_class = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(kind, LlamaForCausalLM)
+    model_class = {
+        "gemma3": Gemma3ForCausalLM,
+        "mistral": MistralForCausalLM,
+        "qwen2": Qwen2ForCausalLM,
+        "qwen2_window": Qwen2ForCausalLM,
+        "qwen3": Qwen3ForCausalLM,
+    }.get(kind, LlamaForCausalLM)
     torch.manual_seed(seed)
     model = model_class(config).float().eval()
     with torch.no_grad():

@@ -166,6 +166,11 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation-config sampling defaults (see ``generation_config``)."""
+        return self.engine.generation_config.sampling_defaults
+
+    @property
     def model_name(self) -> str:
         return self.engine.model_name
 

@@ -14,6 +14,7 @@ from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
 from pagedserve.engine.request import Request, RequestStatus, RequestTimes
 from pagedserve.engine.scheduler import Scheduler
+from pagedserve.model.generation_config import load_generation_config
 from pagedserve.model.loader import load_model
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import RequestOutput
@@ -107,6 +108,13 @@ class LLMEngine:
             keep_freed_memory_in_heap()
         self.model_name = resolve_model(config.model)
         self.model = load_model(self.model_name, self.dtype, self.device)
+        self.generation_config = load_generation_config(self.model_name, config.generation_config)
+        if self.generation_config.sampling_defaults:
+            logger.info(
+                "sampling defaults from the model's generation config (requests that leave "
+                "them out get these): %s",
+                self.generation_config.sampling_defaults,
+            )
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_name, config.chat_template)
         hf = self.model.config
         self.max_model_len = min(
@@ -172,6 +180,7 @@ class LLMEngine:
     def _eos_token_ids(self) -> set[int]:
         ids = self.model.config.eos_token_id
         ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        ids |= self.generation_config.eos_token_ids
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids

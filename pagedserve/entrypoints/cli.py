@@ -74,6 +74,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chat-template", default=None, help="a chat template file (jinja2), or the template"
     )
+    g.add_argument(
+        "--generation-config",
+        default=None,
+        help="auto (default): the model directory's generation_config.json gives its eos ids "
+        "and the sampling defaults of requests that leave them out; vllm: none; or a directory "
+        "holding a generation_config.json",
+    )
     g.add_argument("--seed", type=int, default=None, help="engine seed")
 
 
@@ -89,6 +96,7 @@ _ENGINE_FIELDS = (
     "max_num_batched_tokens",
     "enable_prefix_caching",
     "enforce_eager",
+    "generation_config",
     "seed",
 )
 

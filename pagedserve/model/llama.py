@@ -1,9 +1,10 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral without sliding window), Qwen2 and Qwen3.
+"""The Llama family (Llama 2/3, SmolLM, Mistral), Qwen2 and Qwen3.
 
 One flattened step: ``forward(input_ids[T], positions[T], meta) -> hidden[T, H]`` over every
 scheduled token of every request, no batch dimension and no padding. q/k/v are one GEMM and
-gate/up another; the architectures differ only in which projections carry a bias and whether
-each q and k head is RMS-normed before the rotation (Qwen3).
+gate/up another; the architectures differ only in which projections carry a bias, whether
+each q and k head is RMS-normed before the rotation (Qwen3), and which layers have a sliding
+window.
 """
 
 from __future__ import annotations
@@ -45,11 +46,26 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_window_of(config: Any, layer: int) -> int | None:
+    """The layer's sliding window: the config's ``sliding_window`` on every layer (Mistral), or
+    on those ``layer_types`` calls sliding (Qwen2/3, where transformers sets it only when
+    ``use_sliding_window``); None where it would cover the whole context anyway."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or window >= config.max_position_embeddings:
+        return None
+    if layer_types is not None and layer_types[layer] != "sliding_attention":
+        return None
+    return window
+
+
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, window: int | None
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -62,7 +78,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window
+        )
 
     def forward(
         self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata, output_only: bool = False
@@ -97,10 +115,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, index: int, biases: tuple[bool, bool, bool], qk_norm: bool
+    ) -> None:
         super().__init__()
         qkv_bias, o_bias, mlp_bias = biases
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm)
+        window = sliding_window_of(config, index)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, window)
         self.mlp = LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -137,7 +158,7 @@ class LlamaModel(nn.Module):
             head_dim_of(config), config.max_position_embeddings, theta, scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, biases, qk_norm) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, biases, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -163,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.biases(config), self.qk_norm)
+        self.model = self.build_model(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.packed_head: torch.Tensor | None = None
         self.packed_head_quantized: torch.Tensor | None = None
@@ -173,6 +194,10 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+
+    def build_model(self, config: Any) -> nn.Module:
+        """The decoder stack (``embed_tokens``, ``layers``, ``norm``), named as in checkpoints."""
+        return LlamaModel(config, self.biases(config), self.qk_norm)
 
     @staticmethod
     def biases(config: Any) -> tuple[bool, bool, bool]:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from torch import nn
 
+from pagedserve.model.gemma3 import Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from pagedserve.model.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-
-logger = logging.getLogger(__name__)
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
@@ -34,13 +34,4 @@ def check_architecture(architectures: list[str] | None, where: str) -> str:
 
 def get_model_class(config: Any) -> type[nn.Module]:
     name = check_architecture(getattr(config, "architectures", None), "the model config")
-    # transformers leaves it None where a config does not use it (Qwen2/3's use_sliding_window).
-    window = getattr(config, "sliding_window", None)
-    if window and window < config.max_position_embeddings:
-        logger.warning(
-            "sliding_window=%d is not implemented: attention is full; outputs past %d tokens "
-            "differ from the reference",
-            window,
-            window,
-        )
     return MODEL_REGISTRY[name]

@@ -38,7 +38,9 @@ def _layer(layer: LlamaDecoderLayer) -> Layer | None:
     if None in projections or pools[0] is None or pools[1] is None:
         return None
     present = [n for n in head_norms if n is not None]
-    if attn.attn.backend != "fast" or not elementwise.supports(*norms, *present):
+    if attn.attn.backend != "fast" or attn.attn.sliding_window is not None:
+        return None
+    if not elementwise.supports(*norms, *present):
         return None
     qkv, o, gate_up, down = projections
     return Layer(*norms, *head_norms, qkv, o, gate_up, down, *pools)
@@ -56,9 +58,11 @@ class CpuDecodeStack:
     def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
         """The stack of ``model``, or None where its decode steps cannot take it: another
         architecture, weights not packed for the C GEMM (not float32 on the CPU), the reference
-        attention backend, or a kernel not built here."""
+        attention backend, a sliding window, or a kernel not built here."""
         if not isinstance(model, LlamaForCausalLM):
             return None
+        if not all(type(layer) is LlamaDecoderLayer for layer in model.model.layers):
+            return None  # another layer layout (Gemma 3)
         inner = model.model
         layers = [_layer(layer) for layer in inner.layers]
         norms = [inner.norm]

@@ -9,7 +9,9 @@ serialisation).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import cache
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -159,19 +161,26 @@ class SamplingFields(RequestBody):
         max_tokens: int,
         logprobs: int | None,
         prompt_logprobs: int | None = None,
+        defaults: Mapping[str, Any] = MappingProxyType({}),
     ) -> SamplingParams:
-        """Build (and so validate) the engine's SamplingParams; ValueError on a bad value."""
+        """Build (and so validate) the engine's SamplingParams; ValueError on a bad value.
+        ``defaults``: the model's values (its generation config) for the fields left out."""
         if isinstance(self.n, int) and self.n > MAX_N:
             raise bad_request(f"n must be at most {MAX_N}, got {self.n}", param="n")
+
+        def given(name: str, fallback: float) -> Any:
+            value = getattr(self, name)
+            return defaults.get(name, fallback) if value is None else value
+
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=given("temperature", 1.0),
+            top_p=given("top_p", 1.0),
+            top_k=given("top_k", 0),
+            min_p=given("min_p", 0.0),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=given("repetition_penalty", 1.0),
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,

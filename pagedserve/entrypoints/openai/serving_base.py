@@ -61,6 +61,7 @@ class OpenAIServing:
         self.model_name = served_model_names[0]
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.sampling_defaults = engine.sampling_defaults
         self.vocab_size = len(self.tokenizer)
         self._token_text = lru_cache(maxsize=1 << 16)(self._decode_one)
 
@@ -105,7 +106,7 @@ class OpenAIServing:
             )
         max_tokens = requested_max_tokens
         if max_tokens is None:
-            max_tokens = limit - prompt_len
+            max_tokens = min(limit - prompt_len, self.sampling_defaults.get("max_tokens", limit))
         elif isinstance(max_tokens, int) and max_tokens >= 1 and prompt_len + max_tokens > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -116,7 +117,9 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         try:
-            return request.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            return request.sampling_params(
+                max_tokens, logprobs, prompt_logprobs, self.sampling_defaults
+            )
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
 

@@ -6,6 +6,11 @@ tested against; :func:`fast_paged_attention` (the default) batches all decodes i
 a C kernel on CPU (or a gathered SDPA elsewhere), and all prefill chunks into one call of a C
 flash-attention kernel that reads the pools directly (or one SDPA per chunk elsewhere).
 ``PAGEDSERVE_ATTENTION_BACKEND=reference`` selects the oracle.
+
+A layer with a sliding window (Mistral v0.1, Qwen2/3 with ``use_sliding_window``) lets each query
+see only its last ``window`` positions (itself included), as transformers' sliding-window mask
+does. Its decodes and prefill chunks go through the masked PyTorch paths; the C kernels have no
+window.
 """
 
 from __future__ import annotations
@@ -117,12 +122,22 @@ def gather_context(
     return blocks.flatten(0, 1)[:seq_len].to(dtype)
 
 
+def causal_mask(q_pos: torch.Tensor, seq_len: int, window: int | None) -> torch.Tensor:
+    """``[len(q_pos), seq_len]``: which context positions each query position attends to."""
+    k_pos = torch.arange(seq_len, device=q_pos.device)[None, :]
+    mask = k_pos <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos > q_pos[:, None] - window
+    return mask
+
+
 def reference_paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of queries ``[T, Hq, D]`` over paged contexts, one request at a time."""
     out = torch.empty_like(q)
@@ -138,8 +153,7 @@ def reference_paged_attention(
             keys = keys.repeat_interleave(group, dim=1)
             values = values.repeat_interleave(group, dim=1)
         q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
+        mask = causal_mask(q_pos, seq_len, window)
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1),
             keys.transpose(0, 1),
@@ -159,15 +173,20 @@ def _decode_torch(
     seq_lens: torch.Tensor,
     max_seq_len: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention by gathering padded contexts; the portable (CUDA, no-compiler) path."""
+    """Decode attention by gathering padded contexts; the portable (CUDA, no-compiler) path,
+    and that of layers with a sliding ``window``."""
     block_size = k_cache.shape[1]
     num_blocks = -(-max_seq_len // block_size)
     table = block_tables[:, :num_blocks].long()
     keys = k_cache[table].to(q.dtype).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     values = v_cache[table].to(q.dtype).flatten(1, 2).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=q.device)
-    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+    mask = positions[None, :] < seq_lens[:, None]
+    if window is not None:
+        mask &= positions[None, :] >= seq_lens[:, None] - window
+    mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )
@@ -182,12 +201,13 @@ def _decode(
     seq_lens: torch.Tensor,
     max_seq_len: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    if paged_decode_attention.supports(q, k_cache):
+    if window is None and paged_decode_attention.supports(q, k_cache):
         return paged_decode_attention.paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale
         )
-    return _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale)
+    return _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, window)
 
 
 def fast_paged_attention(
@@ -199,6 +219,7 @@ def fast_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     bf16_products: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decodes in one batched kernel call; prefill chunks in another (C kernel on CPU, with
     bfloat16 products if asked and it has them) or each through SDPA."""
@@ -206,7 +227,7 @@ def fast_paged_attention(
         meta.split_decodes()
     if not meta.prefill_reqs:
         return _decode(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, window
         )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if meta.num_decodes:
@@ -219,8 +240,9 @@ def fast_paged_attention(
             meta.decode_seq_lens,
             meta.max_seq_len,
             scale,
+            window,
         )
-    if prefill_attention.supports(q, k_cache):
+    if window is None and prefill_attention.supports(q, k_cache):
         prefill_attention.prefill_attention(
             q,
             k_cache,
@@ -234,7 +256,7 @@ def fast_paged_attention(
             bf16_products=bf16_products,
         )
     else:
-        _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale)
+        _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale, window)
     return out
 
 
@@ -247,6 +269,7 @@ def _prefill_sdpa(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> None:
     """Each prefill chunk through SDPA into its rows of ``out``; the portable path.
 
@@ -256,14 +279,16 @@ def _prefill_sdpa(
     qsl = meta.query_start_loc_cpu
     for i in meta.prefill_reqs:
         start, end, seq_len = qsl[i], qsl[i + 1], meta.seq_lens_cpu[i]
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
         if seq_len == end - start:
-            o = _sdpa(q[start:end], k[start:end], v[start:end], None, scale)
+            mask = (
+                None if window is None or window >= seq_len else causal_mask(q_pos, seq_len, window)
+            )
+            o = _sdpa(q[start:end], k[start:end], v[start:end], mask, scale)
         else:
             keys = gather_context(k_cache, meta.block_tables[i], seq_len, q.dtype)
             values = gather_context(v_cache, meta.block_tables[i], seq_len, q.dtype)
-            q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-            o = _sdpa(q[start:end], keys, values, mask, scale)
+            o = _sdpa(q[start:end], keys, values, causal_mask(q_pos, seq_len, window), scale)
         out[start:end] = o
 
 
@@ -293,14 +318,24 @@ class Attention(nn.Module):
     model runner assigns them after it allocates the cache. ``bf16_products``: the model's
     matmuls run in bfloat16 (see ``Linear``), and so may prefill attention's, over a bfloat16
     cache on a CPU that has them (``prefill_attention.bf16_products_available``).
+    ``sliding_window``: how many positions (the query's own included) each query sees; None:
+    all before it.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "fast")
@@ -327,7 +362,9 @@ class Attention(nn.Module):
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         rows = meta.output_rows if output_only else None
         if self.backend == "reference":
-            out = reference_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+            out = reference_paged_attention(
+                q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
+            )
             if rows is not None:
                 out = out.index_select(0, rows)
         elif rows is not None:
@@ -340,9 +377,18 @@ class Attention(nn.Module):
                 meta.seq_lens.index_select(0, meta.output_reqs),
                 meta.max_seq_len,
                 self.scale,
+                self.sliding_window,
             )
         else:
             out = fast_paged_attention(
-                q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.bf16_products
+                q,
+                k,
+                v,
+                self.k_cache,
+                self.v_cache,
+                meta,
+                self.scale,
+                self.bf16_products,
+                self.sliding_window,
             )
         return out.reshape(-1, self.num_heads * self.head_dim)

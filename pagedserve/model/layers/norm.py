@@ -40,3 +40,24 @@ class RMSNorm(nn.Module):
             return elementwise.add_rms_norm(x, residual, self.weight, self.eps)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, in float32 whatever the dtype of ``x``
+    (Gemma checkpoints store the weight around 0). :meth:`prepare`, after loading, keeps
+    ``1 + weight`` in float32 so that a float32 CPU tensor takes the C kernel."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.eps = eps
+        self.scale: torch.Tensor | None = None
+
+    def prepare(self) -> None:
+        self.scale = 1.0 + self.weight.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if self.scale is not None else 1.0 + self.weight.float()
+        if elementwise.supports(x, scale):
+            return elementwise.rms_norm(x, scale, self.eps)
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * scale).to(x.dtype)

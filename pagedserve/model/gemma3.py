@@ -1,0 +1,210 @@
+"""Gemma 3's text model: ``Gemma3ForCausalLM`` (Gemma 3 1B), and the text half of
+``Gemma3ForConditionalGeneration`` (4B, 12B, 27B).
+
+It shares the Llama layout's attention, weight loading, packing and tied lm head
+(:mod:`pagedserve.model.llama`). What differs:
+
+- the embedding is multiplied by sqrt(hidden), rounded to the model's dtype as transformers
+  rounds it;
+- every norm is Gemma's ``1 + weight`` one, and each layer also norms its attention's and its
+  MLP's output before adding it to the residual stream (four norms a layer);
+- q and k heads are normed before the rotation, and scores are scaled by
+  ``query_pre_attn_scalar ** -0.5``;
+- the layers ``layer_types`` calls sliding (five in six) see a window of ``sliding_window``
+  positions and rotate with the local RoPE base; the others attend to everything and rotate
+  with the global base and its scaling;
+- the MLP is GeGLU (tanh-approximated GELU), and logits may be soft-capped
+  (``final_logit_softcapping``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.model.layers.attention import AttentionMetadata
+from pagedserve.model.layers.embedding import Embedding
+from pagedserve.model.layers.linear import Linear, MergedLinear
+from pagedserve.model.layers.norm import GemmaRMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedserve.model.llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    Rope,
+    head_dim_of,
+    sliding_window_of,
+)
+
+SLIDING = "sliding_attention"
+
+
+def layer_types(config: Any) -> list[str]:
+    """Each layer's attention, ``sliding_attention`` or ``full_attention``; configs that predate
+    ``layer_types`` give every ``sliding_window_pattern``-th layer full attention."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    pattern = config.sliding_window_pattern
+    return [
+        "full_attention" if (i + 1) % pattern == 0 else SLIDING
+        for i in range(config.num_hidden_layers)
+    ]
+
+
+def layer_rope(config: Any, layer_type: str) -> tuple[float, dict[str, Any]]:
+    """``(theta, scaling)`` of the layers of ``layer_type``: transformers 5 keeps one
+    ``rope_parameters`` entry per layer type, transformers 4 a ``rope_local_base_freq`` for the
+    sliding layers beside ``rope_theta`` + ``rope_scaling`` for the full ones."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type in params:
+        return rope_parameters(SimpleNamespace(rope_parameters=params[layer_type]))
+    if layer_type == SLIDING:
+        return float(config.rope_local_base_freq), {"rope_type": "default"}
+    return rope_parameters(config)
+
+
+class Gemma3Attention(LlamaAttention):
+    def __init__(self, config: Any, window: int | None) -> None:
+        bias = bool(getattr(config, "attention_bias", False))
+        super().__init__(config, bias, bias, qk_norm=True, window=window)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.attn.scale = config.query_pre_attn_scalar**-0.5
+
+
+class GeGLU(nn.Module):
+    """``down(gelu_tanh(gate(x)) * up(x))``, gate and up in one GEMM."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if config.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(
+                f"unsupported hidden_activation {config.hidden_activation!r}; "
+                "supported: gelu_pytorch_tanh"
+            )
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size])
+        self.down_proj = Linear(size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: Any, index: int) -> None:
+        super().__init__()
+        self.sliding = layer_types(config)[index] == SLIDING
+        self.self_attn = Gemma3Attention(config, sliding_window_of(config, index))
+        self.mlp = GeGLU(config)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
+
+    def forward(
+        self, rope: Rope, hidden: torch.Tensor, meta: AttentionMetadata, output_only: bool = False
+    ) -> torch.Tensor:
+        """The residual stream after this layer; with ``output_only`` (the last layer) and
+        ``meta.output_rows`` set, only those rows (as :class:`LlamaDecoderLayer` does)."""
+        attended = self.self_attn(rope, self.input_layernorm(hidden), meta, output_only)
+        if output_only and meta.output_rows is not None:
+            hidden = hidden.index_select(0, meta.output_rows)
+        hidden = hidden + self.post_attention_layernorm(attended)
+        mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden))
+        return hidden + self.post_feedforward_layernorm(mlp_out)
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
+        head_dim, max_positions = head_dim_of(config), config.max_position_embeddings
+        self.rotary_emb = RotaryEmbedding(
+            head_dim, max_positions, *layer_rope(config, "full_attention")
+        )
+        self.rotary_emb_local = RotaryEmbedding(
+            head_dim, max_positions, *layer_rope(config, SLIDING)
+        )
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) * self.embed_scale
+        full, local = self.rotary_emb(positions), self.rotary_emb_local(positions)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = layer(local if layer.sliding else full, hidden, meta, output_only=i == last)
+        return self.norm(hidden)
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Gemma 3's text model over the paged KV cache; see the module docstring."""
+
+    def build_model(self, config: Any) -> nn.Module:
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ValueError("attn_logit_softcapping (Gemma 2) is not supported")
+        return Gemma3Model(config)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def prepack(self, panel_dtype: torch.dtype = torch.float32) -> None:
+        super().prepack(panel_dtype)
+        for module in self.modules():
+            if isinstance(module, GemmaRMSNorm):
+                module.prepare()
+
+
+# Gemma3ForConditionalGeneration's checkpoint names (the Hub's files, then transformers 5's own
+# layout) -> the text model's.
+_TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+_VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+def text_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A multimodal Gemma 3 checkpoint's text-model tensors, renamed as the text model's."""
+    for name, tensor in weights:
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        for prefix, ours in _TEXT_PREFIXES:
+            if name.startswith(prefix):
+                name = ours + name.removeprefix(prefix)
+                break
+        yield name, tensor
+
+
+class Gemma3TextOfMultimodal(Gemma3ForCausalLM):
+    """The text model of ``Gemma3ForConditionalGeneration`` (Gemma 3 4B, 12B, 27B), served
+    alone: the vision tower is not loaded, so requests carry text only (images are a 400, as
+    for every model here). ``.config`` is the text config."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config.get_text_config())
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(text_weights(weights))
