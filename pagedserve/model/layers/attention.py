@@ -113,18 +113,31 @@ def build_kernels(kv_dtype: torch.dtype) -> None:
 
 
 def gather_context(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, dtype: torch.dtype
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    dtype: torch.dtype,
+    first_block: int = 0,
 ) -> torch.Tensor:
-    """The first ``seq_len`` tokens of one request's context, ``[seq_len, Hkv, D]`` in ``dtype``."""
+    """One request's context from block ``first_block`` to position ``seq_len``,
+    ``[seq_len - first_block * block_size, Hkv, D]`` in ``dtype``."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
-    return blocks.flatten(0, 1)[:seq_len].to(dtype)
+    blocks = cache.index_select(0, block_table[first_block:num_blocks].long())
+    return blocks.flatten(0, 1)[: seq_len - first_block * block_size].to(dtype)
 
 
-def causal_mask(q_pos: torch.Tensor, seq_len: int, window: int | None) -> torch.Tensor:
-    """``[len(q_pos), seq_len]``: which context positions each query position attends to."""
-    k_pos = torch.arange(seq_len, device=q_pos.device)[None, :]
+def window_blocks(window: int, block_size: int) -> int:
+    """The most blocks that ``window`` consecutive positions can touch."""
+    return (window - 1) // block_size + 2
+
+
+def causal_mask(
+    q_pos: torch.Tensor, seq_len: int, window: int | None, first: int = 0
+) -> torch.Tensor:
+    """``[len(q_pos), seq_len - first]``: which context positions, from ``first`` on, each query
+    position attends to."""
+    k_pos = torch.arange(first, seq_len, device=q_pos.device)[None, :]
     mask = k_pos <= q_pos[:, None]
     if window is not None:
         mask &= k_pos > q_pos[:, None] - window
@@ -176,16 +189,24 @@ def _decode_torch(
     window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention by gathering padded contexts; the portable (CUDA, no-compiler) path,
-    and that of layers with a sliding ``window``."""
+    and that of layers with a sliding ``window``, which gather only the blocks it covers."""
     block_size = k_cache.shape[1]
     num_blocks = -(-max_seq_len // block_size)
-    table = block_tables[:, :num_blocks].long()
+    span = torch.arange(num_blocks * block_size, device=q.device)
+    if window is not None and window_blocks(window, block_size) < num_blocks:
+        num_blocks = window_blocks(window, block_size)
+        first = (seq_lens.long() - window).clamp(min=0) // block_size  # [B]
+        index = first[:, None] + torch.arange(num_blocks, device=q.device)
+        table = block_tables.long().gather(1, index.clamp(max=block_tables.shape[1] - 1))
+        positions = first[:, None] * block_size + span[: num_blocks * block_size]
+    else:
+        table = block_tables[:, :num_blocks].long()
+        positions = span[None, :]
     keys = k_cache[table].to(q.dtype).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     values = v_cache[table].to(q.dtype).flatten(1, 2).transpose(1, 2)
-    positions = torch.arange(keys.shape[2], device=q.device)
-    mask = positions[None, :] < seq_lens[:, None]
+    mask = positions < seq_lens[:, None]
     if window is not None:
-        mask &= positions[None, :] >= seq_lens[:, None] - window
+        mask &= positions >= seq_lens[:, None] - window
     mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
@@ -286,9 +307,14 @@ def _prefill_sdpa(
             )
             o = _sdpa(q[start:end], k[start:end], v[start:end], mask, scale)
         else:
-            keys = gather_context(k_cache, meta.block_tables[i], seq_len, q.dtype)
-            values = gather_context(v_cache, meta.block_tables[i], seq_len, q.dtype)
-            o = _sdpa(q[start:end], keys, values, causal_mask(q_pos, seq_len, window), scale)
+            # A window needs the context only from the chunk's first query's window on.
+            first_pos = 0 if window is None else max(0, seq_len - (end - start) - window + 1)
+            first_block = first_pos // meta.block_size
+            table = meta.block_tables[i]
+            keys = gather_context(k_cache, table, seq_len, q.dtype, first_block)
+            values = gather_context(v_cache, table, seq_len, q.dtype, first_block)
+            mask = causal_mask(q_pos, seq_len, window, first_block * meta.block_size)
+            o = _sdpa(q[start:end], keys, values, mask, scale)
         out[start:end] = o
 
 
