@@ -57,7 +57,7 @@ def _logprobs(output) -> list[float]:
     return [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids, strict=True)]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "gemma2", "gemma3"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_padded_decode_steps_match_eager_steps(device, kind, tiny_model_dir, monkeypatch):
     """Every decode step's logits through the graphs equal the plain forward's on the same KV

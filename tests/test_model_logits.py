@@ -12,7 +12,16 @@ from pagedserve.model.layers.attention import Attention
 from pagedserve.model.loader import bf16_matmuls_in_float32, load_model
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES
 
-KINDS = ["llama", "qwen2", "qwen3", "llama_tied", "mistral", "qwen2_window", "gemma3"]
+KINDS = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "llama_tied",
+    "mistral",
+    "qwen2_window",
+    "gemma2",
+    "gemma3",
+]
 ATOL = 1e-4
 
 
@@ -122,7 +131,7 @@ def test_config_is_the_transformers_config(tiny_model_dir):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3"])
 def test_half_precision_follows_the_reference(kind, dtype, device, tiny_model_dir):
     """In 16-bit the logits stay close to float32 transformers and greedy tokens mostly agree."""
     path = tiny_model_dir(kind)

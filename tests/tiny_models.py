@@ -15,6 +15,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -65,8 +67,9 @@ def tiny_config(kind: str) -> PretrainedConfig:
     ``llama_sharded`` (as ``llama``; written in shards), ``qwen2`` (q/k/v bias), ``qwen3``
     (per-head q/k norms, a head_dim twice hidden / heads, tied embeddings), ``mistral`` (a
     sliding window of 8 positions on every layer), ``qwen2_window`` (one on the second layer
-    only) or ``gemma3`` (a window on the first layer, each layer type its own RoPE, q/k norms,
-    query_pre_attn_scalar, soft-capped logits)."""
+    only), ``gemma2`` (a window on the first layer, query_pre_attn_scalar, soft-capped scores
+    and logits, caps small enough to matter) or ``gemma3`` (a window on the first layer, each
+    layer type its own RoPE, q/k norms, query_pre_attn_scalar, soft-capped logits)."""
     if kind in ("llama", "llama_sharded"):
         return LlamaConfig(**_SIZES, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     if kind == "llama_tied":
@@ -77,6 +80,15 @@ def tiny_config(kind: str) -> PretrainedConfig:
         return MistralConfig(**_SIZES, sliding_window=8)
     if kind == "qwen2_window":
         return Qwen2Config(**_SIZES, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    if kind == "gemma2":
+        return Gemma2Config(
+            **_SIZES,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        )
     if kind == "gemma3":
         return Gemma3TextConfig(
             **_SIZES,
@@ -100,6 +112,7 @@ def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
     so a wrong mapping of any tensor shows in the logits."""
     config = tiny_config(kind)
     model_class = {
+        "gemma2": Gemma2ForCausalLM,
         "gemma3": Gemma3ForCausalLM,
         "mistral": MistralForCausalLM,
         "qwen2": Qwen2ForCausalLM,

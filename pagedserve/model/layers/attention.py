@@ -7,10 +7,11 @@ a C kernel on CPU (or a gathered SDPA elsewhere), and all prefill chunks into on
 flash-attention kernel that reads the pools directly (or one SDPA per chunk elsewhere).
 ``PAGEDSERVE_ATTENTION_BACKEND=reference`` selects the oracle.
 
-A layer with a sliding window (Mistral v0.1, Qwen2/3 with ``use_sliding_window``) lets each query
-see only its last ``window`` positions (itself included), as transformers' sliding-window mask
-does. Its decodes and prefill chunks go through the masked PyTorch paths; the C kernels have no
-window.
+A layer with a sliding window (Mistral v0.1, Qwen2/3 with ``use_sliding_window``, Gemma) lets
+each query see only its last ``window`` positions (itself included), as transformers'
+sliding-window mask does; one with a ``softcap`` (Gemma 2) squashes each score to
+``softcap * tanh(score / softcap)`` before the softmax. Their decodes and prefill chunks go
+through the PyTorch paths; the C kernels have neither.
 """
 
 from __future__ import annotations
@@ -151,31 +152,55 @@ def reference_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of queries ``[T, Hq, D]`` over paged contexts, one request at a time."""
     out = torch.empty_like(q)
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     for i in range(meta.num_reqs):
         start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
         seq_len = meta.seq_lens_cpu[i]
         qlen = end - start
         keys = gather_context(k_cache, meta.block_tables[i], seq_len, q.dtype)
         values = gather_context(v_cache, meta.block_tables[i], seq_len, q.dtype)
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
         q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
         mask = causal_mask(q_pos, seq_len, window)
-        o = F.scaled_dot_product_attention(
+        o = scaled_attention(
             q[start:end].transpose(0, 1),
             keys.transpose(0, 1),
             values.transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
+            mask,
+            scale,
+            softcap,
         )
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def scaled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over ``[..., H, L, D]`` tensors (k/v may have fewer heads:
+    grouped queries), with a boolean ``mask`` or ``is_causal``. PyTorch's SDPA, unless scores
+    are soft-capped: then the math as transformers' eager Gemma 2 does it."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _decode_torch(
@@ -187,9 +212,11 @@ def _decode_torch(
     max_seq_len: int,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention by gathering padded contexts; the portable (CUDA, no-compiler) path,
-    and that of layers with a sliding ``window``, which gather only the blocks it covers."""
+    and that of layers with a sliding ``window`` (which gather only the blocks it covers) or a
+    ``softcap``."""
     block_size = k_cache.shape[1]
     num_blocks = -(-max_seq_len // block_size)
     span = torch.arange(num_blocks * block_size, device=q.device)
@@ -208,10 +235,7 @@ def _decode_torch(
     if window is not None:
         mask &= positions >= seq_lens[:, None] - window
     mask = mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    return scaled_attention(q.unsqueeze(2), keys, values, mask, scale, softcap).squeeze(2)
 
 
 def _decode(
@@ -223,12 +247,16 @@ def _decode(
     max_seq_len: int,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    if window is None and paged_decode_attention.supports(q, k_cache):
+    plain = window is None and softcap is None
+    if plain and paged_decode_attention.supports(q, k_cache):
         return paged_decode_attention.paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale
         )
-    return _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, window)
+    return _decode_torch(
+        q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, window, softcap
+    )
 
 
 def fast_paged_attention(
@@ -241,6 +269,7 @@ def fast_paged_attention(
     scale: float,
     bf16_products: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decodes in one batched kernel call; prefill chunks in another (C kernel on CPU, with
     bfloat16 products if asked and it has them) or each through SDPA."""
@@ -248,7 +277,15 @@ def fast_paged_attention(
         meta.split_decodes()
     if not meta.prefill_reqs:
         return _decode(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, window
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.max_seq_len,
+            scale,
+            window,
+            softcap,
         )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if meta.num_decodes:
@@ -262,8 +299,9 @@ def fast_paged_attention(
             meta.max_seq_len,
             scale,
             window,
+            softcap,
         )
-    if window is None and prefill_attention.supports(q, k_cache):
+    if window is None and softcap is None and prefill_attention.supports(q, k_cache):
         prefill_attention.prefill_attention(
             q,
             k_cache,
@@ -277,7 +315,7 @@ def fast_paged_attention(
             bf16_products=bf16_products,
         )
     else:
-        _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale, window)
+        _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale, window, softcap)
     return out
 
 
@@ -291,6 +329,7 @@ def _prefill_sdpa(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Each prefill chunk through SDPA into its rows of ``out``; the portable path.
 
@@ -305,7 +344,7 @@ def _prefill_sdpa(
             mask = (
                 None if window is None or window >= seq_len else causal_mask(q_pos, seq_len, window)
             )
-            o = _sdpa(q[start:end], k[start:end], v[start:end], mask, scale)
+            o = _sdpa(q[start:end], k[start:end], v[start:end], mask, scale, softcap)
         else:
             # A window needs the context only from the chunk's first query's window on.
             first_pos = 0 if window is None else max(0, seq_len - (end - start) - window + 1)
@@ -314,25 +353,30 @@ def _prefill_sdpa(
             keys = gather_context(k_cache, table, seq_len, q.dtype, first_block)
             values = gather_context(v_cache, table, seq_len, q.dtype, first_block)
             mask = causal_mask(q_pos, seq_len, window, first_block * meta.block_size)
-            o = _sdpa(q[start:end], keys, values, mask, scale)
+            o = _sdpa(q[start:end], keys, values, mask, scale, softcap)
         out[start:end] = o
 
 
 def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
 ) -> torch.Tensor:
     """Attention of ``q [Tq, Hq, D]`` over ``k``/``v`` ``[Tk, Hkv, D]``; causal when no mask.
 
     Batched 4-D inputs: PyTorch's CPU SDPA runs about 7x faster on them than on 3-D ones.
     """
-    o = F.scaled_dot_product_attention(
+    o = scaled_attention(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
+        mask,
+        scale,
+        softcap,
         is_causal=mask is None,
-        scale=scale,
-        enable_gqa=True,
     )
     return o[0].transpose(0, 1)
 
@@ -345,7 +389,7 @@ class Attention(nn.Module):
     matmuls run in bfloat16 (see ``Linear``), and so may prefill attention's, over a bfloat16
     cache on a CPU that has them (``prefill_attention.bf16_products_available``).
     ``sliding_window``: how many positions (the query's own included) each query sees; None:
-    all before it.
+    all before it. ``softcap``: scores become ``softcap * tanh(score / softcap)``.
     """
 
     def __init__(
@@ -355,6 +399,7 @@ class Attention(nn.Module):
         head_dim: int,
         scale: float,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -362,6 +407,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.softcap = softcap
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "fast")
@@ -389,7 +435,7 @@ class Attention(nn.Module):
         rows = meta.output_rows if output_only else None
         if self.backend == "reference":
             out = reference_paged_attention(
-                q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
+                q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, self.softcap
             )
             if rows is not None:
                 out = out.index_select(0, rows)
@@ -404,6 +450,7 @@ class Attention(nn.Module):
                 meta.max_seq_len,
                 self.scale,
                 self.sliding_window,
+                self.softcap,
             )
         else:
             out = fast_paged_attention(
@@ -416,5 +463,6 @@ class Attention(nn.Module):
                 self.scale,
                 self.bf16_products,
                 self.sliding_window,
+                self.softcap,
             )
         return out.reshape(-1, self.num_heads * self.head_dim)

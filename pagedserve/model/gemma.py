@@ -1,18 +1,18 @@
-"""Gemma 3's text model: ``Gemma3ForCausalLM`` (Gemma 3 1B), and the text half of
-``Gemma3ForConditionalGeneration`` (4B, 12B, 27B).
+"""Gemma 2 (``Gemma2ForCausalLM``) and Gemma 3's text model (``Gemma3ForCausalLM``: Gemma 3 1B;
+the text half of ``Gemma3ForConditionalGeneration``: 4B, 12B, 27B).
 
-It shares the Llama layout's attention, weight loading, packing and tied lm head
+They share the Llama layout's attention, weight loading, packing and tied lm head
 (:mod:`pagedserve.model.llama`). What differs:
 
 - the embedding is multiplied by sqrt(hidden), rounded to the model's dtype as transformers
   rounds it;
 - every norm is Gemma's ``1 + weight`` one, and each layer also norms its attention's and its
   MLP's output before adding it to the residual stream (four norms a layer);
-- q and k heads are normed before the rotation, and scores are scaled by
-  ``query_pre_attn_scalar ** -0.5``;
-- the layers ``layer_types`` calls sliding (five in six) see a window of ``sliding_window``
-  positions and rotate with the local RoPE base; the others attend to everything and rotate
-  with the global base and its scaling;
+- scores are scaled by ``query_pre_attn_scalar ** -0.5``; Gemma 3 norms each q and k head
+  before the rotation, Gemma 2 soft-caps the scores (``attn_logit_softcapping``);
+- the layers ``layer_types`` calls sliding (Gemma 2: every other one, Gemma 3: five in six) see
+  a window of ``sliding_window`` positions; in Gemma 3 they rotate with a local RoPE base, the
+  others with the global base and its scaling;
 - the MLP is GeGLU (tanh-approximated GELU), and logits may be soft-capped
   (``final_logit_softcapping``).
 """
@@ -32,13 +32,7 @@ from pagedserve.model.layers.embedding import Embedding
 from pagedserve.model.layers.linear import Linear, MergedLinear
 from pagedserve.model.layers.norm import GemmaRMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, rope_parameters
-from pagedserve.model.llama import (
-    LlamaAttention,
-    LlamaForCausalLM,
-    Rope,
-    head_dim_of,
-    sliding_window_of,
-)
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, Rope, head_dim_of
 
 SLIDING = "sliding_attention"
 
@@ -49,7 +43,7 @@ def layer_types(config: Any) -> list[str]:
     types = getattr(config, "layer_types", None)
     if types is not None:
         return list(types)
-    pattern = config.sliding_window_pattern
+    pattern = getattr(config, "sliding_window_pattern", 2)  # Gemma 2: every other layer
     return [
         "full_attention" if (i + 1) % pattern == 0 else SLIDING
         for i in range(config.num_hidden_layers)
@@ -57,24 +51,28 @@ def layer_types(config: Any) -> list[str]:
 
 
 def layer_rope(config: Any, layer_type: str) -> tuple[float, dict[str, Any]]:
-    """``(theta, scaling)`` of the layers of ``layer_type``: transformers 5 keeps one
-    ``rope_parameters`` entry per layer type, transformers 4 a ``rope_local_base_freq`` for the
-    sliding layers beside ``rope_theta`` + ``rope_scaling`` for the full ones."""
+    """``(theta, scaling)`` of the layers of ``layer_type``. Gemma 3 has two: transformers 5
+    keeps one ``rope_parameters`` entry per layer type, transformers 4 a
+    ``rope_local_base_freq`` for the sliding layers beside ``rope_theta`` + ``rope_scaling``.
+    Gemma 2 has one for all layers."""
     params = getattr(config, "rope_parameters", None) or {}
     if layer_type in params:
         return rope_parameters(SimpleNamespace(rope_parameters=params[layer_type]))
-    if layer_type == SLIDING:
-        return float(config.rope_local_base_freq), {"rope_type": "default"}
+    local_base = getattr(config, "rope_local_base_freq", None)
+    if layer_type == SLIDING and local_base is not None:
+        return float(local_base), {"rope_type": "default"}
     return rope_parameters(config)
 
 
-class Gemma3Attention(LlamaAttention):
-    def __init__(self, config: Any, window: int | None) -> None:
+class GemmaAttention(LlamaAttention):
+    def __init__(self, config: Any, window: int | None, qk_norm: bool) -> None:
         bias = bool(getattr(config, "attention_bias", False))
-        super().__init__(config, bias, bias, qk_norm=True, window=window)
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        super().__init__(config, bias, bias, qk_norm=qk_norm, window=window)
+        if qk_norm:
+            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.attn.scale = config.query_pre_attn_scalar**-0.5
+        self.attn.softcap = getattr(config, "attn_logit_softcapping", None)
 
 
 class GeGLU(nn.Module):
@@ -96,11 +94,14 @@ class GeGLU(nn.Module):
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
-class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: Any, index: int) -> None:
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, index: int, qk_norm: bool) -> None:
         super().__init__()
         self.sliding = layer_types(config)[index] == SLIDING
-        self.self_attn = Gemma3Attention(config, sliding_window_of(config, index))
+        window = config.sliding_window if self.sliding else None
+        if window is not None and window >= config.max_position_embeddings:
+            window = None
+        self.self_attn = GemmaAttention(config, window, qk_norm)
         self.mlp = GeGLU(config)
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
@@ -121,8 +122,8 @@ class Gemma3DecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(mlp_out)
 
 
-class Gemma3Model(nn.Module):
-    def __init__(self, config: Any) -> None:
+class GemmaModel(nn.Module):
+    def __init__(self, config: Any, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
@@ -134,7 +135,7 @@ class Gemma3Model(nn.Module):
             head_dim, max_positions, *layer_rope(config, SLIDING)
         )
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            GemmaDecoderLayer(config, i, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -149,13 +150,13 @@ class Gemma3Model(nn.Module):
         return self.norm(hidden)
 
 
-class Gemma3ForCausalLM(LlamaForCausalLM):
-    """Gemma 3's text model over the paged KV cache; see the module docstring."""
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    """Gemma 2 over the paged KV cache (and the base of Gemma 3); see the module docstring."""
+
+    qk_norm = False
 
     def build_model(self, config: Any) -> nn.Module:
-        if getattr(config, "attn_logit_softcapping", None) is not None:
-            raise ValueError("attn_logit_softcapping (Gemma 2) is not supported")
-        return Gemma3Model(config)
+        return GemmaModel(config, self.qk_norm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)
@@ -169,6 +170,12 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         for module in self.modules():
             if isinstance(module, GemmaRMSNorm):
                 module.prepare()
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3's text model: Gemma 2 with q/k norms and a RoPE base per layer type."""
+
+    qk_norm = True
 
 
 # Gemma3ForConditionalGeneration's checkpoint names (the Hub's files, then transformers 5's own
