@@ -141,7 +141,9 @@ def test_half_precision_follows_the_reference(kind, dtype, device, tiny_model_di
     assert all(p.dtype == modules for p in model.parameters())
     prompt = _prompts()[2]
     ours = PagedRunner(model).step([(0, prompt)])[0]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
     with torch.inference_mode():
         theirs = hf(torch.tensor([prompt])).logits[0]
     assert ours.dtype == torch.float32

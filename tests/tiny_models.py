@@ -88,6 +88,8 @@ def tiny_config(kind: str) -> PretrainedConfig:
             sliding_window=8,
             attn_logit_softcapping=2.0,
             final_logit_softcapping=5.0,
+            # SDPA cannot soft-cap: some transformers versions pick it anyway and drop the cap.
+            attn_implementation="eager",
         )
     if kind == "gemma3":
         return Gemma3TextConfig(
