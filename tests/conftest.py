@@ -71,7 +71,7 @@ def smollm2_tokenizer(smollm2_path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """``tiny_model_dir(kind)`` -> path of a tiny random HF model directory with SmolLM2's
-    tokenizer; kinds: llama, llama_tied, llama_sharded, qwen2, qwen3, mistral,
+    tokenizer; kinds: llama, llama_tied, llama_sharded, qwen2, qwen3, mistral, phi3,
     qwen2_window, gemma2, gemma3 (see tests/tiny_models.py)."""
     made: dict[str, str] = {}
 

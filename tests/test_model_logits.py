@@ -18,6 +18,7 @@ KINDS = [
     "qwen3",
     "llama_tied",
     "mistral",
+    "phi3",
     "qwen2_window",
     "gemma2",
     "gemma3",
@@ -119,6 +120,36 @@ def test_text_half_of_a_multimodal_gemma3_checkpoint(prefix, tmp_path, reference
     outputs = PagedRunner(model).step(list(enumerate(_prompts())))
     for ours, theirs in zip(outputs, reference("gemma3"), strict=True):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        (
+            {
+                "rope_type": "longrope",
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 32,
+                "partial_rotary_factor": 1.0,
+            },
+            "unsupported rope scaling type 'longrope'",
+        ),
+        (
+            {"rope_type": "default", "partial_rotary_factor": 0.75},
+            "partial_rotary_factor 0.75 is not supported",
+        ),
+    ],
+)
+def test_rope_we_do_not_implement_is_refused(rope, message, tmp_path):
+    """Phi-3.5 / Phi-4-mini's long RoPE and partial rotation fail at load with a clear error,
+    rather than serving wrong positions."""
+    config = tiny_hf_model("phi3").config
+    config.rope_parameters = {"rope_theta": 10000.0, **rope}
+    config.architectures = ["Phi3ForCausalLM"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"))
 
 
 def test_config_is_the_transformers_config(tiny_model_dir):

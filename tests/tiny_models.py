@@ -23,6 +23,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -66,7 +68,8 @@ def tiny_config(kind: str) -> PretrainedConfig:
     """``llama`` (GQA, llama3 rope scaling), ``llama_tied`` (tied embeddings, plain rope),
     ``llama_sharded`` (as ``llama``; written in shards), ``qwen2`` (q/k/v bias), ``qwen3``
     (per-head q/k norms, a head_dim twice hidden / heads, tied embeddings), ``mistral`` (a
-    sliding window of 8 positions on every layer), ``qwen2_window`` (one on the second layer
+    sliding window of 8 positions on every layer), ``phi3`` (q/k/v and gate/up fused in the
+    checkpoint, the same window), ``qwen2_window`` (one on the second layer
     only), ``gemma2`` (a window on the first layer, query_pre_attn_scalar, soft-capped scores
     and logits, caps small enough to matter) or ``gemma3`` (a window on the first layer, each
     layer type its own RoPE, q/k norms, query_pre_attn_scalar, soft-capped logits)."""
@@ -76,6 +79,8 @@ def tiny_config(kind: str) -> PretrainedConfig:
         return LlamaConfig(**_SIZES, tie_word_embeddings=True)
     if kind == "qwen2":
         return Qwen2Config(**_SIZES, rope_theta=1000000.0, tie_word_embeddings=False)
+    if kind == "phi3":
+        return Phi3Config(**_SIZES, sliding_window=8)
     if kind == "mistral":
         return MistralConfig(**_SIZES, sliding_window=8)
     if kind == "qwen2_window":
@@ -117,6 +122,7 @@ def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
         "gemma2": Gemma2ForCausalLM,
         "gemma3": Gemma3ForCausalLM,
         "mistral": MistralForCausalLM,
+        "phi3": Phi3ForCausalLM,
         "qwen2": Qwen2ForCausalLM,
         "qwen2_window": Qwen2ForCausalLM,
         "qwen3": Qwen3ForCausalLM,

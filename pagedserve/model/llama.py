@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral), Qwen2 and Qwen3.
+"""The Llama family (Llama 2/3, SmolLM, Mistral, Phi-3), Qwen2 and Qwen3.
 
 One flattened step: ``forward(input_ids[T], positions[T], meta) -> hidden[T, H]`` over every
 scheduled token of every request, no batch dimension and no padding. q/k/v are one GEMM and
@@ -277,6 +277,11 @@ class LlamaForCausalLM(nn.Module):
                         f"model shape {tuple(param.shape)}"
                     )
                 param.data.copy_(tensor)
+                # A checkpoint that stores q/k/v or gate/up fused (Phi-3) fills every shard.
+                module = self.get_submodule(module_path)
+                if isinstance(module, MergedLinear):
+                    loaded.update((name, shard) for shard in range(module.num_shards))
+                    continue
                 piece = (name, None)
             else:
                 raise ValueError(f"checkpoint weight {name!r} matches no model parameter")

@@ -35,6 +35,9 @@ def rope_parameters(config: Any) -> tuple[float, dict[str, Any]]:
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
     """Per-pair rotation frequencies ``[head_dim // 2]`` (float32), scaled as ``scaling`` says."""
+    partial = scaling.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported (only 1.0)")
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = scaling["rope_type"]
     if rope_type == "default":
