@@ -93,3 +93,44 @@ def test_auto_tool_choice_needs_a_parser():
     )
     assert proc.returncode != 0
     assert "--enable-auto-tool-choice needs --tool-call-parser" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("parser", "text"),
+    [
+        (
+            "mistral",
+            'Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        ),
+        ("pythonic", '[get_weather(city="Paris")]'),
+    ],
+)
+def test_the_other_parsers_on_a_server(parser, text, tiny_model_dir):
+    """Mistral's calls get nine-character ids (its templates refuse others), in the chat
+    completion and in the Responses API."""
+    args = [tiny_model_dir("llama"), "--served-model-name", MODEL_NAME]
+    args += ["--kv-cache-memory", "0.05", "--enable-auto-tool-choice", "--tool-call-parser", parser]
+    server = ServerProcess(args).wait_ready()
+    try:
+        (choice,) = chat(server, text).choices
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == (
+            "get_weather",
+            {"city": "Paris"},
+        )
+        if parser == "mistral":
+            assert choice.message.content == "Let me check. "
+            assert len(call.id) == 9 and call.id.isalnum()
+        response = server.client().responses.create(
+            model=MODEL_NAME,
+            input="What is the weather in Paris?",
+            tools=[{"type": "function", **WEATHER["function"]}],
+            max_output_tokens=120,
+            extra_body={"structured_outputs": {"regex": re.escape(text)}},
+        )
+        (item,) = [i for i in response.output if i.type == "function_call"]
+        assert item.name == "get_weather" and json.loads(item.arguments) == {"city": "Paris"}
+        assert len(item.call_id) == 9 if parser == "mistral" else item.call_id.startswith("call_")
+    finally:
+        server.close()

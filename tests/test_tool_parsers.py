@@ -9,7 +9,9 @@ import json
 import pytest
 
 from pagedserve.entrypoints.openai.errors import APIError
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.tool_calls import AUTO, ToolCallDeltas, final_answer, tool_mode
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather"}}]
 
@@ -141,3 +143,82 @@ def test_auto_needs_a_parser_on_the_server():
         with pytest.raises(APIError, match="--enable-auto-tool-choice") as err:
             tool_mode(TOOLS, choice, None)
         assert err.value.status == 400 and err.value.param == param
+
+
+MISTRAL_LIST = (
+    'Looking it up. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+    '{"name": "get_time", "arguments": {}}]'
+)
+MISTRAL_NAME_ARGS = (
+    'Looking it up. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}'
+)
+
+
+@pytest.mark.parametrize("text", [MISTRAL_LIST, MISTRAL_NAME_ARGS])
+def test_mistral_reads_both_formats(text):
+    message, finish = answer(text, "mistral")
+    assert finish == "tool_calls" and message["content"] == "Looking it up. "
+    assert names_and_arguments(message["tool_calls"]) == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {}),
+    ]
+    for step in (1, 4, 1000):
+        content, calls, finish = streamed(text, "mistral", step)
+        assert (content, finish) == ("Looking it up. ", "tool_calls")
+        assert names_and_arguments(calls) == names_and_arguments(message["tool_calls"])
+
+
+def test_mistral_holds_back_a_partial_tag_and_keeps_text_without_calls():
+    deltas = ToolCallDeltas((AUTO, "mistral"), _ids())
+    assert deltas.next("", "Hi [TOOL_", None) == ({"content": "Hi "}, None)
+    for text in ["It is sunny. [1, 2]", '[TOOL_CALLS] [{"name": "get_weather", "arguments": 3}]']:
+        assert answer(text, "mistral") == ({"content": text}, "stop")
+
+
+def test_mistral_call_ids_and_special_tokens():
+    """Mistral's chat templates refuse call ids other than nine letters and digits, and the
+    request keeps special tokens so that [TOOL_CALLS] reaches the parser (as vLLM does)."""
+    new_id = TOOL_PARSERS["mistral"].new_call_id
+    ids = {new_id() for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) == 9 and i.isalnum() for i in ids)
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    )
+    request.resolve_tools("mistral")
+    assert request.skip_special_tokens is False
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    )
+    request.resolve_tools("hermes")
+    assert request.skip_special_tokens is True
+
+
+PYTHONIC = '[get_weather(city="Paris", days=[1, 2], metric=True), get_time()]'
+
+
+def test_pythonic_reads_a_list_of_calls():
+    message, finish = answer(PYTHONIC, "pythonic")
+    assert finish == "tool_calls" and message["content"] is None
+    assert names_and_arguments(message["tool_calls"]) == [
+        ("get_weather", {"city": "Paris", "days": [1, 2], "metric": True}),
+        ("get_time", {}),
+    ]
+    content, calls, finish = streamed(PYTHONIC, "pythonic", 3)
+    assert (content, finish) == ("", "tool_calls")
+    assert names_and_arguments(calls) == names_and_arguments(message["tool_calls"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The weather is fine.",
+        "[1, 2, 3]",
+        '[get_weather("Paris")]',  # positional arguments
+        "[get_weather(city=__import__('os').getcwd())]",  # not a literal: never evaluated
+        "[get_weather(city={1, 2})]",  # a set: no JSON
+        "[get_weather(city=",
+    ],
+)
+def test_pythonic_without_a_list_of_calls_is_plain_content(text):
+    assert answer(text, "pythonic") == ({"content": text}, "stop")
+    assert streamed(text, "pythonic", 3) == (text, [], "stop")

@@ -190,8 +190,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--tool-call-parser",
         choices=sorted(TOOL_PARSERS),
         default=None,
-        help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3) or llama3_json "
-        "(Llama 3.1/3.2)",
+        help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json "
+        "(Llama 3.1/3.2 JSON), mistral (Mistral's [TOOL_CALLS]) or pythonic (Llama 3.2/4 "
+        "Python-style call lists)",
     )
     g.add_argument(
         "--reasoning-parser",

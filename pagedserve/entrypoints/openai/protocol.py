@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.sample.structured_output import check_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -309,6 +310,9 @@ class ChatCompletionRequest(SamplingFields):
         parser for ``auto`` is ``auto_parser`` (None: ``auto`` is refused, as in vLLM without
         ``--enable-auto-tool-choice``). Call it before anything reads :attr:`tool_mode`."""
         self._tool_mode = tool_mode(self.tools, self.tool_choice, auto_parser)
+        mode = self._tool_mode
+        if mode is not None and mode[0] == AUTO and TOOL_PARSERS[mode[1]].keeps_special_tokens:
+            self.skip_special_tokens = False  # the calls are marked by special tokens
 
     def refuse_unsupported(self) -> None:
         """As for every request, plus forced tool calls beside another output constraint."""

@@ -23,6 +23,7 @@ from pagedserve.engine.async_engine import (
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
 from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -56,6 +57,9 @@ class OpenAIServing:
         self.engine = engine
         self.served_model_names = served_model_names
         self.tool_parser = tool_parser  # the parser of tool_choice "auto"; None refuses it
+        # Tool call ids in the format the parser's model family needs (Mistral); None: each
+        # endpoint's own.
+        self.parser_call_id = TOOL_PARSERS[tool_parser].new_call_id if tool_parser else None
         # Splits a reasoning model's thinking from its answer; None: the text is all content.
         self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
         self.model_name = served_model_names[0]

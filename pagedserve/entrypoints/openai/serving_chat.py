@@ -101,7 +101,7 @@ class ServingChat:
                 message.update(content=text or None, **_reasoning(reasoning or None))
             finish_reason = c.finish_reason
             if tool_mode is not None:
-                fields, finish_reason = final_answer(text, tool_mode, finish_reason, _call_id)
+                fields, finish_reason = final_answer(text, tool_mode, finish_reason, self.call_id)
                 message.update(fields)
             choice = {
                 "index": c.index,
@@ -164,7 +164,9 @@ class ServingChat:
                 **first,
             )
         tool_mode = req.tool_mode
-        tool_deltas = [ToolCallDeltas(tool_mode, _call_id) for _ in range(n)] if tool_mode else None
+        tool_deltas = (
+            [ToolCallDeltas(tool_mode, self.call_id) for _ in range(n)] if tool_mode else None
+        )
         text_pos = [0] * n
         reasoning_pos = [0] * n
         token_pos = [0] * n
@@ -222,6 +224,12 @@ class ServingChat:
             yield sse({**head, "choices": [], "usage": _usage(final)})
         yield SSE_DONE
 
+    def call_id(self) -> str:
+        """A tool call's id: the server's parser's format (Mistral), else OpenAI-like."""
+        if self.s.parser_call_id is not None:
+            return self.s.parser_call_id()
+        return new_id("chatcmpl-tool")
+
     def split(self, text: str, final: bool) -> tuple[str | None, str]:
         """(reasoning, content) of an answer so far, with the server's reasoning parser; without
         one, (None, text)."""
@@ -265,10 +273,6 @@ class ServingChat:
 def _reasoning(text: str | None) -> dict[str, str | None]:
     """A message's (or delta's) reasoning, under vLLM's newer name and its older one."""
     return {"reasoning": text, "reasoning_content": text}
-
-
-def _call_id() -> str:
-    return new_id("chatcmpl-tool")
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:

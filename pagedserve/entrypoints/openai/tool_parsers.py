@@ -11,12 +11,24 @@ text that may still turn into a call) and once on the whole answer.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is one or more
   ``{"name": ..., "parameters": {...}}`` objects (separated by ``;``), optionally after
   ``<|python_tag|>``.
+- ``mistral`` (Mistral 7B v0.3, Nemo, Small, Magistral...): content, then ``[TOOL_CALLS]`` and a
+  JSON list of ``{"name": ..., "arguments": {...}}``, or (newer tokenizers) one
+  ``[TOOL_CALLS]name[ARGS]{...}`` per call. ``[TOOL_CALLS]`` is a special token, so requests
+  that may call keep special tokens in their text, and call ids are the nine letters and digits
+  Mistral's chat templates demand when the calls come back.
+- ``pythonic`` (Llama 3.2 and 4, some Gemma 3 and other templates): an answer that is a Python
+  list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
+  ``ast`` (literals only, nothing is evaluated).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import random
 import re
+import string
+from collections.abc import Callable
 from typing import Any
 
 Call = tuple[str, str]  # (function name, arguments as a JSON text)
@@ -24,6 +36,11 @@ Call = tuple[str, str]  # (function name, arguments as a JSON text)
 
 class ToolParser:
     """Splits generated text into ``(content, calls)``."""
+
+    # The calls are marked by special tokens, which the text must keep to be read.
+    keeps_special_tokens = False
+    # Ids of the calls it reads (None: the server's own); see mistral.
+    new_call_id: Callable[[], str] | None = None
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         """The content and the complete calls in ``text``. While not ``final``, both only grow
@@ -108,7 +125,87 @@ class Llama3JsonParser(ToolParser):
         return calls
 
 
+def _mistral_call_id() -> str:
+    return "".join(random.choices(string.ascii_letters + string.digits, k=9))
+
+
+class MistralParser(ToolParser):
+    TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    keeps_special_tokens = True
+    new_call_id = staticmethod(_mistral_call_id)
+
+    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
+        start = text.find(self.TAG)
+        if start < 0:
+            return (text if final else text[: len(text) - _held_back(text, self.TAG)]), []
+        if not final:
+            return text[:start], []  # calls are read once the answer is whole
+        body = text[start:]
+        calls = self._name_args_calls(body) if self.ARGS in body else self._json_calls(body)
+        return (text[:start], calls) if calls else (text, [])
+
+    def _json_calls(self, body: str) -> list[Call]:
+        try:
+            decoded, _ = json.JSONDecoder().raw_decode(body[len(self.TAG) :].lstrip())
+        except json.JSONDecodeError:
+            return []
+        calls = []
+        for obj in decoded if isinstance(decoded, list) else [decoded]:
+            call = _call(obj, "arguments")
+            if call is None:
+                return []
+            calls.append(call)
+        return calls
+
+    def _name_args_calls(self, body: str) -> list[Call]:
+        calls = []
+        for piece in body.split(self.TAG)[1:]:
+            name, sep, arguments = piece.partition(self.ARGS)
+            name = name.partition("[CALL_ID]")[0].strip()
+            try:
+                decoded, _ = json.JSONDecoder().raw_decode(arguments.strip())
+            except json.JSONDecodeError:
+                return []
+            if not sep or not name or not isinstance(decoded, dict):
+                return []
+            calls.append((name, json.dumps(decoded, ensure_ascii=False)))
+        return calls
+
+
+class PythonicParser(ToolParser):
+    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
+        if not text.lstrip().startswith("["):
+            return text, []  # plain content, streamed as it comes
+        if not final:
+            return "", []  # a call list is read once it is whole
+        calls = self._calls(text.strip())
+        return ("", calls) if calls else (text, [])
+
+    @staticmethod
+    def _calls(body: str) -> list[Call]:
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except SyntaxError:
+            return []
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return []
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                return []
+            if any(kw.arg is None for kw in node.keywords):  # **kwargs
+                return []
+            try:
+                arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+                calls.append((node.func.id, json.dumps(arguments, ensure_ascii=False)))
+            except (ValueError, TypeError):  # not a literal, or not JSON (a set, bytes)
+                return []
+        return calls
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+    "pythonic": PythonicParser,
 }
