@@ -26,6 +26,9 @@ class EngineConfig:
     # a long prompt prefills.
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # fcfs (arrival order) | priority (a request's priority, lower first, then arrival; the
+    # running request last in that order is preempted when blocks run out), as vLLM's
+    scheduling_policy: str = "fcfs"
     enforce_eager: bool = False  # decode steps module by module (no CUDA graphs, no CPU stack)
     chat_template: str | None = None  # a template string or a path to a .jinja file
     # auto (the model directory's generation_config.json: its eos ids, and the sampling defaults

@@ -41,7 +41,9 @@ class ScriptedEngine:
             self.thread = threading.current_thread()
         assert threading.current_thread() is self.thread, "engine called from two threads"
 
-    def add_request(self, request_id, prompt, params, arrival_time=None, cache_salt=None) -> None:
+    def add_request(
+        self, request_id, prompt, params, arrival_time=None, cache_salt=None, priority=0
+    ) -> None:
         self._check_thread()
         if not prompt:
             raise ValueError("the prompt is empty")

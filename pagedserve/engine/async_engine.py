@@ -166,6 +166,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def scheduling_policy(self) -> str:
+        return self.engine.scheduler.policy
+
+    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """The model's generation-config sampling defaults (see ``generation_config``)."""
         return self.engine.generation_config.sampling_defaults
@@ -236,6 +240,7 @@ class AsyncEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Submit a request; returns its output stream once the engine has accepted it.
 
@@ -251,7 +256,7 @@ class AsyncEngine:
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._streams[request_id] = stream
         arrival = arrival_time or time.time()
-        self._post("add", (request_id, prompt, params, arrival, cache_salt, accepted))
+        self._post("add", (request_id, prompt, params, arrival, cache_salt, priority, accepted))
         try:
             await accepted
         except BaseException:
@@ -308,10 +313,15 @@ class AsyncEngine:
             if kind == "abort":
                 aborts.extend(payload)
                 continue
-            request_id, prompt, params, arrival, cache_salt, accepted = payload
+            request_id, prompt, params, arrival, cache_salt, priority, accepted = payload
             try:
                 self.engine.add_request(
-                    request_id, prompt, params, arrival_time=arrival, cache_salt=cache_salt
+                    request_id,
+                    prompt,
+                    params,
+                    arrival_time=arrival,
+                    cache_salt=cache_salt,
+                    priority=priority,
                 )
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to HTTP
                 self._call_in_loop(_settle, accepted, exc)

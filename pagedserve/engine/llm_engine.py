@@ -168,7 +168,11 @@ class LLMEngine:
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            config.scheduling_policy,
         )
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(hf.vocab_size, self.eos_token_ids)
@@ -196,11 +200,18 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request; raises ``ValueError`` if it can never run. Requests share cached
-        prefix blocks only when their ``cache_salt`` is the same (None for most)."""
+        prefix blocks only when their ``cache_salt`` is the same (None for most). ``priority``
+        (lower first) needs the ``priority`` scheduling policy."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if priority != 0 and self.scheduler.policy != "priority":
+            raise ValueError(
+                f"priority {priority} needs the priority scheduling policy "
+                "(--scheduling-policy priority); this engine serves in arrival order"
+            )
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -209,7 +220,15 @@ class LLMEngine:
         self._check_prompt(token_ids, params)
         times = RequestTimes(arrival_time=arrival_time or time.time())
         generator = make_generator(params.seed, self.device)
-        req = Request(request_id, token_ids, params, generator, times, cache_salt=cache_salt)
+        req = Request(
+            request_id,
+            token_ids,
+            params,
+            generator,
+            times,
+            cache_salt=cache_salt,
+            priority=priority,
+        )
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
         if params.bad_words:
@@ -325,6 +344,7 @@ class LLMEngine:
                 req.times,
                 index=i,
                 cache_salt=req.cache_salt,
+                priority=req.priority,
             )
             child.num_cached_tokens = req.num_cached_tokens
             if req.grammar is not None:

@@ -62,6 +62,7 @@ class Request:
         times: RequestTimes,
         index: int = 0,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -81,6 +82,8 @@ class Request:
         self.grammar: LLMatcher | None = None  # structured output: where its text stands
         # Mixed into the first block's hash: only requests with the same salt share its prefix.
         self.cache_salt = cache_salt
+        self.priority = priority  # lower runs first under the priority scheduling policy
+        self.arrival_index = 0  # the order in which the scheduler got it
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,7 +42,13 @@ class Scheduler:
     (a prompt that would leave a tail of at most 1/16 of the budget runs whole instead).
     When a running sequence cannot get a block, the most recently admitted one is preempted:
     its blocks are freed and it goes back to the head of the queue to be recomputed.
+
+    ``policy="priority"`` (vLLM's ``--scheduling-policy priority``) orders the waiting queue by
+    (``priority``, arrival), lower first, and preempts the running sequence that comes last in
+    that order, even one already scheduled in this step (it then leaves the step).
     """
+
+    POLICIES = ("fcfs", "priority")
 
     def __init__(
         self,
@@ -48,7 +56,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in self.POLICIES:
+            raise ValueError(f"scheduling policy must be one of {self.POLICIES}, got {policy!r}")
+        self.policy = policy
+        self._arrivals = itertools.count()
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -58,7 +71,19 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        request.arrival_index = next(self._arrivals)
+        self._enqueue(request, front=False)
+
+    def _enqueue(self, request: Request, front: bool) -> None:
+        """Into the waiting queue: at its place in priority order, else at the back (new) or
+        the front (preempted)."""
+        if self.policy == "priority":
+            at = bisect.bisect_right(self.waiting, _order(request), key=_order)
+            self.waiting.insert(at, request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -74,7 +99,13 @@ class Scheduler:
             req = self.running[i]
             n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
-                victim = self.running.pop()
+                victim = self._victim()
+                self.running.remove(victim)
+                if victim in scheduled:  # priority policy: it leaves this step
+                    j = scheduled.index(victim)
+                    budget += num_tokens.pop(j)
+                    del scheduled[j]
+                    i -= 1
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
@@ -123,13 +154,18 @@ class Scheduler:
             return remaining
         return min(remaining, budget)
 
+    def _victim(self) -> Request:
+        if self.policy == "priority":
+            return max(self.running, key=_order)
+        return self.running[-1]
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Retire a sequence (stop, length or abort) and free its blocks at once."""
@@ -144,5 +180,11 @@ class Scheduler:
         """Run ``child`` beside ``parent``, sharing its blocks (parallel sampling)."""
         self.kv.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.arrival_index = parent.arrival_index
         child.status = RequestStatus.RUNNING
         self.running.insert(self.running.index(parent) + 1, child)
+
+
+def _order(req: Request) -> tuple[int, int]:
+    """Priority order: lower priority value first, then arrival."""
+    return req.priority, req.arrival_index

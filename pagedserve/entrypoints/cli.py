@@ -75,6 +75,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--chat-template", default=None, help="a chat template file (jinja2), or the template"
     )
     g.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default=None,
+        help="fcfs (default): requests in arrival order; priority: by each request's "
+        "priority (lower first), then arrival, preempting the last in that order when the KV "
+        "cache runs out",
+    )
+    g.add_argument(
         "--generation-config",
         default=None,
         help="auto (default): the model directory's generation_config.json gives its eos ids "
@@ -97,6 +105,7 @@ _ENGINE_FIELDS = (
     "enable_prefix_caching",
     "enforce_eager",
     "generation_config",
+    "scheduling_policy",
     "seed",
 )
 

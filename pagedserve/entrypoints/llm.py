@@ -47,11 +47,13 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
         A prompt is a string or ``{"prompt_token_ids": [...]}`` (or ``{"prompt": str}``); a dict
         may add ``"cache_salt"``: only prompts with the same salt share cached prefix blocks.
+        ``priority``: one per prompt, lower first (``scheduling_policy="priority"``).
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -61,11 +63,19 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("need one SamplingParams, or one per prompt")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError("need one priority per prompt")
         ids = []
-        for prompt, params in zip(prompts, sampling_params, strict=True):
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
             request_id = str(next(self._ids))
             salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-            self.llm_engine.add_request(request_id, _prompt_input(prompt), params, cache_salt=salt)
+            self.llm_engine.add_request(
+                request_id,
+                _prompt_input(prompt),
+                params,
+                cache_salt=salt,
+                priority=0 if priority is None else priority[i],
+            )
             ids.append(request_id)
         return self._run(ids, use_tqdm)
 

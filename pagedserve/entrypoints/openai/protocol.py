@@ -232,12 +232,6 @@ class SamplingFields(RequestBody):
             raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
         if self.use_beam_search:
             raise bad_request("beam search is not supported", param="use_beam_search")
-        if self.priority != 0:
-            raise bad_request(
-                "priority scheduling is not supported: the scheduler serves requests in arrival "
-                "order, so priority must be 0",
-                param="priority",
-            )
         if self.stream and self.prompt_logprobs:
             raise bad_request(
                 "prompt_logprobs is not available when stream is true", param="prompt_logprobs"

@@ -214,10 +214,11 @@ class OpenAIServing:
         params: SamplingParams,
         arrival_time: float,
         cache_salt: str | None,
+        priority: int,
     ) -> RequestStream:
         try:
             return await self.engine.add_request(
-                request_id, prompt_ids, params, arrival_time, cache_salt
+                request_id, prompt_ids, params, arrival_time, cache_salt, priority
             )
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
@@ -229,16 +230,24 @@ class OpenAIServing:
         base_id: str,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        cache_salt: str | None,
+        request: SamplingFields,
     ) -> list[RequestStream]:
-        """Submit several prompts; on a refusal, abort the ones already accepted."""
+        """Submit several prompts (with ``request``'s cache salt and priority); on a refusal,
+        abort the ones already accepted."""
+        if request.priority != 0 and self.engine.scheduling_policy != "priority":
+            raise bad_request(
+                "priority needs a server started with --scheduling-policy priority; this one "
+                "serves requests in arrival order",
+                param="priority",
+            )
         now = time.time()
+        salt, priority = request.cache_salt, request.priority
         if len(prompts) == 1:
-            return [await self.submit(base_id, prompts[0], params[0], now, cache_salt)]
+            return [await self.submit(base_id, prompts[0], params[0], now, salt, priority)]
         streams: list[RequestStream] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(await self.submit(f"{base_id}-{i}", ids, p, now, cache_salt))
+                streams.append(await self.submit(f"{base_id}-{i}", ids, p, now, salt, priority))
         except BaseException:
             for stream in streams:
                 stream.abort()

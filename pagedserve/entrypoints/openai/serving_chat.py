@@ -67,14 +67,14 @@ class ServingChat:
         request_id = new_id("chatcmpl")
         created = int(time.time())
         if req.stream:
-            stream = (await s.submit_all(request_id, [prompt_ids], [params], req.cache_salt))[0]
+            stream = (await s.submit_all(request_id, [prompt_ids], [params], req))[0]
             return SSEResponse(
                 self._stream(req, request_id, created, stream, top_logprobs, prompt_ids),
                 stream.abort,
             )
 
         async def run() -> Response:
-            stream = (await s.submit_all(request_id, [prompt_ids], [params], req.cache_salt))[0]
+            stream = (await s.submit_all(request_id, [prompt_ids], [params], req))[0]
             final = await last_output(stream)
             return JSONResponse(self._response(req, request_id, created, final, top_logprobs))
 

@@ -74,11 +74,11 @@ class ServingCompletion:
         created = int(time.time())
         job = _Job(self, req, request_id, created, prompt_ids, prompt_texts)
         if req.stream:
-            streams = await s.submit_all(request_id, prompt_ids, params, req.cache_salt)
+            streams = await s.submit_all(request_id, prompt_ids, params, req)
             return SSEResponse(job.stream(streams), lambda: [st.abort() for st in streams])
 
         async def run() -> Response:
-            streams = await s.submit_all(request_id, prompt_ids, params, req.cache_salt)
+            streams = await s.submit_all(request_id, prompt_ids, params, req)
             try:
                 finals = [await last_output(st) for st in streams]
             finally:

@@ -55,11 +55,11 @@ class ServingResponses:
             raise
         job = _Job(req, self.chat, chat_req)
         if req.stream:
-            stream = (await s.submit_all(job.id, [prompt_ids], [params], None))[0]
+            stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
             return SSEResponse(job.events(stream), stream.abort)
 
         async def run() -> Response:
-            stream = (await s.submit_all(job.id, [prompt_ids], [params], None))[0]
+            stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
             return JSONResponse(job.response(await last_output(stream)))
 
         return await cancel_on_disconnect(raw, run)
