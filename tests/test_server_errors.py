@@ -150,7 +150,7 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
             {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]},
             "messages",
         ),
-        ({"use_beam_search": True}, "use_beam_search"),
+        ({"use_beam_search": True, "logprobs": True}, "logprobs"),
         ({"priority": 1}, "priority"),
         ({"cache_salt": ""}, "cache_salt"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),

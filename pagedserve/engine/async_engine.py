@@ -166,6 +166,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def eos_token_ids(self) -> set[int]:
+        return self.engine.eos_token_ids
+
+    @property
     def scheduling_policy(self) -> str:
         return self.engine.scheduler.policy
 

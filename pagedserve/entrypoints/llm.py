@@ -10,6 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine.beam_search import BeamSearchParams, request_output, search
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -105,6 +106,56 @@ class LLM:
             )["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(
+        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.beam_search``: each prompt's ``beam_width`` best beams, as a finished
+        output with one completion per beam, best first (see ``engine.beam_search``). The
+        searches of all prompts share each step."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        engine = self.llm_engine
+        token_ids = []
+        for prompt in prompts:
+            given = _prompt_input(prompt)
+            ids = given if isinstance(given, list) else engine.tokenizer.encode(given, True)
+            if len(ids) + params.max_tokens > engine.max_model_len:
+                raise ValueError(
+                    f"a prompt of {len(ids)} tokens and max_tokens {params.max_tokens} exceed the "
+                    f"context length {engine.max_model_len}"
+                )
+            token_ids.append(ids)
+        searches = [search(ids, params, engine.eos_token_ids) for ids in token_ids]
+        pending = {i: next(s) for i, s in enumerate(searches)}
+        results = {}
+        step = params.step_params()
+        while pending:
+            request_ids = []
+            for sequences in pending.values():
+                for sequence in sequences:
+                    request_ids.append(str(next(self._ids)))
+                    engine.add_request(request_ids[-1], sequence, step)
+            outputs = iter(self._run(request_ids, use_tqdm=False))
+            following = {}
+            for i, sequences in pending.items():
+                candidates = [next(outputs).outputs[0].logprobs[0] for _ in sequences]
+                try:
+                    following[i] = searches[i].send(candidates)
+                except StopIteration as done:
+                    results[i] = done.value
+            pending = following
+        return [
+            request_output(
+                str(i),
+                prompt if isinstance(prompt, str) else None,
+                token_ids[i],
+                results[i],
+                engine.tokenizer,
+                params.skip_special_tokens,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -12,10 +12,11 @@ import logging
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -127,9 +128,50 @@ class SamplingFields(RequestBody):
     return_tokens_as_token_ids: bool = False
     truncate_prompt_tokens: int | None = None
     use_beam_search: bool = False
+    length_penalty: float = 1.0
     priority: int = 0
     bad_words: list[str] | None = None
     cache_salt: str | None = None
+
+    # What beam search does not honour (it ranks the model's raw logprobs): a value other than
+    # these defaults is a 400 beside use_beam_search.
+    _NOT_IN_BEAM_SEARCH: ClassVar[dict[str, Any]] = {
+        "stream": False,
+        "logprobs": False,
+        "echo": False,
+        "prompt_logprobs": None,
+        "response_format": None,
+        "structured_outputs": None,
+        "stop": None,
+        "stop_token_ids": None,
+        "min_tokens": 0,
+        "bad_words": None,
+        "logit_bias": None,
+        "allowed_token_ids": None,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": None,
+    }
+
+    def _refuse_beside_beam_search(self) -> None:
+        for name, default in self._NOT_IN_BEAM_SEARCH.items():
+            if not _unset(getattr(self, name, default), default):
+                raise bad_request(f"{name} is not supported with use_beam_search", param=name)
+        if not 1 <= self.n <= MAX_BEAM_WIDTH:
+            raise bad_request(
+                f"n (the beam width) must be in [1, {MAX_BEAM_WIDTH}] with use_beam_search",
+                param="n",
+            )
+
+    def beam_search_params(self, params: SamplingParams) -> BeamSearchParams:
+        """The beam search this request asks for, from its checked sampling parameters."""
+        return BeamSearchParams(
+            beam_width=params.n,
+            max_tokens=params.max_tokens or 1,
+            ignore_eos=params.ignore_eos,
+            length_penalty=self.length_penalty,
+            skip_special_tokens=params.skip_special_tokens,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -231,7 +273,7 @@ class SamplingFields(RequestBody):
         if self.cache_salt is not None and not self.cache_salt:
             raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
         if self.use_beam_search:
-            raise bad_request("beam search is not supported", param="use_beam_search")
+            self._refuse_beside_beam_search()
         if self.stream and self.prompt_logprobs:
             raise bad_request(
                 "prompt_logprobs is not available when stream is true", param="prompt_logprobs"
@@ -268,6 +310,15 @@ class SamplingFields(RequestBody):
         if self.logit_bias:
             fields["logit_bias"] = list(_logit_bias(self.logit_bias) or {})
         return fields
+
+
+def _unset(value: Any, default: Any) -> bool:
+    """Whether a field holds its default (or nothing): ``0`` logprobs is not ``False``."""
+    if value is None or value is False or value == []:
+        return True
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

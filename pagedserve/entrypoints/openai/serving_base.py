@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -20,6 +21,7 @@ from pagedserve.engine.async_engine import (
     EngineError,
     RequestStream,
 )
+from pagedserve.engine.beam_search import request_output, search
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
 from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
@@ -126,6 +128,58 @@ class OpenAIServing:
             )
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
+
+    async def final_outputs(
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        request: SamplingFields,
+    ) -> list[RequestOutput]:
+        """Each prompt's finished output: one engine request each, or with ``use_beam_search``
+        a beam search whose steps are engine requests (:mod:`pagedserve.engine.beam_search`)."""
+        if not request.use_beam_search:
+            streams = await self.submit_all(request_id, prompts, params, request)
+            try:
+                return [await last_output(stream) for stream in streams]
+            finally:
+                for stream in streams:
+                    stream.abort()
+        ids = (
+            [request_id]
+            if len(prompts) == 1
+            else [f"{request_id}-{i}" for i in range(len(prompts))]
+        )
+        searches = (
+            self._beam_search(i, ids_, p, request)
+            for i, ids_, p in zip(ids, prompts, params, strict=True)
+        )
+        return list(await asyncio.gather(*searches))
+
+    async def _beam_search(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request: SamplingFields,
+    ) -> RequestOutput:
+        beam = request.beam_search_params(params)
+        steps = search(prompt_ids, beam, self.engine.eos_token_ids)
+        sequences = next(steps)
+        step_params = beam.step_params()
+        for k in itertools.count():
+            streams = await self.submit_all(
+                f"{request_id}-step{k}", sequences, [step_params] * len(sequences), request
+            )
+            outputs = await asyncio.gather(*(last_output(stream) for stream in streams))
+            try:
+                sequences = steps.send([out.outputs[0].logprobs[0] for out in outputs])
+            except StopIteration as done:
+                beams = done.value
+                break
+        return request_output(
+            request_id, None, prompt_ids, beams, self.tokenizer, beam.skip_special_tokens
+        )
 
     # ---- prompts ----
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:

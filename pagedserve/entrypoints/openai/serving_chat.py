@@ -19,7 +19,6 @@ from pagedserve.entrypoints.openai.serving_base import (
     by_rank,
     cancel_on_disconnect,
     clamp_logprob,
-    last_output,
     new_id,
     prompt_logprobs_json,
     sse,
@@ -74,8 +73,7 @@ class ServingChat:
             )
 
         async def run() -> Response:
-            stream = (await s.submit_all(request_id, [prompt_ids], [params], req))[0]
-            final = await last_output(stream)
+            (final,) = await s.final_outputs(request_id, [prompt_ids], [params], req)
             return JSONResponse(self._response(req, request_id, created, final, top_logprobs))
 
         return await cancel_on_disconnect(raw, run)

@@ -19,7 +19,6 @@ from pagedserve.entrypoints.openai.serving_base import (
     by_rank,
     cancel_on_disconnect,
     clamp_logprob,
-    last_output,
     merged,
     new_id,
     prompt_logprobs_json,
@@ -78,12 +77,7 @@ class ServingCompletion:
             return SSEResponse(job.stream(streams), lambda: [st.abort() for st in streams])
 
         async def run() -> Response:
-            streams = await s.submit_all(request_id, prompt_ids, params, req)
-            try:
-                finals = [await last_output(st) for st in streams]
-            finally:
-                for st in streams:
-                    st.abort()
+            finals = await s.final_outputs(request_id, prompt_ids, params, req)
             return JSONResponse(job.response(finals))
 
         return await cancel_on_disconnect(raw, run)
