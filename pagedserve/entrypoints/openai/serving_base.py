@@ -1,4 +1,4 @@
-"""What chat, completions and tokenize have in common: the model name, prompts, limits, streams."""
+"""What chat, completions and tokenize have in common: the model name, prompts, limits, submission."""
 
 from __future__ import annotations
 
@@ -7,37 +7,29 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import jinja2
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 
 from pagedserve.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
-    EngineError,
     RequestStream,
 )
 from pagedserve.engine.beam_search import request_output, search
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
 from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from pagedserve.entrypoints.openai.streams import last_output
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 SAMPLING_PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"max_completion_tokens"}
 
-SSE_DONE = b"data: [DONE]\n\n"
 INLINE_TOKENIZE_CHARS = 16_384
-
-
-def sse(obj: dict[str, Any]) -> bytes:
-    """One server-sent event carrying a JSON object, as the OpenAI API frames it."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def new_id(prefix: str, sep: str = "-") -> str:
@@ -347,86 +339,6 @@ def _template_call(call: dict[str, Any], index: int) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-async def last_output(stream: RequestStream) -> RequestOutput:
-    """Drain a stream and return its final (cumulative) output."""
-    final: RequestOutput | None = None
-    try:
-        async for out in stream:
-            final = out
-    except EngineError as exc:
-        raise APIError(500, str(exc)) from exc
-    finally:
-        stream.abort()
-    if final is None:
-        raise APIError(503, "the request was aborted before it produced any output")
-    return final
-
-
-async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The outputs of several streams as they come, tagged with the stream's position."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, None))
-        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
-            queue.put_nowait((i, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            stream.abort()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def cancel_on_disconnect(
-    request: Request, handler: Callable[[], Awaitable[Response]]
-) -> Response:
-    """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client
-    goes away first."""
-    work = asyncio.ensure_future(handler())
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        work.cancel()
-        raise
-    finally:
-        watch.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    try:
-        await work
-    except asyncio.CancelledError:
-        pass
-    return Response(status_code=499)
-
-
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -475,25 +387,3 @@ def prompt_logprobs_json(out: RequestOutput, n: int | None) -> list[dict[str, An
         }
         for token_id, alternatives in zip(out.prompt_token_ids, out.prompt_logprobs, strict=False)
     ]
-
-
-class SSEResponse(StreamingResponse):
-    """A server-sent-event stream that runs ``on_close`` however it ends.
-
-    The body generator's own ``finally`` does not run when the client leaves before the first
-    chunk (the generator never started), so the abort lives here.
-    """
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()

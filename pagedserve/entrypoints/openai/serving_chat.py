@@ -13,16 +13,18 @@ from pagedserve.engine.async_engine import EngineError, RequestStream
 from pagedserve.entrypoints.openai.errors import error_body
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.serving_base import (
-    SSE_DONE,
     OpenAIServing,
-    SSEResponse,
     by_rank,
-    cancel_on_disconnect,
     clamp_logprob,
     new_id,
     prompt_logprobs_json,
-    sse,
     usage_dict,
+)
+from pagedserve.entrypoints.openai.streams import (
+    SSE_DONE,
+    SSEResponse,
+    cancel_on_disconnect,
+    sse,
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput

@@ -13,18 +13,20 @@ from pagedserve.engine.async_engine import EngineError, RequestStream
 from pagedserve.entrypoints.openai.errors import bad_request, error_body
 from pagedserve.entrypoints.openai.protocol import CompletionRequest
 from pagedserve.entrypoints.openai.serving_base import (
-    SSE_DONE,
     OpenAIServing,
-    SSEResponse,
     by_rank,
-    cancel_on_disconnect,
     clamp_logprob,
-    merged,
     new_id,
     prompt_logprobs_json,
-    sse,
     top_alternatives,
     usage_dict,
+)
+from pagedserve.entrypoints.openai.streams import (
+    SSE_DONE,
+    SSEResponse,
+    cancel_on_disconnect,
+    merged,
+    sse,
 )
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 

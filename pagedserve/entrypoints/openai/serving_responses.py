@@ -24,12 +24,14 @@ from pagedserve.entrypoints.openai.errors import APIError
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.serving_base import (
-    SSEResponse,
-    cancel_on_disconnect,
-    last_output,
     new_id,
 )
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
+from pagedserve.entrypoints.openai.streams import (
+    SSEResponse,
+    cancel_on_disconnect,
+    last_output,
+)
 from pagedserve.entrypoints.openai.tool_calls import final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
