@@ -115,8 +115,8 @@ def test_steps_the_stack_leaves_to_the_modules(tiny_model_dir, monkeypatch):
 def test_sliding_window_models_decode_through_the_modules(tiny_model_dir):
     """The stack's decode kernel has no window, so a model with one (on any layer) runs its
     decode steps module by module, through the masked attention; so do Gemma 2 and 3, whose layers
-    the driver does not lay out."""
-    for kind in ("mistral", "qwen2_window", "gemma2", "gemma3"):
+    the driver does not lay out, and models that rotate only part of each head."""
+    for kind in ("mistral", "qwen2_window", "gemma2", "gemma3", "phi3_partial"):
         llm = LLM(tiny_model_dir(kind), device="cpu", kv_cache_memory=0.02)
         assert llm.llm_engine.runner.cpu_stack is None
 

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from tiny_models import DEVICES, PagedRunner, tiny_hf_model
 from transformers import AutoModelForCausalLM, Gemma3Config
 
+from pagedserve import LLM, SamplingParams
 from pagedserve.model.layers.attention import Attention
 from pagedserve.model.loader import bf16_matmuls_in_float32, load_model
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES
@@ -19,11 +20,13 @@ KINDS = [
     "llama_tied",
     "mistral",
     "phi3",
+    "phi3_partial",
     "qwen2_window",
     "gemma2",
     "gemma3",
 ]
 ATOL = 1e-4
+VOCAB = 49152
 
 
 def _prompts() -> list[list[int]]:
@@ -122,34 +125,22 @@ def test_text_half_of_a_multimodal_gemma3_checkpoint(prefix, tmp_path, reference
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize(
-    ("rope", "message"),
-    [
-        (
-            {
-                "rope_type": "longrope",
-                "short_factor": [1.0] * 8,
-                "long_factor": [2.0] * 8,
-                "original_max_position_embeddings": 32,
-                "partial_rotary_factor": 1.0,
-            },
-            "unsupported rope scaling type 'longrope'",
-        ),
-        (
-            {"rope_type": "default", "partial_rotary_factor": 0.75},
-            "partial_rotary_factor 0.75 is not supported",
-        ),
-    ],
-)
-def test_rope_we_do_not_implement_is_refused(rope, message, tmp_path):
-    """Phi-3.5 / Phi-4-mini's long RoPE and partial rotation fail at load with a clear error,
-    rather than serving wrong positions."""
-    config = tiny_hf_model("phi3").config
-    config.rope_parameters = {"rope_theta": 10000.0, **rope}
-    config.architectures = ["Phi3ForCausalLM"]
-    config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=message):
-        load_model(str(tmp_path), torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("length", [20, 40])
+def test_longrope_rows_are_those_transformers_picks(length, tiny_model_dir):
+    """Phi-4-mini's layout (half of each head rotates, long RoPE): a prompt within the
+    pretraining context (32 positions) rotates with the short factors, a longer one with the
+    long factors throughout, as transformers does for a prompt run whole. Checked through the
+    engine, which picks the rows for each request, by the prompt's logprobs."""
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+    llm = LLM(tiny_model_dir("phi4_mini"), device="cpu", kv_cache_memory=0.02)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    with torch.inference_mode():
+        logprobs = tiny_hf_model("phi4_mini")(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    ours = [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
+    theirs = [logprobs[i, t].item() for i, t in enumerate(prompt[1:])]
+    assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_config_is_the_transformers_config(tiny_model_dir):

@@ -69,7 +69,8 @@ def tiny_config(kind: str) -> PretrainedConfig:
     ``llama_sharded`` (as ``llama``; written in shards), ``qwen2`` (q/k/v bias), ``qwen3``
     (per-head q/k norms, a head_dim twice hidden / heads, tied embeddings), ``mistral`` (a
     sliding window of 8 positions on every layer), ``phi3`` (q/k/v and gate/up fused in the
-    checkpoint, the same window), ``qwen2_window`` (one on the second layer
+    checkpoint, the same window), ``phi3_partial`` (half of each head rotates),
+    ``phi4_mini`` (that, with long RoPE over a pretraining context of 32), ``qwen2_window`` (one on the second layer
     only), ``gemma2`` (a window on the first layer, query_pre_attn_scalar, soft-capped scores
     and logits, caps small enough to matter) or ``gemma3`` (a window on the first layer, each
     layer type its own RoPE, q/k norms, query_pre_attn_scalar, soft-capped logits)."""
@@ -81,6 +82,16 @@ def tiny_config(kind: str) -> PretrainedConfig:
         return Qwen2Config(**_SIZES, rope_theta=1000000.0, tie_word_embeddings=False)
     if kind == "phi3":
         return Phi3Config(**_SIZES, sliding_window=8)
+    if kind in ("phi3_partial", "phi4_mini"):
+        rope: dict = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        if kind == "phi4_mini":  # a pretraining context of 32 positions, stretched to 256
+            rope.update(
+                rope_type="longrope",
+                short_factor=[1.0, 1.1, 1.3, 1.6],
+                long_factor=[1.5, 2.5, 4.0, 8.0],
+                original_max_position_embeddings=32,
+            )
+        return Phi3Config(**_SIZES, rope_parameters=rope, original_max_position_embeddings=32)
     if kind == "mistral":
         return MistralConfig(**_SIZES, sliding_window=8)
     if kind == "qwen2_window":
@@ -123,6 +134,8 @@ def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
         "gemma3": Gemma3ForCausalLM,
         "mistral": MistralForCausalLM,
         "phi3": Phi3ForCausalLM,
+        "phi3_partial": Phi3ForCausalLM,
+        "phi4_mini": Phi3ForCausalLM,
         "qwen2": Qwen2ForCausalLM,
         "qwen2_window": Qwen2ForCausalLM,
         "qwen3": Qwen3ForCausalLM,

@@ -229,6 +229,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             priority=priority,
         )
+        req.rope_offset = self.model.rope_offset(len(token_ids))
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
         if params.bad_words:
@@ -347,6 +348,7 @@ class LLMEngine:
                 priority=req.priority,
             )
             child.num_cached_tokens = req.num_cached_tokens
+            child.rope_offset = req.rope_offset
             if req.grammar is not None:
                 child.grammar = req.grammar.deep_copy()
             self.scheduler.fork(req, child)

@@ -84,6 +84,7 @@ class Request:
         self.cache_salt = cache_salt
         self.priority = priority  # lower runs first under the priority scheduling policy
         self.arrival_index = 0  # the order in which the scheduler got it
+        self.rope_offset = 0  # added to its positions to read the RoPE table (longrope)
 
     @property
     def num_prompt_tokens(self) -> int:

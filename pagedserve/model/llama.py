@@ -3,8 +3,8 @@
 One flattened step: ``forward(input_ids[T], positions[T], meta) -> hidden[T, H]`` over every
 scheduled token of every request, no batch dimension and no padding. q/k/v are one GEMM and
 gate/up another; the architectures differ only in which projections carry a bias, whether
-each q and k head is RMS-normed before the rotation (Qwen3), and which layers have a sliding
-window.
+each q and k head is RMS-normed before the rotation (Qwen3), which layers have a sliding
+window, and how much of each head rotates (Phi-4-mini: 3/4).
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ from pagedserve.model.layers.linear import (
     packed_for,
 )
 from pagedserve.model.layers.norm import RMSNorm
-from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from pagedserve.model.layers.rotary import (
+    RotaryEmbedding,
+    apply_rotary,
+    rope_parameters,
+    rotary_dim,
+)
 
 # The name under which a loader hands over llama.cpp's per-frequency RoPE divisors.
 ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
@@ -76,6 +81,8 @@ class LlamaAttention(nn.Module):
             config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        # The first rotary_dim of each head rotate (Phi-4-mini: 3/4), the rest pass through.
+        self.rotary_dim = rotary_dim(self.head_dim, rope_parameters(config)[1])
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(
@@ -94,7 +101,11 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             heads = self.num_heads
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), 1)
-        qk = apply_rotary(qk, *rope)
+        if self.rotary_dim < self.head_dim:
+            rotated = apply_rotary(qk[..., : self.rotary_dim], *rope)
+            qk = torch.cat((rotated, qk[..., self.rotary_dim :]), -1)
+        else:
+            qk = apply_rotary(qk, *rope)
         q = qk[:, : self.num_heads].flatten(1)
         k = qk[:, self.num_heads :].flatten(1)
         v = qkv[:, self.q_size + self.kv_size :]
@@ -155,7 +166,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         theta, scaling = rope_parameters(config)
         self.rotary_emb = RotaryEmbedding(
-            head_dim_of(config), config.max_position_embeddings, theta, scaling
+            rotary_dim(head_dim_of(config), scaling), config.max_position_embeddings, theta, scaling
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, biases, qk_norm) for i in range(config.num_hidden_layers)
@@ -194,6 +205,11 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+
+    def rope_offset(self, prompt_len: int) -> int:
+        """Where a request's rows of the RoPE table start (longrope's long rows for a long
+        prompt; see :class:`RotaryEmbedding`); the runner adds it to the request's positions."""
+        return self.model.rotary_emb.rope_offset(prompt_len)
 
     def build_model(self, config: Any) -> nn.Module:
         """The decoder stack (``embed_tokens``, ``layers``, ``norm``), named as in checkpoints."""

@@ -75,6 +75,8 @@ class CpuDecodeStack:
         if not elementwise.supports(final_norm, inner.rotary_emb.cos_sin):
             return None
         attention = inner.layers[0].self_attn
+        if attention.rotary_dim != attention.head_dim:
+            return None  # the driver rotates whole heads
         shapes = {
             "hidden": model.config.hidden_size,
             "num_heads": attention.num_heads,

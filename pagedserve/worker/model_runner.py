@@ -109,6 +109,9 @@ class ModelRunner:
         )
         meta.split_decodes()
         input_ids = self._to_device(np.asarray(ids, dtype=np.int64))
+        offsets = np.fromiter((r.rope_offset for r in reqs), np.int64, len(reqs))
+        if offsets.any():  # longrope's long rows (see RotaryEmbedding); the slots keep positions
+            positions = positions + offsets[req_of_token]
         return input_ids, self._to_device(positions), meta, sample_rows
 
     @torch.inference_mode()
