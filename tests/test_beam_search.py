@@ -50,6 +50,13 @@ def test_width_one_is_greedy_and_prompts_share_steps(llm):
     assert llm.llm_engine.get_stats().num_free_blocks == llm.llm_engine.num_blocks
 
 
+def test_a_text_prompt_is_tokenized_as_generate_does(llm):
+    (out,) = llm.beam_search("Hello there", BeamSearchParams(2, 3, ignore_eos=True))
+    (plain,) = llm.generate("Hello there", SamplingParams(max_tokens=1), use_tqdm=False)
+    assert out.prompt == "Hello there" and out.prompt_token_ids == plain.prompt_token_ids
+    assert [len(o.token_ids) for o in out.outputs] == [3, 3]
+
+
 def _scripted(table: dict[tuple[int, ...], dict[int, float]], params, eos=frozenset({0})):
     """Run ``search`` where a beam's next-token logprobs come from ``table`` (by its tokens)."""
     steps = search([1, 2], params, set(eos))

@@ -119,7 +119,11 @@ class LLM:
         token_ids = []
         for prompt in prompts:
             given = _prompt_input(prompt)
-            ids = given if isinstance(given, list) else engine.tokenizer.encode(given, True)
+            ids = (
+                given
+                if isinstance(given, list)
+                else engine.tokenizer.encode(given, add_special_tokens=True)
+            )
             if len(ids) + params.max_tokens > engine.max_model_len:
                 raise ValueError(
                     f"a prompt of {len(ids)} tokens and max_tokens {params.max_tokens} exceed the "
