@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from server_utils import MODEL_NAME, ServerProcess
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.entrypoints.cli import terminal_sampling_params
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
-from pagedserve.model.generation_config import load_generation_config
+from pagedserve.model.generation_config import GenerationConfig, load_generation_config
 
 PROMPT = {"prompt_token_ids": [5, 900, 17, 4000, 33]}
 
@@ -105,3 +107,16 @@ def test_served_defaults(tiny_model_dir, tmp_path):
         assert longer.usage.completion_tokens == 5
     finally:
         server.close()
+
+
+def test_terminal_commands_fall_back_to_the_defaults():
+    """``pagedserve chat`` / ``generate``: a flag given wins, then the model's default, then the
+    terminal's own (temperature 0.7)."""
+    model = SimpleNamespace(
+        generation_config=GenerationConfig(sampling_defaults={"temperature": 0.6, "top_k": 20})
+    )
+    flags = SimpleNamespace(temperature=None, top_p=None, top_k=5, sampling_seed=3)
+    params = terminal_sampling_params(model, flags, 32)
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.6, 1.0, 5, 3)
+    bare = SimpleNamespace(generation_config=GenerationConfig())
+    assert terminal_sampling_params(bare, flags, 32).temperature == 0.7

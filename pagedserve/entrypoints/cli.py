@@ -249,21 +249,28 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 is greedy (default: the model's generation config, else 0.7)",
+    )
+    g.add_argument("--top-p", type=float, default=None, help="default: as --temperature, else 1")
+    g.add_argument("--top-k", type=int, default=None, help="default: as --temperature, else 0")
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler")
 
 
-def _sampling_params(args: argparse.Namespace, max_tokens: int) -> Any:
+def terminal_sampling_params(engine: Any, args: argparse.Namespace, max_tokens: int) -> Any:
+    """The flags given, else the model's generation-config defaults, else the terminal's own."""
     from pagedserve.sampling_params import SamplingParams
 
+    defaults = {"temperature": 0.7, **engine.generation_config.sampling_defaults}
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k")}
+    chosen = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         seed=args.sampling_seed,
+        **{k: v for k, v in chosen.items() if v is not None},
     )
 
 
@@ -330,7 +337,9 @@ def run_chat(args: argparse.Namespace) -> int:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
         try:
-            params = _sampling_params(args, _budget(engine, len(ids), args.max_tokens))
+            params = terminal_sampling_params(
+                engine, args, _budget(engine, len(ids), args.max_tokens)
+            )
         except ValueError as exc:
             print(f"[{exc}]")
             messages.pop()
@@ -368,7 +377,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok.encode(prompt, add_special_tokens=True)
     try:
-        params = _sampling_params(args, _budget(engine, len(ids), args.max_tokens))
+        params = terminal_sampling_params(engine, args, _budget(engine, len(ids), args.max_tokens))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
