@@ -112,13 +112,46 @@ def test_steps_the_stack_leaves_to_the_modules(tiny_model_dir, monkeypatch):
     assert reference.llm_engine.runner.cpu_stack is None
 
 
-def test_sliding_window_models_decode_through_the_modules(tiny_model_dir):
-    """The stack's decode kernel has no window, so a model with one (on any layer) runs its
-    decode steps module by module, through the masked attention; so do Gemma 2 and 3, whose layers
-    the driver does not lay out, and models that rotate only part of each head."""
-    for kind in ("mistral", "qwen2_window", "gemma2", "gemma3", "phi3_partial"):
+def test_models_whose_layers_the_driver_does_not_lay_out(tiny_model_dir):
+    """Gemma 2 and 3 (other layers) and models that rotate only part of each head decode module
+    by module."""
+    for kind in ("gemma2", "gemma3", "phi3_partial"):
         llm = LLM(tiny_model_dir(kind), device="cpu", kv_cache_memory=0.02)
         assert llm.llm_engine.runner.cpu_stack is None
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2_window"])
+def test_sliding_window_steps_within_the_window_take_the_stack(kind, tiny_model_dir, monkeypatch):
+    """The driver's attention has no window, so it runs only the steps whose contexts fit the
+    layers' window (8 positions here); the longer ones go through the modules' masked
+    attention. Generations equal the module-by-module ones either way."""
+    prompts = [[3 + i, 40 + i] for i in range(4)]  # 2 tokens, then 1-10 more: past the window
+
+    def generate(enforce_eager: bool) -> tuple[list, list[int]]:
+        runs: list[int] = []
+        run = CpuDecodeStack.run
+
+        def counting(self, input_ids, positions, meta):
+            runs.append(meta.max_seq_len)
+            return run(self, input_ids, positions, meta)
+
+        monkeypatch.setattr(CpuDecodeStack, "run", counting)
+        llm = LLM(
+            tiny_model_dir(kind), device="cpu", kv_cache_memory=0.02, enforce_eager=enforce_eager
+        )
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], runs
+
+    want, _ = generate(enforce_eager=True)
+    got, runs = generate(enforce_eager=False)
+    assert runs and max(runs) <= 8
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want, strict=True):
+        for step_g, step_w in zip(g[1], w[1], strict=True):
+            assert {t: lp.logprob for t, lp in step_g.items()} == {
+                t: lp.logprob for t, lp in step_w.items()
+            }
 
 
 def test_stack_needs_packed_weights(tiny_model_dir, monkeypatch):

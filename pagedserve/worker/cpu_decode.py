@@ -38,7 +38,7 @@ def _layer(layer: LlamaDecoderLayer) -> Layer | None:
     if None in projections or pools[0] is None or pools[1] is None:
         return None
     present = [n for n in head_norms if n is not None]
-    if attn.attn.backend != "fast" or attn.attn.sliding_window is not None:
+    if attn.attn.backend != "fast" or attn.attn.softcap is not None:
         return None
     if not elementwise.supports(*norms, *present):
         return None
@@ -50,15 +50,18 @@ class CpuDecodeStack:
     """A Llama-family model's pure-decode steps through :class:`DecoderStack`; build it with
     :meth:`build` once the KV pools are assigned to the attention layers."""
 
-    def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
+    def __init__(self, model: LlamaForCausalLM, stack: DecoderStack, window: int | None) -> None:
         self.model = model
         self.stack = stack
+        # The narrowest sliding window of its layers: steps with a longer context go through the
+        # modules, since the driver's attention has no window (None: no layer has one).
+        self.window = window
 
     @classmethod
     def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
         """The stack of ``model``, or None where its decode steps cannot take it: another
         architecture, weights not packed for the C GEMM (not float32 on the CPU), the reference
-        attention backend, a sliding window, or a kernel not built here."""
+        attention backend, or a kernel not built here."""
         if not isinstance(model, LlamaForCausalLM):
             return None
         if not all(type(layer) is LlamaDecoderLayer for layer in model.model.layers):
@@ -93,11 +96,15 @@ class CpuDecodeStack:
             attention.attn.scale,
             quantized_max_rows(layers[0].qkv.panels),
         )
-        return None if stack is None else cls(model, stack)
+        windows = [layer.self_attn.attn.sliding_window for layer in inner.layers]
+        window = min((w for w in windows if w is not None), default=None)
+        return None if stack is None else cls(model, stack, window)
 
-    @staticmethod
-    def applies(meta: AttentionMetadata, num_sampling: int) -> bool:
-        """Whether the step is pure decode with every request sampling (``split_decodes`` ran)."""
+    def applies(self, meta: AttentionMetadata, num_sampling: int) -> bool:
+        """Whether the step is pure decode with every request sampling (``split_decodes`` ran),
+        each context within the layers' sliding window if they have one."""
+        if self.window is not None and meta.max_seq_len > self.window:
+            return False
         return not meta.prefill_reqs and num_sampling == meta.num_reqs
 
     def run(
