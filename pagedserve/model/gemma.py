@@ -32,7 +32,7 @@ from pagedserve.model.layers.embedding import Embedding
 from pagedserve.model.layers.linear import Linear, MergedLinear
 from pagedserve.model.layers.norm import GemmaRMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, rope_parameters
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, Rope, head_dim_of
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, Rope, head_dim_of, window_of
 
 SLIDING = "sliding_attention"
 
@@ -98,10 +98,7 @@ class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: Any, index: int, qk_norm: bool) -> None:
         super().__init__()
         self.sliding = layer_types(config)[index] == SLIDING
-        window = config.sliding_window if self.sliding else None
-        if window is not None and window >= config.max_position_embeddings:
-            window = None
-        self.self_attn = GemmaAttention(config, window, qk_norm)
+        self.self_attn = GemmaAttention(config, window_of(config, self.sliding), qk_norm)
         self.mlp = GeGLU(config)
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)

@@ -54,12 +54,16 @@ def head_dim_of(config: Any) -> int:
 def sliding_window_of(config: Any, layer: int) -> int | None:
     """The layer's sliding window: the config's ``sliding_window`` on every layer (Mistral), or
     on those ``layer_types`` calls sliding (Qwen2/3, where transformers sets it only when
-    ``use_sliding_window``); None where it would cover the whole context anyway."""
-    window = getattr(config, "sliding_window", None)
+    ``use_sliding_window``)."""
     layer_types = getattr(config, "layer_types", None)
-    if not window or window >= config.max_position_embeddings:
-        return None
-    if layer_types is not None and layer_types[layer] != "sliding_attention":
+    return window_of(config, layer_types is None or layer_types[layer] == "sliding_attention")
+
+
+def window_of(config: Any, sliding: bool) -> int | None:
+    """A sliding layer's window, the config's ``sliding_window``; None for other layers and
+    where it would cover the whole context anyway."""
+    window = getattr(config, "sliding_window", None)
+    if not sliding or not window or window >= config.max_position_embeddings:
         return None
     return window
 

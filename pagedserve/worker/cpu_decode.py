@@ -38,9 +38,7 @@ def _layer(layer: LlamaDecoderLayer) -> Layer | None:
     if None in projections or pools[0] is None or pools[1] is None:
         return None
     present = [n for n in head_norms if n is not None]
-    if attn.attn.backend != "fast" or attn.attn.softcap is not None:
-        return None
-    if not elementwise.supports(*norms, *present):
+    if attn.attn.backend != "fast" or not elementwise.supports(*norms, *present):
         return None
     qkv, o, gate_up, down = projections
     return Layer(*norms, *head_norms, qkv, o, gate_up, down, *pools)

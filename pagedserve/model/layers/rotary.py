@@ -9,7 +9,7 @@ those.
 ``longrope`` has two sets of frequencies: the short factors for sequences that fit the
 pretraining context (``original_max_position_embeddings``), the long ones beyond it, both with
 cos and sin scaled by an attention factor. transformers picks them per forward pass by the
-sequence's length so far; here the table holds both, the long rows from ``long_offset`` on, and
+sequence's length so far; here the table holds both, the long rows after the short ones, and
 a request whose prompt is longer than the pretraining context reads the long rows throughout
 (:meth:`RotaryEmbedding.rope_offset`), so that its queries and cached keys rotate alike.
 """
@@ -106,11 +106,8 @@ class RotaryEmbedding(nn.Module):
         self.original_max_positions: int | None = None
         if scaling["rope_type"] == "longrope":
             self.original_max_positions = scaling["original_max_position_embeddings"]
-            long = (
-                self.inv_freq
-                * torch.tensor(scaling["short_factor"])
-                / torch.tensor(scaling["long_factor"])
-            )
+            plain = inverse_frequencies(dim, theta, {"rope_type": "default"})
+            long = plain / torch.tensor(scaling["long_factor"], dtype=torch.float32)
             factor = _longrope_attention_factor(scaling, max_positions)
             table = (torch.cat((table.float(), self._table(long).float())) * factor).to(table.dtype)
         self.register_buffer("cos_sin", table, persistent=False)
