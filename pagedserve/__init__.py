@@ -3,7 +3,14 @@
 from typing import Any
 
 from pagedserve.engine.beam_search import BeamSearchParams
-from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
@@ -12,6 +19,9 @@ __all__ = [
     "SamplingParams",
     "BeamSearchParams",
     "StructuredOutputsParams",
+    "PoolingParams",
+    "EmbeddingRequestOutput",
+    "EmbeddingOutput",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

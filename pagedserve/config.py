@@ -34,3 +34,9 @@ class EngineConfig:
     # auto (the model directory's generation_config.json: its eos ids, and the sampling defaults
     # of requests that leave them out) | vllm (none) | a directory with a generation_config.json
     generation_config: str = "auto"
+    # auto | generate | pooling (embeddings: /v1/embeddings, LLM.embed), as vLLM's --runner;
+    # auto pools for a sentence-transformers directory or a headless ``*Model`` architecture
+    runner: str = "auto"
+    # overrides of the pooler the model directory describes: pooling_type (LAST | MEAN | CLS),
+    # normalize (vLLM's --pooler-config)
+    pooler_config: dict | None = None

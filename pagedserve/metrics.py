@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
 
 logger = logging.getLogger("pagedserve.stats")
 
@@ -117,14 +117,17 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     # ---- EngineObserver ----
-    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None:
+    def on_outputs(
+        self, outputs: list[RequestOutput] | list[EmbeddingRequestOutput], now: float
+    ) -> None:
         live = self._live
         for out in outputs:
+            generated = isinstance(out, RequestOutput)  # an embedding has no tokens to time
             state = live.get(out.request_id)
             if state is None:
                 state = [out.metrics.get("arrival_time", now), 0.0, 0.0]
                 live[out.request_id] = state
-            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            num_tokens = sum(len(c.token_ids) for c in out.outputs) if generated else 0
             if num_tokens > state[2]:
                 if state[2] == 0:
                     first = out.metrics.get("first_token_time", now)
@@ -139,7 +142,7 @@ class ServerMetrics:
                 scheduled = out.metrics.get("first_scheduled_time")
                 if scheduled is not None:
                     self.queue.observe(max(0.0, scheduled - state[0]))
-                reason = out.outputs[0].finish_reason if out.outputs else None
+                reason = out.outputs[0].finish_reason if generated and out.outputs else None
                 self._success.labels(self._model_name, reason or "stop").inc()
 
     def on_abort(self, request_id: str) -> None:

@@ -222,6 +222,15 @@ def test_unknown_model_is_404(server, client):
         client.completions.create(model="nope", prompt="hi")
 
 
+def test_embeddings_need_a_pooling_runner(server, client):
+    status, body = post(server, "/v1/embeddings", {"model": MODEL_NAME, "input": "hi"})
+    assert status == 400
+    assert_error(body, "model")
+    assert "--runner pooling" in body["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=MODEL_NAME, input="hi")
+
+
 def test_unknown_route_is_404_in_schema(server):
     status, body = request(server.url + "/v1/nothing-here", headers=AUTH)
     assert status == 404

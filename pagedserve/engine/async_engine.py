@@ -18,7 +18,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from pagedserve.outputs import RequestOutput
+from pagedserve.model.pooler import PoolerConfig
+from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ logger = logging.getLogger(__name__)
 class EngineObserver(Protocol):
     """Told, on the event loop, about each step's outputs and each abort (metrics use this)."""
 
-    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
+    def on_outputs(
+        self, outputs: list[RequestOutput] | list[EmbeddingRequestOutput], now: float
+    ) -> None: ...
 
     def on_abort(self, request_id: str) -> None: ...
 
@@ -181,6 +184,11 @@ class AsyncEngine:
     @property
     def model_name(self) -> str:
         return self.engine.model_name
+
+    @property
+    def pooler(self) -> PoolerConfig | None:
+        """How a pooling engine embeds; None where the engine generates."""
+        return self.engine.pooler
 
     @property
     def is_running(self) -> bool:

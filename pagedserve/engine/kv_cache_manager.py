@@ -41,9 +41,14 @@ class KVCacheManager:
         """The longest chain of cached blocks that starts the request's tokens.
 
         Stops one token short of the end, so the last token is always computed and gives logits.
-        A request that wants prompt logprobs needs logits at every prompt position: no hits.
+        A request that wants prompt logprobs needs logits at every prompt position, and one
+        that mean-pools needs every position's hidden state: no hits.
         """
-        if not self.enable_caching or request.params.prompt_logprobs is not None:
+        if (
+            not self.enable_caching
+            or request.params.prompt_logprobs is not None
+            or request.pools_every_row
+        ):
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []

@@ -10,14 +10,17 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine.embedding_requests import EmbeddingRequests, resolve_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
 from pagedserve.engine.request import Request, RequestStatus, RequestTimes
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.model.generation_config import load_generation_config
 from pagedserve.model.loader import load_model
+from pagedserve.model.pooler import load_pooler_config
 from pagedserve.model_path import resolve_model
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sample.bad_words import bad_word_sequences
 from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
 from pagedserve.sample.structured_output import GrammarCompiler
@@ -107,7 +110,19 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
         self.model_name = resolve_model(config.model)
-        self.model = load_model(self.model_name, self.dtype, self.device)
+        self.runner_type = resolve_runner(config.runner, self.model_name)
+        pooling = self.runner_type == "pooling"
+        self.model = load_model(self.model_name, self.dtype, self.device, pooling)
+        self.pooler = None
+        if pooling:
+            self.pooler = load_pooler_config(
+                self.model_name, self.model.config, config.pooler_config
+            )
+            logger.info(
+                "runner pooling: embeddings of %s pooling%s",
+                self.pooler.pooling_type.lower(),
+                ", normalized" if self.pooler.normalize else "",
+            )
         self.generation_config = load_generation_config(self.model_name, config.generation_config)
         if self.generation_config.sampling_defaults:
             logger.info(
@@ -179,6 +194,11 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, hf.vocab_size, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
+        self.embeddings = (
+            EmbeddingRequests(self.pooler, self.scheduler, self.runner, self.max_model_len)
+            if self.pooler is not None
+            else None
+        )
         self.generation_tokens = 0
 
     def _eos_token_ids(self) -> set[int]:
@@ -197,28 +217,37 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | list[int],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
     ) -> None:
         """Queue a request; raises ``ValueError`` if it can never run. Requests share cached
         prefix blocks only when their ``cache_salt`` is the same (None for most). ``priority``
-        (lower first) needs the ``priority`` scheduling policy."""
-        if request_id in self.groups:
+        (lower first) needs the ``priority`` scheduling policy. ``PoolingParams`` ask a
+        pooling engine for the prompt's embedding; ``SamplingParams`` ask a generating one for
+        a completion."""
+        if request_id in self.groups or request_id in self._embedding_requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if priority != 0 and self.scheduler.policy != "priority":
             raise ValueError(
                 f"priority {priority} needs the priority scheduling policy "
                 "(--scheduling-policy priority); this engine serves in arrival order"
             )
+        self._check_task(params)
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             prompt_text, token_ids = None, [int(t) for t in prompt]
-        self._check_prompt(token_ids, params)
         times = RequestTimes(arrival_time=arrival_time or time.time())
+        if isinstance(params, PoolingParams):
+            assert self.embeddings is not None
+            self._check_token_ids(token_ids)
+            offset = self.model.rope_offset(len(token_ids))
+            self.embeddings.add(request_id, token_ids, params, times, cache_salt, priority, offset)
+            return
+        self._check_prompt(token_ids, params)
         generator = make_generator(params.seed, self.device)
         req = Request(
             request_id,
@@ -239,12 +268,28 @@ class LLMEngine:
         self.groups[request_id] = group
         self.scheduler.add(req)
 
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _check_task(self, params: SamplingParams | PoolingParams) -> None:
+        if isinstance(params, PoolingParams) and self.pooler is None:
+            raise ValueError(
+                "this model runs for generation, not embeddings; run it with --runner pooling "
+                '(LLM(..., runner="pooling")) for embeddings'
+            )
+        if not isinstance(params, PoolingParams) and self.pooler is not None:
+            raise ValueError(
+                "this model runs as an embedding model (runner pooling): it does not generate "
+                "text; run it with --runner generate for completions"
+            )
+
+    def _check_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model.config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        self._check_token_ids(token_ids)
+        vocab = self.model.config.vocab_size
         for name, ids in (
             ("allowed_token_ids", params.allowed_token_ids or []),
             ("logit_bias", list(params.logit_bias or {})),
@@ -268,6 +313,8 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for request_id in request_ids:
+            if self.embeddings is not None:
+                self.embeddings.abort(request_id)
             group = self.groups.pop(request_id, None)
             if group is None:
                 continue
@@ -276,14 +323,19 @@ class LLMEngine:
                     self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups or self._embedding_requests)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.groups)
+        return len(self.groups) + len(self._embedding_requests)
+
+    @property
+    def _embedding_requests(self) -> dict[str, Request]:
+        return self.embeddings.requests if self.embeddings is not None else {}
 
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and return outputs of requests that moved."""
+    def step(self) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
+        """Schedule, run the model once, sample, and return outputs of requests that moved
+        (a pooling engine: of the requests whose embedding is done)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -291,6 +343,8 @@ class LLMEngine:
         for req in sched.requests:
             if req.times.first_scheduled_time is None:
                 req.times.first_scheduled_time = now
+        if self.embeddings is not None:
+            return self.embeddings.step(sched)
         step = self.runner.execute(sched)
         logits, sample_rows = step.logits, step.sample_rows
         for batch_row, start, prompt_logits in step.prompt_logits:

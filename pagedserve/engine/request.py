@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sample.structured_output import LLMatcher
 from pagedserve.sampling_params import SamplingParams
 
@@ -85,6 +86,11 @@ class Request:
         self.priority = priority  # lower runs first under the priority scheduling policy
         self.arrival_index = 0  # the order in which the scheduler got it
         self.rope_offset = 0  # added to its positions to read the RoPE table (longrope)
+        # An embedding request: how to pool, what is pooled so far, and whether every prompt
+        # row counts (mean, CLS), so that no block may come from the prefix cache.
+        self.pooling: PoolingParams | None = None
+        self.pooled: torch.Tensor | None = None
+        self.pools_every_row = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -89,7 +90,33 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "and the sampling defaults of requests that leave them out; vllm: none; or a directory "
         "holding a generation_config.json",
     )
+    g.add_argument(
+        "--runner",
+        choices=["auto", "generate", "pooling"],
+        default=None,
+        help="generate: completions and chat; pooling: embeddings (/v1/embeddings); auto "
+        "(default): pooling for a sentence-transformers directory or a bare decoder "
+        "(LlamaModel, Qwen2Model...), else generate",
+    )
+    g.add_argument(
+        "--pooler-config",
+        type=_json_object,
+        default=None,
+        help='a pooling model\'s pooler, as JSON: {"pooling_type": "LAST" | "MEAN" | "CLS", '
+        '"normalize": true | false} (default: what the model directory says, else LAST '
+        "and normalized)",
+    )
     g.add_argument("--seed", type=int, default=None, help="engine seed")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 _ENGINE_FIELDS = (
@@ -106,6 +133,8 @@ _ENGINE_FIELDS = (
     "enforce_eager",
     "generation_config",
     "scheduling_policy",
+    "runner",
+    "pooler_config",
     "seed",
 )
 
@@ -128,6 +157,17 @@ def _chat_template(args: argparse.Namespace) -> str | None:
         return read_chat_template(args.chat_template)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: --chat-template: {exc}") from exc
+
+
+def _generating_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
+    """The engine of ``chat`` and ``generate``, which need a model that generates."""
+    engine = _load_engine(args, chat_template)
+    if engine.pooler is not None:
+        raise SystemExit(
+            f"error: {engine.model_name} runs as an embedding model (runner pooling); serve it "
+            "for /v1/embeddings, or pass --runner generate"
+        )
+    return engine
 
 
 def _load_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
@@ -314,7 +354,7 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     chat_template = _chat_template(args)
-    engine = _load_engine(args, chat_template)
+    engine = _generating_engine(args, chat_template)
     tok = engine.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = list(system)
@@ -365,7 +405,7 @@ def run_generate(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     chat_template = _chat_template(args)
-    engine = _load_engine(args, chat_template)
+    engine = _generating_engine(args, chat_template)
     tok = engine.tokenizer
     if args.chat:
         text = tok.apply_chat_template(

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchParams, request_output, search
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -66,19 +67,58 @@ class LLM:
             raise ValueError("need one SamplingParams, or one per prompt")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError("need one priority per prompt")
+        return self._run(self._submit(prompts, sampling_params, priority), use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed``: each prompt's embedding (``outputs.embedding``), in the
+        prompts' order, from a model run as a pooling model (``runner="pooling"``, or a
+        sentence-transformers directory). ``truncate_prompt_tokens=k`` embeds each prompt's
+        last k tokens."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            pooling_params = [pooling_params or PoolingParams()] * len(prompts)
+        if len(pooling_params) != len(prompts):
+            raise ValueError("need one PoolingParams, or one per prompt")
+        if truncate_prompt_tokens is not None:
+            if truncate_prompt_tokens < 1:
+                raise ValueError("truncate_prompt_tokens must be >= 1")
+            tokenizer = self.get_tokenizer()
+            prompts = [
+                {"prompt_token_ids": _token_ids(tokenizer, p)[-truncate_prompt_tokens:]}
+                for p in prompts
+            ]
+        return self._run(self._submit(prompts, pooling_params), use_tqdm)
+
+    def _submit(
+        self,
+        prompts: Sequence[PromptType],
+        params: Sequence[SamplingParams] | Sequence[PoolingParams],
+        priority: Sequence[int] | None = None,
+    ) -> list[str]:
         ids = []
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
-            request_id = str(next(self._ids))
-            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-            self.llm_engine.add_request(
-                request_id,
-                _prompt_input(prompt),
-                params,
-                cache_salt=salt,
-                priority=0 if priority is None else priority[i],
-            )
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+        try:
+            for i, (prompt, one) in enumerate(zip(prompts, params, strict=True)):
+                request_id = str(next(self._ids))
+                salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+                self.llm_engine.add_request(
+                    request_id,
+                    _prompt_input(prompt),
+                    one,
+                    cache_salt=salt,
+                    priority=0 if priority is None else priority[i],
+                )
+                ids.append(request_id)
+        except BaseException:
+            self.llm_engine.abort_request(ids)
+            raise
+        return ids
 
     def chat(
         self,
@@ -118,12 +158,7 @@ class LLM:
         engine = self.llm_engine
         token_ids = []
         for prompt in prompts:
-            given = _prompt_input(prompt)
-            ids = (
-                given
-                if isinstance(given, list)
-                else engine.tokenizer.encode(given, add_special_tokens=True)
-            )
+            ids = _token_ids(engine.tokenizer, prompt)
             if len(ids) + params.max_tokens > engine.max_model_len:
                 raise ValueError(
                     f"a prompt of {len(ids)} tokens and max_tokens {params.max_tokens} exceed the "
@@ -161,9 +196,10 @@ class LLM:
             for i, prompt in enumerate(prompts)
         ]
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[Any]:
+        """Step until the requests are done; their final outputs, in their order."""
         engine = self.llm_engine
-        done: dict[str, RequestOutput] = {}
+        done: dict[str, Any] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         out_tokens = 0
         try:
@@ -171,16 +207,24 @@ class LLM:
                 for output in engine.step():
                     if output.finished:
                         done[output.request_id] = output
-                        out_tokens += sum(len(o.token_ids) for o in output.outputs)
                         bar.update(1)
-                        elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix_str(f"output: {out_tokens / elapsed:.1f} tok/s")
+                        if isinstance(output, RequestOutput):
+                            out_tokens += sum(len(o.token_ids) for o in output.outputs)
+                            elapsed = bar.format_dict["elapsed"] or 1e-9
+                            bar.set_postfix_str(f"output: {out_tokens / elapsed:.1f} tok/s")
         except BaseException:
             engine.abort_request(request_ids)
             raise
         finally:
             bar.close()
         return [done[i] for i in request_ids]
+
+
+def _token_ids(tokenizer: Any, prompt: PromptType) -> list[int]:
+    given = _prompt_input(prompt)
+    if isinstance(given, list):
+        return given
+    return tokenizer.encode(given, add_special_tokens=True)
 
 
 def _prompt_input(prompt: PromptType) -> str | list[int]:

@@ -162,8 +162,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def prepack(self, panel_dtype: torch.dtype = torch.float32) -> None:
-        super().prepack(panel_dtype)
+    def prepack(self, panel_dtype: torch.dtype = torch.float32, with_head: bool = True) -> None:
+        super().prepack(panel_dtype, with_head)
         for module in self.modules():
             if isinstance(module, GemmaRMSNorm):
                 module.prepare()

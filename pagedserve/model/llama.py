@@ -238,16 +238,16 @@ class LlamaForCausalLM(nn.Module):
         packed = packed_for(hidden, self.packed_head, self.packed_head_quantized)
         return linear(hidden, self.model.embed_tokens.weight, None, packed).float()
 
-    def prepack(self, panel_dtype: torch.dtype = torch.float32) -> None:
-        """Pack every projection's weight (the lm head's too; a tied one from the embedding)
-        for the fast CPU GEMM path, in ``panel_dtype``; bfloat16 panels let prefill attention
-        multiply in bfloat16 too."""
+    def prepack(self, panel_dtype: torch.dtype = torch.float32, with_head: bool = True) -> None:
+        """Pack every projection's weight (the lm head's too, unless ``with_head`` is false;
+        a tied one from the embedding) for the fast CPU GEMM path, in ``panel_dtype``;
+        bfloat16 panels let prefill attention multiply in bfloat16 too."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack(panel_dtype)
             if isinstance(module, Attention):
                 module.bf16_products = panel_dtype == torch.bfloat16
-        if self.lm_head is None:
+        if self.lm_head is None and with_head:
             self.packed_head = pack_weight(self.model.embed_tokens.weight, False, panel_dtype)
             blocks, self._embedding_blocks = self._embedding_blocks, None
             if self.packed_head is not None and blocks is not None:

@@ -46,12 +46,18 @@ def bf16_matmuls_in_float32(dtype: torch.dtype, device: torch.device | str) -> b
     )
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def load_model(
+    path: str, dtype: torch.dtype, device: torch.device | str, pooling: bool = False
+) -> nn.Module:
     """Build the model for ``path``'s architecture on ``device`` in ``dtype`` and load its
     weights (GGUF tensors are dequantized; on CPU in float32 the projections also keep Q4_0,
     Q4_1, Q4_K, Q6_K and Q8_0 tensors' blocks for steps of few rows; see
     :func:`bf16_matmuls_in_float32` for bfloat16 on CPU). The result is in eval mode without
-    gradients."""
+    gradients.
+
+    A ``pooling`` model (embeddings) has no lm head: a checkpoint's is skipped, and a bare
+    decoder's tensor names (``layers.0...``, as ``LlamaModel`` saves them) take the ``model.``
+    prefix."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     panel_dtype = torch.float32
@@ -60,9 +66,12 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.
         logger.info("bfloat16 on this CPU: float32 modules, bfloat16 matmuls (AVX512-BF16)")
     config = load_config(path)
     model_class = get_model_class(config)
+    if pooling:
+        config.tie_word_embeddings = True  # no lm_head module; its weights are skipped
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
-    model.load_weights(_weights(path, config))
+    weights = _weights(path, config)
+    model.load_weights(_decoder_names(weights) if pooling else weights)
     if (
         Path(path).suffix == ".gguf"
         and torch.device(device).type == "cpu"
@@ -70,8 +79,15 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> nn.
     ):
         model.load_quantized(quantized_blocks(open_gguf(path), config))  # for decode steps
     model.requires_grad_(False)
-    model.prepack(panel_dtype)
+    model.prepack(panel_dtype, with_head=not pooling)
     return model.eval()
+
+
+def _decoder_names(
+    weights: Iterator[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        yield (name if name.startswith(("model.", "lm_head.")) else f"model.{name}"), tensor
 
 
 def _weights(path: str, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:

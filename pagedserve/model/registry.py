@@ -18,6 +18,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
+    # Decoders saved without their lm head (embedding models such as e5-mistral); they run
+    # only as pooling models, their tensor names lacking the ``model.`` prefix.
+    "LlamaModel": LlamaForCausalLM,
+    "MistralModel": LlamaForCausalLM,
+    "Qwen2Model": Qwen2ForCausalLM,
+    "Qwen3Model": Qwen3ForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
@@ -35,5 +41,14 @@ def check_architecture(architectures: list[str] | None, where: str) -> str:
 
 
 def get_model_class(config: Any) -> type[nn.Module]:
-    name = check_architecture(getattr(config, "architectures", None), "the model config")
-    return MODEL_REGISTRY[name]
+    return MODEL_REGISTRY[architecture_name(config)]
+
+
+def architecture_name(config: Any) -> str:
+    """The supported architecture name the config lists first."""
+    return check_architecture(getattr(config, "architectures", None), "the model config")
+
+
+def is_headless(config: Any) -> bool:
+    """Whether the checkpoint is a bare decoder (``LlamaModel``...) with no lm head."""
+    return not architecture_name(config).endswith(("ForCausalLM", "ForConditionalGeneration"))

@@ -11,6 +11,7 @@ from torch import nn
 
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model.layers.attention import Attention, AttentionMetadata, build_kernels
+from pagedserve.model.pooler import PoolerConfig
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 from pagedserve.worker.decode_graphs import DecodeGraphs
 from pagedserve.worker.kv_cache import KVCache
@@ -137,6 +138,22 @@ class ModelRunner:
         logits = self.model.compute_logits(rows)
         prompt_logits = self._prompt_logits(sched, hidden, cu) if wants_prompt_logits else []
         return StepLogits(logits, sample_rows, prompt_logits)
+
+    @torch.inference_mode()
+    def pool(self, sched: SchedulerOutput, pooler: PoolerConfig) -> list[tuple[int, torch.Tensor]]:
+        """Run a pooling model's step: ``(batch index, share of its embedding)`` for each request
+        whose prompt rows of this step count (see :meth:`PoolerConfig.partial`)."""
+        self.kv_cache.copy_blocks(sched.block_copies)
+        input_ids, positions, meta, _ = self.prepare(sched)
+        hidden = self.model(input_ids, positions, meta)
+        cu = meta.query_start_loc_cpu
+        pooled = []
+        for i, req in enumerate(sched.requests):
+            rows = hidden[cu[i] : cu[i + 1]]
+            part = pooler.partial(rows, req.num_computed_tokens, req.num_prompt_tokens)
+            if part is not None:
+                pooled.append((i, part))
+        return pooled
 
     def _graph_logits(
         self,

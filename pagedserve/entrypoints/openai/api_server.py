@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest
 from pagedserve.entrypoints.openai.errors import APIError, install_error_handlers
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -33,6 +34,7 @@ from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
+from pagedserve.entrypoints.openai.serving_embedding import ServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
 from pagedserve.metrics import ServerMetrics, StatsLogger
@@ -145,6 +147,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)
     responses = ServingResponses(chat)
+    embedding = ServingEmbedding(serving)
     tokenize = ServingTokenize(serving)
     metrics = ServerMetrics(serving.model_name, engine.get_stats)
     engine.observer = metrics
@@ -188,6 +191,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/responses")
     async def create_response(req: ResponsesRequest, raw: Request) -> Response:
         return await responses.create(req, raw)
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(req: EmbeddingRequest, raw: Request) -> Response:
+        return await embedding.create(req, raw)
 
     def model_card(name: str) -> dict[str, Any]:
         return {

@@ -184,20 +184,8 @@ class SamplingFields(RequestBody):
         return None if self.stream else self.prompt_logprobs
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's left truncation; -1: as
-        many as the context holds), or all of them when it is not set."""
-        keep = self.truncate_prompt_tokens
-        if keep is None:
-            return ids
-        if keep == -1:
-            keep = max_model_len
-        if not 1 <= keep <= max_model_len:
-            raise bad_request(
-                f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (the context "
-                f"length), got {self.truncate_prompt_tokens}",
-                param="truncate_prompt_tokens",
-            )
-        return ids[-keep:]
+        """The prompt's last ``truncate_prompt_tokens`` tokens (see :func:`truncated`)."""
+        return truncated(ids, self.truncate_prompt_tokens, max_model_len)
 
     def sampling_params(
         self,
@@ -310,6 +298,21 @@ class SamplingFields(RequestBody):
         if self.logit_bias:
             fields["logit_bias"] = list(_logit_bias(self.logit_bias) or {})
         return fields
+
+
+def truncated(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """A prompt's last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``, a left truncation;
+    -1: as many as the context holds), or all of them when ``keep`` is None."""
+    if keep is None:
+        return ids
+    given, keep = keep, max_model_len if keep == -1 else keep
+    if not 1 <= keep <= max_model_len:
+        raise bad_request(
+            f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (the context "
+            f"length), got {given}",
+            param="truncate_prompt_tokens",
+        )
+    return ids[-keep:]
 
 
 def _unset(value: Any, default: Any) -> bool:

@@ -1,0 +1,41 @@
+"""The body of ``POST /v1/embeddings``: OpenAI's fields, vLLM's extras, and chat messages
+(vLLM's chat form of the request, which embeds the conversation as the chat template writes it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.protocol import ChatMessage, Prompt, RequestBody
+
+
+class EmbeddingRequest(RequestBody):
+    model: str | None = None
+    input: Prompt | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # vLLM extras
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None  # default: True for input, False for messages
+    truncate_prompt_tokens: int | None = None
+    normalize: bool | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """``input`` as a list of strings or token-id lists, one per embedding."""
+        given = self.input
+        if given is None:
+            raise bad_request("input is required (or, vLLM's chat form, messages)", param="input")
+        if isinstance(given, str):
+            return [given]
+        if not given:
+            raise bad_request("input must not be empty", param="input")
+        if isinstance(given[0], int):
+            return [list(given)]  # type: ignore[arg-type]
+        return list(given)  # type: ignore[arg-type]

@@ -1,0 +1,121 @@
+"""POST /v1/embeddings: one embedding per input (or per conversation), OpenAI's response shape.
+
+Served by a pooling engine (``--runner pooling``, or a sentence-transformers model directory);
+a generating one answers with a 400, as vLLM's does. ``encoding_format: "base64"`` (what the
+``openai`` client asks for by default) sends each embedding's float32 bytes, little-endian.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest
+from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.protocol import truncated
+from pagedserve.entrypoints.openai.serving_base import OpenAIServing, new_id
+from pagedserve.entrypoints.openai.streams import cancel_on_disconnect, last_output
+from pagedserve.outputs import EmbeddingRequestOutput
+from pagedserve.pooling_params import PoolingParams
+
+
+class ServingEmbedding:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.s = serving
+
+    async def create(self, req: EmbeddingRequest, raw: Request) -> Response:
+        s = self.s
+        s.check_model(req.model)
+        pooler = s.engine.pooler
+        if pooler is None:
+            raise bad_request(
+                "this model is served for generation, not embeddings; start the server with "
+                "--runner pooling to serve /v1/embeddings",
+                param="model",
+            )
+        try:
+            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
+            pooler.check(params)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="dimensions") from exc
+        prompts = [self._checked(ids, req) for ids in await self._token_ids(req)]
+        request_id = new_id("embd")
+        created = int(time.time())
+
+        async def run() -> Response:
+            streams = await s.submit_all(request_id, prompts, [params] * len(prompts), req)
+            try:
+                outputs = [await last_output(stream) for stream in streams]
+            finally:
+                for stream in streams:
+                    stream.abort()
+            return JSONResponse(self._response(req, request_id, created, outputs))
+
+        return await cancel_on_disconnect(raw, run)
+
+    async def _token_ids(self, req: EmbeddingRequest) -> list[list[int]]:
+        s = self.s
+        if req.messages is not None:
+            if req.input is not None:
+                raise bad_request("give either input or messages, not both", param="messages")
+            text = s.render_chat(
+                req.messages,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template,
+                req.chat_template_kwargs,
+            )
+            return [await s.tokenize(text, bool(req.add_special_tokens))]
+        add_special = req.add_special_tokens is not False
+        token_ids = []
+        for given in req.inputs():
+            if isinstance(given, str):
+                token_ids.append(await s.tokenize(given, add_special))
+            else:
+                s.check_token_ids(given, "input")
+                token_ids.append(given)
+        return token_ids
+
+    def _checked(self, ids: list[int], req: EmbeddingRequest) -> list[int]:
+        limit = self.s.max_model_len
+        ids = truncated(ids, req.truncate_prompt_tokens, limit)
+        if not ids:
+            raise bad_request("input must not be empty", param="input")
+        if len(ids) > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids)} tokens in the input for embedding generation. Please reduce the "
+                "length of the input.",
+                param="input",
+                code="context_length_exceeded",
+            )
+        return ids
+
+    def _response(
+        self,
+        req: EmbeddingRequest,
+        request_id: str,
+        created: int,
+        outputs: list[EmbeddingRequestOutput],
+    ) -> dict[str, Any]:
+        data = []
+        for i, out in enumerate(outputs):
+            embedding: list[float] | str = out.outputs.embedding
+            if req.encoding_format == "base64":
+                raw = np.asarray(embedding, dtype="<f4").tobytes()
+                embedding = base64.b64encode(raw).decode("ascii")
+            data.append({"object": "embedding", "embedding": embedding, "index": i})
+        num_tokens = sum(len(out.prompt_token_ids) for out in outputs)
+        return {
+            "id": request_id,
+            "object": "list",
+            "created": created,
+            "model": self.s.model_name,
+            "data": data,
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+        }

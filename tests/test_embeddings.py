@@ -1,0 +1,283 @@
+"""Embeddings from a pooling engine (``runner="pooling"``): ``LLM.embed`` and ``/v1/embeddings``
+against transformers' final hidden states of the same tiny Qwen3 decoder, pooled by hand."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+from server_utils import MODEL_NAME, ServerProcess, request
+from tiny_models import tiny_hf_model
+
+from pagedserve import LLM, PoolingParams
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. " * 6,  # 60 tokens: chunked at 32 a step
+    "Embeddings turn text into vectors.",
+    {"prompt_token_ids": [5, 17, 99, 300, 4000]},
+]
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """transformers' Qwen3 decoder with the tiny model's weights (``Qwen3Model``, no head)."""
+    return tiny_hf_model("qwen3").model
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tiny_model_dir):
+    return tiny_model_dir("qwen3")
+
+
+def sentence_transformers_dir(base: str, dest: Path, mode: str, normalize: bool = True) -> str:
+    """``base`` as a sentence-transformers model: Transformer, Pooling (``mode``), Normalize."""
+    shutil.copytree(base, dest)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )  # fmt: skip
+    (dest / "modules.json").write_text(json.dumps(modules))
+    (dest / "1_Pooling").mkdir()
+    flags = {
+        f"pooling_mode_{key}": key == mode
+        for key in ("cls_token", "mean_tokens", "lasttoken", "max_tokens")
+    }
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    return str(dest)
+
+
+def token_ids(llm: LLM, prompt) -> list[int]:
+    if isinstance(prompt, dict):
+        return prompt["prompt_token_ids"]
+    return llm.get_tokenizer().encode(prompt, add_special_tokens=True)
+
+
+@torch.no_grad()
+def expected(decoder, ids: list[int], mode: str = "LAST", normalize: bool = True) -> torch.Tensor:
+    hidden = decoder(torch.tensor([ids])).last_hidden_state[0]
+    pooled = {"LAST": hidden[-1], "MEAN": hidden.mean(0), "CLS": hidden[0]}[mode]
+    return torch.nn.functional.normalize(pooled, dim=0) if normalize else pooled
+
+
+def assert_embeddings(llm: LLM, outputs, decoder, mode: str = "LAST", normalize: bool = True):
+    assert len(outputs) == len(PROMPTS)
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        ids = token_ids(llm, prompt)
+        assert out.finished and out.prompt_token_ids == ids
+        assert out.outputs.hidden_size == 64
+        want = expected(decoder, ids, mode, normalize)
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), want, atol=2e-5, rtol=0)
+
+
+def assert_no_blocks_held(llm: LLM) -> None:
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_last_token_pooling_matches_transformers(qwen3_dir, decoder):
+    llm = LLM(qwen3_dir, runner="pooling", max_num_batched_tokens=32)
+    assert llm.llm_engine.runner_type == "pooling"
+    outputs = llm.embed(PROMPTS, use_tqdm=False)
+    assert_embeddings(llm, outputs, decoder)
+    for out in outputs:
+        assert np.linalg.norm(out.outputs.embedding) == pytest.approx(1.0, abs=1e-5)
+    raw = llm.embed(PROMPTS, PoolingParams(normalize=False), use_tqdm=False)
+    assert_embeddings(llm, raw, decoder, normalize=False)
+
+    # The second call found the prompts' full blocks in the prefix cache; the last token is
+    # always computed, so the embeddings are the same.
+    assert raw[0].num_cached_tokens >= 32
+    assert_no_blocks_held(llm)
+
+    truncated = llm.embed(PROMPTS[0], truncate_prompt_tokens=7, use_tqdm=False)[0]
+    ids = token_ids(llm, PROMPTS[0])[-7:]
+    assert truncated.prompt_token_ids == ids
+    torch.testing.assert_close(
+        torch.tensor(truncated.outputs.embedding), expected(decoder, ids), atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("mode", ["MEAN", "CLS"])
+def test_mean_and_cls_pooling_over_chunked_prompts(tmp_path, qwen3_dir, decoder, mode):
+    key = {"MEAN": "mean_tokens", "CLS": "cls_token"}[mode]
+    model = sentence_transformers_dir(qwen3_dir, tmp_path / "st", key)
+    llm = LLM(model, max_num_batched_tokens=32)  # auto: a Pooling module means pooling
+    assert llm.llm_engine.runner_type == "pooling"
+    assert llm.llm_engine.pooler.pooling_type == mode
+    assert_embeddings(llm, llm.embed(PROMPTS, use_tqdm=False), decoder, mode)
+    # Every position counts, so nothing may come from the prefix cache.
+    again = llm.embed(PROMPTS, use_tqdm=False)
+    assert all(out.num_cached_tokens == 0 for out in again)
+    assert_embeddings(llm, again, decoder, mode)
+    assert_no_blocks_held(llm)
+
+
+def test_pooler_config_overrides_and_preemption(tmp_path, qwen3_dir, decoder):
+    model = sentence_transformers_dir(qwen3_dir, tmp_path / "st", "lasttoken", normalize=True)
+    llm = LLM(
+        model,
+        pooler_config={"pooling_type": "mean", "normalize": False},
+        max_num_batched_tokens=32,
+    )
+    engine = llm.llm_engine
+    assert (engine.pooler.pooling_type, engine.pooler.normalize) == ("MEAN", False)
+    ids = token_ids(llm, PROMPTS[0])
+    engine.add_request("a", ids, PoolingParams())
+    assert engine.step() == []  # the first 32 of 60 tokens, summed
+    # Preempted (as when the KV cache runs out), it is recomputed from its first token: the
+    # sum starts again.
+    (req,) = engine.scheduler.running
+    engine.scheduler.running.remove(req)
+    engine.scheduler._preempt(req)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    (out,) = outputs
+    want = expected(decoder, ids, "MEAN", normalize=False)
+    torch.testing.assert_close(torch.tensor(out.outputs.embedding), want, atol=2e-5, rtol=0)
+    assert_no_blocks_held(llm)
+
+
+def test_dimensions_need_a_matryoshka_model(tmp_path, qwen3_dir, decoder):
+    llm = LLM(qwen3_dir, runner="pooling")
+    with pytest.raises(ValueError, match="Matryoshka"):
+        llm.embed("hi", PoolingParams(dimensions=16), use_tqdm=False)
+    assert_no_blocks_held(llm)
+
+    model = tmp_path / "mrl"
+    shutil.copytree(qwen3_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [16, 32]}))
+    llm = LLM(str(model), runner="pooling")
+    out = llm.embed(PROMPTS[1], PoolingParams(dimensions=16), use_tqdm=False)[0]
+    hidden = expected(decoder, token_ids(llm, PROMPTS[1]), normalize=False)
+    want = torch.nn.functional.normalize(hidden[:16], dim=0)
+    torch.testing.assert_close(torch.tensor(out.outputs.embedding), want, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="dimensions must be one of 16, 32"):
+        llm.embed("hi", PoolingParams(dimensions=8), use_tqdm=False)
+
+
+def test_a_bare_decoder_checkpoint_embeds(tmp_path, smollm2_tokenizer, decoder):
+    """An embedding model saved as ``Qwen3Model`` (no head, no ``model.`` prefix), as e5-mistral
+    and others are: ``auto`` runs it as a pooling model."""
+    model = tmp_path / "bare"
+    decoder.save_pretrained(model)
+    smollm2_tokenizer.save_pretrained(model)
+    assert json.loads((model / "config.json").read_text())["architectures"] == ["Qwen3Model"]
+    llm = LLM(str(model))
+    assert llm.llm_engine.runner_type == "pooling"
+    assert_embeddings(llm, llm.embed(PROMPTS, use_tqdm=False), decoder)
+
+
+def test_each_runner_refuses_the_other_task(qwen3_dir):
+    pooling = LLM(qwen3_dir, runner="pooling")
+    with pytest.raises(ValueError, match="does not generate"):
+        pooling.generate("hi", use_tqdm=False)
+    assert_no_blocks_held(pooling)
+    generating = LLM(qwen3_dir)
+    assert generating.llm_engine.runner_type == "generate"
+    with pytest.raises(ValueError, match="--runner pooling"):
+        generating.embed("hi", use_tqdm=False)
+    with pytest.raises(ValueError, match="runner must be one of"):
+        LLM(qwen3_dir, runner="embed")
+
+
+# ---- the server ----
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, qwen3_dir):
+    model = sentence_transformers_dir(qwen3_dir, tmp_path_factory.mktemp("st") / "m", "mean_tokens")
+    srv = ServerProcess([model, "--served-model-name", MODEL_NAME]).wait_ready()
+    yield srv
+    srv.close()
+
+
+def post(server, body, path="/v1/embeddings"):
+    return request(server.url + path, "POST", body)
+
+
+def test_openai_client_embeddings(server, decoder, smollm2_tokenizer):
+    client = server.client()
+    texts = [PROMPTS[0], PROMPTS[1]]
+    # The client asks for base64 unless told otherwise, and decodes it.
+    result = client.embeddings.create(model=MODEL_NAME, input=texts)
+    assert [d.index for d in result.data] == [0, 1]
+    ids = [smollm2_tokenizer.encode(t, add_special_tokens=True) for t in texts]
+    for data, prompt_ids in zip(result.data, ids, strict=True):
+        want = expected(decoder, prompt_ids, "MEAN")
+        torch.testing.assert_close(torch.tensor(data.embedding), want, atol=2e-5, rtol=0)
+    assert result.usage.prompt_tokens == result.usage.total_tokens == sum(map(len, ids))
+    assert result.model == MODEL_NAME
+
+    floats = client.embeddings.create(model=MODEL_NAME, input=ids[1], encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(result.data[1].embedding, abs=1e-6)
+
+    status, body = post(server, {"input": texts[1], "encoding_format": "base64"})
+    assert status == 200 and body["object"] == "list"
+    raw = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    assert raw.tolist() == pytest.approx(result.data[1].embedding, abs=1e-6)
+
+
+def test_chat_messages_embed_as_the_template_writes_them(server):
+    messages = [{"role": "user", "content": "What is an embedding?"}]
+    status, tokens = post(
+        server, {"messages": messages, "add_generation_prompt": False}, "/tokenize"
+    )
+    assert status == 200
+    status, by_messages = post(server, {"messages": messages})
+    assert status == 200
+    status, by_ids = post(server, {"input": tokens["tokens"]})
+    assert status == 200
+    assert by_messages["data"][0]["embedding"] == by_ids["data"][0]["embedding"]
+    assert by_messages["usage"]["prompt_tokens"] == tokens["count"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"input": "hi", "dimensions": 8}, 400, "dimensions"),
+        ({"input": []}, 400, "input"),
+        ({"input": ""}, 400, "input"),
+        ({"input": [[1, 2], [70000]]}, 400, "input"),
+        ({"input": "word " * 300}, 400, "input"),
+        ({"input": "hi", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),
+        ({}, 400, "input"),
+        ({"input": "hi", "model": "other"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    got, answer = post(server, body)
+    assert got == status, answer
+    assert answer["error"]["param"] == param
+
+
+def test_a_pooling_server_does_not_generate(server):
+    for path, body in [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ]:
+        status, answer = post(server, body, path)
+        assert status == 400
+        assert "embedding model" in answer["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model=MODEL_NAME, prompt="hi")
+    # Nothing was left behind: the server still embeds.
+    assert post(server, {"input": "still here"})[0] == 200
