@@ -6,14 +6,13 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 import torch
 from server_utils import MODEL_NAME, ServerProcess, request
-from tiny_models import tiny_hf_model
+from tiny_models import sentence_transformers_dir, tiny_hf_model
 
 from pagedserve import LLM, PoolingParams
 
@@ -33,32 +32,6 @@ def decoder():
 @pytest.fixture(scope="module")
 def qwen3_dir(tiny_model_dir):
     return tiny_model_dir("qwen3")
-
-
-def sentence_transformers_dir(base: str, dest: Path, mode: str, normalize: bool = True) -> str:
-    """``base`` as a sentence-transformers model: Transformer, Pooling (``mode``), Normalize."""
-    shutil.copytree(base, dest)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    if normalize:
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        )  # fmt: skip
-    (dest / "modules.json").write_text(json.dumps(modules))
-    (dest / "1_Pooling").mkdir()
-    flags = {
-        f"pooling_mode_{key}": key == mode
-        for key in ("cls_token", "mean_tokens", "lasttoken", "max_tokens")
-    }
-    (dest / "1_Pooling" / "config.json").write_text(json.dumps(flags))
-    return str(dest)
 
 
 def token_ids(llm: LLM, prompt) -> list[int]:

@@ -7,6 +7,8 @@ token ids line up; everything else is small so a forward pass takes milliseconds
 
 from __future__ import annotations
 
+import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -357,3 +359,29 @@ class PagedRunner:
             for i, logits in zip(owners, self.step(chunks, output_last), strict=True):
                 out[i].append(logits)
         return [torch.cat(parts) for parts in out]
+
+
+def sentence_transformers_dir(base: str, dest: Path, mode: str, normalize: bool = True) -> str:
+    """``base`` as a sentence-transformers model: Transformer, Pooling (``mode``), Normalize."""
+    shutil.copytree(base, dest)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )  # fmt: skip
+    (dest / "modules.json").write_text(json.dumps(modules))
+    (dest / "1_Pooling").mkdir()
+    flags = {
+        f"pooling_mode_{key}": key == mode
+        for key in ("cls_token", "mean_tokens", "lasttoken", "max_tokens")
+    }
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    return str(dest)

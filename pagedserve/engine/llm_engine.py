@@ -17,7 +17,7 @@ from pagedserve.engine.request import Request, RequestStatus, RequestTimes
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.model.generation_config import load_generation_config
 from pagedserve.model.loader import load_model
-from pagedserve.model.pooler import load_pooler_config
+from pagedserve.model.pooler import load_pooler_config, sentence_transformers_max_length
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -113,10 +113,17 @@ class LLMEngine:
         self.runner_type = resolve_runner(config.runner, self.model_name)
         pooling = self.runner_type == "pooling"
         self.model = load_model(self.model_name, self.dtype, self.device, pooling)
+        if getattr(self.model, "is_encoder", False) and not pooling:
+            raise ValueError(
+                f"{self.model_name} is an encoder: it embeds (--runner pooling), it cannot generate"
+            )
         self.pooler = None
         if pooling:
             self.pooler = load_pooler_config(
-                self.model_name, self.model.config, config.pooler_config
+                self.model_name,
+                self.model.config,
+                config.pooler_config,
+                getattr(self.model, "default_pooling_type", "LAST"),
             )
             logger.info(
                 "runner pooling: embeddings of %s pooling%s",
@@ -132,13 +139,17 @@ class LLMEngine:
             )
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_name, config.chat_template)
         hf = self.model.config
-        self.max_model_len = min(
-            config.max_model_len or hf.max_position_embeddings, hf.max_position_embeddings
-        )
+        # An encoder keeps no K/V (see model/bert.py): its blocks only count the tokens of the
+        # inputs in flight, and each input runs whole.
+        encoder = getattr(self.model, "is_encoder", False)
+        longest = getattr(self.model, "max_positions", hf.max_position_embeddings)
+        if pooling:
+            longest = min(longest, sentence_transformers_max_length(self.model_name) or longest)
+        self.max_model_len = min(config.max_model_len or longest, longest)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        per_token = kv_bytes_per_token(
-            hf.num_hidden_layers, hf.num_key_value_heads, head_dim, self.kv_cache_dtype
-        )
+        num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        kv_layers = 0 if encoder else hf.num_hidden_layers
+        per_token = kv_bytes_per_token(kv_layers, num_kv_heads, head_dim, self.kv_cache_dtype)
         num_blocks = num_blocks_for_budget(
             config.kv_cache_memory,
             per_token,
@@ -147,10 +158,10 @@ class LLMEngine:
             max_useful_tokens=config.max_num_seqs * self.max_model_len,
         )
         kv_cache = KVCache(
-            hf.num_hidden_layers,
+            kv_layers,
             num_blocks,
             config.block_size,
-            hf.num_key_value_heads,
+            num_kv_heads,
             head_dim,
             self.kv_cache_dtype,
             self.device,
@@ -181,13 +192,16 @@ class LLMEngine:
             self.max_model_len,
             config.enforce_eager,
         )
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        caching = config.enable_prefix_caching and not encoder
+        self.kv = KVCacheManager(num_blocks, config.block_size, caching)
+        budget = config.max_num_batched_tokens
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
-            config.max_num_batched_tokens,
+            max(budget, self.max_model_len) if encoder else budget,
             self.max_model_len,
             config.scheduling_policy,
+            chunked_prefill=not encoder,
         )
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(hf.vocab_size, self.eos_token_ids)
@@ -202,7 +216,7 @@ class LLMEngine:
         self.generation_tokens = 0
 
     def _eos_token_ids(self) -> set[int]:
-        ids = self.model.config.eos_token_id
+        ids = getattr(self.model.config, "eos_token_id", None)
         ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
         ids |= self.generation_config.eos_token_ids
         if self.tokenizer.eos_token_id is not None:

@@ -57,10 +57,13 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         policy: str = "fcfs",
+        chunked_prefill: bool = True,
     ) -> None:
         if policy not in self.POLICIES:
             raise ValueError(f"scheduling policy must be one of {self.POLICIES}, got {policy!r}")
         self.policy = policy
+        # Off for encoders, whose inputs must run whole (each token attends to all of them).
+        self.chunked_prefill = chunked_prefill
         self._arrivals = itertools.count()
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -98,6 +101,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            if n == 0:
+                break
             while not self.kv.allocate(req, n):
                 victim = self._victim()
                 self.running.remove(victim)
@@ -125,6 +130,8 @@ class Scheduler:
             hits = self.kv.find_cached_prefix(req)
             num_hit_tokens = len(hits) * self.kv.block_size
             n = self._chunk(req.num_tokens - num_hit_tokens, budget)
+            if n == 0:
+                break
             req.num_computed_tokens = num_hit_tokens
             if not self.kv.allocate(req, n, hits):
                 req.num_computed_tokens = 0
@@ -149,7 +156,10 @@ class Scheduler:
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to run for a request with ``remaining`` uncomputed tokens. A prompt that
         overshoots the budget by at most 1/16 of a step runs whole: a tail of a few tokens left
-        to the next step would cost the request a whole step of time to first token."""
+        to the next step would cost the request a whole step of time to first token. Without
+        chunked prefill: all of it, or 0 (not this step) where it does not fit."""
+        if not self.chunked_prefill:
+            return remaining if remaining <= budget else 0
         if remaining - budget <= self.max_num_batched_tokens // 16:
             return remaining
         return min(remaining, budget)

@@ -270,11 +270,15 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face–named tensors into the (fused) parameters; every parameter must be
-        filled exactly once, and an unknown name is an error."""
+        filled exactly once, and an unknown name is an error. A bare decoder's names
+        (``layers.0...``, as ``LlamaModel`` saves them for embedding models) take the ``model.``
+        prefix."""
         params = dict(self.named_parameters())
         expected = self._expected_pieces()
         loaded: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
+            if not name.startswith(("model.", "lm_head.")):
+                name = f"model.{name}"
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             if name == ROPE_FREQ_FACTORS:

@@ -55,9 +55,7 @@ def load_model(
     :func:`bf16_matmuls_in_float32` for bfloat16 on CPU). The result is in eval mode without
     gradients.
 
-    A ``pooling`` model (embeddings) has no lm head: a checkpoint's is skipped, and a bare
-    decoder's tensor names (``layers.0...``, as ``LlamaModel`` saves them) take the ``model.``
-    prefix."""
+    A ``pooling`` model (embeddings) has no lm head: a checkpoint's is skipped."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     panel_dtype = torch.float32
@@ -70,8 +68,7 @@ def load_model(
         config.tie_word_embeddings = True  # no lm_head module; its weights are skipped
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
-    weights = _weights(path, config)
-    model.load_weights(_decoder_names(weights) if pooling else weights)
+    model.load_weights(_weights(path, config))
     if (
         Path(path).suffix == ".gguf"
         and torch.device(device).type == "cpu"
@@ -81,13 +78,6 @@ def load_model(
     model.requires_grad_(False)
     model.prepack(panel_dtype, with_head=not pooling)
     return model.eval()
-
-
-def _decoder_names(
-    weights: Iterator[tuple[str, torch.Tensor]],
-) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in weights:
-        yield (name if name.startswith(("model.", "lm_head.")) else f"model.{name}"), tensor
 
 
 def _weights(path: str, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:

@@ -88,12 +88,16 @@ class PoolerConfig:
 
 
 def load_pooler_config(
-    model_path: str, hf_config: Any, overrides: dict[str, Any] | None = None
+    model_path: str,
+    hf_config: Any,
+    overrides: dict[str, Any] | None = None,
+    default_type: str = "LAST",
 ) -> PoolerConfig:
     """The pooler of the model at ``model_path``: sentence-transformers' files if it has them,
-    else last-token pooling with normalization; ``overrides`` (vLLM's ``--pooler-config``:
-    ``pooling_type``, ``normalize``) win."""
-    settings: dict[str, Any] = {"pooling_type": "LAST", "normalize": True}
+    else ``default_type`` pooling (last token for decoders, CLS for BERT encoders) with
+    normalization; ``overrides`` (vLLM's ``--pooler-config``: ``pooling_type``,
+    ``normalize``) win."""
+    settings: dict[str, Any] = {"pooling_type": default_type, "normalize": True}
     settings.update(_sentence_transformers_pooler(Path(model_path)))
     for key, value in (overrides or {}).items():
         if key not in settings:
@@ -107,6 +111,17 @@ def load_pooler_config(
     return PoolerConfig(
         hidden_size=hf_config.hidden_size, matryoshka_dimensions=matryoshka, **settings
     )
+
+
+def sentence_transformers_max_length(model_path: str) -> int | None:
+    """``max_seq_length`` of ``sentence_bert_config.json``: the longest input the model was
+    trained to embed (sentence-transformers cuts longer ones; here they are a 400, as in vLLM,
+    unless ``truncate_prompt_tokens`` shortens them)."""
+    config = Path(model_path) / "sentence_bert_config.json"
+    if not config.is_file():
+        return None
+    length = json.loads(config.read_text()).get("max_seq_length")
+    return int(length) if length else None
 
 
 def has_sentence_transformers_pooler(model_path: str) -> bool:

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from pagedserve.model.bert import BertModel, RobertaModel
 from pagedserve.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from pagedserve.model.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -24,6 +25,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralModel": LlamaForCausalLM,
     "Qwen2Model": Qwen2ForCausalLM,
     "Qwen3Model": Qwen3ForCausalLM,
+    # Encoders (embeddings only; see model/bert.py).
+    "BertModel": BertModel,
+    "RobertaModel": RobertaModel,
+    "XLMRobertaModel": RobertaModel,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)

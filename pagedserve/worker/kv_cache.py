@@ -42,7 +42,7 @@ def num_blocks_for_budget(
             budget_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
     else:
         budget_bytes = int(budget_gib * GIB)
-    num_blocks = budget_bytes // (bytes_per_token * block_size)
+    num_blocks = budget_bytes // max(1, bytes_per_token * block_size)  # 0 bytes: an encoder
     return int(max(1, min(num_blocks, -(-max_useful_tokens // block_size) + 1)))
 
 

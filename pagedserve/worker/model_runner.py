@@ -46,14 +46,19 @@ class ModelRunner:
         for layer, k, v in zip(layers, kv_cache.k, kv_cache.v, strict=True):
             layer.k_cache, layer.v_cache = k, v
         model_dtype = next(model.parameters()).dtype
-        if device.type == "cpu" and model_dtype == torch.float32:
+        if device.type == "cpu" and model_dtype == torch.float32 and layers:
             build_kernels(kv_cache.k[0].dtype)
         self.graphs: DecodeGraphs | None = None
         self.cpu_stack: CpuDecodeStack | None = None
         if device.type == "cpu" and not enforce_eager:
             self.cpu_stack = CpuDecodeStack.build(model, self.block_size)
         # The reference attention walks per-request Python lists, which a graph cannot replay.
-        if device.type == "cuda" and not enforce_eager and layers[0].backend != "reference":
+        if (
+            device.type == "cuda"
+            and not enforce_eager
+            and layers
+            and layers[0].backend != "reference"
+        ):
             self.graphs = DecodeGraphs(
                 model,
                 self.block_size,
