@@ -3,6 +3,7 @@
 from typing import Any
 
 from pagedserve.engine.beam_search import BeamSearchParams
+from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -20,6 +21,7 @@ __all__ = [
     "BeamSearchParams",
     "StructuredOutputsParams",
     "PoolingParams",
+    "LoRARequest",
     "EmbeddingRequestOutput",
     "EmbeddingOutput",
     "RequestOutput",

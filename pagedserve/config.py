@@ -40,3 +40,7 @@ class EngineConfig:
     # overrides of the pooler the model directory describes: pooling_type (LAST | MEAN | CLS),
     # normalize (vLLM's --pooler-config)
     pooler_config: dict | None = None
+    # Serve LoRA adapters (requests name them with a LoRARequest; the server's --lora-modules)
+    # up to this rank, as vLLM's --enable-lora / --max-lora-rank
+    enable_lora: bool = False
+    max_lora_rank: int = 16

@@ -10,7 +10,7 @@ import torch
 from tiny_models import DEVICES, tiny_hf_model
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.engine.llm_engine import resolve_device, resolve_dtype
+from pagedserve.engine.devices import resolve_device, resolve_dtype
 
 
 def test_auto_takes_the_gpu_when_pytorch_sees_one():

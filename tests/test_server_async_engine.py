@@ -42,7 +42,14 @@ class ScriptedEngine:
         assert threading.current_thread() is self.thread, "engine called from two threads"
 
     def add_request(
-        self, request_id, prompt, params, arrival_time=None, cache_salt=None, priority=0
+        self,
+        request_id,
+        prompt,
+        params,
+        arrival_time=None,
+        cache_salt=None,
+        priority=0,
+        lora_request=None,
     ) -> None:
         self._check_thread()
         if not prompt:

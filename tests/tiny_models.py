@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
+from safetensors.torch import save_file
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -385,3 +386,40 @@ def sentence_transformers_dir(base: str, dest: Path, mode: str, normalize: bool 
     }
     (dest / "1_Pooling" / "config.json").write_text(json.dumps(flags))
     return str(dest)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_lora_adapter(
+    path: Path, kind: str, seed: int, rank: int = 4, alpha: float = 8.0, rslora: bool = False
+) -> PreTrainedModel:
+    """A PEFT LoRA adapter directory for the tiny ``kind`` model, on every projection, with
+    random A and B; returns the base model with the adapter merged in (the reference)."""
+    model = tiny_hf_model(kind)
+    generator = torch.Generator().manual_seed(seed)
+    scale = alpha / (rank**0.5 if rslora else rank)
+    tensors = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rpartition(".")[2] not in LORA_TARGETS:
+                continue
+            out_features, in_features = module.weight.shape
+            a = 0.2 * torch.randn(rank, in_features, generator=generator)
+            b = 0.2 * torch.randn(out_features, rank, generator=generator)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            module.weight += scale * b @ a
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "target_modules": list(LORA_TARGETS),
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return model

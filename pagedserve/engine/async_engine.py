@@ -16,11 +16,14 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from pagedserve.lora.request import LoRARequest
 from pagedserve.model.pooler import PoolerConfig
 from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +256,7 @@ class AsyncEngine:
         arrival_time: float | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Submit a request; returns its output stream once the engine has accepted it.
 
@@ -268,7 +272,10 @@ class AsyncEngine:
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._streams[request_id] = stream
         arrival = arrival_time or time.time()
-        self._post("add", (request_id, prompt, params, arrival, cache_salt, priority, accepted))
+        self._post(
+            "add",
+            (request_id, prompt, params, arrival, cache_salt, priority, lora_request, accepted),
+        )
         try:
             await accepted
         except BaseException:
@@ -278,6 +285,16 @@ class AsyncEngine:
                 self._post("abort", [request_id])
             raise
         return stream
+
+    async def call(self, function: Callable[[Any], T]) -> T:
+        """``function(engine)`` on the engine thread, between two steps (so it never runs
+        beside a forward pass); its result or its exception."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        assert self._loop is not None
+        done: asyncio.Future[T] = self._loop.create_future()
+        self._post("call", (function, done))
+        return await done
 
     def abort(self, request_id: str) -> None:
         """Abort a request; the engine frees its blocks before its next step.
@@ -325,7 +342,16 @@ class AsyncEngine:
             if kind == "abort":
                 aborts.extend(payload)
                 continue
-            request_id, prompt, params, arrival, cache_salt, priority, accepted = payload
+            if kind == "call":
+                function, done = payload
+                try:
+                    result = function(self.engine)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    self._call_in_loop(_settle, done, exc)
+                else:
+                    self._call_in_loop(_resolve, done, result)
+                continue
+            request_id, prompt, params, arrival, cache_salt, priority, lora, accepted = payload
             try:
                 self.engine.add_request(
                     request_id,
@@ -334,6 +360,7 @@ class AsyncEngine:
                     arrival_time=arrival,
                     cache_salt=cache_salt,
                     priority=priority,
+                    lora_request=lora,
                 )
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to HTTP
                 self._call_in_loop(_settle, accepted, exc)
@@ -390,6 +417,11 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream._put(error)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

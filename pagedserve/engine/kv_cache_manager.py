@@ -33,7 +33,10 @@ class KVCacheManager:
             if hashes:
                 hashes.append(hash_block(hashes[-1], tokens))
             else:
-                salt = (request.cache_salt or "").encode()
+                # Blocks computed with an adapter hold that adapter's K/V: only its requests
+                # may share them.
+                lora = f"\x00lora:{request.lora_id}" if request.lora_id else ""
+                salt = ((request.cache_salt or "") + lora).encode()
                 hashes.append(hash_block(None, tokens, salt))
         return hashes[:num_full_blocks]
 

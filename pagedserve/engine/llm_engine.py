@@ -10,11 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine.devices import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from pagedserve.engine.embedding_requests import EmbeddingRequests, resolve_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
 from pagedserve.engine.request import Request, RequestStatus, RequestTimes
 from pagedserve.engine.scheduler import Scheduler
+from pagedserve.lora.manager import LoRAManager
+from pagedserve.lora.request import LoRARequest
 from pagedserve.model.generation_config import load_generation_config
 from pagedserve.model.loader import load_model
 from pagedserve.model.pooler import load_pooler_config, sentence_transformers_max_length
@@ -32,8 +35,6 @@ from pagedserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class EngineStats:
@@ -47,55 +48,6 @@ class EngineStats:
     prefix_cache_hits: int
     prompt_tokens: int
     generation_tokens: int
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device to run on: ``auto`` is the GPU when PyTorch sees one (as vLLM picks), else the
-    CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be auto, cpu or cuda[:N]; got {name!r}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:N]; got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r} needs a GPU and a CUDA build of PyTorch; this PyTorch "
-            f"({torch.__version__}) sees none"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float32 on the CPU, bfloat16 on a GPU that has it and float16 on an older one
-    (as vLLM falls back on GPUs before compute capability 8.0)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        with torch.cuda.device(device):
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-            return torch.bfloat16 if native else torch.float16
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
-
-
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The K/V pools' element type: the model's (``auto``) or a named one. A 16-bit cache halves
-    the memory per token and the bytes decode attention reads; float16 keeps more precision,
-    bfloat16 float32's range."""
-    if name == "auto":
-        return model_dtype
-    if name not in DTYPES:
-        hint = " (fp8 KV caches are not supported)" if name.startswith("fp8") else ""
-        raise ValueError(
-            f"kv_cache_dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}{hint}"
-        )
-    return DTYPES[name]
 
 
 class LLMEngine:
@@ -184,6 +136,7 @@ class LLMEngine:
                 capacity,
             )
             self.max_model_len = capacity
+        self.loras = LoRAManager(self.model, config.max_lora_rank) if config.enable_lora else None
         self.runner = ModelRunner(
             self.model,
             kv_cache,
@@ -235,12 +188,13 @@ class LLMEngine:
         arrival_time: float | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request; raises ``ValueError`` if it can never run. Requests share cached
         prefix blocks only when their ``cache_salt`` is the same (None for most). ``priority``
         (lower first) needs the ``priority`` scheduling policy. ``PoolingParams`` ask a
         pooling engine for the prompt's embedding; ``SamplingParams`` ask a generating one for
-        a completion."""
+        a completion, with the LoRA adapter ``lora_request`` names if given (``enable_lora``)."""
         if request_id in self.groups or request_id in self._embedding_requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if priority != 0 and self.scheduler.policy != "priority":
@@ -257,11 +211,14 @@ class LLMEngine:
         times = RequestTimes(arrival_time=arrival_time or time.time())
         if isinstance(params, PoolingParams):
             assert self.embeddings is not None
+            if lora_request is not None:
+                raise ValueError("LoRA adapters apply to generation, not to embeddings")
             self._check_token_ids(token_ids)
             offset = self.model.rope_offset(len(token_ids))
             self.embeddings.add(request_id, token_ids, params, times, cache_salt, priority, offset)
             return
         self._check_prompt(token_ids, params)
+        lora_id = self._lora_id(lora_request)
         generator = make_generator(params.seed, self.device)
         req = Request(
             request_id,
@@ -273,6 +230,7 @@ class LLMEngine:
             priority=priority,
         )
         req.rope_offset = self.model.rope_offset(len(token_ids))
+        req.lora_id = lora_id
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
         if params.bad_words:
@@ -293,6 +251,30 @@ class LLMEngine:
                 "this model runs as an embedding model (runner pooling): it does not generate "
                 "text; run it with --runner generate for completions"
             )
+
+    def _lora_id(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return 0
+        if self.loras is None:
+            raise ValueError(
+                f"LoRA adapter {lora_request.lora_name!r} asked for, but this engine serves no "
+                "adapters; start it with --enable-lora (LLM(..., enable_lora=True))"
+            )
+        return self.loras.slot(lora_request)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unload the adapter loaded as ``name``; False if there is none, a ``ValueError``
+        while requests run with it."""
+        known = self.loras.loaded.get(name) if self.loras is not None else None
+        if known is None:
+            return False
+        queued = (*self.scheduler.running, *self.scheduler.waiting)
+        users = sum(1 for r in queued if r.lora_id == known[1])
+        if users:
+            raise ValueError(
+                f"LoRA adapter {name!r} is in use by {users} request(s); unload it once they finish"
+            )
+        return self.loras.remove(name)
 
     def _check_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -417,6 +399,7 @@ class LLMEngine:
             )
             child.num_cached_tokens = req.num_cached_tokens
             child.rope_offset = req.rope_offset
+            child.lora_id = req.lora_id
             if req.grammar is not None:
                 child.grammar = req.grammar.deep_copy()
             self.scheduler.fork(req, child)

@@ -91,6 +91,7 @@ class Request:
         self.pooling: PoolingParams | None = None
         self.pooled: torch.Tensor | None = None
         self.pools_every_row = False
+        self.lora_id = 0  # the loaded LoRA adapter it runs with (see LoRAManager); 0: none
 
     @property
     def num_prompt_tokens(self) -> int:

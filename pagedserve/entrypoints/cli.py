@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
+from pagedserve.entrypoints.engine_options import (
+    add_engine_args,
+    chat_template_arg,
+    generating_engine,
+    load_engine,
+    lora_module,
+)
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
@@ -27,173 +32,6 @@ def configure_logging(level: str = "INFO") -> None:
         format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
         datefmt="%m-%d %H:%M:%S",
     )
-
-
-# ---- engine options, shared by serve / chat / generate ----
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="a Hugging Face model directory, a .gguf file, or a Hub id in the local cache "
-        "(default: the packaged SmolLM2-135M-Instruct)",
-    )
-    g = parser.add_argument_group("engine")
-    g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    g.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
-    g.add_argument(
-        "--device",
-        default=None,
-        help="auto | cpu | cuda[:N] (default auto: the GPU when PyTorch sees one)",
-    )
-    g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
-    g.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
-    g.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV cache pools")
-    g.add_argument(
-        "--kv-cache-dtype",
-        default=None,
-        help="auto (the model's dtype) | float32 | bfloat16 | float16: a 16-bit cache holds "
-        "twice the tokens and speeds up decoding over long contexts",
-    )
-    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
-    g.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
-    )
-    g.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse the KV cache of shared prompt prefixes (default: on)",
-    )
-    g.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        default=None,
-        help="run decode steps module by module: no CUDA graphs on a GPU, no one-call "
-        "decoder stack on the CPU",
-    )
-    g.add_argument(
-        "--chat-template", default=None, help="a chat template file (jinja2), or the template"
-    )
-    g.add_argument(
-        "--scheduling-policy",
-        choices=["fcfs", "priority"],
-        default=None,
-        help="fcfs (default): requests in arrival order; priority: by each request's "
-        "priority (lower first), then arrival, preempting the last in that order when the KV "
-        "cache runs out",
-    )
-    g.add_argument(
-        "--generation-config",
-        default=None,
-        help="auto (default): the model directory's generation_config.json gives its eos ids "
-        "and the sampling defaults of requests that leave them out; vllm: none; or a directory "
-        "holding a generation_config.json",
-    )
-    g.add_argument(
-        "--runner",
-        choices=["auto", "generate", "pooling"],
-        default=None,
-        help="generate: completions and chat; pooling: embeddings (/v1/embeddings); auto "
-        "(default): pooling for a sentence-transformers directory or a bare decoder "
-        "(LlamaModel, Qwen2Model...), else generate",
-    )
-    g.add_argument(
-        "--pooler-config",
-        type=_json_object,
-        default=None,
-        help='a pooling model\'s pooler, as JSON: {"pooling_type": "LAST" | "MEAN" | "CLS", '
-        '"normalize": true | false} (default: what the model directory says, else LAST '
-        "and normalized)",
-    )
-    g.add_argument("--seed", type=int, default=None, help="engine seed")
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-_ENGINE_FIELDS = (
-    "tokenizer",
-    "dtype",
-    "device",
-    "max_model_len",
-    "block_size",
-    "kv_cache_memory",
-    "kv_cache_dtype",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "enable_prefix_caching",
-    "enforce_eager",
-    "generation_config",
-    "scheduling_policy",
-    "runner",
-    "pooler_config",
-    "seed",
-)
-
-
-def engine_config(args: argparse.Namespace, chat_template: str | None) -> Any:
-    """An EngineConfig from the flags given; unset flags keep EngineConfig's defaults."""
-    from pagedserve.config import EngineConfig
-
-    given = {f: getattr(args, f) for f in _ENGINE_FIELDS if getattr(args, f) is not None}
-    return EngineConfig(model=args.model, chat_template=chat_template, **given)
-
-
-def _chat_template(args: argparse.Namespace) -> str | None:
-    """The ``--chat-template`` text, read (and so checked) before the model loads."""
-    from pagedserve.tokenizer import read_chat_template
-
-    if args.chat_template is None:
-        return None
-    try:
-        return read_chat_template(args.chat_template)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: --chat-template: {exc}") from exc
-
-
-def _generating_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
-    """The engine of ``chat`` and ``generate``, which need a model that generates."""
-    engine = _load_engine(args, chat_template)
-    if engine.pooler is not None:
-        raise SystemExit(
-            f"error: {engine.model_name} runs as an embedding model (runner pooling); serve it "
-            "for /v1/embeddings, or pass --runner generate"
-        )
-    return engine
-
-
-def _load_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
-    from pagedserve.engine.llm_engine import LLMEngine
-
-    started = time.monotonic()
-    try:
-        engine = LLMEngine(engine_config(args, chat_template))
-    except (FileNotFoundError, ValueError) as exc:  # a bad model path or option: no traceback
-        raise SystemExit(f"error: {exc}") from exc
-    stats = engine.get_stats()
-    block_size = engine.config.block_size
-    logger.info(
-        "loaded %s (%s on %s) in %.1f s; context length %d tokens; KV cache %d blocks x %d "
-        "tokens = %d tokens (%s)",
-        engine.model_name,
-        str(getattr(engine, "dtype", engine.config.dtype)).removeprefix("torch."),
-        getattr(engine, "device", engine.config.device),
-        time.monotonic() - started,
-        engine.max_model_len,
-        stats.num_total_blocks,
-        block_size,
-        stats.num_total_blocks * block_size,
-        str(engine.kv_cache_dtype).removeprefix("torch."),
-    )
-    return engine
 
 
 # ---- serve ----
@@ -250,6 +88,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="split a reasoning model's <think> text into reasoning_content: deepseek_r1 "
         "(DeepSeek-R1 and its distills, QwQ) or qwen3",
     )
+    g.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=lora_module,
+        default=None,
+        help='LoRA adapters to serve, each name=path (or JSON {"name": ..., "path": ...}): '
+        "a request whose model is the name runs with the adapter (implies --enable-lora)",
+    )
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
@@ -257,16 +103,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from pagedserve.engine.async_engine import AsyncEngine
     from pagedserve.entrypoints.openai.api_server import ServerSettings, bind_socket, serve
+    from pagedserve.entrypoints.openai.lora_endpoints import runtime_lora_updating
+    from pagedserve.lora.request import LoRARequest
 
     configure_logging(args.log_level)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser")
-    chat_template = _chat_template(args)
+    chat_template = chat_template_arg(args)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
         raise SystemExit(f"error: can not listen on {args.host}:{args.port}: {exc}") from exc
-    engine = AsyncEngine.built(lambda: _load_engine(args, chat_template))
+    loras = [LoRARequest(m["name"], i, m["path"]) for i, m in enumerate(args.lora_modules or [], 1)]
+    if loras:
+        args.enable_lora = True
+    engine = AsyncEngine.built(lambda: _serving_engine(args, chat_template, loras))
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     settings = ServerSettings(
         served_model_names=names,
@@ -279,10 +130,25 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=not args.disable_access_log,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         reasoning_parser=args.reasoning_parser,
+        lora_modules=loras,
+        allow_runtime_lora_updating=bool(args.enable_lora) and runtime_lora_updating(),
     )
-    logger.info("serving the model as %s", ", ".join(repr(n) for n in names))
+    logger.info(
+        "serving the model as %s", ", ".join(repr(n) for n in names + [m.lora_name for m in loras])
+    )
     serve(engine, settings, sock)
     return 0
+
+
+def _serving_engine(args: argparse.Namespace, chat_template: str | None, loras: list) -> Any:
+    """The engine, with the ``--lora-modules`` adapters loaded (a bad one stops the start)."""
+    engine = load_engine(args, chat_template)
+    for lora in loras:
+        try:
+            engine.loras.slot(lora)
+        except ValueError as exc:
+            raise SystemExit(f"error: --lora-modules {lora.lora_name}: {exc}") from exc
+    return engine
 
 
 # ---- chat and generate (in-process, streaming to the terminal) ----
@@ -353,8 +219,8 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    chat_template = _chat_template(args)
-    engine = _generating_engine(args, chat_template)
+    chat_template = chat_template_arg(args)
+    engine = generating_engine(args, chat_template)
     tok = engine.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = list(system)
@@ -374,7 +240,7 @@ def run_chat(args: argparse.Namespace) -> int:
             messages = list(system)
             continue
         messages.append({"role": "user", "content": line})
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tok.applychat_template_arg(messages, tokenize=False, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
         try:
             params = terminal_sampling_params(
@@ -404,11 +270,11 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    chat_template = _chat_template(args)
-    engine = _generating_engine(args, chat_template)
+    chat_template = chat_template_arg(args)
+    engine = generating_engine(args, chat_template)
     tok = engine.tokenizer
     if args.chat:
-        text = tok.apply_chat_template(
+        text = tok.applychat_template_arg(
             [{"role": "user", "content": prompt}],
             tokenize=False,
             add_generation_prompt=True,

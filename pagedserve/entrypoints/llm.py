@@ -12,6 +12,7 @@ from tqdm import tqdm
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchParams, request_output, search
 from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
@@ -50,12 +51,15 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order.
 
         A prompt is a string or ``{"prompt_token_ids": [...]}`` (or ``{"prompt": str}``); a dict
         may add ``"cache_salt"``: only prompts with the same salt share cached prefix blocks.
         ``priority``: one per prompt, lower first (``scheduling_policy="priority"``).
+        ``lora_request``: the LoRA adapter of every prompt, or one (or None) per prompt
+        (``enable_lora=True``).
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -67,7 +71,11 @@ class LLM:
             raise ValueError("need one SamplingParams, or one per prompt")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError("need one priority per prompt")
-        return self._run(self._submit(prompts, sampling_params, priority), use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError("need one LoRARequest, or one per prompt")
+        return self._run(self._submit(prompts, sampling_params, priority, lora_request), use_tqdm)
 
     def embed(
         self,
@@ -101,6 +109,7 @@ class LLM:
         prompts: Sequence[PromptType],
         params: Sequence[SamplingParams] | Sequence[PoolingParams],
         priority: Sequence[int] | None = None,
+        lora_requests: Sequence[LoRARequest | None] | None = None,
     ) -> list[str]:
         ids = []
         try:
@@ -113,6 +122,7 @@ class LLM:
                     one,
                     cache_salt=salt,
                     priority=0 if priority is None else priority[i],
+                    lora_request=None if lora_requests is None else lora_requests[i],
                 )
                 ids.append(request_id)
         except BaseException:
@@ -129,6 +139,7 @@ class LLM:
         continue_final_message: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[RequestOutput]:
         """Apply the chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -145,7 +156,7 @@ class LLM:
                 **(chat_template_kwargs or {}),
             )["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def beam_search(
         self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams

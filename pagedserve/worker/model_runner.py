@@ -48,6 +48,7 @@ class ModelRunner:
         model_dtype = next(model.parameters()).dtype
         if device.type == "cpu" and model_dtype == torch.float32 and layers:
             build_kernels(kv_cache.k[0].dtype)
+        self.lora_state = getattr(model, "lora_state", None)  # set by a LoRAManager
         self.graphs: DecodeGraphs | None = None
         self.cpu_stack: CpuDecodeStack | None = None
         if device.type == "cpu" and not enforce_eager:
@@ -125,9 +126,42 @@ class ModelRunner:
         """Run the step; return the logits of the sampling rows (and of prompt-logprob rows)."""
         self.kv_cache.copy_blocks(sched.block_copies)
         input_ids, positions, meta, sample_rows = self.prepare(sched)
+        with_lora = self._set_lora_rows(sched, meta.query_start_loc_cpu)
+        try:
+            return self._execute(sched, input_ids, positions, meta, sample_rows, with_lora)
+        finally:
+            if with_lora:
+                self.lora_state.groups = []
+
+    def _set_lora_rows(self, sched: SchedulerOutput, cu: list[int]) -> bool:
+        """Tell the projections which of the step's rows belong to which LoRA adapter; False
+        when no request of the step has one."""
+        if self.lora_state is None:
+            return False
+        ids = np.fromiter((r.lora_id for r in sched.requests), np.int64, len(sched.requests))
+        if not ids.any():
+            return False
+        of_token = np.repeat(ids, np.diff(np.asarray(cu)))
+        self.lora_state.groups = [
+            (self._to_device(np.nonzero(of_token == adapter)[0]), adapter)
+            for adapter in np.unique(ids[ids > 0]).tolist()
+        ]
+        return True
+
+    def _execute(
+        self,
+        sched: SchedulerOutput,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: np.ndarray,
+        with_lora: bool,
+    ) -> StepLogits:
         cu = meta.query_start_loc_cpu
         wants_prompt_logits = any(r.params.prompt_logprobs is not None for r in sched.requests)
-        if not wants_prompt_logits:
+        # Adapter rows are found by their index in the step: every row runs every layer.
+        whole = wants_prompt_logits or with_lora
+        if not whole:
             logits = self._graph_logits(input_ids, positions, meta, sample_rows)
             if logits is not None:
                 return StepLogits(logits, sample_rows, [])
@@ -135,7 +169,7 @@ class ModelRunner:
                 hidden = self.cpu_stack.run(input_ids, positions, meta)  # every row samples
                 return StepLogits(self.model.compute_logits(hidden), sample_rows, [])
         token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
-        if not wants_prompt_logits and len(sample_rows) < cu[-1]:  # only these rows leave
+        if not whole and len(sample_rows) < cu[-1]:  # only these rows leave
             meta.output_rows = token_rows
             meta.output_reqs = self._to_device(sample_rows.astype(np.int64))
         hidden = self.model(input_ids, positions, meta)

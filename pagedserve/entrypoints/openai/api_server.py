@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest
 from pagedserve.entrypoints.openai.errors import APIError, install_error_handlers
+from pagedserve.entrypoints.openai.lora_endpoints import add_lora_routes
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,6 +38,7 @@ from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import ServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
+from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import ServerMetrics, StatsLogger
 
 logger = logging.getLogger("pagedserve.server")
@@ -63,6 +65,8 @@ class ServerSettings:
     access_log: bool = True
     tool_call_parser: str | None = None  # set: tool_choice "auto" is answered (vLLM's flags)
     reasoning_parser: str | None = None  # set: <think> text comes back as reasoning_content
+    lora_modules: list[LoRARequest] = field(default_factory=list)  # served by their names
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter, /v1/unload_lora_adapter
 
 
 class GuardMiddleware:
@@ -142,7 +146,11 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving ``engine``; starting the app starts the engine thread."""
     serving = OpenAIServing(
-        engine, settings.served_model_names, settings.tool_call_parser, settings.reasoning_parser
+        engine,
+        settings.served_model_names,
+        settings.tool_call_parser,
+        settings.reasoning_parser,
+        settings.lora_modules,
     )
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)
@@ -207,14 +215,25 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             "max_model_len": engine.max_model_len,
         }
 
+    def adapter_card(lora: LoRARequest) -> dict[str, Any]:
+        base = settings.served_model_names[0]
+        card = {**model_card(lora.lora_name), "root": lora.lora_path, "parent": base}
+        return card
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(n) for n in settings.served_model_names]}
+        cards = [model_card(n) for n in settings.served_model_names]
+        cards += [adapter_card(lora) for lora in serving.lora_modules.values()]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
         serving.check_model(name)
-        return model_card(name)
+        lora = serving.lora_modules.get(name)
+        return adapter_card(lora) if lora is not None else model_card(name)
+
+    if settings.allow_runtime_lora_updating:
+        add_lora_routes(app, serving)
 
     @app.get("/health")
     async def health() -> Response:

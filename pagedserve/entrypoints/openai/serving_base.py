@@ -24,6 +24,7 @@ from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.streams import last_output
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -47,9 +48,12 @@ class OpenAIServing:
         served_model_names: list[str],
         tool_parser: str | None = None,
         reasoning_parser: str | None = None,
+        lora_modules: list[LoRARequest] | None = None,
     ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
+        # Adapter name -> adapter: a request whose model names one runs with it.
+        self.lora_modules = {m.lora_name: m for m in lora_modules or []}
         self.tool_parser = tool_parser  # the parser of tool_choice "auto"; None refuses it
         # Tool call ids in the format the parser's model family needs (Mistral); None: each
         # endpoint's own.
@@ -65,13 +69,21 @@ class OpenAIServing:
 
     # ---- checks ----
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.served_model_names:
+        if (
+            name is not None
+            and name not in self.served_model_names
+            and name not in self.lora_modules
+        ):
             raise APIError(
                 404,
                 f"The model `{name}` does not exist.",
                 param="model",
                 code="model_not_found",
             )
+
+    def reported_model(self, name: str | None) -> str:
+        """The ``model`` an answer names: the adapter asked for, else the base model."""
+        return name if name in self.lora_modules else self.model_name
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -261,10 +273,11 @@ class OpenAIServing:
         arrival_time: float,
         cache_salt: str | None,
         priority: int,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         try:
             return await self.engine.add_request(
-                request_id, prompt_ids, params, arrival_time, cache_salt, priority
+                request_id, prompt_ids, params, arrival_time, cache_salt, priority, lora_request
             )
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
@@ -288,12 +301,16 @@ class OpenAIServing:
             )
         now = time.time()
         salt, priority = request.cache_salt, request.priority
+        self.check_model(request.model)  # an adapter may have been unloaded meanwhile
+        lora = self.lora_modules.get(request.model) if request.model else None
         if len(prompts) == 1:
-            return [await self.submit(base_id, prompts[0], params[0], now, salt, priority)]
+            return [await self.submit(base_id, prompts[0], params[0], now, salt, priority, lora)]
         streams: list[RequestStream] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(await self.submit(f"{base_id}-{i}", ids, p, now, salt, priority))
+                streams.append(
+                    await self.submit(f"{base_id}-{i}", ids, p, now, salt, priority, lora)
+                )
         except BaseException:
             for stream in streams:
                 stream.abort()

@@ -117,7 +117,7 @@ class ServingChat:
             "id": request_id,
             "object": "chat.completion",
             "created": created,
-            "model": self.s.model_name,
+            "model": self.s.reported_model(req.model),
             "choices": choices,
             "usage": _usage(out),
             "system_fingerprint": None,
@@ -142,7 +142,7 @@ class ServingChat:
             "id": request_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": self.s.model_name,
+            "model": self.s.reported_model(req.model),
         }
 
         def chunk(choice: dict[str, Any], **fields: Any) -> bytes:

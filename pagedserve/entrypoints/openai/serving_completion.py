@@ -105,7 +105,7 @@ class _Job:
             "id": request_id,
             "object": "text_completion",
             "created": created,
-            "model": self.s.model_name,
+            "model": self.s.reported_model(req.model),
         }
 
     def _echo_text(self, p: int) -> str:

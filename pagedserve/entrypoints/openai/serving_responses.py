@@ -76,7 +76,7 @@ class _Job:
         self.req = req
         self.chat = chat
         self.chat_req = chat_req
-        self.model = chat.s.model_name
+        self.model = chat.s.reported_model(req.model)
         self.tool_mode = chat_req.tool_mode
         self.id = new_id("resp", "_")
         self.item_id = new_id("msg", "_")

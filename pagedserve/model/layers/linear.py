@@ -28,6 +28,7 @@ from torch import nn
 
 from pagedserve.kernels import packed_gemm
 from pagedserve.kernels.packed_gemm import QuantBlocks
+from pagedserve.lora.weights import LoRAWeights
 from pagedserve.model.layers.activation import silu_and_mul
 
 # Rows up to which the quantized panels take a product beside float32 panels. SmolLM2-135M's
@@ -71,6 +72,7 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
         self.packed_quantized: torch.Tensor | None = None
         self.quantized_shards: dict[int, QuantBlocks] = {}
+        self.lora: LoRAWeights | None = None  # set when the engine serves LoRA adapters
 
     @property
     def num_shards(self) -> int:
@@ -91,7 +93,10 @@ class Linear(nn.Module):
                 self.packed_quantized = packed_gemm.pack_quantized(blocks, self.gated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, packed_for(x, self.packed, self.packed_quantized))
+        y = linear(x, self.weight, self.bias, packed_for(x, self.packed, self.packed_quantized))
+        if self.lora is not None and self.lora.state.groups:
+            return self.lora.add(x, y)
+        return y
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -181,5 +186,9 @@ class GateUpSilu(MergedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = packed_for(x, self.packed, self.packed_quantized)
         if not _uses_packed(x, packed):
-            return silu_and_mul(F.linear(x, self.weight, self.bias))
-        return packed_gemm.linear(x, packed, self.size, self.bias, gated=True)
+            out = silu_and_mul(F.linear(x, self.weight, self.bias))
+        else:
+            out = packed_gemm.linear(x, packed, self.size, self.bias, gated=True)
+        if self.lora is not None and self.lora.state.groups:
+            return self.lora.add_gated(x, out, self.weight, self.bias)
+        return out

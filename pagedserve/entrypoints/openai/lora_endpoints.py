@@ -1,0 +1,62 @@
+"""vLLM's runtime adapter endpoints: ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter``, on a server with ``--enable-lora`` whose environment allows them
+(``PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING=1``, or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``):
+they read adapter directories from the server's disk, so they are off by default."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from fastapi import FastAPI
+from starlette.responses import PlainTextResponse
+
+from pagedserve.entrypoints.openai.errors import APIError, bad_request
+from pagedserve.entrypoints.openai.protocol import RequestBody
+from pagedserve.entrypoints.openai.serving_base import OpenAIServing
+from pagedserve.lora.request import LoRARequest
+
+_ENV = ("PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+
+
+def runtime_lora_updating() -> bool:
+    """Whether the environment allows loading and unloading adapters over HTTP."""
+    return any(os.environ.get(name, "").lower() in ("1", "true") for name in _ENV)
+
+
+class LoadLoRAAdapterRequest(RequestBody):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(RequestBody):
+    lora_name: str
+
+
+def add_lora_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    ids = itertools.count(len(serving.lora_modules) + 1)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        name = req.lora_name
+        if name in serving.lora_modules or name in serving.served_model_names:
+            raise bad_request(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        lora = LoRARequest(name, next(ids), req.lora_path)
+        try:
+            await serving.engine.call(lambda engine: engine.loras.slot(lora))
+        except ValueError as exc:
+            raise bad_request(str(exc), "lora_path") from exc
+        serving.lora_modules[name] = lora
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        name = req.lora_name
+        if name not in serving.lora_modules:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+        try:
+            await serving.engine.call(lambda engine: engine.remove_lora(name))
+        except ValueError as exc:
+            raise bad_request(str(exc), "lora_name") from exc
+        del serving.lora_modules[name]
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -1,0 +1,130 @@
+"""Loading PEFT LoRA adapters into a model's projections, by name, once each.
+
+An adapter directory holds ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``,
+``target_modules``) and ``adapter_model.safetensors`` with ``lora_A`` ``[r, in]`` and
+``lora_B`` ``[out, r]`` per targeted projection, named after the base model's modules
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). Each loaded adapter gets an
+id that is never reused, so a request's prefix-cache salt can name it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from pagedserve.lora.request import LoRARequest
+from pagedserve.lora.weights import LoRAState, LoRAWeights, Pair
+from pagedserve.model.layers.linear import Linear, MergedLinear
+
+# A checkpoint's separate projections inside our fused ones: name -> (fused name, shard).
+_SHARDS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "alpha_pattern", "layer_replication")
+
+
+class LoRAManager:
+    """The adapters a model serves; ``slot(request)`` loads one on first use."""
+
+    def __init__(self, model: nn.Module, max_lora_rank: int) -> None:
+        self.model = model
+        self.max_lora_rank = max_lora_rank
+        self.state = LoRAState()
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.lora = LoRAWeights(self.state)
+        model.lora_state = self.state
+        self.loaded: dict[str, tuple[LoRARequest, int]] = {}  # name -> (request, id)
+        self._ids = itertools.count(1)
+
+    def slot(self, request: LoRARequest) -> int:
+        """The id of the loaded adapter ``request`` names, loading it the first time; a
+        ``ValueError`` for an adapter that cannot be served."""
+        known = self.loaded.get(request.lora_name)
+        if known is not None and known[0].lora_path == request.lora_path:
+            return known[1]
+        if known is not None:
+            self.remove(request.lora_name)
+        pairs = self._read(Path(request.lora_path))
+        adapter = next(self._ids)
+        for module, module_pairs in pairs.items():
+            module.lora.adapters[adapter] = module_pairs
+        self.loaded[request.lora_name] = (request, adapter)
+        return adapter
+
+    def remove(self, name: str) -> bool:
+        """Unload the adapter named ``name``; False if none is."""
+        known = self.loaded.pop(name, None)
+        if known is None:
+            return False
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.lora.adapters.pop(known[1], None)
+        return True
+
+    def _read(self, path: Path) -> dict[Linear, list[Pair]]:
+        config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+        if not config_file.is_file() or not weights_file.is_file():
+            raise ValueError(
+                f"LoRA adapter {path} needs adapter_config.json and adapter_model.safetensors"
+            )
+        config = json.loads(config_file.read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"LoRA adapter {path}: peft_type {config['peft_type']} is not LoRA")
+        for key in _UNSUPPORTED:
+            if config.get(key):
+                raise ValueError(f"LoRA adapter {path}: {key} is not supported")
+        if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+            raise ValueError(f"LoRA adapter {path}: trained biases or modules are not supported")
+        tensors = load_file(weights_file)
+        pairs: dict[Linear, list[Pair]] = {}
+        for name in sorted(n for n in tensors if ".lora_A." in n):
+            module_name = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+            a = tensors[name]
+            b = tensors.get(name.replace(".lora_A.", ".lora_B."))
+            if b is None or a.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise ValueError(f"LoRA adapter {path}: {module_name} lacks a matching lora_B")
+            rank = a.shape[0]
+            if rank > self.max_lora_rank:
+                raise ValueError(
+                    f"LoRA adapter {path} has rank {rank}, above max_lora_rank "
+                    f"{self.max_lora_rank} (--max-lora-rank)"
+                )
+            alpha = config.get("lora_alpha", rank)
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            module, start = self._target(module_name, path)
+            if a.shape[1] != module.in_features or start + b.shape[0] > module.out_features:
+                raise ValueError(f"LoRA adapter {path}: {module_name}'s shapes do not fit")
+            weight = module.weight
+            pair = (a.to(weight), (b * scale).to(weight), start)
+            pairs.setdefault(module, []).append(pair)
+        if not pairs:
+            raise ValueError(f"LoRA adapter {path} holds no LoRA weights")
+        return pairs
+
+    def _target(self, module_name: str, path: Path) -> tuple[Linear, int]:
+        """Our projection for a checkpoint's module name, and where its output starts."""
+        parent, _, leaf = module_name.rpartition(".")
+        fused, shard = _SHARDS.get(leaf, (leaf, None))
+        try:
+            module = self.model.get_submodule(f"{parent}.{fused}")
+        except AttributeError:
+            module = None
+        if not isinstance(module, Linear):
+            raise ValueError(
+                f"LoRA adapter {path} targets {module_name}, which is not a projection of this "
+                "model (adapters on embeddings or the lm head are not supported)"
+            )
+        if shard is None:
+            return module, 0
+        assert isinstance(module, MergedLinear)
+        return module, module.offsets[shard]

@@ -1,0 +1,155 @@
+"""LoRA adapters (vLLM's --enable-lora): a step that mixes requests of several adapters and of
+none gives each the answer of the base model with that adapter merged into its weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from server_utils import MODEL_NAME, ServerProcess, request
+from tiny_models import write_lora_adapter
+
+from pagedserve import LLM, LoRARequest, SamplingParams
+
+PROMPTS = ["Hello there, how are", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13"]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, smollm2_tokenizer):
+    """Two adapters of the tiny llama model, and the model directories with each merged in."""
+    root = tmp_path_factory.mktemp("lora")
+    made = {}
+    for seed, name in ((1, "a1"), (2, "a2")):
+        merged = write_lora_adapter(root / name, "llama", seed, rslora=seed == 2)
+        merged.save_pretrained(root / f"{name}_merged")
+        smollm2_tokenizer.save_pretrained(root / f"{name}_merged")
+        made[name] = (str(root / name), str(root / f"{name}_merged"))
+    return made
+
+
+def chosen(out) -> tuple[list[int], list[float]]:
+    completion = out.outputs[0]
+    pairs = zip(completion.logprobs, completion.token_ids, strict=True)
+    logprobs = [entry[token].logprob for entry, token in pairs]
+    return completion.token_ids, logprobs
+
+
+def assert_same(outputs, references) -> None:
+    for out, ref in zip(outputs, references, strict=True):
+        (ids, logprobs), (ref_ids, ref_logprobs) = chosen(out), chosen(ref)
+        assert ids == ref_ids
+        assert logprobs == pytest.approx(ref_logprobs, abs=1e-4)
+
+
+def test_a_mixed_batch_matches_merged_models(tiny_model_dir, adapters):
+    base = tiny_model_dir("llama")
+    loras = [None] + [LoRARequest(name, i, adapters[name][0]) for i, name in ((1, "a1"), (2, "a2"))]
+    llm = LLM(base, enable_lora=True)
+    outputs = llm.generate(
+        PROMPTS * 3, GREEDY, use_tqdm=False, lora_request=[r for r in loras for _ in PROMPTS]
+    )
+    references = LLM(base).generate(PROMPTS, GREEDY, use_tqdm=False)
+    for name in ("a1", "a2"):
+        references += LLM(adapters[name][1]).generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert_same(outputs, references)
+
+    # Blocks computed with an adapter hold its K/V: another adapter (or none) never shares them.
+    long_prompt = ["A prompt no earlier request began with, long enough to fill blocks. " * 2]
+    first = llm.generate(long_prompt, GREEDY, use_tqdm=False, lora_request=loras[1])[0]
+    other = llm.generate(long_prompt, GREEDY, use_tqdm=False, lora_request=loras[2])[0]
+    again = llm.generate(long_prompt, GREEDY, use_tqdm=False, lora_request=loras[1])[0]
+    assert first.num_cached_tokens == other.num_cached_tokens == 0
+    assert again.num_cached_tokens >= 16
+    assert chosen(again) == chosen(first)
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
+
+
+def test_adapters_that_cannot_be_served_are_refused(tmp_path, tiny_model_dir, adapters):
+    base = tiny_model_dir("llama")
+    a1 = LoRARequest("a1", 1, adapters["a1"][0])
+    with pytest.raises(ValueError, match="--enable-lora"):
+        LLM(base).generate("hi", use_tqdm=False, lora_request=a1)
+    llm = LLM(base, enable_lora=True, max_lora_rank=2)
+    with pytest.raises(ValueError, match="rank 4, above max_lora_rank 2"):
+        llm.generate("hi", use_tqdm=False, lora_request=a1)
+    with pytest.raises(ValueError, match="needs adapter_config.json"):
+        llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("x", 3, str(tmp_path)))
+    dora = tmp_path / "dora"
+    write_lora_adapter(dora, "llama", 3)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora is not supported"):
+        llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("d", 4, str(dora)))
+    # Nothing was left queued: the engine still answers.
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
+# ---- the server ----
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapters):
+    srv = ServerProcess(
+        [
+            tiny_model_dir("llama"),
+            "--served-model-name", MODEL_NAME,
+            "--enable-lora",
+            "--lora-modules", f"a1={adapters['a1'][0]}",
+        ],
+        env={"PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING": "1"},
+    ).wait_ready()  # fmt: skip
+    yield srv
+    srv.close()
+
+
+def served_ids(client, model: str) -> list[list[int]]:
+    answer = client.completions.create(
+        model=model,
+        prompt=PROMPTS,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    assert answer.model == model
+    return [choice.token_ids for choice in sorted(answer.choices, key=lambda c: c.index)]
+
+
+def test_served_adapters(server, tiny_model_dir, adapters):
+    client = server.client()
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {MODEL_NAME, "a1"}
+    assert models["a1"].parent == MODEL_NAME
+
+    expected = {
+        name: [o.outputs[0].token_ids for o in LLM(path).generate(PROMPTS, GREEDY, use_tqdm=False)]
+        for name, path in (
+            (MODEL_NAME, tiny_model_dir("llama")),
+            ("a1", adapters["a1"][1]),
+            ("a2", adapters["a2"][1]),
+        )
+    }
+    assert served_ids(client, MODEL_NAME) == expected[MODEL_NAME]
+    assert served_ids(client, "a1") == expected["a1"]
+    stream = client.chat.completions.create(
+        model="a1", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    assert {chunk.model for chunk in stream} == {"a1"}
+
+    def post(path, body):
+        return request(server.url + path, "POST", body)
+
+    load = {"lora_name": "a2", "lora_path": adapters["a2"][0]}
+    status, answer = post("/v1/load_lora_adapter", load)
+    assert status == 200, answer
+    assert served_ids(client, "a2") == expected["a2"]
+    assert post("/v1/load_lora_adapter", load)[0] == 400  # the name is taken
+    status, answer = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": "/nowhere"})
+    assert status == 400 and answer["error"]["param"] == "lora_path"
+
+    assert post("/v1/unload_lora_adapter", {"lora_name": "a2"})[0] == 200
+    status, answer = post("/v1/completions", {"model": "a2", "prompt": "hi"})
+    assert status == 404 and answer["error"]["param"] == "model"
+    assert post("/v1/unload_lora_adapter", {"lora_name": "a2"})[0] == 404
+    assert served_ids(client, "a1") == expected["a1"]  # the other adapter is still served
