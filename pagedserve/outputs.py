@@ -68,3 +68,20 @@ class EmbeddingRequestOutput:
     finished: bool = True
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ScoringOutput:
+    """One text pair's score."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """The score of one pair (``LLM.score``; vLLM's shape)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+    finished: bool = True

@@ -254,3 +254,17 @@ def test_a_pooling_server_does_not_generate(server):
         server.client().completions.create(model=MODEL_NAME, prompt="hi")
     # Nothing was left behind: the server still embeds.
     assert post(server, {"input": "still here"})[0] == 200
+
+
+def test_an_embedding_server_scores_by_cosine(server):
+    texts = ["a first text", "something else", "a first text, nearly"]
+    status, embedded = post(server, {"input": texts})
+    assert status == 200
+    vectors = [torch.tensor(d["embedding"]) for d in embedded["data"]]
+    status, scored = post(server, {"text_1": texts[0], "text_2": texts}, "/score")
+    assert status == 200, scored
+    want = [torch.nn.functional.cosine_similarity(vectors[0], v, dim=0).item() for v in vectors]
+    assert [d["score"] for d in scored["data"]] == pytest.approx(want, abs=1e-5)
+    status, ranked = post(server, {"query": texts[0], "documents": texts[1:]}, "/v1/rerank")
+    assert status == 200
+    assert ranked["results"][0]["index"] == max((1, 0), key=lambda i: want[i + 1])

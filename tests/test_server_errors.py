@@ -229,6 +229,9 @@ def test_embeddings_need_a_pooling_runner(server, client):
     assert "--runner pooling" in body["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=MODEL_NAME, input="hi")
+    status, body = post(server, "/score", {"text_1": "a", "text_2": "b"})
+    assert status == 400
+    assert_error(body, "model")
 
 
 def test_unknown_route_is_404_in_schema(server):

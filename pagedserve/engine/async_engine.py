@@ -189,6 +189,10 @@ class AsyncEngine:
         return self.engine.model_name
 
     @property
+    def is_cross_encoder(self) -> bool:
+        return self.engine.is_cross_encoder
+
+    @property
     def pooler(self) -> PoolerConfig | None:
         """How a pooling engine embeds; None where the engine generates."""
         return self.engine.pooler

@@ -9,11 +9,14 @@ prompt to compute like any other.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+
+import torch
 
 from pagedserve.engine.request import Request, RequestStatus, RequestTimes
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.model.loader import load_config
-from pagedserve.model.pooler import PoolerConfig, has_sentence_transformers_pooler
+from pagedserve.model.pooler import PoolerConfig, has_sentence_transformers_pooler, label_scores
 from pagedserve.model.registry import is_headless
 from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -43,9 +46,16 @@ class EmbeddingRequests:
     """The embedding requests in flight, by id."""
 
     def __init__(
-        self, pooler: PoolerConfig, scheduler: Scheduler, runner: ModelRunner, max_model_len: int
+        self,
+        pooler: PoolerConfig,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        max_model_len: int,
+        classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.pooler = pooler
+        # A cross-encoder's head: its output is the pair's label scores, not the pooled state.
+        self.classify = classify
         self.scheduler = scheduler
         self.runner = runner
         self.max_model_len = max_model_len
@@ -102,7 +112,10 @@ class EmbeddingRequests:
             if req.num_computed_tokens < req.num_prompt_tokens:
                 continue
             assert req.pooled is not None and req.pooling is not None
-            embedding = self.pooler.finish(req.pooled, req.num_prompt_tokens, req.pooling)
+            if self.classify is not None:
+                embedding = label_scores(self.classify(req.pooled[None])[0])
+            else:
+                embedding = self.pooler.finish(req.pooled, req.num_prompt_tokens, req.pooling)
             req.times.first_token_time = req.times.finished_time = now
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
             del self.requests[req.request_id]

@@ -161,11 +161,14 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, hf.vocab_size, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
-        self.embeddings = (
-            EmbeddingRequests(self.pooler, self.scheduler, self.runner, self.max_model_len)
-            if self.pooler is not None
-            else None
-        )
+        self.embeddings = None
+        if self.pooler is not None:
+            classify = getattr(self.model, "classify", None)
+            if classify is not None and getattr(hf, "type_vocab_size", 1) > 1:
+                self.model.sep_token_id = self.tokenizer.sep_token_id  # pairs' token types
+            self.embeddings = EmbeddingRequests(
+                self.pooler, self.scheduler, self.runner, self.max_model_len, classify
+            )
         self.generation_tokens = 0
 
     def _eos_token_ids(self) -> set[int]:
@@ -175,6 +178,11 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    @property
+    def is_cross_encoder(self) -> bool:
+        """Whether the model scores text pairs (each output is a pair's label scores)."""
+        return self.embeddings is not None and self.embeddings.classify is not None
 
     @property
     def num_blocks(self) -> int:

@@ -12,8 +12,14 @@ from tqdm import tqdm
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchParams, request_output, search
 from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.entrypoints.scoring import cosine, pair_token_ids, score_pairs
 from pagedserve.lora.request import LoRARequest
-from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.outputs import (
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
@@ -88,6 +94,8 @@ class LLM:
         prompts' order, from a model run as a pooling model (``runner="pooling"``, or a
         sentence-transformers directory). ``truncate_prompt_tokens=k`` embeds each prompt's
         last k tokens."""
+        if self.llm_engine.is_cross_encoder:
+            raise ValueError("this model is a cross-encoder: it scores text pairs (LLM.score)")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
@@ -103,6 +111,49 @@ class LLM:
                 for p in prompts
             ]
         return self._run(self._submit(prompts, pooling_params), use_tqdm)
+
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's ``LLM.score``: the score of ``data_1`` (one text, or one per ``data_2``
+        text) against each ``data_2`` text, in order: a cross-encoder's relevance of each pair
+        (``*ForSequenceClassification``), or an embedding model's cosine similarity."""
+        pairs = score_pairs(data_1, data_2)
+        tokenizer = self.get_tokenizer()
+        if self.llm_engine.is_cross_encoder:
+            prompts = [
+                {"prompt_token_ids": pair_token_ids(tokenizer, a, b, truncate_prompt_tokens)}
+                for a, b in pairs
+            ]
+            params = [PoolingParams()] * len(prompts)
+            outputs = self._run(self._submit(prompts, params), use_tqdm)
+            return [
+                ScoringRequestOutput(
+                    o.request_id, o.prompt_token_ids, ScoringOutput(o.outputs.embedding[0])
+                )
+                for o in outputs
+            ]
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each embedded once
+        outputs = self.embed(
+            texts, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens
+        )
+        embedded = dict(zip(texts, outputs, strict=True))
+        results = []
+        for a, b in pairs:
+            first, second = embedded[a], embedded[b]
+            similarity = cosine(first.outputs.embedding, second.outputs.embedding)
+            results.append(
+                ScoringRequestOutput(
+                    str(next(self._ids)),
+                    first.prompt_token_ids + second.prompt_token_ids,
+                    ScoringOutput(similarity),
+                )
+            )
+        return results
 
     def _submit(
         self,

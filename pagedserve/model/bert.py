@@ -36,10 +36,14 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # Every token is of type 0: one input per request, no sentence pairs.
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``types`` None: every token is of type 0 (one text per input)."""
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        return self.LayerNorm(x + self.token_type_embeddings.weight[0])
+        if types is None:
+            return self.LayerNorm(x + self.token_type_embeddings.weight[0])
+        return self.LayerNorm(x + self.token_type_embeddings(types))
 
 
 class _Dense(nn.Module):
@@ -100,6 +104,10 @@ class BertModel(nn.Module):
     default_pooling_type = "CLS"  # vLLM's default for BERT models without a Pooling module
     # Added to positions: RoBERTa numbers them from its padding id + 1.
     position_offset = 0
+    unused = _UNUSED
+    # A cross-encoder's pair ``[CLS] a [SEP] b [SEP]`` marks b's tokens as type 1: set to the
+    # tokenizer's [SEP] id where the model has two token types and scores pairs.
+    sep_token_id: int | None = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -123,10 +131,21 @@ class BertModel(nn.Module):
     ) -> torch.Tensor:
         cu = meta.query_start_loc_cpu
         lengths = [b - a for a, b in zip(cu, cu[1:], strict=False)]
-        x = self.embeddings(input_ids, positions + self.position_offset)
+        types = None if self.sep_token_id is None else self._pair_types(input_ids, cu, lengths)
+        x = self.embeddings(input_ids, positions + self.position_offset, types)
         for layer in self.encoder.layer:
             x = layer(x, lengths)
         return x
+
+    def _pair_types(
+        self, input_ids: torch.Tensor, cu: list[int], lengths: list[int]
+    ) -> torch.Tensor:
+        """1 for each token after its input's first [SEP], else 0 (BERT's pair encoding)."""
+        is_sep = (input_ids == self.sep_token_id).long()
+        before = torch.cumsum(is_sep, 0) - is_sep  # [SEP]s before each token, in the whole step
+        starts = torch.tensor(cu[:-1], device=input_ids.device)
+        base = before[starts].repeat_interleave(torch.tensor(lengths, device=input_ids.device))
+        return (before > base).long()
 
     def prepack(self, panel_dtype: torch.dtype = torch.float32, with_head: bool = True) -> None:
         """Pack the projections for the CPU GEMM (an encoder has no head)."""
@@ -149,7 +168,7 @@ class BertModel(nn.Module):
                     missing.add(full)
         for name, tensor in weights:
             name = name.removeprefix("bert.").removeprefix("roberta.")
-            if name.startswith(_UNUSED):
+            if name.startswith(self.unused):
                 continue
             parent, _, leaf = name.rpartition(".")
             module_path, _, proj = parent.rpartition(".")
@@ -178,3 +197,42 @@ class RobertaModel(BertModel):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.position_offset = config.pad_token_id + 1
+
+
+_HEADS_UNUSED = ("cls.", "lm_head.", "embeddings.position_ids")
+
+
+class BertForSequenceClassification(BertModel):
+    """A BERT cross-encoder (the ms-marco MiniLM rerankers): each input is a pair, scored from
+    its [CLS] state by the pooler's tanh layer and the classifier."""
+
+    unused = _HEADS_UNUSED
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.pooler = nn.Module()
+        self.pooler.dense = Linear(hidden, hidden, bias=True)
+        self.classifier = Linear(hidden, config.num_labels, bias=True)
+
+    def classify(self, first_token: torch.Tensor) -> torch.Tensor:
+        """The label logits ``[N, labels]`` of first-token states ``[N, H]``."""
+        return self.classifier(torch.tanh(self.pooler.dense(first_token)))
+
+
+class RobertaForSequenceClassification(RobertaModel):
+    """An XLM-RoBERTa or RoBERTa cross-encoder (bge-reranker): ``classifier.dense``, tanh,
+    ``classifier.out_proj`` on the first token's state."""
+
+    unused = _HEADS_UNUSED
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.classifier = nn.Module()
+        self.classifier.dense = Linear(hidden, hidden, bias=True)
+        self.classifier.out_proj = Linear(hidden, config.num_labels, bias=True)
+
+    def classify(self, first_token: torch.Tensor) -> torch.Tensor:
+        """The label logits ``[N, labels]`` of first-token states ``[N, H]``."""
+        return self.classifier.out_proj(torch.tanh(self.classifier.dense(first_token)))

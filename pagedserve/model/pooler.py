@@ -87,6 +87,15 @@ class PoolerConfig:
         return pooled.tolist()
 
 
+def label_scores(logits: torch.Tensor) -> list[float]:
+    """A cross-encoder's scores from its label logits: the sigmoid of a single logit (the
+    relevance of the pair, as sentence-transformers' CrossEncoder scores it), else the softmax."""
+    logits = logits.float()
+    if logits.numel() == 1:
+        return torch.sigmoid(logits).tolist()
+    return torch.softmax(logits, dim=-1).tolist()
+
+
 def load_pooler_config(
     model_path: str,
     hf_config: Any,

@@ -6,7 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from pagedserve.model.bert import BertModel, RobertaModel
+from pagedserve.model.bert import (
+    BertForSequenceClassification,
+    BertModel,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
 from pagedserve.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from pagedserve.model.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -29,6 +34,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "BertModel": BertModel,
     "RobertaModel": RobertaModel,
     "XLMRobertaModel": RobertaModel,
+    # Cross-encoders (scores of text pairs: /score, /rerank).
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "RobertaForSequenceClassification": RobertaForSequenceClassification,
+    "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
@@ -57,3 +66,8 @@ def architecture_name(config: Any) -> str:
 def is_headless(config: Any) -> bool:
     """Whether the checkpoint is a bare decoder (``LlamaModel``...) with no lm head."""
     return not architecture_name(config).endswith(("ForCausalLM", "ForConditionalGeneration"))
+
+
+def is_cross_encoder(config: Any) -> bool:
+    """Whether the model scores text pairs (a ``*ForSequenceClassification`` encoder)."""
+    return architecture_name(config).endswith("ForSequenceClassification")

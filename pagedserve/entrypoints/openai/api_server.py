@@ -22,7 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.engine.async_engine import AsyncEngine
-from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest
+from pagedserve.entrypoints.openai.embeddings_protocol import (
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from pagedserve.entrypoints.openai.errors import APIError, install_error_handlers
 from pagedserve.entrypoints.openai.lora_endpoints import add_lora_routes
 from pagedserve.entrypoints.openai.protocol import (
@@ -37,6 +41,7 @@ from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import ServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import ServingResponses
+from pagedserve.entrypoints.openai.serving_score import ServingScore
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import ServerMetrics, StatsLogger
@@ -156,6 +161,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     completion = ServingCompletion(serving)
     responses = ServingResponses(chat)
     embedding = ServingEmbedding(serving)
+    scoring = ServingScore(serving)
     tokenize = ServingTokenize(serving)
     metrics = ServerMetrics(serving.model_name, engine.get_stats)
     engine.observer = metrics
@@ -203,6 +209,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/embeddings")
     async def create_embedding(req: EmbeddingRequest, raw: Request) -> Response:
         return await embedding.create(req, raw)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def create_score(req: ScoreRequest, raw: Request) -> Response:
+        return await scoring.score(req, raw)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def do_rerank(req: RerankRequest, raw: Request) -> Response:
+        return await scoring.rerank(req, raw)
 
     def model_card(name: str) -> dict[str, Any]:
         return {

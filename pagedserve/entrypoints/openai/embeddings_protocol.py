@@ -1,5 +1,6 @@
-"""The body of ``POST /v1/embeddings``: OpenAI's fields, vLLM's extras, and chat messages
-(vLLM's chat form of the request, which embeds the conversation as the chat template writes it)."""
+"""The bodies of a pooling model's endpoints: ``POST /v1/embeddings`` (OpenAI's fields, vLLM's
+extras, and vLLM's chat form, which embeds a conversation as the chat template writes it), and
+vLLM's ``/score`` and ``/rerank`` (Jina's and Cohere's rerank shape)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,26 @@ class EmbeddingRequest(RequestBody):
         if isinstance(given[0], int):
             return [list(given)]  # type: ignore[arg-type]
         return list(given)  # type: ignore[arg-type]
+
+
+class ScoreRequest(RequestBody):
+    """vLLM's ``/score``: ``text_1`` (one text, or one per ``text_2`` text) against ``text_2``."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class RerankRequest(RequestBody):
+    """``/rerank``: the ``documents`` by relevance to ``query``, best first, ``top_n`` of them."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int | None = None  # None or 0: all
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    cache_salt: str | None = None

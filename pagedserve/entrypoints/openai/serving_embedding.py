@@ -38,6 +38,12 @@ class ServingEmbedding:
                 "--runner pooling to serve /v1/embeddings",
                 param="model",
             )
+        if s.engine.is_cross_encoder:
+            raise bad_request(
+                "this model is a cross-encoder: it scores text pairs (/score, /rerank), it does "
+                "not embed",
+                param="model",
+            )
         try:
             params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
             pooler.check(params)

@@ -1,0 +1,111 @@
+"""vLLM's ``POST /score`` (and ``/v1/score``) and ``/rerank`` (``/v1/rerank``, ``/v2/rerank``):
+scores of text pairs from a cross-encoder (each pair one input) or an embedding model (the
+cosine similarity of the two texts' embeddings); see :mod:`pagedserve.entrypoints.scoring`."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.entrypoints.openai.embeddings_protocol import RerankRequest, ScoreRequest
+from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.serving_base import OpenAIServing, new_id
+from pagedserve.entrypoints.openai.streams import cancel_on_disconnect, last_output
+from pagedserve.entrypoints.scoring import cosine, pair_token_ids, score_pairs
+from pagedserve.pooling_params import PoolingParams
+
+
+class ServingScore:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.s = serving
+
+    async def score(self, req: ScoreRequest, raw: Request) -> Response:
+        try:
+            pairs = score_pairs(req.text_1, req.text_2)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="text_2") from exc
+
+        async def run() -> Response:
+            scores, num_tokens = await self._scores(pairs, req)
+            data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+            body = {
+                "id": new_id("score"),
+                "object": "list",
+                "created": int(time.time()),
+                "model": self.s.model_name,
+                "data": data,
+                "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+            }
+            return JSONResponse(body)
+
+        return await cancel_on_disconnect(raw, run)
+
+    async def rerank(self, req: RerankRequest, raw: Request) -> Response:
+        if not req.documents:
+            raise bad_request("documents must not be empty", param="documents")
+        if req.top_n is not None and req.top_n < 0:
+            raise bad_request(f"top_n must be >= 0, got {req.top_n}", param="top_n")
+        pairs = [(req.query, doc) for doc in req.documents]
+
+        async def run() -> Response:
+            scores, num_tokens = await self._scores(pairs, req)
+            ranked = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+            results = [
+                {"index": i, "document": {"text": req.documents[i]}, "relevance_score": scores[i]}
+                for i in ranked[: req.top_n or None]
+            ]
+            body = {
+                "id": new_id("rerank"),
+                "model": self.s.model_name,
+                "usage": {"total_tokens": num_tokens},
+                "results": results,
+            }
+            return JSONResponse(body)
+
+        return await cancel_on_disconnect(raw, run)
+
+    async def _scores(
+        self, pairs: list[tuple[str, str]], req: ScoreRequest | RerankRequest
+    ) -> tuple[list[float], int]:
+        """Each pair's score, and the tokens the model read."""
+        s = self.s
+        s.check_model(req.model)
+        if s.engine.pooler is None:
+            raise bad_request(
+                "this model is served for generation; scores need a cross-encoder or an "
+                "embedding model, started with --runner pooling",
+                param="model",
+            )
+        cross = s.engine.is_cross_encoder
+        if cross:
+            inputs = [
+                pair_token_ids(s.tokenizer, a, b, req.truncate_prompt_tokens) for a, b in pairs
+            ]
+        else:
+            texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each embedded once
+            inputs = [await s.tokenize(text, True) for text in texts]
+            if req.truncate_prompt_tokens is not None:
+                inputs = [ids[-req.truncate_prompt_tokens :] for ids in inputs]
+        limit = s.max_model_len
+        for ids in inputs:
+            if len(ids) > limit:
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. However, an input "
+                    f"has {len(ids)} tokens. Please reduce the length of the input, or set "
+                    "truncate_prompt_tokens.",
+                    param="truncate_prompt_tokens",
+                    code="context_length_exceeded",
+                )
+        streams = await s.submit_all(new_id("pool"), inputs, [PoolingParams()] * len(inputs), req)
+        try:
+            vectors = [(await last_output(stream)).outputs.embedding for stream in streams]
+        finally:
+            for stream in streams:
+                stream.abort()
+        num_tokens = sum(map(len, inputs))
+        if cross:
+            return [v[0] for v in vectors], num_tokens
+        embedded = dict(zip(texts, vectors, strict=True))
+        return [cosine(embedded[a], embedded[b]) for a, b in pairs], num_tokens

@@ -1,0 +1,117 @@
+"""Scores of text pairs (vLLM's LLM.score, /score and /rerank): cross-encoders against
+transformers' sequence classifiers, embedding models as cosine similarities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from server_utils import MODEL_NAME, ServerProcess, request
+from tiny_models import bert_tokenizer, tiny_cross_encoder
+
+from pagedserve import LLM
+
+QUERY = "where is the cat"
+DOCUMENTS = ["the cat sat on the mat", "a dog", "what is this fish", "the mat"]
+
+
+@pytest.fixture(scope="module", params=["bert", "xlm_roberta"])
+def cross_encoder(request, tmp_path_factory):
+    model = tiny_cross_encoder(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    bert_tokenizer().save_pretrained(path)
+    return model, str(path)
+
+
+@torch.no_grad()
+def expected(model, first: str, second: str) -> float:
+    encoded = bert_tokenizer()(first, second, return_tensors="pt")
+    if model.config.type_vocab_size == 1:
+        encoded.pop("token_type_ids")
+    return torch.sigmoid(model(**encoded).logits[0, 0]).item()
+
+
+def test_cross_encoders_match_transformers(cross_encoder):
+    model, path = cross_encoder
+    llm = LLM(path)
+    assert llm.llm_engine.is_cross_encoder and llm.llm_engine.runner_type == "pooling"
+    # One query against many documents, then two lists pairwise.
+    for first, second in ((QUERY, DOCUMENTS), (DOCUMENTS, DOCUMENTS[::-1])):
+        outputs = llm.score(first, second, use_tqdm=False)
+        firsts = [first] * len(second) if isinstance(first, str) else first
+        want = [expected(model, a, b) for a, b in zip(firsts, second, strict=True)]
+        assert [o.outputs.score for o in outputs] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match="give one text_1, or as many as text_2"):
+        llm.score(DOCUMENTS[:2], DOCUMENTS, use_tqdm=False)
+    with pytest.raises(ValueError, match="cross-encoder"):
+        llm.embed("a cat", use_tqdm=False)
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
+
+
+def test_an_embedding_model_scores_by_cosine(tiny_model_dir):
+    llm = LLM(tiny_model_dir("qwen3"), runner="pooling")
+    texts = ["a first text", "something else entirely", "a first text, nearly"]
+    vectors = [torch.tensor(o.outputs.embedding) for o in llm.embed(texts, use_tqdm=False)]
+    scores = [o.outputs.score for o in llm.score(texts[0], texts, use_tqdm=False)]
+    want = [torch.nn.functional.cosine_similarity(vectors[0], v, dim=0).item() for v in vectors]
+    assert scores == pytest.approx(want, abs=1e-5)
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served_cross_encoder")
+    tiny_cross_encoder("bert").save_pretrained(path)
+    bert_tokenizer().save_pretrained(path)
+    srv = ServerProcess([str(path), "--served-model-name", MODEL_NAME]).wait_ready()
+    yield srv
+    srv.close()
+
+
+def post(server, path, body):
+    return request(server.url + path, "POST", body)
+
+
+def test_score_and_rerank_endpoints(server):
+    model = tiny_cross_encoder("bert")
+    want = [expected(model, QUERY, doc) for doc in DOCUMENTS]
+    for path in ("/score", "/v1/score"):
+        status, body = post(
+            server, path, {"model": MODEL_NAME, "text_1": QUERY, "text_2": DOCUMENTS}
+        )
+        assert status == 200, body
+        assert [d["index"] for d in body["data"]] == list(range(len(DOCUMENTS)))
+        assert [d["score"] for d in body["data"]] == pytest.approx(want, abs=1e-5)
+        assert body["usage"]["prompt_tokens"] > 0
+    best_first = sorted(range(len(DOCUMENTS)), key=lambda i: want[i], reverse=True)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        status, body = post(server, path, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2})
+        assert status == 200, body
+        assert [r["index"] for r in body["results"]] == best_first[:2]
+        top = body["results"][0]
+        assert top["document"]["text"] == DOCUMENTS[best_first[0]]
+        assert top["relevance_score"] == pytest.approx(want[best_first[0]], abs=1e-5)
+    status, body = post(server, "/rerank", {"query": QUERY, "documents": DOCUMENTS})
+    assert len(body["results"]) == len(DOCUMENTS)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, 400, "text_2"),
+        ("/score", {"text_1": "a", "text_2": "the " * 200}, 400, "truncate_prompt_tokens"),
+        ("/score", {"text_1": "a", "text_2": "b", "model": "other"}, 404, "model"),
+        ("/rerank", {"query": "a", "documents": []}, 400, "documents"),
+        ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, 400, "top_n"),
+        ("/v1/embeddings", {"input": "a cat"}, 400, "model"),
+        ("/v1/completions", {"prompt": "a cat"}, 400, None),
+    ],
+)
+def test_bad_score_requests(server, path, body, status, param):
+    got, answer = post(server, path, body)
+    assert got == status, answer
+    assert answer["error"]["param"] == param
+    # A long pair is fine when truncated to the context.
+    truncated = {"text_1": "a", "text_2": "the " * 200, "truncate_prompt_tokens": 64}
+    assert post(server, "/score", truncated)[0] == 200
