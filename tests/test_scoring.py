@@ -59,6 +59,23 @@ def test_an_embedding_model_scores_by_cosine(tiny_model_dir):
     assert scores[0] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["bert", "xlm_roberta"])
+def test_classify_gives_class_probabilities(tmp_path, kind):
+    model = tiny_cross_encoder(kind, num_labels=3)
+    model.save_pretrained(tmp_path)
+    bert_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path))
+    outputs = llm.classify(DOCUMENTS, use_tqdm=False)
+    for text, out in zip(DOCUMENTS, outputs, strict=True):
+        encoded = bert_tokenizer()(text, return_tensors="pt")
+        if kind != "bert":
+            encoded.pop("token_type_ids")
+        with torch.no_grad():
+            want = torch.softmax(model(**encoded).logits[0], dim=-1).tolist()
+        assert out.outputs.num_classes == 3
+        assert out.outputs.probs == pytest.approx(want, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("served_cross_encoder")
@@ -95,6 +112,15 @@ def test_score_and_rerank_endpoints(server):
     status, body = post(server, "/rerank", {"query": QUERY, "documents": DOCUMENTS})
     assert len(body["results"]) == len(DOCUMENTS)
 
+    status, body = post(server, "/classify", {"input": DOCUMENTS[:2]})
+    assert status == 200, body
+    for item, text in zip(body["data"], DOCUMENTS[:2], strict=True):
+        encoded = bert_tokenizer()(text, return_tensors="pt")
+        with torch.no_grad():
+            prob = torch.sigmoid(model(**encoded).logits[0, 0]).item()
+        assert item["probs"] == pytest.approx([prob], abs=1e-5)
+        assert item["label"] == "LABEL_0" and item["num_classes"] == 1
+
 
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
@@ -104,6 +130,7 @@ def test_score_and_rerank_endpoints(server):
         ("/score", {"text_1": "a", "text_2": "b", "model": "other"}, 404, "model"),
         ("/rerank", {"query": "a", "documents": []}, 400, "documents"),
         ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, 400, "top_n"),
+        ("/classify", {"input": []}, 400, "input"),
         ("/v1/embeddings", {"input": "a cat"}, 400, "model"),
         ("/v1/completions", {"prompt": "a cat"}, 400, None),
     ],
@@ -115,3 +142,8 @@ def test_bad_score_requests(server, path, body, status, param):
     # A long pair is fine when truncated to the context.
     truncated = {"text_1": "a", "text_2": "the " * 200, "truncate_prompt_tokens": 64}
     assert post(server, "/score", truncated)[0] == 200
+
+
+def test_only_classifiers_classify(tiny_model_dir):
+    with pytest.raises(ValueError, match="no classification head"):
+        LLM(tiny_model_dir("qwen3"), runner="pooling").classify("a", use_tqdm=False)

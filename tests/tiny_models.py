@@ -459,16 +459,16 @@ def bert_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_cross_encoder(kind: str) -> PreTrainedModel:
-    """A one-label ``bert`` or ``xlm_roberta`` sequence classifier over :func:`bert_tokenizer`'s
-    vocabulary, every weight random."""
+def tiny_cross_encoder(kind: str, num_labels: int = 1) -> PreTrainedModel:
+    """A ``bert`` or ``xlm_roberta`` sequence classifier (one label: a cross-encoder) over
+    :func:`bert_tokenizer`'s vocabulary, every weight random."""
     sizes = dict(
         vocab_size=5 + len(BERT_WORDS),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
-        num_labels=1,
+        num_labels=num_labels,
     )
     if kind == "bert":
         model = BertForSequenceClassification(BertConfig(**sizes, max_position_embeddings=128))

@@ -193,6 +193,11 @@ class AsyncEngine:
         return self.engine.is_cross_encoder
 
     @property
+    def class_labels(self) -> dict[int, str]:
+        """A classifier's label names by class index (its config's ``id2label``)."""
+        return dict(getattr(self.engine.model.config, "id2label", None) or {})
+
+    @property
     def pooler(self) -> PoolerConfig | None:
         """How a pooling engine embeds; None where the engine generates."""
         return self.engine.pooler

@@ -15,6 +15,8 @@ from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.entrypoints.scoring import cosine, pair_token_ids, score_pairs
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
     EmbeddingRequestOutput,
     RequestOutput,
     ScoringOutput,
@@ -103,14 +105,37 @@ class LLM:
         if len(pooling_params) != len(prompts):
             raise ValueError("need one PoolingParams, or one per prompt")
         if truncate_prompt_tokens is not None:
-            if truncate_prompt_tokens < 1:
-                raise ValueError("truncate_prompt_tokens must be >= 1")
-            tokenizer = self.get_tokenizer()
-            prompts = [
-                {"prompt_token_ids": _token_ids(tokenizer, p)[-truncate_prompt_tokens:]}
-                for p in prompts
-            ]
+            prompts = self._truncated(prompts, truncate_prompt_tokens)
         return self._run(self._submit(prompts, pooling_params), use_tqdm)
+
+    def _truncated(self, prompts: Sequence[PromptType], keep: int) -> list[PromptType]:
+        """Each prompt's last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``)."""
+        if keep < 1:
+            raise ValueError("truncate_prompt_tokens must be >= 1")
+        tokenizer = self.get_tokenizer()
+        return [{"prompt_token_ids": _token_ids(tokenizer, p)[-keep:]} for p in prompts]
+
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """vLLM's ``LLM.classify``: each prompt's class probabilities (``outputs.probs``) from a
+        sequence classifier (``*ForSequenceClassification``)."""
+        if not self.llm_engine.is_cross_encoder:
+            raise ValueError("this model has no classification head (*ForSequenceClassification)")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if truncate_prompt_tokens is not None:
+            prompts = self._truncated(prompts, truncate_prompt_tokens)
+        outputs = self._run(self._submit(prompts, [PoolingParams()] * len(prompts)), use_tqdm)
+        return [
+            ClassificationRequestOutput(
+                o.request_id, o.prompt_token_ids, ClassificationOutput(o.outputs.embedding)
+            )
+            for o in outputs
+        ]
 
     def score(
         self,

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.entrypoints.openai.embeddings_protocol import (
+    ClassifyRequest,
     EmbeddingRequest,
     RerankRequest,
     ScoreRequest,
@@ -220,6 +221,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v2/rerank")
     async def do_rerank(req: RerankRequest, raw: Request) -> Response:
         return await scoring.rerank(req, raw)
+
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def do_classify(req: ClassifyRequest, raw: Request) -> Response:
+        return await scoring.classify(req, raw)
 
     def model_card(name: str) -> dict[str, Any]:
         return {

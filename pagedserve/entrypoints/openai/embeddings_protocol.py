@@ -1,6 +1,6 @@
 """The bodies of a pooling model's endpoints: ``POST /v1/embeddings`` (OpenAI's fields, vLLM's
 extras, and vLLM's chat form, which embeds a conversation as the chat template writes it), and
-vLLM's ``/score`` and ``/rerank`` (Jina's and Cohere's rerank shape)."""
+vLLM's ``/score``, ``/rerank`` (Jina's and Cohere's rerank shape) and ``/classify``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,16 @@ class RerankRequest(RequestBody):
     query: str
     documents: list[str]
     top_n: int | None = None  # None or 0: all
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class ClassifyRequest(RequestBody):
+    """vLLM's ``/classify``: each input's class probabilities."""
+
+    model: str | None = None
+    input: str | list[str]
     truncate_prompt_tokens: int | None = None
     priority: int = 0
     cache_salt: str | None = None

@@ -1,6 +1,7 @@
 """vLLM's ``POST /score`` (and ``/v1/score``) and ``/rerank`` (``/v1/rerank``, ``/v2/rerank``):
 scores of text pairs from a cross-encoder (each pair one input) or an embedding model (the
-cosine similarity of the two texts' embeddings); see :mod:`pagedserve.entrypoints.scoring`."""
+cosine similarity of the two texts' embeddings; see :mod:`pagedserve.entrypoints.scoring`);
+and ``/classify``: a sequence classifier's class probabilities for each input."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pagedserve.entrypoints.openai.embeddings_protocol import RerankRequest, ScoreRequest
+from pagedserve.entrypoints.openai.embeddings_protocol import (
+    ClassifyRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.protocol import truncated
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing, new_id
 from pagedserve.entrypoints.openai.streams import cancel_on_disconnect, last_output
 from pagedserve.entrypoints.scoring import cosine, pair_token_ids, score_pairs
@@ -66,6 +72,68 @@ class ServingScore:
 
         return await cancel_on_disconnect(raw, run)
 
+    async def classify(self, req: ClassifyRequest, raw: Request) -> Response:
+        s = self.s
+        s.check_model(req.model)
+        if not s.engine.is_cross_encoder:
+            raise bad_request(
+                "this model has no classification head (*ForSequenceClassification)",
+                param="model",
+            )
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or not all(texts):
+            raise bad_request("input must hold non-empty texts", param="input")
+        inputs = [
+            truncated(await s.tokenize(text, True), req.truncate_prompt_tokens, s.max_model_len)
+            for text in texts
+        ]
+        labels = s.engine.class_labels
+
+        async def run() -> Response:
+            data = [
+                {
+                    "index": i,
+                    "label": labels.get(max(range(len(probs)), key=probs.__getitem__)),
+                    "probs": probs,
+                    "num_classes": len(probs),
+                }
+                for i, probs in enumerate(await self._pooled(inputs, req))
+            ]
+            num_tokens = sum(map(len, inputs))
+            body = {
+                "id": new_id("classify"),
+                "object": "list",
+                "created": int(time.time()),
+                "model": s.model_name,
+                "data": data,
+                "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+            }
+            return JSONResponse(body)
+
+        return await cancel_on_disconnect(raw, run)
+
+    async def _pooled(
+        self, inputs: list[list[int]], req: ScoreRequest | RerankRequest | ClassifyRequest
+    ) -> list[list[float]]:
+        """Each input's pooled output: its embedding, or a classifier's label scores."""
+        s = self.s
+        limit = s.max_model_len
+        for ids in inputs:
+            if len(ids) > limit:
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. However, an input "
+                    f"has {len(ids)} tokens. Please reduce the length of the input, or set "
+                    "truncate_prompt_tokens.",
+                    param="truncate_prompt_tokens",
+                    code="context_length_exceeded",
+                )
+        streams = await s.submit_all(new_id("pool"), inputs, [PoolingParams()] * len(inputs), req)
+        try:
+            return [(await last_output(stream)).outputs.embedding for stream in streams]
+        finally:
+            for stream in streams:
+                stream.abort()
+
     async def _scores(
         self, pairs: list[tuple[str, str]], req: ScoreRequest | RerankRequest
     ) -> tuple[list[float], int]:
@@ -88,22 +156,7 @@ class ServingScore:
             inputs = [await s.tokenize(text, True) for text in texts]
             if req.truncate_prompt_tokens is not None:
                 inputs = [ids[-req.truncate_prompt_tokens :] for ids in inputs]
-        limit = s.max_model_len
-        for ids in inputs:
-            if len(ids) > limit:
-                raise bad_request(
-                    f"This model's maximum context length is {limit} tokens. However, an input "
-                    f"has {len(ids)} tokens. Please reduce the length of the input, or set "
-                    "truncate_prompt_tokens.",
-                    param="truncate_prompt_tokens",
-                    code="context_length_exceeded",
-                )
-        streams = await s.submit_all(new_id("pool"), inputs, [PoolingParams()] * len(inputs), req)
-        try:
-            vectors = [(await last_output(stream)).outputs.embedding for stream in streams]
-        finally:
-            for stream in streams:
-                stream.abort()
+        vectors = await self._pooled(inputs, req)
         num_tokens = sum(map(len, inputs))
         if cross:
             return [v[0] for v in vectors], num_tokens
