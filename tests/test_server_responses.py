@@ -212,6 +212,51 @@ def test_function_calls_and_their_outputs(client):
     assert events[-2].item.arguments == events[3].delta == call.arguments
 
 
+def test_previous_response_id_continues_a_stored_conversation(client):
+    first = greedy_response(client, instructions="Answer in one word.")
+    assert first.store is True
+    follow_up = "And of Italy?"
+    second = greedy_response(client, previous_response_id=first.id, input=follow_up)
+    assert second.previous_response_id == first.id
+    # The second turn saw the first (its input and answer, not its instructions), then its own.
+    chat = chat_answer(
+        client,
+        [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": follow_up},
+        ],
+    )
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+
+    # A third turn over the streamed second one: the store holds streamed responses too.
+    events = list(
+        client.responses.create(
+            model=MODEL_NAME,
+            input="Thanks.",
+            previous_response_id=second.id,
+            max_output_tokens=8,
+            stream=True,
+        )
+    )
+    third = events[-1].response  # completed, or incomplete at 8 tokens
+    assert client.responses.retrieve(third.id).output_text == third.output_text
+
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError) as caught:
+        greedy_response(client, previous_response_id=first.id)
+    assert caught.value.body["code"] == "previous_response_not_found"
+
+    unstored = greedy_response(client, store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [

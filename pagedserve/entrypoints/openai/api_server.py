@@ -207,6 +207,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def create_response(req: ResponsesRequest, raw: Request) -> Response:
         return await responses.create(req, raw)
 
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict[str, Any]:
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        return responses.delete(response_id)
+
     @app.post("/v1/embeddings")
     async def create_embedding(req: EmbeddingRequest, raw: Request) -> Response:
         return await embedding.create(req, raw)

@@ -54,20 +54,16 @@ class ResponsesRequest(RequestBody):
         ``include``, with ``top_logprobs`` alternatives each)."""
         return "message.output_text.logprobs" in (self.include or [])
 
-    def chat_request(self) -> ChatCompletionRequest:
-        """The chat request that answers this one; a 400 for what it cannot carry."""
-        if self.previous_response_id is not None:
-            raise bad_request(
-                "responses are not stored, so previous_response_id cannot be continued; send "
-                "the conversation in input",
-                param="previous_response_id",
-            )
+    def chat_request(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """The chat request that answers this one after the conversation ``history`` (the
+        stored turns ``previous_response_id`` continues); a 400 for what it cannot carry."""
         if self.background:
             raise bad_request("background responses are not supported", param="background")
         if self.truncation not in (None, "disabled"):
             raise bad_request("only truncation 'disabled' is supported", param="truncation")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        messages.extend(self._messages())
+        messages.extend(history)
+        messages.extend(self.input_messages())
         try:
             return self._chat_request(messages)
         except ValidationError as exc:
@@ -94,7 +90,8 @@ class ResponsesRequest(RequestBody):
             user=self.user,
         )
 
-    def _messages(self) -> list[dict[str, Any]]:
+    def input_messages(self) -> list[dict[str, Any]]:
+        """``input`` as chat messages."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         if not self.input:

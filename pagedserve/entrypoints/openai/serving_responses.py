@@ -5,7 +5,9 @@ path's checks, template, tool calls and engine; the answer is written as a ``res
 or streamed as OpenAI's typed events, from ``response.created`` to ``response.completed`` (or
 ``response.incomplete`` when ``max_output_tokens`` cut it). A text answer streams as it comes;
 with tools the answer is read back into a message and ``function_call`` items once it is whole
-(as chat's ``required`` calls are), and their events go out then. Responses are not stored.
+(as chat's ``required`` calls are), and their events go out then. Finished responses are
+stored (unless ``store`` is false) for ``previous_response_id``, ``GET`` and ``DELETE``; see
+``response_store``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import EngineError, RequestStream
-from pagedserve.entrypoints.openai.errors import APIError
+from pagedserve.entrypoints.openai.errors import APIError, bad_request
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.response_store import ResponseStore
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.serving_base import (
     new_id,
@@ -42,10 +45,21 @@ _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_for
 class ServingResponses:
     def __init__(self, chat: ServingChat) -> None:
         self.chat = chat
+        self.store = ResponseStore()
 
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         s = self.chat.s
-        chat_req = req.chat_request()
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            stored = self.store.conversation(req.previous_response_id)
+            if stored is None:
+                raise bad_request(
+                    f"Previous response with id '{req.previous_response_id}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            history = stored
+        chat_req = req.chat_request(history)
         try:
             prompt_ids, params = await self.chat.prepare(chat_req)
         except APIError as exc:
@@ -55,25 +69,54 @@ class ServingResponses:
                     exc.message = name + exc.message[len(exc.param) :]
                 exc.param = name
             raise
-        job = _Job(req, self.chat, chat_req)
+        conversation = history + req.input_messages()
+        job = _Job(req, self.chat, chat_req, self._keeper(req, conversation))
         if req.stream:
             stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
             return SSEResponse(job.events(stream), stream.abort)
 
         async def run() -> Response:
             stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
-            return JSONResponse(job.response(await last_output(stream)))
+            body = job.response(await last_output(stream))
+            job.keep(body)
+            return JSONResponse(body)
 
         return await cancel_on_disconnect(raw, run)
+
+    def _keeper(
+        self, req: ResponsesRequest, conversation: list[dict[str, Any]]
+    ) -> Callable[[dict[str, Any]], None]:
+        """What a finished response is handed to: the store, unless ``store`` is false."""
+        if req.store is False:
+            return lambda _: None
+        return lambda response: self.store.save(response, conversation)
+
+    def retrieve(self, response_id: str) -> dict[str, Any]:
+        """``GET /v1/responses/{id}``: a stored response."""
+        response = self.store.get(response_id)
+        if response is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id")
+        return response
+
+    def delete(self, response_id: str) -> dict[str, Any]:
+        """``DELETE /v1/responses/{id}``."""
+        if not self.store.delete(response_id):
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id")
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 class _Job:
     """One response being written."""
 
     def __init__(
-        self, req: ResponsesRequest, chat: ServingChat, chat_req: ChatCompletionRequest
+        self,
+        req: ResponsesRequest,
+        chat: ServingChat,
+        chat_req: ChatCompletionRequest,
+        keep: Callable[[dict[str, Any]], None],
     ) -> None:
         self.req = req
+        self.keep = keep  # takes the finished response (to store it)
         self.chat = chat
         self.chat_req = chat_req
         self.model = chat.s.reported_model(req.model)
@@ -142,8 +185,8 @@ class _Job:
             "model": self.model,
             "output": output or [],
             "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": None,
-            "store": False,
+            "previous_response_id": req.previous_response_id,
+            "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
@@ -222,6 +265,7 @@ class _Job:
                 yield event(kind, **fields)
             yield event("response.output_item.done", output_index=index, item=item)
         done = self.response(final, output)
+        self.keep(done)
         yield event(f"response.{done['status']}", response=done)
 
 
