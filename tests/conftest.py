@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_utils import packaged_server
 from tiny_models import write_tiny_model
 from transformers import AutoModelForCausalLM
 
 from pagedserve import SamplingParams
-from pagedserve.engine.llm_engine import resolve_device, resolve_dtype
+from pagedserve.engine.devices import resolve_device, resolve_dtype
 from pagedserve.model_path import packaged_model_path
 from pagedserve.outputs import RequestOutput
 from pagedserve.tokenizer import load_tokenizer
@@ -82,3 +83,18 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
         return made[kind]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The packaged SmolLM2 served for one test module (``server_utils.packaged_server``); a
+    module that serves something else defines its own ``server``."""
+    srv = packaged_server()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An ``openai`` client of the module's ``server``."""
+    return server.client()

@@ -8,36 +8,12 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import sentence_transformers_dir
-from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+from tiny_models import sentence_transformers_dir, tiny_encoder
 
 from pagedserve import LLM
 from pagedserve.model.registry import MODEL_REGISTRY
 
-SIZES = dict(
-    vocab_size=49152,  # SmolLM2's tokenizer
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-)
 TEXTS = ["a long input, longer than one step's budget of 32 tokens " * 4, "short", "x y z"]
-
-
-def tiny_encoder(kind: str) -> torch.nn.Module:
-    if kind == "bert":
-        model = BertModel(BertConfig(**SIZES, max_position_embeddings=128))
-    else:  # positions counted from pad_token_id + 1, one token type
-        config = XLMRobertaConfig(
-            **SIZES, max_position_embeddings=130, pad_token_id=1, type_vocab_size=1
-        )
-        model = XLMRobertaModel(config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = 0.1 * torch.randn_like(param)
-            param.copy_(1 + noise if "LayerNorm.weight" in name else noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=["bert", "xlm_roberta"])

@@ -15,21 +15,8 @@ from server_utils import (
     PROMPT,
     greedy_chat,
     greedy_completion,
-    packaged_server,
     request,
 )
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = packaged_server()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
 
 
 def test_chat_completion_object(server, client):

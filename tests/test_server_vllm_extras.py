@@ -6,19 +6,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_utils import PROMPT, greedy_chat, greedy_completion, packaged_server, request
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = packaged_server()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
+from server_utils import PROMPT, greedy_chat, greedy_completion, request
 
 
 def test_prompt_logprobs(server, client):

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -40,6 +41,7 @@ from transformers import (
     Qwen3ForCausalLM,
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
 )
 
 from pagedserve.model.gguf_loader import metadata, open_gguf
@@ -459,27 +461,39 @@ def bert_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_cross_encoder(kind: str, num_labels: int = 1) -> PreTrainedModel:
-    """A ``bert`` or ``xlm_roberta`` sequence classifier (one label: a cross-encoder) over
-    :func:`bert_tokenizer`'s vocabulary, every weight random."""
+def tiny_encoder(
+    kind: str, num_labels: int | None = None, vocab_size: int = VOCAB_SIZE, scale: float = 0.1
+) -> PreTrainedModel:
+    """A ``bert`` or ``xlm_roberta`` encoder (XLM-R: positions from pad_token_id + 1, one token
+    type), with a sequence-classification head of ``num_labels`` labels if given; weights random
+    with ``scale``, LayerNorm weights near 1."""
     sizes = dict(
-        vocab_size=5 + len(BERT_WORDS),
+        vocab_size=vocab_size,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
-        num_labels=num_labels,
     )
+    if num_labels is not None:
+        sizes["num_labels"] = num_labels
     if kind == "bert":
-        model = BertForSequenceClassification(BertConfig(**sizes, max_position_embeddings=128))
+        config = BertConfig(**sizes, max_position_embeddings=128)
+        model_class = BertModel if num_labels is None else BertForSequenceClassification
     else:
         config = XLMRobertaConfig(
             **sizes, max_position_embeddings=130, pad_token_id=1, type_vocab_size=1
         )
-        model = XLMRobertaForSequenceClassification(config)
+        model_class = XLMRobertaModel if num_labels is None else XLMRobertaForSequenceClassification
+    model = model_class(config)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = 0.3 * torch.randn_like(param)
-            param.copy_(1 + noise / 3 if "LayerNorm.weight" in name else noise)
+            noise = torch.randn_like(param)
+            param.copy_(1 + 0.1 * noise if "LayerNorm.weight" in name else scale * noise)
     return model.eval()
+
+
+def tiny_cross_encoder(kind: str, num_labels: int = 1) -> PreTrainedModel:
+    """A ``bert`` or ``xlm_roberta`` sequence classifier (one label: a cross-encoder) over
+    :func:`bert_tokenizer`'s vocabulary."""
+    return tiny_encoder(kind, num_labels, vocab_size=5 + len(BERT_WORDS), scale=0.3)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pagedserve.entrypoints.engine_options import add_switches
+
 # flag dest -> (type, help); a flag left unset keeps EngineConfig's default
 _ENGINE_FLAGS: dict[str, tuple[type, str]] = {
     "tokenizer": (str, "tokenizer path (default: the model's own)"),
@@ -25,18 +27,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None, help="model path (default: the packaged model)")
     for dest, (kind, help_text) in _ENGINE_FLAGS.items():
         group.add_argument("--" + dest.replace("_", "-"), type=kind, default=None, help=help_text)
-    group.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse the KV cache of shared prompt prefixes (default: on)",
-    )
-    group.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        default=None,
-        help="on a GPU, run decode steps without CUDA graphs",
-    )
+    add_switches(group)
     group.add_argument("--seed", type=int, default=0, help="engine and workload seed")
 
 

@@ -41,19 +41,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
     )
-    g.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse the KV cache of shared prompt prefixes (default: on)",
-    )
-    g.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        default=None,
-        help="run decode steps module by module: no CUDA graphs on a GPU, no one-call "
-        "decoder stack on the CPU",
-    )
+    add_switches(g)
     g.add_argument(
         "--chat-template", default=None, help="a chat template file (jinja2), or the template"
     )
@@ -161,6 +149,24 @@ def generating_engine(args: argparse.Namespace, chat_template: str | None) -> An
             "for /v1/embeddings, or pass --runner generate"
         )
     return engine
+
+
+def add_switches(group: argparse._ArgumentGroup) -> None:
+    """``--enable-prefix-caching`` / ``--no-enable-prefix-caching`` and ``--enforce-eager``
+    (``serve``, ``chat``, ``generate`` and the benchmarks)."""
+    group.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV cache of shared prompt prefixes (default: on)",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="run decode steps module by module: no CUDA graphs on a GPU, no one-call "
+        "decoder stack on the CPU",
+    )
 
 
 def lora_module(text: str) -> dict[str, str]:

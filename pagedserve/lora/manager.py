@@ -20,15 +20,8 @@ from torch import nn
 from pagedserve.lora.request import LoRARequest
 from pagedserve.lora.weights import LoRAState, LoRAWeights, Pair
 from pagedserve.model.layers.linear import Linear, MergedLinear
+from pagedserve.model.llama import STACKED
 
-# A checkpoint's separate projections inside our fused ones: name -> (fused name, shard).
-_SHARDS = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "alpha_pattern", "layer_replication")
 
 
@@ -114,7 +107,7 @@ class LoRAManager:
     def _target(self, module_name: str, path: Path) -> tuple[Linear, int]:
         """Our projection for a checkpoint's module name, and where its output starts."""
         parent, _, leaf = module_name.rpartition(".")
-        fused, shard = _SHARDS.get(leaf, (leaf, None))
+        fused, shard = STACKED.get(leaf, (leaf, None))
         try:
             module = self.model.get_submodule(f"{parent}.{fused}")
         except AttributeError:

@@ -38,7 +38,7 @@ from pagedserve.model.layers.rotary import (
 ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
 
 # Checkpoint projection name -> (fused module name, shard index).
-_STACKED = {
+STACKED = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
     "v_proj": ("qkv_proj", 2),
@@ -262,7 +262,7 @@ class LlamaForCausalLM(nn.Module):
                     self._embedding_blocks = tensor_blocks
                 continue
             parent, _, leaf = name.removesuffix(".weight").rpartition(".")
-            fused, shard = _STACKED.get(leaf, (leaf, 0))
+            fused, shard = STACKED.get(leaf, (leaf, 0))
             module = self.get_submodule(f"{parent}.{fused}") if parent else getattr(self, leaf)
             if isinstance(module, Linear):
                 module.set_quantized(shard, tensor_blocks)
@@ -288,8 +288,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             module_path, _, param_name = name.rpartition(".")
             parent, _, leaf = module_path.rpartition(".")
-            if leaf in _STACKED:
-                fused, shard = _STACKED[leaf]
+            if leaf in STACKED:
+                fused, shard = STACKED[leaf]
                 module = self.get_submodule(f"{parent}.{fused}")
                 module.load_shard(shard, param_name, tensor)
                 piece = (f"{parent}.{fused}.{param_name}", shard)

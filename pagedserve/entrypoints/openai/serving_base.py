@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import jinja2
 
@@ -37,6 +37,16 @@ def new_id(prefix: str, sep: str = "-") -> str:
     """A unique id: ``chatcmpl-...`` for chat and completions, ``resp_...`` (``sep="_"``) for the
     Responses API's objects, as OpenAI writes them."""
     return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
+class ChatFields(Protocol):
+    """The fields of a request that carries a conversation (chat, /tokenize, embeddings)."""
+
+    messages: Any
+    add_generation_prompt: bool
+    continue_final_message: bool
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any] | None
 
 
 class OpenAIServing:
@@ -195,17 +205,14 @@ class OpenAIServing:
             self.tokenizer.encode, text, add_special_tokens=add_special_tokens
         )
 
-    def render_chat(
-        self,
-        messages: list[ChatMessage],
-        add_generation_prompt: bool,
-        continue_final_message: bool,
-        chat_template: str | None,
-        chat_template_kwargs: dict[str, Any] | None,
-        tools: list[dict[str, Any]] | None = None,
-    ) -> str:
-        """The conversation as prompt text, through the model's (or the given) chat template,
-        which also sees ``tools`` (templates of tool-calling models list them for the model)."""
+    def render_chat(self, req: ChatFields, tools: list[dict[str, Any]] | None = None) -> str:
+        """A request's conversation as prompt text, through the model's (or the request's)
+        chat template, which also sees ``tools`` (templates of tool-calling models list them
+        for the model)."""
+        messages, chat_template = req.messages, req.chat_template
+        add_generation_prompt = req.add_generation_prompt
+        continue_final_message = req.continue_final_message
+        chat_template_kwargs = req.chat_template_kwargs
         if not messages:
             raise bad_request("messages must contain at least one message", param="messages")
         if add_generation_prompt and continue_final_message:

@@ -42,14 +42,7 @@ class ServingChat:
         s.check_model(req.model)
         req.resolve_tools(s.tool_parser)
         req.refuse_unsupported()
-        text = s.render_chat(
-            req.messages,
-            req.add_generation_prompt,
-            req.continue_final_message,
-            req.chat_template,
-            req.chat_template_kwargs,
-            req.tools,
-        )
+        text = s.render_chat(req, req.tools)
         prompt_ids = req.truncated(await s.tokenize(text, req.add_special_tokens), s.max_model_len)
         params = s.sampling_params(
             req,

@@ -69,13 +69,7 @@ class ServingEmbedding:
         if req.messages is not None:
             if req.input is not None:
                 raise bad_request("give either input or messages, not both", param="messages")
-            text = s.render_chat(
-                req.messages,
-                req.add_generation_prompt,
-                req.continue_final_message,
-                req.chat_template,
-                req.chat_template_kwargs,
-            )
+            text = s.render_chat(req)
             return [await s.tokenize(text, bool(req.add_special_tokens))]
         add_special = req.add_special_tokens is not False
         token_ids = []

@@ -17,13 +17,7 @@ class ServingTokenize:
         s = self.s
         s.check_model(req.model)
         if req.messages is not None:
-            text = s.render_chat(
-                req.messages,
-                req.add_generation_prompt,
-                req.continue_final_message,
-                req.chat_template,
-                req.chat_template_kwargs,
-            )
+            text = s.render_chat(req)
             add_special = False if req.add_special_tokens is None else req.add_special_tokens
         elif req.prompt is not None:
             text = req.prompt
