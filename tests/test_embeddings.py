@@ -3,6 +3,7 @@ against transformers' final hidden states of the same tiny Qwen3 decoder, pooled
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -15,6 +16,9 @@ from server_utils import MODEL_NAME, ServerProcess, request
 from tiny_models import sentence_transformers_dir, tiny_hf_model
 
 from pagedserve import LLM, PoolingParams
+from pagedserve.bench.datasets import random_text_requests
+from pagedserve.bench.serve import run_benchmark
+from pagedserve.bench.serve_metrics import compute_metrics, format_report
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. " * 6,  # 60 tokens: chunked at 32 a step
@@ -268,3 +272,16 @@ def test_an_embedding_server_scores_by_cosine(server):
     status, ranked = post(server, {"query": texts[0], "documents": texts[1:]}, "/v1/rerank")
     assert status == 200
     assert ranked["results"][0]["index"] == max((1, 0), key=lambda i: want[i + 1])
+
+
+def test_bench_serve_measures_an_embedding_server(server, smollm2_tokenizer):
+    requests = random_text_requests(smollm2_tokenizer, 6, 20, 1, 0, seed=3)
+    results, duration, model = asyncio.run(
+        run_benchmark(server.url, requests, smollm2_tokenizer, endpoint="embeddings")
+    )
+    assert model == MODEL_NAME and duration > 0
+    assert all(r.success and r.latency > 0 and r.output_tokens == 0 for r in results)
+    metrics = compute_metrics(results, duration, [99])
+    assert metrics["total_input_tokens"] == sum(r.prompt_len for r in results) > 0
+    report = format_report(metrics, [99], float("inf"), None, only_e2el=True)
+    assert "E2EL" in report and "TTFT" not in report

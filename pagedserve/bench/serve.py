@@ -1,6 +1,7 @@
 """``pagedserve bench serve``: a load generator for any OpenAI-compatible server (ours, vLLM,
 llama.cpp) that streams every request and reports throughput and TTFT / TPOT / ITL / E2EL, as
-``vllm bench serve`` does.
+``vllm bench serve`` does. ``--endpoint embeddings`` sends each prompt to ``/v1/embeddings``
+instead (one input a request, not streamed) and reports input throughput and E2EL.
 
 Requests arrive as a Poisson process at ``--request-rate`` (``inf``: all at once), optionally
 capped at ``--max-concurrency`` in flight. Output tokens are counted from the usage chunk that
@@ -37,7 +38,11 @@ from pagedserve.bench.serve_metrics import (
 )
 from pagedserve.bench.workload_args import add_workload_args
 
-_ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+_ENDPOINTS = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "embeddings": "/v1/embeddings",
+}
 _TIMEOUT = aiohttp.ClientTimeout(total=6 * 3600)
 
 
@@ -47,7 +52,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint",
         default="completions",
-        help="completions or chat (or a path such as /v1/chat/completions)",
+        help="completions, chat or embeddings (or a path such as /v1/chat/completions)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -92,6 +97,10 @@ class Target:
     chat: bool
     ignore_eos: bool
     temperature: float | None
+
+    @property
+    def embeddings(self) -> bool:
+        return self.url.endswith("/embeddings")
 
 
 def _endpoint_path(endpoint: str) -> str:
@@ -144,6 +153,8 @@ async def send_request(
 ) -> RequestResult:
     """Stream one request and time its chunks."""
     assert isinstance(request.prompt, str)
+    if target.embeddings:
+        return await _send_embedding_request(session, target, request)
     result = RequestResult(prompt_len=request.prompt_len)
     payload = _payload(target, request.prompt, request.expected_output_len)
     usage_tokens = None
@@ -185,6 +196,30 @@ async def send_request(
         usage_tokens = len(tokenizer.encode(result.generated_text, add_special_tokens=False))
     result.output_tokens = int(usage_tokens)
     result.success = True
+    return result
+
+
+async def _send_embedding_request(
+    session: aiohttp.ClientSession, target: Target, request: SampleRequest
+) -> RequestResult:
+    """One prompt's embedding; its latency is the whole request's."""
+    result = RequestResult(prompt_len=request.prompt_len)
+    payload = {"model": target.model, "input": request.prompt, "encoding_format": "float"}
+    start = time.perf_counter()
+    try:
+        async with session.post(target.url, json=payload) as response:
+            body = await response.json(content_type=None)
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {json.dumps(body)[:500]}"
+                return result
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.latency = result.ttft = time.perf_counter() - start
+    result.prompt_len = (body.get("usage") or {}).get("prompt_tokens", result.prompt_len)
+    result.success = bool(body.get("data"))
+    if not result.success:
+        result.error = f"no embedding in {json.dumps(body)[:500]}"
     return result
 
 
@@ -292,7 +327,11 @@ def main(args: argparse.Namespace) -> None:
         )
     )
     metrics = compute_metrics(results, duration, percentiles)
-    print(format_report(metrics, percentiles, args.request_rate, args.max_concurrency))
+    embeddings = _endpoint_path(args.endpoint).endswith("/embeddings")
+    report = format_report(
+        metrics, percentiles, args.request_rate, args.max_concurrency, only_e2el=embeddings
+    )
+    print(report)
     errors = [r.error for r in results if not r.success]
     if errors:
         print(f"first error: {errors[0]}")

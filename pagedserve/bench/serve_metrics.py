@@ -89,7 +89,10 @@ def format_report(
     percentiles: list[float],
     request_rate: float,
     max_concurrency: int | None,
+    only_e2el: bool = False,
 ) -> str:
+    """vLLM's report; ``only_e2el`` for an embeddings run, whose requests have only an
+    end-to-end latency."""
     lines = [
         " Serving Benchmark Result ".center(_WIDTH, "="),
         _line("Successful requests:", metrics["completed"]),
@@ -107,6 +110,8 @@ def format_report(
         _line("Total token throughput (tok/s):", metrics["total_token_throughput"]),
     ]
     for name, (title, label) in _LATENCY_METRICS.items():
+        if only_e2el and name != "e2el":
+            continue
         lines.append(f" {title} ".center(_WIDTH, "-"))
         lines.append(_line(f"Mean {label} (ms):", metrics[f"mean_{name}_ms"]))
         lines.append(_line(f"Median {label} (ms):", metrics[f"median_{name}_ms"]))
