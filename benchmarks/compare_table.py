@@ -23,7 +23,18 @@ ROWS = [
     ("", "prefill", "median_ttft_ms", "ms TTFT p50", None, False),
     ("offline 64 x 128/128", "offline", "output_tokens_per_second", "tok/s", 1.2, True),
     ("", "offline", "tokens_per_second", "total tok/s", None, True),
+    (
+        "embed 256 at once, 128 in",
+        "embed-burst",
+        "total_token_throughput",
+        "input tok/s",
+        None,
+        True,
+    ),
+    ("", "embed-burst", "median_e2el_ms", "ms E2EL p50", None, False),
+    ("embed 1 at a time, 128 in", "embed-single", "median_e2el_ms", "ms E2EL p50", None, False),
 ]
+OPTIONAL = ("embed-burst", "embed-single")  # rows shown only when the run measured them
 
 _THROUGHPUT_LINE = re.compile(
     r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s"
@@ -71,6 +82,8 @@ def table(out: Path) -> str:
     ]
     for label, tag, key, unit, target, higher in ROWS:
         a, b = _value(out, "vllm", tag, key), _value(out, "ours", tag, key)
+        if tag in OPTIONAL and a is None and b is None:
+            continue
         ratio = _ratio(b, a)
         goal = "-" if target is None else f"{'>=' if higher else '<='} {target:g}"
         met = "-"
@@ -84,7 +97,7 @@ def table(out: Path) -> str:
     failed = [
         f"{who}-{tag}: {r['failed']} failed"
         for who in ("vllm", "ours", "llamacpp")
-        for tag in ("burst", "single", "prefill")
+        for tag in ("burst", "single", "prefill", *OPTIONAL)
         if (r := load(out, who, tag)) and r.get("failed")
     ]
     if failed:

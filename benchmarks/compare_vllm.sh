@@ -11,7 +11,10 @@
 # Usage: benchmarks/compare_vllm.sh            (about 5-10 minutes on 2 cores)
 # Env:   PEERS        where vLLM and the models are (default: peers/ beside this checkout)
 #        OUT          folder for the raw results (default: /tmp/compare_vllm.DATE)
-#        ONLY         "serve" or "offline" to run half of it
+#        ONLY         "serve", "offline" or "embed" to run that part alone
+#        EMBED        1: also serve both as embedding models (vLLM: --runner pooling --convert
+#                     embed; ours: --runner pooling; last-token pooling, normalized) and
+#                     measure /v1/embeddings (no target in issue 4)
 #        VLLM_CLIENT  1: also run vLLM's own `vllm bench serve` on workload 1 against both servers
 #        LLAMACPP     1: also serve llama.cpp (2 threads, 64 slots sharing one KV cache), last
 #        OURS_ARGS    extra engine flags for pagedserve, e.g. "--kv-cache-dtype float16" (the
@@ -24,6 +27,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-$(cd "$ROOT/.." && pwd)/peers}
 OUT=${OUT:-/tmp/compare_vllm.$(date +%Y%m%d-%H%M%S)}
 ONLY=${ONLY:-all}
+EMBED=${EMBED:-0}
+[ "$ONLY" != embed ] || EMBED=1
 VLLM_CLIENT=${VLLM_CLIENT:-0}
 LLAMACPP=${LLAMACPP:-0}
 DTYPE=${DTYPE:-float32}
@@ -135,7 +140,16 @@ serving_workloads() {
   fi
 } | tee "$OUT/machine.txt"
 
-if [ "$ONLY" != offline ]; then
+# Embeddings: 256 inputs of 128 tokens at once, then 32 one at a time.
+embedding_workloads() {
+  local who=$1 port=$2
+  bench_serve "$who-embed-burst" "$port" --endpoint embeddings --num-prompts 256 \
+    --input-len 128 --output-len 1 --seed 5
+  bench_serve "$who-embed-single" "$port" --endpoint embeddings --num-prompts 32 \
+    --input-len 128 --output-len 1 --max-concurrency 1 --seed 6
+}
+
+if [ "$ONLY" = all ] || [ "$ONLY" = serve ]; then
   echo "## vLLM serve (tuned), port $VLLM_PORT"
   start_server "$VLLM_PORT" "$OUT/vllm-server.log" "${VLLM_ENV[@]}" "$VLLM" serve "$HF_MODEL" \
     --dtype "$DTYPE" --port "$VLLM_PORT" --max-model-len 2048
@@ -159,7 +173,7 @@ if [ "$ONLY" != offline ]; then
   fi
 fi
 
-if [ "$ONLY" != serve ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = offline ]; then
   echo "## offline 64 x 128/128: vLLM (tuned)"
   echo "vllm-offline $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
   "${VLLM_ENV[@]}" "$VLLM" bench throughput --model "$HF_MODEL" --dtype "$DTYPE" --max-model-len 2048 \
@@ -170,6 +184,19 @@ if [ "$ONLY" != serve ]; then
   "$PAGEDSERVE" bench throughput --num-prompts 64 --input-len 128 --output-len 128 --seed 4 \
     "${DTYPE_ARGS[@]}" "${OURS_ARGS[@]}" --output-json "$OUT/ours-offline.json" 2>&1 | tee "$OUT/ours-offline.txt" \
     | grep -E '^(Throughput|Total num)'
+fi
+
+if [ "$EMBED" = 1 ]; then
+  echo "## vLLM serve (tuned) as an embedding model, port $VLLM_PORT"
+  start_server "$VLLM_PORT" "$OUT/vllm-embed-server.log" "${VLLM_ENV[@]}" "$VLLM" serve "$HF_MODEL" \
+    --dtype "$DTYPE" --port "$VLLM_PORT" --max-model-len 2048 --runner pooling --convert embed
+  embedding_workloads vllm "$VLLM_PORT"
+  stop_server
+  echo "## pagedserve serve --runner pooling, port $OUR_PORT"
+  start_server "$OUR_PORT" "$OUT/ours-embed-server.log" "$PAGEDSERVE" serve --port "$OUR_PORT" \
+    --runner pooling "${DTYPE_ARGS[@]}" "${OURS_ARGS[@]}"
+  embedding_workloads ours "$OUR_PORT"
+  stop_server
 fi
 
 "$PY" "$ROOT/benchmarks/compare_table.py" "$OUT" | tee "$OUT/table.md"

@@ -95,3 +95,15 @@ def test_missing_or_unknown_weights_are_errors(tmp_path, smollm2_tokenizer):
     with pytest.raises(ValueError, match="matches no model parameter"):
         LLM(str(path))
     assert {"BertModel", "RobertaModel", "XLMRobertaModel"} <= set(MODEL_REGISTRY)
+
+
+def test_last_token_pooling_of_an_encoder(encoder):
+    model, path = encoder
+    llm = LLM(path, pooler_config={"pooling_type": "LAST"})
+    tokenizer = llm.get_tokenizer()
+    for text, out in zip(TEXTS, llm.embed(TEXTS, use_tqdm=False), strict=True):
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids])).last_hidden_state[0, -1]
+        want = torch.nn.functional.normalize(hidden, dim=0)
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), want, atol=2e-5, rtol=0)

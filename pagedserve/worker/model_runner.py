@@ -183,9 +183,17 @@ class ModelRunner:
         """Run a pooling model's step: ``(batch index, share of its embedding)`` for each request
         whose prompt rows of this step count (see :meth:`PoolerConfig.partial`)."""
         self.kv_cache.copy_blocks(sched.block_copies)
-        input_ids, positions, meta, _ = self.prepare(sched)
-        hidden = self.model(input_ids, positions, meta)
+        input_ids, positions, meta, ending = self.prepare(sched)
         cu = meta.query_start_loc_cpu
+        encoder = getattr(self.model, "is_encoder", False)  # its layers take every row
+        if not pooler.needs_every_row and len(ending) and not encoder:
+            # Last-token pooling: the last layer computes only the rows of the prompts that end
+            # in this step (as for sampling rows), and those rows are the embeddings.
+            meta.output_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[ending] - 1)
+            meta.output_reqs = self._to_device(ending.astype(np.int64))
+            hidden = self.model(input_ids, positions, meta)
+            return [(int(i), row.float()) for i, row in zip(ending, hidden, strict=True)]
+        hidden = self.model(input_ids, positions, meta)
         pooled = []
         for i, req in enumerate(sched.requests):
             rows = hidden[cu[i] : cu[i + 1]]
