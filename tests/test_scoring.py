@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from server_utils import MODEL_NAME, ServerProcess, request
-from tiny_models import bert_tokenizer, tiny_cross_encoder
+from tiny_models import bert_tokenizer, tiny_config, tiny_cross_encoder
+from transformers import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 
 from pagedserve import LLM
 
@@ -34,7 +35,7 @@ def expected(model, first: str, second: str) -> float:
 def test_cross_encoders_match_transformers(cross_encoder):
     model, path = cross_encoder
     llm = LLM(path)
-    assert llm.llm_engine.is_cross_encoder and llm.llm_engine.runner_type == "pooling"
+    assert llm.llm_engine.is_classifier and llm.llm_engine.runner_type == "pooling"
     # One query against many documents, then two lists pairwise.
     for first, second in ((QUERY, DOCUMENTS), (DOCUMENTS, DOCUMENTS[::-1])):
         outputs = llm.score(first, second, use_tqdm=False)
@@ -43,7 +44,7 @@ def test_cross_encoders_match_transformers(cross_encoder):
         assert [o.outputs.score for o in outputs] == pytest.approx(want, abs=1e-5)
     with pytest.raises(ValueError, match="give one text_1, or as many as text_2"):
         llm.score(DOCUMENTS[:2], DOCUMENTS, use_tqdm=False)
-    with pytest.raises(ValueError, match="cross-encoder"):
+    with pytest.raises(ValueError, match="it does not embed"):
         llm.embed("a cat", use_tqdm=False)
     stats = llm.llm_engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
@@ -147,3 +148,33 @@ def test_bad_score_requests(server, path, body, status, param):
 def test_only_classifiers_classify(tiny_model_dir):
     with pytest.raises(ValueError, match="no classification head"):
         LLM(tiny_model_dir("qwen3"), runner="pooling").classify("a", use_tqdm=False)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_decoder_classifiers(tmp_path, smollm2_tokenizer, kind, num_labels):
+    """``Qwen2ForSequenceClassification`` and the like (classifiers, reward models): the score
+    head on the last token's state."""
+    config = tiny_config(kind)
+    config.num_labels, config.pad_token_id = num_labels, 2
+    model_class = {
+        "qwen2": Qwen2ForSequenceClassification,
+        "llama": LlamaForSequenceClassification,
+    }[kind]
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = 0.1 * torch.randn_like(param)
+            param.copy_(1 + noise if "norm" in name else noise)
+    model.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path))
+    assert llm.llm_engine.pooler.pooling_type == "LAST"
+    texts = ["I love this movie", "This is terrible, awful and long " * 3]
+    for text, out in zip(texts, llm.classify(texts, use_tqdm=False), strict=True):
+        ids = smollm2_tokenizer.encode(text, add_special_tokens=True)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        want = torch.sigmoid(logits) if num_labels == 1 else torch.softmax(logits, dim=-1)
+        assert out.outputs.probs == pytest.approx(want.tolist(), abs=1e-5)

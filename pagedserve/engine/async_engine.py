@@ -189,8 +189,8 @@ class AsyncEngine:
         return self.engine.model_name
 
     @property
-    def is_cross_encoder(self) -> bool:
-        return self.engine.is_cross_encoder
+    def is_classifier(self) -> bool:
+        return self.engine.is_classifier
 
     @property
     def class_labels(self) -> dict[int, str]:

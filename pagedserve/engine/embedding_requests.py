@@ -54,7 +54,7 @@ class EmbeddingRequests:
         classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.pooler = pooler
-        # A cross-encoder's head: its output is the pair's label scores, not the pooled state.
+        # A classifier's head: its output is the input's label scores, not the pooled state.
         self.classify = classify
         self.scheduler = scheduler
         self.runner = runner

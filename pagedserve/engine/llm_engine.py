@@ -180,8 +180,9 @@ class LLMEngine:
         return ids
 
     @property
-    def is_cross_encoder(self) -> bool:
-        """Whether the model scores text pairs (each output is a pair's label scores)."""
+    def is_classifier(self) -> bool:
+        """Whether the model has a classification head (``*ForSequenceClassification``): each
+        output is its input's label scores; a pair's input makes it a cross-encoder's score."""
         return self.embeddings is not None and self.embeddings.classify is not None
 
     @property

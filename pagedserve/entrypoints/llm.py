@@ -96,8 +96,11 @@ class LLM:
         prompts' order, from a model run as a pooling model (``runner="pooling"``, or a
         sentence-transformers directory). ``truncate_prompt_tokens=k`` embeds each prompt's
         last k tokens."""
-        if self.llm_engine.is_cross_encoder:
-            raise ValueError("this model is a cross-encoder: it scores text pairs (LLM.score)")
+        if self.llm_engine.is_classifier:
+            raise ValueError(
+                "this model is a classifier: it scores text pairs (LLM.score) and classifies "
+                "texts (LLM.classify), it does not embed"
+            )
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
@@ -123,7 +126,7 @@ class LLM:
     ) -> list[ClassificationRequestOutput]:
         """vLLM's ``LLM.classify``: each prompt's class probabilities (``outputs.probs``) from a
         sequence classifier (``*ForSequenceClassification``)."""
-        if not self.llm_engine.is_cross_encoder:
+        if not self.llm_engine.is_classifier:
             raise ValueError("this model has no classification head (*ForSequenceClassification)")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -149,7 +152,7 @@ class LLM:
         (``*ForSequenceClassification``), or an embedding model's cosine similarity."""
         pairs = score_pairs(data_1, data_2)
         tokenizer = self.get_tokenizer()
-        if self.llm_engine.is_cross_encoder:
+        if self.llm_engine.is_classifier:
             prompts = [
                 {"prompt_token_ids": pair_token_ids(tokenizer, a, b, truncate_prompt_tokens)}
                 for a, b in pairs

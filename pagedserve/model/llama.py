@@ -195,6 +195,8 @@ class LlamaForCausalLM(nn.Module):
 
     # Whether each q and k head is RMS-normed (over head_dim) before the rotation.
     qk_norm = False
+    # Checkpoint name prefixes of the modules outside the decoder stack.
+    heads: tuple[str, ...] = ("lm_head.",)
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -277,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
         expected = self._expected_pieces()
         loaded: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
-            if not name.startswith(("model.", "lm_head.")):
+            if not name.startswith(("model.", *self.heads)):
                 name = f"model.{name}"
             if name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -341,3 +343,30 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     64 or 80)."""
 
     qk_norm = True
+
+
+class _ScoreHead:
+    """A decoder classifier's head (transformers' ``*ForSequenceClassification``: reward models,
+    classifiers): ``score``, a bias-free linear layer on the last token's final state."""
+
+    heads = ("lm_head.", "score.")
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def classify(self, last_token: torch.Tensor) -> torch.Tensor:
+        """The label logits ``[N, labels]`` of last-token states ``[N, H]``."""
+        return self.score(last_token)
+
+
+class LlamaForSequenceClassification(_ScoreHead, LlamaForCausalLM):
+    """Llama or Mistral with a classification head (run as a pooling model)."""
+
+
+class Qwen2ForSequenceClassification(_ScoreHead, Qwen2ForCausalLM):
+    """Qwen2 with a classification head (run as a pooling model)."""
+
+
+class Qwen3ForSequenceClassification(_ScoreHead, Qwen3ForCausalLM):
+    """Qwen3 with a classification head (run as a pooling model)."""

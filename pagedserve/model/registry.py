@@ -13,7 +13,14 @@ from pagedserve.model.bert import (
     RobertaModel,
 )
 from pagedserve.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
-from pagedserve.model.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from pagedserve.model.llama import (
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+    Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
+)
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -38,6 +45,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "BertForSequenceClassification": BertForSequenceClassification,
     "RobertaForSequenceClassification": RobertaForSequenceClassification,
     "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
+    # Decoder classifiers and reward models (last-token pooling, a score head).
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "MistralForSequenceClassification": LlamaForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
@@ -67,7 +79,3 @@ def is_headless(config: Any) -> bool:
     """Whether the checkpoint is a bare decoder (``LlamaModel``...) with no lm head."""
     return not architecture_name(config).endswith(("ForCausalLM", "ForConditionalGeneration"))
 
-
-def is_cross_encoder(config: Any) -> bool:
-    """Whether the model scores text pairs (a ``*ForSequenceClassification`` encoder)."""
-    return architecture_name(config).endswith("ForSequenceClassification")

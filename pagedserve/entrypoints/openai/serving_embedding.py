@@ -38,10 +38,10 @@ class ServingEmbedding:
                 "--runner pooling to serve /v1/embeddings",
                 param="model",
             )
-        if s.engine.is_cross_encoder:
+        if s.engine.is_classifier:
             raise bad_request(
-                "this model is a cross-encoder: it scores text pairs (/score, /rerank), it does "
-                "not embed",
+                "this model is a classifier: it scores text pairs (/score, /rerank) and "
+                "classifies texts (/classify), it does not embed",
                 param="model",
             )
         try:

@@ -75,7 +75,7 @@ class ServingScore:
     async def classify(self, req: ClassifyRequest, raw: Request) -> Response:
         s = self.s
         s.check_model(req.model)
-        if not s.engine.is_cross_encoder:
+        if not s.engine.is_classifier:
             raise bad_request(
                 "this model has no classification head (*ForSequenceClassification)",
                 param="model",
@@ -146,7 +146,7 @@ class ServingScore:
                 "embedding model, started with --runner pooling",
                 param="model",
             )
-        cross = s.engine.is_cross_encoder
+        cross = s.engine.is_classifier
         if cross:
             inputs = [
                 pair_token_ids(s.tokenizer, a, b, req.truncate_prompt_tokens) for a, b in pairs
