@@ -82,6 +82,11 @@ def test_adapters_that_cannot_be_served_are_refused(tmp_path, tiny_model_dir, ad
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora is not supported"):
         llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("d", 4, str(dora)))
+    broken = tmp_path / "broken"
+    write_lora_adapter(broken, "llama", 5)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot be read"):
+        llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("b", 5, str(broken)))
     # Nothing was left queued: the engine still answers.
     assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
 

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -70,7 +71,13 @@ class LoRAManager:
             raise ValueError(
                 f"LoRA adapter {path} needs adapter_config.json and adapter_model.safetensors"
             )
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+            tensors = load_file(weights_file)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise ValueError(f"LoRA adapter {path} cannot be read: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"LoRA adapter {path}: adapter_config.json is not a JSON object")
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"LoRA adapter {path}: peft_type {config['peft_type']} is not LoRA")
         for key in _UNSUPPORTED:
@@ -78,7 +85,6 @@ class LoRAManager:
                 raise ValueError(f"LoRA adapter {path}: {key} is not supported")
         if config.get("bias", "none") != "none" or config.get("modules_to_save"):
             raise ValueError(f"LoRA adapter {path}: trained biases or modules are not supported")
-        tensors = load_file(weights_file)
         pairs: dict[Linear, list[Pair]] = {}
         for name in sorted(n for n in tensors if ".lora_A." in n):
             module_name = name.split(".lora_A.")[0].removeprefix("base_model.model.")
