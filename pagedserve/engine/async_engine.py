@@ -392,11 +392,12 @@ class AsyncEngine:
         """Abort every request the engine holds and tell their streams why."""
         error = EngineError(f"the engine failed while running this request: {exc!r}")
         ids, self._live = list(self._live), set()
-        self._call_in_loop(self._fail_streams, ids, error)
+        # Aborted first, so that a client told of the failure finds its blocks already freed.
         try:
             self.engine.abort_request(ids)
         except Exception:  # noqa: BLE001
             logger.exception("aborting the failed requests also failed")
+        self._call_in_loop(self._fail_streams, ids, error)
 
     def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
