@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import sentence_transformers_dir, tiny_encoder
+from tiny_encoders import tiny_encoder
+from tiny_models import sentence_transformers_dir
 
 from pagedserve import LLM
 from pagedserve.model.registry import MODEL_REGISTRY

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from server_utils import MODEL_NAME, ServerProcess, request
-from tiny_models import bert_tokenizer, tiny_config, tiny_cross_encoder
+from tiny_encoders import bert_tokenizer, tiny_cross_encoder
+from tiny_models import tiny_config
 from transformers import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 
 from pagedserve import LLM
