@@ -239,3 +239,30 @@ def test_built_engine_shut_down_before_start_ends_its_thread() -> None:
     thread = engine.engine.thread
     engine.shutdown()
     assert not thread.is_alive()
+
+
+def test_call_runs_on_the_engine_thread_between_steps() -> None:
+    async def main() -> None:
+        inner = ScriptedEngine(step_seconds=0.002)
+        engine = AsyncEngine(inner)
+        engine.start()
+        stream = await engine.add_request("a", [1], SamplingParams(max_tokens=50))
+
+        def on_engine_thread(e: ScriptedEngine) -> str:
+            e._check_thread()  # the same thread that steps
+            return f"{len(e.requests)} running"
+
+        assert await engine.call(on_engine_thread) == "1 running"
+
+        def fails(_: ScriptedEngine) -> None:
+            raise ValueError("refused")
+
+        with pytest.raises(ValueError, match="refused"):
+            await engine.call(fails)
+        outs = [out async for out in stream]  # the request went on meanwhile
+        assert outs[-1].finished and len(outs[-1].outputs[0].text) == 50
+        engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await engine.call(on_engine_thread)
+
+    _run(main())
