@@ -68,7 +68,7 @@ def assert_no_blocks_held(llm: LLM) -> None:
 
 
 def test_last_token_pooling_matches_transformers(qwen3_dir, decoder):
-    llm = LLM(qwen3_dir, runner="pooling", max_num_batched_tokens=32)
+    llm = LLM(qwen3_dir, dtype="float32", runner="pooling", max_num_batched_tokens=32)
     assert llm.llm_engine.runner_type == "pooling"
     outputs = llm.embed(PROMPTS, use_tqdm=False)
     assert_embeddings(llm, outputs, decoder)
@@ -94,7 +94,9 @@ def test_last_token_pooling_matches_transformers(qwen3_dir, decoder):
 def test_mean_and_cls_pooling_over_chunked_prompts(tmp_path, qwen3_dir, decoder, mode):
     key = {"MEAN": "mean_tokens", "CLS": "cls_token"}[mode]
     model = sentence_transformers_dir(qwen3_dir, tmp_path / "st", key)
-    llm = LLM(model, max_num_batched_tokens=32)  # auto: a Pooling module means pooling
+    llm = LLM(
+        model, dtype="float32", max_num_batched_tokens=32
+    )  # auto: a Pooling module means pooling
     assert llm.llm_engine.runner_type == "pooling"
     assert llm.llm_engine.pooler.pooling_type == mode
     assert_embeddings(llm, llm.embed(PROMPTS, use_tqdm=False), decoder, mode)
@@ -109,6 +111,7 @@ def test_pooler_config_overrides_and_preemption(tmp_path, qwen3_dir, decoder):
     model = sentence_transformers_dir(qwen3_dir, tmp_path / "st", "lasttoken", normalize=True)
     llm = LLM(
         model,
+        dtype="float32",
         pooler_config={"pooling_type": "mean", "normalize": False},
         max_num_batched_tokens=32,
     )
@@ -132,7 +135,7 @@ def test_pooler_config_overrides_and_preemption(tmp_path, qwen3_dir, decoder):
 
 
 def test_dimensions_need_a_matryoshka_model(tmp_path, qwen3_dir, decoder):
-    llm = LLM(qwen3_dir, runner="pooling")
+    llm = LLM(qwen3_dir, dtype="float32", runner="pooling")
     with pytest.raises(ValueError, match="Matryoshka"):
         llm.embed("hi", PoolingParams(dimensions=16), use_tqdm=False)
     assert_no_blocks_held(llm)
@@ -141,7 +144,7 @@ def test_dimensions_need_a_matryoshka_model(tmp_path, qwen3_dir, decoder):
     shutil.copytree(qwen3_dir, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [16, 32]}))
-    llm = LLM(str(model), runner="pooling")
+    llm = LLM(str(model), dtype="float32", runner="pooling")
     out = llm.embed(PROMPTS[1], PoolingParams(dimensions=16), use_tqdm=False)[0]
     hidden = expected(decoder, token_ids(llm, PROMPTS[1]), normalize=False)
     want = torch.nn.functional.normalize(hidden[:16], dim=0)
@@ -157,7 +160,7 @@ def test_a_bare_decoder_checkpoint_embeds(tmp_path, smollm2_tokenizer, decoder):
     decoder.save_pretrained(model)
     smollm2_tokenizer.save_pretrained(model)
     assert json.loads((model / "config.json").read_text())["architectures"] == ["Qwen3Model"]
-    llm = LLM(str(model))
+    llm = LLM(str(model), dtype="float32")
     assert llm.llm_engine.runner_type == "pooling"
     assert_embeddings(llm, llm.embed(PROMPTS, use_tqdm=False), decoder)
 
@@ -181,7 +184,9 @@ def test_each_runner_refuses_the_other_task(qwen3_dir):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, qwen3_dir):
     model = sentence_transformers_dir(qwen3_dir, tmp_path_factory.mktemp("st") / "m", "mean_tokens")
-    srv = ServerProcess([model, "--served-model-name", MODEL_NAME]).wait_ready()
+    srv = ServerProcess(
+        [model, "--served-model-name", MODEL_NAME, "--dtype", "float32"]
+    ).wait_ready()
     yield srv
     srv.close()
 

@@ -44,7 +44,7 @@ def check(llm: LLM, model, texts, outputs, mode: str, normalize: bool = True) ->
 def test_encoders_match_transformers(encoder):
     model, path = encoder
     # Inputs longer than the step budget still run whole: every token attends to all of them.
-    llm = LLM(path, max_num_batched_tokens=32, max_num_seqs=2)
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=32, max_num_seqs=2)
     engine = llm.llm_engine
     assert engine.runner_type == "pooling"
     assert engine.pooler.pooling_type == "CLS"  # BERT's default without sentence-transformers
@@ -57,7 +57,7 @@ def test_encoders_match_transformers(encoder):
     assert stats.prefix_cache_hits == 0
     assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
 
-    mean = LLM(path, pooler_config={"pooling_type": "MEAN", "normalize": False})
+    mean = LLM(path, dtype="float32", pooler_config={"pooling_type": "MEAN", "normalize": False})
     check(mean, model, TEXTS, mean.embed(TEXTS, use_tqdm=False), "MEAN", normalize=False)
 
 
@@ -67,7 +67,7 @@ def test_sentence_transformers_encoder(encoder, tmp_path):
     (tmp_path / "st" / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": 16, "do_lower_case": False})
     )
-    llm = LLM(st)
+    llm = LLM(st, dtype="float32")
     assert llm.llm_engine.pooler.pooling_type == "MEAN"
     assert llm.llm_engine.max_model_len == 16  # sentence-transformers' max_seq_length
     with pytest.raises(ValueError, match="maximum context length is 16"):
@@ -100,7 +100,7 @@ def test_missing_or_unknown_weights_are_errors(tmp_path, smollm2_tokenizer):
 
 def test_last_token_pooling_of_an_encoder(encoder):
     model, path = encoder
-    llm = LLM(path, pooler_config={"pooling_type": "LAST"})
+    llm = LLM(path, dtype="float32", pooler_config={"pooling_type": "LAST"})
     tokenizer = llm.get_tokenizer()
     for text, out in zip(TEXTS, llm.embed(TEXTS, use_tqdm=False), strict=True):
         ids = tokenizer.encode(text, add_special_tokens=True)

@@ -35,7 +35,7 @@ def expected(model, first: str, second: str) -> float:
 
 def test_cross_encoders_match_transformers(cross_encoder):
     model, path = cross_encoder
-    llm = LLM(path)
+    llm = LLM(path, dtype="float32")
     assert llm.llm_engine.is_classifier and llm.llm_engine.runner_type == "pooling"
     # One query against many documents, then two lists pairwise.
     for first, second in ((QUERY, DOCUMENTS), (DOCUMENTS, DOCUMENTS[::-1])):
@@ -52,7 +52,7 @@ def test_cross_encoders_match_transformers(cross_encoder):
 
 
 def test_an_embedding_model_scores_by_cosine(tiny_model_dir):
-    llm = LLM(tiny_model_dir("qwen3"), runner="pooling")
+    llm = LLM(tiny_model_dir("qwen3"), dtype="float32", runner="pooling")
     texts = ["a first text", "something else entirely", "a first text, nearly"]
     vectors = [torch.tensor(o.outputs.embedding) for o in llm.embed(texts, use_tqdm=False)]
     scores = [o.outputs.score for o in llm.score(texts[0], texts, use_tqdm=False)]
@@ -66,7 +66,7 @@ def test_classify_gives_class_probabilities(tmp_path, kind):
     model = tiny_cross_encoder(kind, num_labels=3)
     model.save_pretrained(tmp_path)
     bert_tokenizer().save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), dtype="float32")
     outputs = llm.classify(DOCUMENTS, use_tqdm=False)
     for text, out in zip(DOCUMENTS, outputs, strict=True):
         encoded = bert_tokenizer()(text, return_tensors="pt")
@@ -83,7 +83,9 @@ def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("served_cross_encoder")
     tiny_cross_encoder("bert").save_pretrained(path)
     bert_tokenizer().save_pretrained(path)
-    srv = ServerProcess([str(path), "--served-model-name", MODEL_NAME]).wait_ready()
+    srv = ServerProcess(
+        [str(path), "--served-model-name", MODEL_NAME, "--dtype", "float32"]
+    ).wait_ready()
     yield srv
     srv.close()
 
@@ -170,7 +172,7 @@ def test_decoder_classifiers(tmp_path, smollm2_tokenizer, kind, num_labels):
             param.copy_(1 + noise if "norm" in name else noise)
     model.save_pretrained(tmp_path)
     smollm2_tokenizer.save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), dtype="float32")
     assert llm.llm_engine.pooler.pooling_type == "LAST"
     texts = ["I love this movie", "This is terrible, awful and long " * 3]
     for text, out in zip(texts, llm.classify(texts, use_tqdm=False), strict=True):
