@@ -33,8 +33,13 @@ ROWS = [
     ),
     ("", "embed-burst", "median_e2el_ms", "ms E2EL p50", None, False),
     ("embed 1 at a time, 128 in", "embed-single", "median_e2el_ms", "ms E2EL p50", None, False),
+    ("copy code 1 at a time, greedy", "copy", "output_throughput", "tok/s", None, True),
+    ("", "copy", "median_tpot_ms", "ms TPOT p50", None, False),
+    ("same, ngram speculation", "copy-ngram", "output_throughput", "tok/s", None, True),
+    ("", "copy-ngram", "median_tpot_ms", "ms TPOT p50", None, False),
 ]
-OPTIONAL = ("embed-burst", "embed-single")  # rows shown only when the run measured them
+# rows shown only when the run measured them
+OPTIONAL = ("embed-burst", "embed-single", "copy", "copy-ngram")
 
 _THROUGHPUT_LINE = re.compile(
     r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s"

@@ -11,10 +11,13 @@
 # Usage: benchmarks/compare_vllm.sh            (about 5-10 minutes on 2 cores)
 # Env:   PEERS        where vLLM and the models are (default: peers/ beside this checkout)
 #        OUT          folder for the raw results (default: /tmp/compare_vllm.DATE)
-#        ONLY         "serve", "offline" or "embed" to run that part alone
+#        ONLY         "serve", "offline", "embed" or "spec" to run that part alone
 #        EMBED        1: also serve both as embedding models (vLLM: --runner pooling --convert
 #                     embed; ours: --runner pooling; last-token pooling, normalized) and
 #                     measure /v1/embeddings (no target in issue 4)
+#        SPEC         1: also serve both with and without speculative decoding by prompt lookup
+#                     (--speculative-config, ngram) and measure 16 code-copying prompts
+#                     (benchmarks/copy_prompts.py), 200 tokens each, greedy, one at a time
 #        VLLM_CLIENT  1: also run vLLM's own `vllm bench serve` on workload 1 against both servers
 #        LLAMACPP     1: also serve llama.cpp (2 threads, 64 slots sharing one KV cache), last
 #        OURS_ARGS    extra engine flags for pagedserve, e.g. "--kv-cache-dtype float16" (the
@@ -29,6 +32,9 @@ OUT=${OUT:-/tmp/compare_vllm.$(date +%Y%m%d-%H%M%S)}
 ONLY=${ONLY:-all}
 EMBED=${EMBED:-0}
 [ "$ONLY" != embed ] || EMBED=1
+SPEC=${SPEC:-0}
+[ "$ONLY" != spec ] || SPEC=1
+NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 VLLM_CLIENT=${VLLM_CLIENT:-0}
 LLAMACPP=${LLAMACPP:-0}
 DTYPE=${DTYPE:-float32}
@@ -197,6 +203,26 @@ if [ "$EMBED" = 1 ]; then
     --runner pooling "${DTYPE_ARGS[@]}" "${OURS_ARGS[@]}"
   embedding_workloads ours "$OUR_PORT"
   stop_server
+fi
+
+if [ "$SPEC" = 1 ]; then
+  "$PY" "$ROOT/benchmarks/copy_prompts.py" "$OUT/copy.jsonl" --num-prompts 16 --output-len 200
+  for variant in copy copy-ngram; do
+    spec_args=()
+    [ "$variant" = copy ] || spec_args=(--speculative-config "$NGRAM")
+    echo "## vLLM serve (tuned), $variant, port $VLLM_PORT"
+    start_server "$VLLM_PORT" "$OUT/vllm-$variant-server.log" "${VLLM_ENV[@]}" "$VLLM" serve \
+      "$HF_MODEL" --dtype "$DTYPE" --port "$VLLM_PORT" --max-model-len 2048 "${spec_args[@]}"
+    bench_serve "vllm-$variant" "$VLLM_PORT" --dataset "$OUT/copy.jsonl" --num-prompts 16 \
+      --max-concurrency 1 --temperature 0
+    stop_server
+    echo "## pagedserve serve, $variant, port $OUR_PORT"
+    start_server "$OUR_PORT" "$OUT/ours-$variant-server.log" "$PAGEDSERVE" serve --port "$OUR_PORT" \
+      "${DTYPE_ARGS[@]}" "${OURS_ARGS[@]}" "${spec_args[@]}"
+    bench_serve "ours-$variant" "$OUR_PORT" --dataset "$OUT/copy.jsonl" --num-prompts 16 \
+      --max-concurrency 1 --temperature 0
+    stop_server
+  done
 fi
 
 "$PY" "$ROOT/benchmarks/compare_table.py" "$OUT" | tee "$OUT/table.md"

@@ -44,3 +44,6 @@ class EngineConfig:
     # up to this rank, as vLLM's --enable-lora / --max-lora-rank
     enable_lora: bool = False
     max_lora_rank: int = 16
+    # Speculative decoding, as vLLM's speculative_config: {"method": "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}
+    speculative_config: dict | None = None

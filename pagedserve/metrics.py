@@ -51,6 +51,17 @@ _COUNTERS = (
         "Prompt tokens looked up in the prefix cache.",
     ),
     ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    (
+        "spec_decode_num_drafts",
+        "spec_decode_num_drafts",
+        "Sequences whose speculative drafts were checked.",
+    ),
+    ("spec_decode_num_draft_tokens", "spec_decode_num_draft_tokens", "Draft tokens checked."),
+    (
+        "spec_decode_num_accepted_tokens",
+        "spec_decode_num_accepted_tokens",
+        "Draft tokens accepted.",
+    ),
 )
 
 
@@ -74,6 +85,16 @@ class _EngineStatsCollector(Collector):
         for suffix, attr, doc in _COUNTERS:
             counter = CounterMetricFamily(PREFIX + suffix, doc, labels=["model_name"])
             counter.add_metric([self._model_name], _stat(stats, attr))
+            yield counter
+        per_pos = getattr(stats, "spec_decode_num_accepted_tokens_per_pos", ())
+        if per_pos:
+            counter = CounterMetricFamily(
+                PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by their position among the drafts.",
+                labels=["model_name", "position"],
+            )
+            for position, count in enumerate(per_pos):
+                counter.add_metric([self._model_name, str(position)], float(count))
             yield counter
 
 
@@ -168,6 +189,13 @@ class StatsLogger:
         generated = _stat(stats, "generation_tokens") - _stat(prev, "generation_tokens")
         queries = _stat(stats, "prefix_cache_queries") - _stat(prev, "prefix_cache_queries")
         hits = _stat(stats, "prefix_cache_hits") - _stat(prev, "prefix_cache_hits")
+        drafted = _stat(stats, "spec_decode_num_draft_tokens") - _stat(
+            prev, "spec_decode_num_draft_tokens"
+        )
+        accepted = _stat(stats, "spec_decode_num_accepted_tokens") - _stat(
+            prev, "spec_decode_num_accepted_tokens"
+        )
+        checks = _stat(stats, "spec_decode_num_drafts") - _stat(prev, "spec_decode_num_drafts")
         running = int(_stat(stats, "num_running"))
         waiting = int(_stat(stats, "num_waiting"))
         busy = bool(prompt or generated or running or waiting)
@@ -186,3 +214,22 @@ class StatsLogger:
             100.0 * _stat(stats, "kv_cache_usage"),
             100.0 * hits / queries if queries else 0.0,
         )
+        if drafted:
+            per_pos = [
+                (now - then) / checks
+                for now, then in zip(
+                    stats.spec_decode_num_accepted_tokens_per_pos,
+                    prev.spec_decode_num_accepted_tokens_per_pos,
+                    strict=True,
+                )
+            ]
+            logger.info(
+                "SpecDecoding metrics: Mean acceptance length: %.2f, Draft acceptance rate: "
+                "%.1f%%, Accepted: %d tokens, Drafted: %d tokens, Per-position acceptance "
+                "rate: %s",
+                1.0 + accepted / checks,
+                100.0 * accepted / drafted,
+                accepted,
+                drafted,
+                ", ".join(f"{rate:.3f}" for rate in per_pos),
+            )

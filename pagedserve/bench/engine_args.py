@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
-from pagedserve.entrypoints.engine_options import add_switches
+from pagedserve.entrypoints.engine_options import add_switches, json_object
 
 # flag dest -> (type, help); a flag left unset keeps EngineConfig's default
-_ENGINE_FLAGS: dict[str, tuple[type, str]] = {
+_ENGINE_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "tokenizer": (str, "tokenizer path (default: the model's own)"),
     "dtype": (str, "auto | float32 | bfloat16 | float16"),
     "device": (str, "auto | cpu | cuda[:N]"),
@@ -18,6 +19,10 @@ _ENGINE_FLAGS: dict[str, tuple[type, str]] = {
     "kv_cache_dtype": (str, "auto (the model's dtype) | float32 | bfloat16 | float16"),
     "max_num_seqs": (int, "most sequences in one step"),
     "max_num_batched_tokens": (int, "token budget of one step"),
+    "speculative_config": (
+        json_object,
+        'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, ...}',
+    ),
 }
 
 

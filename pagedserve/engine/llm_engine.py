@@ -15,6 +15,7 @@ from pagedserve.engine.embedding_requests import EmbeddingRequests, resolve_runn
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
 from pagedserve.engine.request import Request, RequestStatus, RequestTimes
+from pagedserve.engine.request_checks import check_prompt, check_task, check_token_ids
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.lora.request import LoRARequest
@@ -28,9 +29,11 @@ from pagedserve.sample.bad_words import bad_word_sequences
 from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
 from pagedserve.sample.structured_output import GrammarCompiler
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.spec_decode.config import SpeculativeConfig
+from pagedserve.spec_decode.ngram import NgramSpeculator
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.cpu_malloc import keep_freed_memory_in_heap
-from pagedserve.worker.kv_cache import KVCache, kv_bytes_per_token, num_blocks_for_budget
+from pagedserve.worker.kv_cache import KVCache
 from pagedserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,11 @@ class EngineStats:
     prefix_cache_hits: int
     prompt_tokens: int
     generation_tokens: int
+    # speculative decoding: sequences whose drafts were checked, their drafts, those accepted
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class LLMEngine:
@@ -55,6 +63,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        spec = None
+        if config.speculative_config is not None:
+            spec = SpeculativeConfig.parse(config.speculative_config)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -64,6 +75,8 @@ class LLMEngine:
         self.model_name = resolve_model(config.model)
         self.runner_type = resolve_runner(config.runner, self.model_name)
         pooling = self.runner_type == "pooling"
+        if pooling and spec is not None:
+            raise ValueError("speculative decoding is for generation; a pooling model embeds")
         self.model = load_model(self.model_name, self.dtype, self.device, pooling)
         if getattr(self.model, "is_encoder", False) and not pooling:
             raise ValueError(
@@ -98,34 +111,16 @@ class LLMEngine:
         if pooling:
             longest = min(longest, sentence_transformers_max_length(self.model_name) or longest)
         self.max_model_len = min(config.max_model_len or longest, longest)
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        kv_layers = 0 if encoder else hf.num_hidden_layers
-        per_token = kv_bytes_per_token(kv_layers, num_kv_heads, head_dim, self.kv_cache_dtype)
-        num_blocks = num_blocks_for_budget(
+        kv_cache = KVCache.for_model(
+            hf,
+            0 if encoder else hf.num_hidden_layers,
             config.kv_cache_memory,
-            per_token,
             config.block_size,
+            self.kv_cache_dtype,
             self.device,
             max_useful_tokens=config.max_num_seqs * self.max_model_len,
         )
-        kv_cache = KVCache(
-            kv_layers,
-            num_blocks,
-            config.block_size,
-            num_kv_heads,
-            head_dim,
-            self.kv_cache_dtype,
-            self.device,
-        )
-        logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)",
-            num_blocks,
-            config.block_size,
-            num_blocks * config.block_size,
-            num_blocks * config.block_size * per_token / (1 << 30),
-            str(self.kv_cache_dtype).removeprefix("torch."),
-        )
+        num_blocks = kv_cache.num_blocks
         capacity = num_blocks * config.block_size
         if capacity < self.max_model_len:
             logger.warning(
@@ -170,6 +165,9 @@ class LLMEngine:
                 self.pooler, self.scheduler, self.runner, self.max_model_len, classify
             )
         self.generation_tokens = 0
+        self.speculator = None
+        if spec is not None:
+            self.speculator = NgramSpeculator(spec, self.max_model_len)
 
     def _eos_token_ids(self) -> set[int]:
         ids = getattr(self.model.config, "eos_token_id", None)
@@ -211,7 +209,7 @@ class LLMEngine:
                 f"priority {priority} needs the priority scheduling policy "
                 "(--scheduling-policy priority); this engine serves in arrival order"
             )
-        self._check_task(params)
+        check_task(params, pooling=self.pooler is not None)
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -222,11 +220,11 @@ class LLMEngine:
             assert self.embeddings is not None
             if lora_request is not None:
                 raise ValueError("LoRA adapters apply to generation, not to embeddings")
-            self._check_token_ids(token_ids)
+            check_token_ids(token_ids, self.model.config.vocab_size)
             offset = self.model.rope_offset(len(token_ids))
             self.embeddings.add(request_id, token_ids, params, times, cache_salt, priority, offset)
             return
-        self._check_prompt(token_ids, params)
+        check_prompt(token_ids, params, self.model.config.vocab_size, self.max_model_len)
         lora_id = self._lora_id(lora_request)
         generator = make_generator(params.seed, self.device)
         req = Request(
@@ -248,18 +246,6 @@ class LLMEngine:
         group.sequences.append(self.outputs.new_sequence(req))
         self.groups[request_id] = group
         self.scheduler.add(req)
-
-    def _check_task(self, params: SamplingParams | PoolingParams) -> None:
-        if isinstance(params, PoolingParams) and self.pooler is None:
-            raise ValueError(
-                "this model runs for generation, not embeddings; run it with --runner pooling "
-                '(LLM(..., runner="pooling")) for embeddings'
-            )
-        if not isinstance(params, PoolingParams) and self.pooler is not None:
-            raise ValueError(
-                "this model runs as an embedding model (runner pooling): it does not generate "
-                "text; run it with --runner generate for completions"
-            )
 
     def _lora_id(self, lora_request: LoRARequest | None) -> int:
         if lora_request is None:
@@ -284,34 +270,6 @@ class LLMEngine:
                 f"LoRA adapter {name!r} is in use by {users} request(s); unload it once they finish"
             )
         return self.loras.remove(name)
-
-    def _check_token_ids(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        self._check_token_ids(token_ids)
-        vocab = self.model.config.vocab_size
-        for name, ids in (
-            ("allowed_token_ids", params.allowed_token_ids or []),
-            ("logit_bias", list(params.logit_bias or {})),
-        ):
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab})")
-        n = len(token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens; this model's maximum context length is "
-                f"{self.max_model_len} and at least one token must be generated"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"maximum context length of {self.max_model_len} tokens"
-            )
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now and free their blocks; unknown ids are ignored."""
@@ -351,29 +309,53 @@ class LLMEngine:
         if self.embeddings is not None:
             return self.embeddings.step(sched)
         step = self.runner.execute(sched)
-        logits, sample_rows = step.logits, step.sample_rows
+        logits = step.logits
         for batch_row, start, prompt_logits in step.prompt_logits:
             self._prompt_logprobs(sched.requests[batch_row], start, prompt_logits)
         for req, n in zip(sched.requests, sched.num_tokens, strict=True):
             req.num_computed_tokens += n
 
         sampling: list[Request] = []
+        rows: list[SamplingRow] = []
         row_of_logits: list[int] = []
-        for logit_row, batch_row in enumerate(sample_rows.tolist()):
+        spans: list[int] = []  # rows of each sampling sequence: 1 + its drafts
+        drafts = step.num_drafts.tolist() if step.num_drafts is not None else None
+        logit_row = 0
+        for i, batch_row in enumerate(step.sample_rows.tolist()):
             req = sched.requests[batch_row]
+            if drafts and drafts[i]:  # a row per position it checks (see NgramSpeculator)
+                sampling.append(req)
+                rows.extend(NgramSpeculator.rows(req))
+                row_of_logits.extend(range(logit_row, logit_row + drafts[i] + 1))
+                spans.append(drafts[i] + 1)
+                logit_row += drafts[i] + 1
+                continue
             seqs = [req] + self._fork(req)
             sampling.extend(seqs)
+            rows.extend(
+                SamplingRow(
+                    r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar
+                )
+                for r in seqs
+            )
             row_of_logits.extend([logit_row] * len(seqs))
+            spans.extend([1] * len(seqs))
+            logit_row += 1
         if not sampling:
             return []
         if len(row_of_logits) != logits.shape[0]:
             logits = logits[torch.tensor(row_of_logits, device=logits.device)]
-        rows = [
-            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar)
-            for r in sampling
-        ]
         result = self.sampler(logits, rows)
-        return self._process(sampling, result.token_ids, result.logprobs)
+        tokens, entries = result.token_ids, result.logprobs
+        if drafts:  # each sequence emits its accepted drafts and the token after them
+            assert self.speculator is not None
+            tokens, entries = self.speculator.emitted(sampling, spans, tokens, entries)
+        else:
+            tokens, entries = [[t] for t in tokens], [[e] for e in entries]
+        outputs = self._process(sampling, tokens, entries)
+        if self.speculator is not None:
+            self.speculator.propose(sampling, len(self.scheduler.running))
+        return outputs
 
     def _prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor) -> None:
         group = self.groups[req.request_id]
@@ -417,22 +399,26 @@ class LLMEngine:
         return children
 
     def _process(
-        self, sampling: list[Request], token_ids: list[int], logprobs: list
+        self, sampling: list[Request], token_ids: list[list[int]], logprobs: list[list]
     ) -> list[RequestOutput]:
+        """Append each sequence's new tokens (one, or more after accepted drafts) up to the
+        first that finishes it."""
         now = time.time()
         touched: dict[str, RequestGroup] = {}
-        self.generation_tokens += len(token_ids)
-        for req, token_id, entry in zip(sampling, token_ids, logprobs, strict=True):
+        for req, new_tokens, new_entries in zip(sampling, token_ids, logprobs, strict=True):
             group = self.groups[req.request_id]
             seq = group.sequences[req.index]
             if req.times.first_token_time is None:
                 req.times.first_token_time = now
             req.times.last_token_time = now
-            status = self.outputs.append(seq, token_id, entry)
-            if req.grammar is not None and status is None and _grammar_complete(req, token_id):
-                status = RequestStatus.FINISHED_STOPPED
-            if status is not None:
-                self.scheduler.finish(req, status)
+            for token_id, entry in zip(new_tokens, new_entries, strict=True):
+                self.generation_tokens += 1
+                status = self.outputs.append(seq, token_id, entry)
+                if req.grammar is not None and status is None and _grammar_complete(req, token_id):
+                    status = RequestStatus.FINISHED_STOPPED
+                if status is not None:
+                    self.scheduler.finish(req, status)
+                    break
             touched[req.request_id] = group
         outputs = []
         for request_id, group in touched.items():
@@ -457,6 +443,7 @@ class LLMEngine:
             prefix_cache_hits=s.prefix_cache_hits,
             prompt_tokens=s.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         )
 
     def reset_prefix_cache(self) -> bool:

@@ -92,6 +92,8 @@ class Request:
         self.pooled: torch.Tensor | None = None
         self.pools_every_row = False
         self.lora_id = 0  # the loaded LoRA adapter it runs with (see LoRAManager); 0: none
+        # Speculative decoding: tokens proposed to follow it, checked in its next step
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -19,6 +19,9 @@ class SchedulerOutput:
     num_tokens: list[int]
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Speculative drafts each request checks after its last token (in ``num_tokens``); None
+    # when none does
+    num_drafts: list[int] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -42,6 +45,8 @@ class Scheduler:
     (a prompt that would leave a tail of at most 1/16 of the budget runs whole instead).
     When a running sequence cannot get a block, the most recently admitted one is preempted:
     its blocks are freed and it goes back to the head of the queue to be recomputed.
+    A decoding sequence with speculative drafts runs them after its last token, as many as the
+    budget leaves room for, and none where their blocks are not free.
 
     ``policy="priority"`` (vLLM's ``--scheduling-policy priority``) orders the waiting queue by
     (``priority``, arrival), lower first, and preempts the running sequence that comes last in
@@ -97,10 +102,17 @@ class Scheduler:
         num_tokens: list[int] = []
         preempted: list[Request] = []
 
+        any_drafts = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            if req.spec_token_ids:  # a decode that checks drafts: as many as budget and blocks let
+                req.spec_token_ids = req.spec_token_ids[: budget - 1] if remaining == 1 else []
+                if not self.kv.can_allocate(req, 1 + len(req.spec_token_ids), []):
+                    req.spec_token_ids = []
+                any_drafts = any_drafts or bool(req.spec_token_ids)
+            n = self._chunk(remaining + len(req.spec_token_ids), budget)
             if n == 0:
                 break
             while not self.kv.allocate(req, n):
@@ -151,7 +163,10 @@ class Scheduler:
             self.stats.prompt_tokens += max(
                 0, min(req.num_prompt_tokens - req.num_computed_tokens, n)
             )
-        return SchedulerOutput(scheduled, num_tokens, self.kv.take_pending_copies(), preempted)
+        drafts = [len(r.spec_token_ids) for r in scheduled] if any_drafts else None
+        return SchedulerOutput(
+            scheduled, num_tokens, self.kv.take_pending_copies(), preempted, drafts
+        )
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to run for a request with ``remaining`` uncomputed tokens. A prompt that
@@ -172,6 +187,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.stats.num_preemptions += 1

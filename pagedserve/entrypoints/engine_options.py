@@ -70,7 +70,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--pooler-config",
-        type=_json_object,
+        type=json_object,
         default=None,
         help='a pooling model\'s pooler, as JSON: {"pooling_type": "LAST" | "MEAN" | "CLS", '
         '"normalize": true | false} (default: what the model directory says, else LAST '
@@ -85,10 +85,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-lora-rank", type=int, default=None, help="the highest adapter rank (default 16)"
     )
+    g.add_argument(
+        "--speculative-config",
+        type=json_object,
+        default=None,
+        help='speculative decoding by prompt lookup, as JSON: {"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
+    )
     g.add_argument("--seed", type=int, default=None, help="engine seed")
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -116,6 +123,7 @@ _ENGINE_FIELDS = (
     "pooler_config",
     "enable_lora",
     "max_lora_rank",
+    "speculative_config",
     "seed",
 )
 
@@ -172,7 +180,7 @@ def add_switches(group: argparse._ArgumentGroup) -> None:
 def lora_module(text: str) -> dict[str, str]:
     """One ``--lora-modules`` entry: ``name=path`` or vLLM's JSON ``{"name": ..., "path": ...}``."""
     if text.lstrip().startswith("{"):
-        entry = _json_object(text)
+        entry = json_object(text)
         if not isinstance(entry.get("name"), str) or not isinstance(entry.get("path"), str):
             raise argparse.ArgumentTypeError('a JSON entry needs "name" and "path"')
         return {"name": entry["name"], "path": entry["path"]}

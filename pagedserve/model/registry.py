@@ -78,4 +78,3 @@ def architecture_name(config: Any) -> str:
 def is_headless(config: Any) -> bool:
     """Whether the checkpoint is a bare decoder (``LlamaModel``...) with no lm head."""
     return not architecture_name(config).endswith(("ForCausalLM", "ForConditionalGeneration"))
-

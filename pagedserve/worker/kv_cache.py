@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -69,6 +70,37 @@ class KVCache:
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks
         self.block_size = block_size
+
+    @classmethod
+    def for_model(
+        cls,
+        hf_config: Any,
+        num_layers: int,
+        budget_gib: float | None,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_useful_tokens: int,
+    ) -> KVCache:
+        """The pools of a model's ``num_layers`` attention layers (0 for an encoder, which keeps
+        no K/V: its blocks then only count the tokens in flight), as many blocks as
+        :func:`num_blocks_for_budget` gives."""
+        hf = hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        per_token = kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+        num_blocks = num_blocks_for_budget(
+            budget_gib, per_token, block_size, device, max_useful_tokens
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)",
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            num_blocks * block_size * per_token / GIB,
+            str(dtype).removeprefix("torch."),
+        )
+        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` in every layer (copy-on-write of shared blocks)."""

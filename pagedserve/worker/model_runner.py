@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,13 +73,14 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-    def prepare(
-        self, sched: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+    def prepare(self, sched: SchedulerOutput) -> PreparedStep:
         """Flatten the step: token ids, positions, attention metadata, and which rows sample.
 
-        Returns the index (into the step's tokens) of the last token of every request whose
-        known tokens are all computed after this step: those are the rows that sample.
+        A request samples when its known tokens (and speculative drafts) are all computed after
+        this step. One that checks drafts attends as one decode per row, each row with its own
+        context length (the drafts' K/V are stored before any row attends), so that a step of
+        decodes and draft checks is still a pure decode step: the CPU decode stack and the CUDA
+        graphs take it, and every row samples.
         """
         reqs = sched.requests
         counts = np.asarray(sched.num_tokens, dtype=np.int64)
@@ -86,6 +88,7 @@ class ModelRunner:
         ids: list[int] = []
         for r, start, n in zip(reqs, starts.tolist(), counts.tolist(), strict=True):
             ids.extend(r.all_token_ids[start : start + n])
+            ids.extend(r.spec_token_ids)  # scheduled with the last known token, or empty
         cu = np.zeros(len(reqs) + 1, dtype=np.int64)
         np.cumsum(counts, out=cu[1:])
         total = int(cu[-1])
@@ -101,16 +104,33 @@ class ModelRunner:
         slots = block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         num_known = np.fromiter((r.num_tokens for r in reqs), np.int64, len(reqs))
+        drafts = None
+        if sched.num_drafts is not None:
+            drafts = np.asarray(sched.num_drafts, dtype=np.int64)
+            num_known += drafts
         sample_rows = np.nonzero(seq_lens == num_known)[0]
+        batch_rows = sample_rows
+        attn_counts, attn_cu = counts, cu
+        if drafts is not None:  # each checking request's rows become decodes of their own
+            per = np.where(drafts > 0, counts, 1)
+            entry_req = np.repeat(np.arange(len(reqs)), per)
+            split = (drafts > 0)[entry_req]
+            within = np.arange(len(entry_req)) - np.repeat(np.cumsum(per) - per, per)
+            attn_counts = np.where(split, 1, counts[entry_req])
+            seq_lens = np.where(split, starts[entry_req] + within + 1, seq_lens[entry_req])
+            block_tables = block_tables[entry_req]
+            attn_cu = np.zeros(len(entry_req) + 1, dtype=np.int64)
+            np.cumsum(attn_counts, out=attn_cu[1:])
+            sample_rows = np.nonzero(split | (seq_lens == num_known[entry_req]))[0]
 
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(cu.astype(np.int32)),
+            query_start_loc=self._to_device(attn_cu.astype(np.int32)),
             seq_lens=self._to_device(seq_lens.astype(np.int32)),
             block_tables=self._to_device(block_tables),
-            query_start_loc_cpu=cu.tolist(),
+            query_start_loc_cpu=attn_cu.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
-            max_query_len=int(counts.max()),
+            max_query_len=int(attn_counts.max()),
             max_seq_len=int(seq_lens.max()),
             block_size=bs,
         )
@@ -119,16 +139,24 @@ class ModelRunner:
         offsets = np.fromiter((r.rope_offset for r in reqs), np.int64, len(reqs))
         if offsets.any():  # longrope's long rows (see RotaryEmbedding); the slots keep positions
             positions = positions + offsets[req_of_token]
-        return input_ids, self._to_device(positions), meta, sample_rows
+        return PreparedStep(
+            input_ids,
+            self._to_device(positions),
+            meta,
+            sample_rows,
+            batch_rows,
+            cu.tolist(),
+            drafts[batch_rows] if drafts is not None else None,
+        )
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepLogits:
         """Run the step; return the logits of the sampling rows (and of prompt-logprob rows)."""
         self.kv_cache.copy_blocks(sched.block_copies)
-        input_ids, positions, meta, sample_rows = self.prepare(sched)
-        with_lora = self._set_lora_rows(sched, meta.query_start_loc_cpu)
+        step = self.prepare(sched)
+        with_lora = self._set_lora_rows(sched, step.cu)
         try:
-            return self._execute(sched, input_ids, positions, meta, sample_rows, with_lora)
+            return self._execute(sched, step, with_lora)
         finally:
             if with_lora:
                 self.lora_state.groups = []
@@ -148,15 +176,8 @@ class ModelRunner:
         ]
         return True
 
-    def _execute(
-        self,
-        sched: SchedulerOutput,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        sample_rows: np.ndarray,
-        with_lora: bool,
-    ) -> StepLogits:
+    def _execute(self, sched: SchedulerOutput, step: PreparedStep, with_lora: bool) -> StepLogits:
+        input_ids, positions, meta, sample_rows = step[:4]
         cu = meta.query_start_loc_cpu
         wants_prompt_logits = any(r.params.prompt_logprobs is not None for r in sched.requests)
         # Adapter rows are found by their index in the step: every row runs every layer.
@@ -164,10 +185,11 @@ class ModelRunner:
         if not whole:
             logits = self._graph_logits(input_ids, positions, meta, sample_rows)
             if logits is not None:
-                return StepLogits(logits, sample_rows, [])
+                return StepLogits(logits, step.batch_rows, [], step.num_drafts)
             if self.cpu_stack is not None and self.cpu_stack.applies(meta, len(sample_rows)):
                 hidden = self.cpu_stack.run(input_ids, positions, meta)  # every row samples
-                return StepLogits(self.model.compute_logits(hidden), sample_rows, [])
+                logits = self.model.compute_logits(hidden)
+                return StepLogits(logits, step.batch_rows, [], step.num_drafts)
         token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         if not whole and len(sample_rows) < cu[-1]:  # only these rows leave
             meta.output_rows = token_rows
@@ -175,15 +197,15 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         rows = hidden if meta.output_rows is not None else hidden.index_select(0, token_rows)
         logits = self.model.compute_logits(rows)
-        prompt_logits = self._prompt_logits(sched, hidden, cu) if wants_prompt_logits else []
-        return StepLogits(logits, sample_rows, prompt_logits)
+        prompt_logits = self._prompt_logits(sched, hidden, step.cu) if wants_prompt_logits else []
+        return StepLogits(logits, step.batch_rows, prompt_logits, step.num_drafts)
 
     @torch.inference_mode()
     def pool(self, sched: SchedulerOutput, pooler: PoolerConfig) -> list[tuple[int, torch.Tensor]]:
         """Run a pooling model's step: ``(batch index, share of its embedding)`` for each request
         whose prompt rows of this step count (see :meth:`PoolerConfig.partial`)."""
         self.kv_cache.copy_blocks(sched.block_copies)
-        input_ids, positions, meta, ending = self.prepare(sched)
+        input_ids, positions, meta, ending = self.prepare(sched)[:4]
         cu = meta.query_start_loc_cpu
         encoder = getattr(self.model, "is_encoder", False)  # its layers take every row
         if not pooler.needs_every_row and len(ending) and not encoder:
@@ -239,12 +261,27 @@ class ModelRunner:
         return prompt_logits
 
 
+class PreparedStep(NamedTuple):
+    """A step flattened for the model (see :meth:`ModelRunner.prepare`)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: np.ndarray  # the attention entries whose last row samples
+    batch_rows: np.ndarray  # the batch index of each request that samples
+    cu: list[int]  # where each request's rows start in the step, and the end
+    num_drafts: np.ndarray | None  # per sampling request, the drafts it checks; None: none
+
+
 @dataclass
 class StepLogits:
-    """A step's logits: one row per sampling request (``sample_rows`` are their batch indices),
+    """A step's logits: a row per sampling request (``sample_rows`` are their batch indices),
     and for requests that asked for prompt logprobs, ``(batch index, first position, logits)``
     of the prompt positions computed in this step (position p predicts prompt token p + 1)."""
 
     logits: torch.Tensor
     sample_rows: np.ndarray
     prompt_logits: list[tuple[int, int, torch.Tensor]]
+    # Per sampling request, its speculative drafts: it has that many rows more, one per
+    # position it checks, in order (None: no drafts in the step)
+    num_drafts: np.ndarray | None = None
