@@ -47,3 +47,13 @@ class EngineConfig:
     # Speculative decoding, as vLLM's speculative_config: {"method": "ngram",
     # "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}
     speculative_config: dict | None = None
+    # On a GPU: the share of its memory for weights and KV cache together (vLLM's); None: the
+    # KV cache takes 85% of what is free once the weights are in. The CPU's budget is
+    # kv_cache_memory.
+    gpu_memory_utilization: float | None = None
+    # False: every prompt runs whole in one step (the step budget grows to max_model_len)
+    enable_chunked_prefill: bool = True
+    # vLLM's: one device only here (1), and no code from a model's directory ever runs
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    trust_remote_code: bool = False

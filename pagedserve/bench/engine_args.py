@@ -19,6 +19,7 @@ _ENGINE_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "kv_cache_dtype": (str, "auto (the model's dtype) | float32 | bfloat16 | float16"),
     "max_num_seqs": (int, "most sequences in one step"),
     "max_num_batched_tokens": (int, "token budget of one step"),
+    "gpu_memory_utilization": (float, "on a GPU: its share for weights and KV cache"),
     "speculative_config": (
         json_object,
         'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, ...}',

@@ -7,6 +7,19 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_one_device(tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """vLLM's parallel sizes: 1 is all pagedserve runs."""
+    for name, value in (
+        ("tensor_parallel_size", tensor_parallel_size),
+        ("pipeline_parallel_size", pipeline_parallel_size),
+    ):
+        if value != 1:
+            raise ValueError(
+                f"{name} {value}: pagedserve runs one model on one device (the CPU or one GPU); "
+                "run one server per device behind a load balancer instead"
+            )
+
+
 def resolve_device(name: str) -> torch.device:
     """The device to run on: ``auto`` is the GPU when PyTorch sees one (as vLLM picks), else the
     CPU."""

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.devices import resolve_device, resolve_dtype, resolve_kv_cache_dtype
+from pagedserve.engine.devices import (
+    check_one_device,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+)
 from pagedserve.engine.embedding_requests import EmbeddingRequests, resolve_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
@@ -63,6 +68,12 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        check_one_device(config.tensor_parallel_size, config.pipeline_parallel_size)
+        if config.trust_remote_code:
+            logger.info(
+                "trust_remote_code has no effect: pagedserve loads the architectures it "
+                "implements and runs no code from the model's directory"
+            )
         spec = None
         if config.speculative_config is not None:
             spec = SpeculativeConfig.parse(config.speculative_config)
@@ -119,6 +130,7 @@ class LLMEngine:
             self.kv_cache_dtype,
             self.device,
             max_useful_tokens=config.max_num_seqs * self.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization,
         )
         num_blocks = kv_cache.num_blocks
         capacity = num_blocks * config.block_size
@@ -143,13 +155,14 @@ class LLMEngine:
         caching = config.enable_prefix_caching and not encoder
         self.kv = KVCacheManager(num_blocks, config.block_size, caching)
         budget = config.max_num_batched_tokens
+        whole = encoder or not config.enable_chunked_prefill  # every prompt in one step
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
-            max(budget, self.max_model_len) if encoder else budget,
+            max(budget, self.max_model_len) if whole else budget,
             self.max_model_len,
             config.scheduling_policy,
-            chunked_prefill=not encoder,
+            chunked_prefill=not whole,
         )
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(hf.vocab_size, self.eos_token_ids)

@@ -19,6 +19,7 @@ from pagedserve.entrypoints.engine_options import (
 )
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from pagedserve.entrypoints.vllm_flags import add_vllm_flags
 
 logger = logging.getLogger("pagedserve")
 
@@ -98,11 +99,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    add_vllm_flags(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.entrypoints.openai.api_server import ServerSettings, bind_socket, serve
+    from pagedserve.entrypoints.openai.api_server import (
+        CorsSettings,
+        ServerSettings,
+        bind_socket,
+        serve,
+    )
     from pagedserve.entrypoints.openai.lora_endpoints import runtime_lora_updating
     from pagedserve.lora.request import LoRARequest
 
@@ -125,13 +132,18 @@ def run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
         max_request_body_bytes=args.max_request_body_bytes,
-        stats_interval_s=args.stats_interval,
+        stats_interval_s=0.0 if args.disable_log_stats else args.stats_interval,
         shutdown_timeout_s=args.shutdown_timeout,
         access_log=not args.disable_access_log,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         reasoning_parser=args.reasoning_parser,
         lora_modules=loras,
         allow_runtime_lora_updating=bool(args.enable_lora) and runtime_lora_updating(),
+        cors=CorsSettings(
+            args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials
+        ),
+        uvicorn_log_level=args.uvicorn_log_level,
+        root_path=args.root_path or "",
     )
     logger.info(
         "serving the model as %s", ", ".join(repr(n) for n in names + [m.lora_name for m in loras])

@@ -92,6 +92,31 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help='speculative decoding by prompt lookup, as JSON: {"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
     )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="on a GPU: the share of its memory for the weights and the KV cache together "
+        "(default: the KV cache takes 85%% of the memory free once the weights are in); "
+        "no effect on the CPU (see --kv-cache-memory)",
+    )
+    g.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="split long prompts over steps (default on); off: a prompt runs whole in one step",
+    )
+    for short, name in (("-tp", "tensor-parallel-size"), ("-pp", "pipeline-parallel-size")):
+        g.add_argument(
+            short, "--" + name, type=int, default=None, help="1 only: one model on one device"
+        )
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="accepted, no effect: only the architectures pagedserve implements load, and no "
+        "code from a model's directory runs",
+    )
     g.add_argument("--seed", type=int, default=None, help="engine seed")
 
 
@@ -124,6 +149,11 @@ _ENGINE_FIELDS = (
     "enable_lora",
     "max_lora_rank",
     "speculative_config",
+    "gpu_memory_utilization",
+    "enable_chunked_prefill",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "trust_remote_code",
     "seed",
 )
 

@@ -89,7 +89,7 @@ class NgramSpeculator:
         )
         req.spec_token_ids = drafts.tolist()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | tuple[int, ...]]:
         """The counters, by the names of :class:`EngineStats` (vLLM's metric names)."""
         return {
             "spec_decode_num_drafts": self.num_drafts,

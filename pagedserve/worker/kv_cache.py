@@ -26,21 +26,42 @@ def num_blocks_for_budget(
     block_size: int,
     device: torch.device,
     max_useful_tokens: int,
+    gpu_memory_utilization: float | None = None,
 ) -> int:
-    """How many blocks fit the budget (GiB on CPU; free memory fraction on CUDA by default).
+    """How many blocks fit the budget: ``budget_gib`` if given; else on a GPU what
+    ``gpu_memory_utilization`` of its memory leaves beside what is already held (the weights),
+    or by default a share of its free memory; on the CPU a fixed default.
 
     Never more than ``max_useful_tokens`` worth: a tiny model would otherwise get millions of
     blocks it can never fill.
     """
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if budget_gib is None:
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
+            free, total = torch.cuda.mem_get_info(device)
             # Memory PyTorch's allocator holds but no tensor uses (an earlier engine's freed
             # pools, say) is free to this engine, though the driver counts it as taken.
             free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-            budget_bytes = int(free * DEFAULT_GPU_FRACTION)
+            if gpu_memory_utilization is None:
+                budget_bytes = int(free * DEFAULT_GPU_FRACTION)
+            else:
+                held = total - free
+                budget_bytes = min(int(total * gpu_memory_utilization) - held, free)
+                if budget_bytes <= 0:
+                    raise ValueError(
+                        f"gpu_memory_utilization {gpu_memory_utilization} leaves no memory for "
+                        f"the KV cache: {held / GIB:.1f} of the GPU's {total / GIB:.1f} GiB "
+                        "are already held (the weights, other processes)"
+                    )
         else:
             budget_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
+            if gpu_memory_utilization is not None:
+                logger.info(
+                    "gpu_memory_utilization has no effect on the CPU: the KV cache takes "
+                    "kv_cache_memory GiB (%.1f by default)",
+                    DEFAULT_CPU_KV_GIB,
+                )
     else:
         budget_bytes = int(budget_gib * GIB)
     num_blocks = budget_bytes // max(1, bytes_per_token * block_size)  # 0 bytes: an encoder
@@ -81,6 +102,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         max_useful_tokens: int,
+        gpu_memory_utilization: float | None = None,
     ) -> KVCache:
         """The pools of a model's ``num_layers`` attention layers (0 for an encoder, which keeps
         no K/V: its blocks then only count the tokens in flight), as many blocks as
@@ -90,7 +112,7 @@ class KVCache:
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         per_token = kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         num_blocks = num_blocks_for_budget(
-            budget_gib, per_token, block_size, device, max_useful_tokens
+            budget_gib, per_token, block_size, device, max_useful_tokens, gpu_memory_utilization
         )
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)",

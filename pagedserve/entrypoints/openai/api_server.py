@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -60,19 +61,33 @@ def package_version() -> str:
 
 
 @dataclass
+class CorsSettings:
+    """Which browser origins may call the API (vLLM's ``--allowed-origins`` and kin; every
+    origin by default, as in vLLM)."""
+
+    allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    allow_methods: list[str] = field(default_factory=lambda: ["*"])
+    allow_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+
+
+@dataclass
 class ServerSettings:
     served_model_names: list[str]
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: str | None = None
     max_request_body_bytes: int = 4 * 1024 * 1024
-    stats_interval_s: float = 5.0
+    stats_interval_s: float = 5.0  # 0: no periodic stats line
     shutdown_timeout_s: float = 20.0
     access_log: bool = True
     tool_call_parser: str | None = None  # set: tool_choice "auto" is answered (vLLM's flags)
     reasoning_parser: str | None = None  # set: <think> text comes back as reasoning_content
     lora_modules: list[LoRARequest] = field(default_factory=list)  # served by their names
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter, /v1/unload_lora_adapter
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    uvicorn_log_level: str | None = None  # None: as the root logger
+    root_path: str = ""  # the prefix a proxy serves the API under
 
 
 class GuardMiddleware:
@@ -178,21 +193,35 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 await asyncio.sleep(settings.stats_interval_s)
                 stats_logger.log()
 
-        stats_task = asyncio.create_task(log_stats())
+        stats_task = asyncio.create_task(log_stats()) if settings.stats_interval_s > 0 else None
         try:
             yield
         finally:
-            stats_task.cancel()
+            if stats_task is not None:
+                stats_task.cancel()
             if not await engine.wait_idle(timeout=5.0):
                 logger.warning("%d request(s) still running at shutdown", engine.num_in_flight())
             engine.shutdown()
 
-    app = FastAPI(title="pagedserve", version=package_version(), lifespan=lifespan)
+    app = FastAPI(
+        title="pagedserve",
+        version=package_version(),
+        lifespan=lifespan,
+        root_path=settings.root_path,
+    )
     install_error_handlers(app)
     app.add_middleware(
         GuardMiddleware,  # type: ignore[arg-type]
         api_key=settings.api_key,
         max_body_bytes=settings.max_request_body_bytes,
+    )
+    # Outside the guard: a browser's preflight (OPTIONS) carries no API key.
+    app.add_middleware(
+        CORSMiddleware,  # type: ignore[arg-type]
+        allow_origins=settings.cors.allow_origins,
+        allow_methods=settings.cors.allow_methods,
+        allow_headers=settings.cors.allow_headers,
+        allow_credentials=settings.cors.allow_credentials,
     )
 
     @app.post("/v1/chat/completions")
@@ -342,6 +371,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(engine: AsyncEngine, settings: ServerSettings, sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM; returns after a graceful shutdown."""
     app = build_app(engine, settings)
+    if settings.uvicorn_log_level is not None:
+        level = settings.uvicorn_log_level.upper()
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).setLevel(5 if level == "TRACE" else level)
     config = uvicorn.Config(
         app,
         host=settings.host,

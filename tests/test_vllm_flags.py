@@ -1,0 +1,135 @@
+"""vLLM's launch flags and ``LLM`` arguments that scripts carry over: CORS, logging, the proxy
+path, the GPU memory share, chunked prefill on or off, and the parallel sizes (1 only)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+from urllib.parse import urlparse
+
+import pytest
+from server_utils import MODEL_NAME, REPO, ServerProcess
+
+from pagedserve import LLM, SamplingParams
+
+APP = "http://app.example"
+
+
+def call(url: str, method: str, path: str, headers: dict[str, str], body: str | None = None):
+    """One request; returns (status, headers in lower case, body)."""
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization",
+}
+
+
+def test_cors_is_open_by_default(server):
+    """As vLLM: any origin may call the API from a browser."""
+    status, headers, _ = call(
+        server.url, "OPTIONS", "/v1/chat/completions", {"Origin": APP, **PREFLIGHT}
+    )
+    assert status == 200
+    assert headers["access-control-allow-origin"] in ("*", APP)
+    status, headers, _ = call(server.url, "GET", "/v1/models", {"Origin": APP})
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+
+
+def test_server_flags(tiny_model_dir):
+    srv = ServerProcess(
+        [
+            tiny_model_dir("llama"),
+            "--served-model-name", MODEL_NAME,
+            "--api-key", "secret",
+            "--allowed-origins", f'["{APP}"]',
+            "--allow-credentials",
+            "--root-path", "/llm",
+            "-tp", "1",
+            "--trust-remote-code",
+            "--disable-log-requests",
+            "--disable-log-stats",
+            "--uvicorn-log-level", "warning",
+            "--gpu-memory-utilization", "0.9",
+            "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens", "16",
+        ]
+    ).wait_ready()  # fmt: skip
+    try:
+        # The preflight carries no API key, and is answered before the key is checked.
+        status, headers, _ = call(
+            srv.url, "OPTIONS", "/v1/completions", {"Origin": APP, **PREFLIGHT}
+        )
+        assert status == 200 and headers["access-control-allow-origin"] == APP
+        assert headers["access-control-allow-credentials"] == "true"
+        status, headers, _ = call(
+            srv.url, "OPTIONS", "/v1/completions", {"Origin": "http://other.example", **PREFLIGHT}
+        )
+        assert status == 400 and "access-control-allow-origin" not in headers
+        body = json.dumps({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3})
+        auth = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
+        status, headers, _ = call(srv.url, "POST", "/v1/completions", {"Origin": APP, **auth}, body)
+        assert status == 200 and headers["access-control-allow-origin"] == APP
+        status, _, _ = call(srv.url, "POST", "/v1/completions", {"Origin": APP}, body)
+        assert status == 401
+        status, _, docs = call(srv.url, "GET", "/openapi.json", {"Authorization": "Bearer secret"})
+        assert status == 200 and b'"/llm"' in docs  # served behind a proxy at /llm
+        # A prompt past the step budget runs whole, in one step, without chunked prefill.
+        big = json.dumps({"model": MODEL_NAME, "prompt": "word " * 60, "max_tokens": 2})
+        assert call(srv.url, "POST", "/v1/completions", auth, big)[0] == 200
+    finally:
+        srv.stop()
+    log = srv.output()
+    srv.close()
+    assert "trust_remote_code has no effect" in log
+    assert "gpu_memory_utilization has no effect on the CPU" in log
+    assert "Avg prompt throughput" not in log  # --disable-log-stats
+
+
+def test_parallel_sizes_other_than_one_are_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="one model on one device"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "pagedserve", "serve", tiny_model_dir("llama"), "-pp", "2",
+         "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "pipeline_parallel_size 2: pagedserve runs one model on one device" in (
+        done.stdout + done.stderr
+    )
+
+
+def test_engine_arguments(tiny_model_dir):
+    """vLLM's ``LLM`` keywords: accepted, and chunked prefill off runs every prompt whole."""
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
+        LLM(path, gpu_memory_utilization=1.5)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["word " * 60, "a short one"]
+    chunked = LLM(path, dtype="float32", max_num_batched_tokens=16)
+    whole = LLM(
+        path,
+        dtype="float32",
+        max_num_batched_tokens=16,
+        enable_chunked_prefill=False,
+        trust_remote_code=True,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.9,
+    )
+    scheduler = whole.llm_engine.scheduler
+    assert not scheduler.chunked_prefill
+    assert scheduler.max_num_batched_tokens == whole.llm_engine.max_model_len
+    got = [o.outputs[0].token_ids for o in whole.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in chunked.generate(prompts, params, use_tqdm=False)]
+    assert got == want
