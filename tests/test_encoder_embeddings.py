@@ -1,5 +1,5 @@
-"""BERT-style encoders (BertModel, XLMRobertaModel) as embedding models, against transformers'
-own encoders with the same random weights."""
+"""Encoders (BertModel, XLMRobertaModel, ModernBertModel) as embedding models, against
+transformers' own encoders with the same random weights."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pagedserve.model.registry import MODEL_REGISTRY
 TEXTS = ["a long input, longer than one step's budget of 32 tokens " * 4, "short", "x y z"]
 
 
-@pytest.fixture(scope="module", params=["bert", "xlm_roberta"])
+@pytest.fixture(scope="module", params=["bert", "xlm_roberta", "modernbert"])
 def encoder(request, tmp_path_factory, smollm2_tokenizer):
     model = tiny_encoder(request.param)
     path = tmp_path_factory.mktemp(request.param)

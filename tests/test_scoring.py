@@ -16,7 +16,7 @@ QUERY = "where is the cat"
 DOCUMENTS = ["the cat sat on the mat", "a dog", "what is this fish", "the mat"]
 
 
-@pytest.fixture(scope="module", params=["bert", "xlm_roberta"])
+@pytest.fixture(scope="module", params=["bert", "xlm_roberta", "modernbert"])
 def cross_encoder(request, tmp_path_factory):
     model = tiny_cross_encoder(request.param)
     path = tmp_path_factory.mktemp(request.param)
@@ -28,7 +28,7 @@ def cross_encoder(request, tmp_path_factory):
 @torch.no_grad()
 def expected(model, first: str, second: str) -> float:
     encoded = bert_tokenizer()(first, second, return_tensors="pt")
-    if model.config.type_vocab_size == 1:
+    if getattr(model.config, "type_vocab_size", 1) == 1:
         encoded.pop("token_type_ids")
     return torch.sigmoid(model(**encoded).logits[0, 0]).item()
 
@@ -61,7 +61,7 @@ def test_an_embedding_model_scores_by_cosine(tiny_model_dir):
     assert scores[0] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bert", "xlm_roberta"])
+@pytest.mark.parametrize("kind", ["bert", "xlm_roberta", "modernbert"])
 def test_classify_gives_class_probabilities(tmp_path, kind):
     model = tiny_cross_encoder(kind, num_labels=3)
     model.save_pretrained(tmp_path)

@@ -1,5 +1,5 @@
-"""Tiny random encoders for tests: BERT and XLM-R models (bare, or with a classification head)
-and a WordPiece tokenizer of a few words that encodes pairs as BERT's do."""
+"""Tiny random encoders for tests: BERT, XLM-R and ModernBERT models (bare, or with a
+classification head) and a WordPiece tokenizer of a few words that encodes pairs as BERT's do."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
+    ModernBertModel,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     XLMRobertaConfig,
@@ -48,9 +51,11 @@ def bert_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_encoder(
     kind: str, num_labels: int | None = None, vocab_size: int = VOCAB_SIZE, scale: float = 0.1
 ) -> PreTrainedModel:
-    """A ``bert`` or ``xlm_roberta`` encoder (XLM-R: positions from pad_token_id + 1, one token
-    type), with a sequence-classification head of ``num_labels`` labels if given; weights random
-    with ``scale``, LayerNorm weights near 1."""
+    """A ``bert``, ``xlm_roberta`` or ``modernbert`` encoder (XLM-R: positions from
+    pad_token_id + 1, one token type; ModernBERT: three layers, the first global, the others
+    seeing 8 tokens either side, and a classifier pooling the mean), with a
+    sequence-classification head of ``num_labels`` labels if given; weights random with
+    ``scale``, LayerNorm weights near 1."""
     sizes = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -63,6 +68,25 @@ def tiny_encoder(
     if kind == "bert":
         config = BertConfig(**sizes, max_position_embeddings=128)
         model_class = BertModel if num_labels is None else BertForSequenceClassification
+    elif kind == "modernbert":
+        sizes["num_hidden_layers"] = 3
+        config = ModernBertConfig(
+            **sizes,
+            max_position_embeddings=128,
+            local_attention=16,
+            global_attn_every_n_layers=3,
+            classifier_pooling="mean",
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+            attn_implementation="eager",
+        )
+        if num_labels is None:
+            model_class = ModernBertModel
+        else:
+            model_class = ModernBertForSequenceClassification
     else:
         config = XLMRobertaConfig(
             **sizes, max_position_embeddings=130, pad_token_id=1, type_vocab_size=1
@@ -73,7 +97,8 @@ def tiny_encoder(
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn_like(param)
-            param.copy_(1 + 0.1 * noise if "LayerNorm.weight" in name else scale * noise)
+            near_one = "LayerNorm.weight" in name or "norm.weight" in name
+            param.copy_(1 + 0.1 * noise if near_one else scale * noise)
     return model.eval()
 
 

@@ -113,7 +113,8 @@ class EmbeddingRequests:
                 continue
             assert req.pooled is not None and req.pooling is not None
             if self.classify is not None:
-                embedding = label_scores(self.classify(req.pooled[None])[0])
+                state = self.pooler.pooled_state(req.pooled, req.num_prompt_tokens)
+                embedding = label_scores(self.classify(state[None])[0])
             else:
                 embedding = self.pooler.finish(req.pooled, req.num_prompt_tokens, req.pooling)
             req.times.first_token_time = req.times.finished_time = now

@@ -75,10 +75,14 @@ class PoolerConfig:
             return rows[0].float() if start == 0 else None
         return rows[-1].float() if start + len(rows) == prompt_len else None
 
+    def pooled_state(self, pooled: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """The pooled hidden state from the accumulated :meth:`partial` results (a classifier's
+        head takes it as it is)."""
+        return pooled / prompt_len if self.pooling_type == "MEAN" else pooled
+
     def finish(self, pooled: torch.Tensor, prompt_len: int, params: PoolingParams) -> list[float]:
         """The request's embedding from its accumulated :meth:`partial` results."""
-        if self.pooling_type == "MEAN":
-            pooled = pooled / prompt_len
+        pooled = self.pooled_state(pooled, prompt_len)
         if params.dimensions is not None:
             pooled = pooled[: params.dimensions]
         normalize = self.normalize if params.normalize is None else params.normalize

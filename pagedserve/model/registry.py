@@ -21,6 +21,7 @@ from pagedserve.model.llama import (
     Qwen3ForCausalLM,
     Qwen3ForSequenceClassification,
 )
+from pagedserve.model.modernbert import ModernBertForSequenceClassification, ModernBertModel
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -45,6 +46,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "BertForSequenceClassification": BertForSequenceClassification,
     "RobertaForSequenceClassification": RobertaForSequenceClassification,
     "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
+    # ModernBERT: an encoder with rotary positions and local attention (model/modernbert.py)
+    "ModernBertModel": ModernBertModel,
+    "ModernBertForSequenceClassification": ModernBertForSequenceClassification,
     # Decoder classifiers and reward models (last-token pooling, a score head).
     "LlamaForSequenceClassification": LlamaForSequenceClassification,
     "MistralForSequenceClassification": LlamaForSequenceClassification,
