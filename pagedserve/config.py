@@ -57,3 +57,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     trust_remote_code: bool = False
+    # Set on the model's config before it loads (vLLM's hf_overrides), e.g. {"architectures":
+    # ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+    # "is_original_qwen3_reranker": true} to serve Qwen3-Reranker as a cross-encoder
+    hf_overrides: dict | None = None

@@ -7,10 +7,11 @@ import pytest
 import torch
 from server_utils import MODEL_NAME, ServerProcess, request
 from tiny_encoders import bert_tokenizer, tiny_cross_encoder
-from tiny_models import tiny_config
+from tiny_models import tiny_config, tiny_hf_model
 from transformers import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 
 from pagedserve import LLM
+from pagedserve.entrypoints.scoring import pair_token_ids
 
 QUERY = "where is the cat"
 DOCUMENTS = ["the cat sat on the mat", "a dog", "what is this fish", "the mat"]
@@ -181,3 +182,39 @@ def test_decoder_classifiers(tmp_path, smollm2_tokenizer, kind, num_labels):
             logits = model(torch.tensor([ids])).logits[0]
         want = torch.sigmoid(logits) if num_labels == 1 else torch.softmax(logits, dim=-1)
         assert out.outputs.probs == pytest.approx(want.tolist(), abs=1e-5)
+
+
+RERANKER = {
+    "architectures": ["Qwen3ForSequenceClassification"],
+    "classifier_from_token": ["no", "yes"],
+    "is_original_qwen3_reranker": True,
+}
+
+
+def test_a_causal_lm_scores_from_its_yes_and_no_logits(tiny_model_dir):
+    """vLLM's hf_overrides for Qwen3-Reranker: the score of a pair is P(yes) among the causal
+    LM's next-token logits of "no" and "yes" after it; without the two-way flag each token is a
+    label of its own."""
+    path = tiny_model_dir("qwen3")
+    hf = tiny_hf_model("qwen3")
+    llm = LLM(path, dtype="float32", hf_overrides=RERANKER)
+    assert llm.llm_engine.is_classifier
+    tokenizer = llm.get_tokenizer()
+    no, yes = tokenizer.convert_tokens_to_ids(["no", "yes"])
+
+    @torch.no_grad()
+    def next_token_logits(ids: list[int]) -> torch.Tensor:
+        return hf(torch.tensor([ids])).logits[0, -1, [no, yes]]
+
+    outputs = llm.score(QUERY, DOCUMENTS, use_tqdm=False)
+    for document, out in zip(DOCUMENTS, outputs, strict=True):
+        logits = next_token_logits(pair_token_ids(tokenizer, QUERY, document, None))
+        assert out.outputs.score == pytest.approx(torch.softmax(logits, -1)[1].item(), abs=1e-5)
+    labels = LLM(
+        path, dtype="float32", hf_overrides={**RERANKER, "is_original_qwen3_reranker": False}
+    )
+    out = labels.classify(QUERY, use_tqdm=False)[0]
+    want = torch.softmax(next_token_logits(tokenizer.encode(QUERY)), -1)
+    assert out.outputs.probs == pytest.approx(want.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="not a token of the vocabulary"):
+        LLM(path, hf_overrides={**RERANKER, "classifier_from_token": ["no", "yes-and-no-token"]})

@@ -29,7 +29,7 @@ RUNNERS = ("auto", "generate", "pooling")
 _POOLING_REQUEST = SamplingParams(max_tokens=1, detokenize=False)
 
 
-def resolve_runner(name: str, model_path: str) -> str:
+def resolve_runner(name: str, model_path: str, hf_overrides: dict | None = None) -> str:
     """``generate`` or ``pooling`` (embeddings). ``auto`` pools, as vLLM's does, for a
     sentence-transformers model directory (one whose ``modules.json`` has a Pooling module) or
     a bare decoder (``LlamaModel``, ``Qwen2Model``, ... with no lm head); else it generates."""
@@ -37,7 +37,8 @@ def resolve_runner(name: str, model_path: str) -> str:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}; got {name!r}")
     if name != "auto":
         return name
-    if has_sentence_transformers_pooler(model_path) or is_headless(load_config(model_path)):
+    config = load_config(model_path, hf_overrides)
+    if has_sentence_transformers_pooler(model_path) or is_headless(config):
         return "pooling"
     return "generate"
 

@@ -27,6 +27,7 @@ from pagedserve.lora.request import LoRARequest
 from pagedserve.model.generation_config import load_generation_config
 from pagedserve.model.loader import load_model
 from pagedserve.model.pooler import load_pooler_config, sentence_transformers_max_length
+from pagedserve.model.token_classifier import resolve_token_ids
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -84,11 +85,13 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
         self.model_name = resolve_model(config.model)
-        self.runner_type = resolve_runner(config.runner, self.model_name)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_name, config.chat_template)
+        overrides = resolve_token_ids(config.hf_overrides or {}, self.tokenizer)
+        self.runner_type = resolve_runner(config.runner, self.model_name, overrides)
         pooling = self.runner_type == "pooling"
         if pooling and spec is not None:
             raise ValueError("speculative decoding is for generation; a pooling model embeds")
-        self.model = load_model(self.model_name, self.dtype, self.device, pooling)
+        self.model = load_model(self.model_name, self.dtype, self.device, pooling, overrides)
         if getattr(self.model, "is_encoder", False) and not pooling:
             raise ValueError(
                 f"{self.model_name} is an encoder: it embeds (--runner pooling), it cannot generate"
@@ -113,7 +116,6 @@ class LLMEngine:
                 "them out get these): %s",
                 self.generation_config.sampling_defaults,
             )
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_name, config.chat_template)
         hf = self.model.config
         # An encoder keeps no K/V (see model/bert.py): its blocks only count the tokens of the
         # inputs in flight, and each input runs whole.

@@ -93,6 +93,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
     )
     g.add_argument(
+        "--hf-overrides",
+        type=json_object,
+        default=None,
+        help="JSON set on the model's config before it loads (vLLM's), e.g. "
+        "'{\"max_position_embeddings\": 4096}'",
+    )
+    g.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=None,
@@ -154,6 +161,7 @@ _ENGINE_FIELDS = (
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "trust_remote_code",
+    "hf_overrides",
     "seed",
 )
 

@@ -33,6 +33,7 @@ from pagedserve.model.layers.rotary import (
     rope_parameters,
     rotary_dim,
 )
+from pagedserve.model.token_classifier import with_score_weight
 
 # The name under which a loader hands over llama.cpp's per-frequency RoPE divisors.
 ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
@@ -358,6 +359,13 @@ class _ScoreHead:
     def classify(self, last_token: torch.Tensor) -> torch.Tensor:
         """The label logits ``[N, labels]`` of last-token states ``[N, H]``."""
         return self.score(last_token)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """A causal LM's checkpoint with ``classifier_from_token`` set: its score head is made
+        from the lm head's rows (see :mod:`pagedserve.model.token_classifier`)."""
+        if getattr(self.config, "classifier_from_token_ids", None) is not None:
+            weights = with_score_weight(weights, self.config)
+        super().load_weights(weights)  # type: ignore[misc]
 
 
 class LlamaForSequenceClassification(_ScoreHead, LlamaForCausalLM):

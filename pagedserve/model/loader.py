@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,16 +22,24 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 logger = logging.getLogger(__name__)
 
 
-def load_config(path: str) -> PretrainedConfig:
-    """The transformers config of a resolved model path (see ``pagedserve.model_path``)."""
+def load_config(path: str, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The transformers config of a resolved model path (see ``pagedserve.model_path``), with
+    vLLM's ``hf_overrides`` set on it (a dict value merged into a dict attribute, key by key)."""
     model = Path(path)
     if model.suffix == ".gguf":
         if not model.is_file():
             raise FileNotFoundError(f"GGUF file {model} does not exist")
-        return gguf_config(open_gguf(str(model)))
-    if not model.is_dir():
+        config = gguf_config(open_gguf(str(model)))
+    elif not model.is_dir():
         raise FileNotFoundError(f"model path {model} does not exist")
-    return hf_config(model)
+    else:
+        config = hf_config(model)
+    for key, value in (overrides or {}).items():
+        current = getattr(config, key, None)
+        if isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        setattr(config, key, value)
+    return config
 
 
 def bf16_matmuls_in_float32(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -47,7 +56,11 @@ def bf16_matmuls_in_float32(dtype: torch.dtype, device: torch.device | str) -> b
 
 
 def load_model(
-    path: str, dtype: torch.dtype, device: torch.device | str, pooling: bool = False
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    pooling: bool = False,
+    hf_overrides: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build the model for ``path``'s architecture on ``device`` in ``dtype`` and load its
     weights (GGUF tensors are dequantized; on CPU in float32 the projections also keep Q4_0,
@@ -55,14 +68,15 @@ def load_model(
     :func:`bf16_matmuls_in_float32` for bfloat16 on CPU). The result is in eval mode without
     gradients.
 
-    A ``pooling`` model (embeddings) has no lm head: a checkpoint's is skipped."""
+    A ``pooling`` model (embeddings) has no lm head: a checkpoint's is skipped.
+    ``hf_overrides`` change the config first (see :func:`load_config`)."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     panel_dtype = torch.float32
     if bf16_matmuls_in_float32(dtype, device):
         dtype, panel_dtype = torch.float32, torch.bfloat16
         logger.info("bfloat16 on this CPU: float32 modules, bfloat16 matmuls (AVX512-BF16)")
-    config = load_config(path)
+    config = load_config(path, hf_overrides)
     model_class = get_model_class(config)
     if pooling:
         config.tie_word_embeddings = True  # no lm_head module; its weights are skipped
