@@ -42,6 +42,23 @@ def assert_same(outputs, references) -> None:
         assert logprobs == pytest.approx(ref_logprobs, abs=1e-4)
 
 
+def test_speculative_drafts_with_adapters(tiny_model_dir, adapters):
+    """Draft checks in steps with adapter rows (module by module, rows split into decodes):
+    each adapter's output as without speculation."""
+    base = tiny_model_dir("llama")
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    repeating = ["one two three one two three one two", "a b a b a b a"]
+    loras = [LoRARequest(name, i, adapters[name][0]) for i, name in ((1, "a1"), (2, "a2"))]
+    per_prompt = [r for r in loras for _ in repeating]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    plain = LLM(base, dtype="float32", enable_lora=True)
+    llm = LLM(base, dtype="float32", enable_lora=True, speculative_config=ngram)
+    want = plain.generate(repeating * 2, params, use_tqdm=False, lora_request=per_prompt)
+    got = llm.generate(repeating * 2, params, use_tqdm=False, lora_request=per_prompt)
+    assert_same(got, want)
+    assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+
+
 def test_a_mixed_batch_matches_merged_models(tiny_model_dir, adapters):
     base = tiny_model_dir("llama")
     loras = [None] + [LoRARequest(name, i, adapters[name][0]) for i, name in ((1, "a1"), (2, "a2"))]

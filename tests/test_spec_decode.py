@@ -3,6 +3,8 @@ proposer, the config, and engines whose output with drafts is the output without
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from server_utils import MODEL_NAME, ServerProcess, metrics, wait_until_idle
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.sample.sampler import Sampler, SamplingRow
+from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.ngram import NgramSpeculator, find_continuation
 
@@ -169,6 +172,27 @@ def test_drafts_beside_prefills_and_preemption(tiny_model_dir):
     assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
     n2 = SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True)
     assert_same(generate(llm, n2), generate(plain, n2))
+
+
+def test_structured_output_beside_drafts(tiny_model_dir):
+    """A grammar-constrained request gets no drafts; it runs in steps with others' draft checks
+    and answers as without speculation."""
+    path = tiny_model_dir("llama")
+    constrained = SamplingParams(
+        temperature=0,
+        max_tokens=20,
+        structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{4}"),
+    )
+    free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    params = [free, constrained, free]
+    plain = LLM(path, dtype="float32")
+    llm = LLM(path, dtype="float32", speculative_config=NGRAM)
+    want = [o.outputs[0].text for o in plain.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{4}", got[1])
+    assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
 
 
 def test_seeded_sampling_reproduces_and_max_tokens_holds(tiny_model_dir):
