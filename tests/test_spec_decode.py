@@ -3,6 +3,7 @@ proposer, the config, and engines whose output with drafts is the output without
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -242,8 +243,6 @@ def test_refusals(tiny_model_dir):
 def test_served_with_drafts(tiny_model_dir):
     """``--speculative-config`` on the server: streamed and whole answers agree, and /metrics
     counts the drafts."""
-    import json
-
     srv = ServerProcess(
         [
             tiny_model_dir("llama"),
