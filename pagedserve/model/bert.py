@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.linear import Linear, MergedLinear
+from pagedserve.model.strict_loading import check_complete, copy_into
 
 # Checkpoint tensors an encoder embedding does not use: the pretraining heads and BERT's
 # pooler (sentence-transformers pools the token states itself), and a saved position buffer.
@@ -177,18 +178,9 @@ class BertModel(nn.Module):
                 self.get_submodule(target).load_shard(_QKV[proj], leaf, tensor)
                 missing.discard(f"{target}.{leaf}[{_QKV[proj]}]")
                 continue
-            if name not in params:
-                raise ValueError(f"checkpoint weight {name!r} matches no model parameter")
-            if tensor.shape != params[name].shape:
-                raise ValueError(
-                    f"{name}: checkpoint shape {tuple(tensor.shape)} != "
-                    f"model shape {tuple(params[name].shape)}"
-                )
-            params[name].copy_(tensor)
+            copy_into(params, name, tensor)
             missing.discard(name)
-        if missing:
-            shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint lacks {len(missing)} weights: {shown}")
+        check_complete(missing)
 
 
 class RobertaModel(BertModel):

@@ -33,6 +33,7 @@ from pagedserve.model.layers.rotary import (
     rope_parameters,
     rotary_dim,
 )
+from pagedserve.model.strict_loading import check_complete
 from pagedserve.model.token_classifier import with_score_weight
 
 # The name under which a loader hands over llama.cpp's per-frequency RoPE divisors.
@@ -313,10 +314,7 @@ class LlamaForCausalLM(nn.Module):
             else:
                 raise ValueError(f"checkpoint weight {name!r} matches no model parameter")
             loaded.add(piece)
-        missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint lacks {len(missing)} weights: {shown}")
+        check_complete(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
 
     def _expected_pieces(self) -> set[tuple[str, int | None]]:
         pieces: set[tuple[str, int | None]] = set()

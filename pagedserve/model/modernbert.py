@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.linear import Linear
+from pagedserve.model.strict_loading import check_complete, copy_into
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -178,18 +179,9 @@ class ModernBertModel(nn.Module):
             name = name.removeprefix("model.")
             if name.startswith(self.unused):
                 continue
-            if name not in params:
-                raise ValueError(f"checkpoint weight {name!r} matches no model parameter")
-            if tensor.shape != params[name].shape:
-                raise ValueError(
-                    f"{name}: checkpoint shape {tuple(tensor.shape)} != "
-                    f"model shape {tuple(params[name].shape)}"
-                )
-            params[name].copy_(tensor)
+            copy_into(params, name, tensor)
             missing.discard(name)
-        if missing:
-            shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint lacks {len(missing)} weights: {shown}")
+        check_complete(missing)
 
 
 class ModernBertForSequenceClassification(ModernBertModel):

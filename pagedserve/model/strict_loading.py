@@ -1,0 +1,29 @@
+"""Strict loading of checkpoint tensors into a model's parameters: a name that matches nothing,
+a shape that differs or a parameter left unfilled is an error, never a silent random weight."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def copy_into(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+    """Copy the checkpoint's ``name`` into the parameter of that name."""
+    if name not in params:
+        raise ValueError(f"checkpoint weight {name!r} matches no model parameter")
+    if tensor.shape != params[name].shape:
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+            f"model shape {tuple(params[name].shape)}"
+        )
+    params[name].data.copy_(tensor)
+
+
+def check_complete(missing: Iterable[str]) -> None:
+    """Refuse a checkpoint that left parameters (or shards of them) unfilled."""
+    missing = sorted(missing)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint lacks {len(missing)} weights: {shown}")
