@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from pagedserve.model.encoder import Encoder
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.linear import Linear, MergedLinear
 from pagedserve.model.strict_loading import check_complete, copy_into
@@ -98,11 +99,9 @@ class BertLayer(nn.Module):
         return self.output(self.act(self.intermediate.dense(x)), x)
 
 
-class BertModel(nn.Module):
+class BertModel(Encoder):
     """A BERT encoder over a step's flattened inputs; returns every token's final state."""
 
-    is_encoder = True
-    default_pooling_type = "CLS"  # vLLM's default for BERT models without a Pooling module
     # Added to positions: RoBERTa numbers them from its padding id + 1.
     position_offset = 0
     unused = _UNUSED
@@ -124,14 +123,11 @@ class BertModel(nn.Module):
         """The longest input the position table covers."""
         return self.config.max_position_embeddings - self.position_offset
 
-    def rope_offset(self, prompt_len: int) -> int:
-        return 0
-
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         cu = meta.query_start_loc_cpu
-        lengths = [b - a for a, b in zip(cu, cu[1:], strict=False)]
+        lengths = self.input_lengths(meta)
         types = None if self.sep_token_id is None else self._pair_types(input_ids, cu, lengths)
         x = self.embeddings(input_ids, positions + self.position_offset, types)
         for layer in self.encoder.layer:
@@ -147,12 +143,6 @@ class BertModel(nn.Module):
         starts = torch.tensor(cu[:-1], device=input_ids.device)
         base = before[starts].repeat_interleave(torch.tensor(lengths, device=input_ids.device))
         return (before > base).long()
-
-    def prepack(self, panel_dtype: torch.dtype = torch.float32, with_head: bool = True) -> None:
-        """Pack the projections for the CPU GEMM (an encoder has no head)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepack(panel_dtype)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

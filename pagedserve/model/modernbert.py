@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from pagedserve.model.encoder import Encoder
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.linear import Linear
 from pagedserve.model.strict_loading import check_complete, copy_into
@@ -117,12 +118,9 @@ def _half_window(config: Any) -> int:
     return int(getattr(config, "local_attention", 128)) // 2
 
 
-class ModernBertModel(nn.Module):
+class ModernBertModel(Encoder):
     """A ModernBERT encoder over a step's flattened inputs; returns every token's final state."""
 
-    is_encoder = True
-    default_pooling_type = "CLS"  # as for BERT, where no sentence-transformers Pooling says
-    prefix = ""  # of the encoder's tensors in the checkpoint
     unused: tuple[str, ...] = ("head.", "decoder.")  # a masked-LM checkpoint's head
 
     def __init__(self, config: Any) -> None:
@@ -145,14 +143,10 @@ class ModernBertModel(nn.Module):
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
-    def rope_offset(self, prompt_len: int) -> int:
-        return 0
-
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        cu = meta.query_start_loc_cpu
-        lengths = [b - a for a, b in zip(cu, cu[1:], strict=False)]
+        lengths = self.input_lengths(meta)
         x = self.embeddings.norm(self.embeddings.tok_embeddings(input_ids))
         ropes = {}
         for kind, inv_freq in self._inv_freq.items():
@@ -162,12 +156,6 @@ class ModernBertModel(nn.Module):
         for layer in self.layers:
             x = layer(x, ropes[layer.kind], lengths)
         return self.final_norm(x)
-
-    def prepack(self, panel_dtype: torch.dtype = torch.float32, with_head: bool = True) -> None:
-        """Pack the projections for the CPU GEMM."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepack(panel_dtype)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
