@@ -59,14 +59,24 @@ def test_packaged_model_matches_transformers(smollm2, hf_smollm2):
         assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "llama_tied"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "qwen2", "qwen3", "llama_tied", "phi3", "phi3_partial", "phi4_mini"]
+)
 def test_f32_gguf_matches_its_hf_model(kind, tmp_path):
-    """Exact weights: name mapping, q/k un-permutation, llama3 rope via rope_freqs, tying."""
+    """Exact weights: name mapping, q/k un-permutation, llama3 rope via rope_freqs, tying;
+    Phi-3's fused projections, sliding window, partial rotary and long-RoPE factor tensors."""
     hf = tiny_hf_model(kind)
     path = write_tiny_gguf(hf, tmp_path / "tiny.gguf")
     model = load_model(str(path), torch.float32, CPU)
     assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    if kind.startswith("phi"):  # rotary share, long-RoPE factors: from keys and tensors
+        (theta, scaling), (want_theta, want) = map(rope_parameters, (model.config, hf.config))
+        assert theta == want_theta and scaling.keys() == want.keys()
+        for key, value in want.items():
+            assert scaling[key] == (pytest.approx(value) if isinstance(value, list) else value)
     prompts = [[5, 900, 17, 4000, 33, 2, 8] * 5, [44, 12]]
+    if kind == "phi4_mini":  # past its 32 pretraining positions only the engine's rows go long
+        prompts[0] = prompts[0][:32]
     ours = PagedRunner(model).run_chunked(prompts, chunk_sizes=[9, 1])
     for prompt, logits in zip(prompts, ours, strict=True):
         with torch.inference_mode():

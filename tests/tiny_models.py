@@ -178,6 +178,8 @@ def _hf_to_gguf_name(name: str) -> str:
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
+        "self_attn.qkv_proj": "attn_qkv",  # Phi-3's fused projections
+        "mlp.gate_up_proj": "ffn_up",
     }
     base, _, suffix = name.rpartition(".")
     if base.startswith("model.layers."):
@@ -221,7 +223,7 @@ def write_tiny_gguf(
     but its 100k strings make writing and reading the file take seconds).
     """
     config = model.config
-    arch = config.model_type if config.model_type in ("qwen2", "qwen3") else "llama"
+    arch = config.model_type if config.model_type in ("qwen2", "qwen3", "phi3") else "llama"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -230,12 +232,23 @@ def write_tiny_gguf(
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    theta, scaling = rope_parameters(config)
+    if arch == "phi3":  # as llama.cpp's convert writes Phi-3: no key length, a window (0: none)
+        rotary = int(head_dim * scaling.get("partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(rotary)
+        writer.add_sliding_window(config.sliding_window or 0)
+        if config.original_max_position_embeddings:
+            writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        if scaling["rope_type"] == "longrope":
+            for kind in ("long", "short"):
+                factors = np.array(scaling[f"{kind}_factor"], dtype=np.float32)
+                writer.add_tensor(f"rope_factors_{kind}.weight", factors)
+    else:
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    theta, scaling = rope_parameters(config)
     writer.add_rope_freq_base(theta)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import Q4_K, dequantize
-from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.llama import ROPE_FREQ_FACTORS
@@ -26,6 +26,7 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, type[PretrainedConfig]]] = {
     "llama": ("LlamaForCausalLM", LlamaConfig),
     "qwen2": ("Qwen2ForCausalLM", Qwen2Config),
     "qwen3": ("Qwen3ForCausalLM", Qwen3Config),
+    "phi3": ("Phi3ForCausalLM", Phi3Config),
 }
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -42,6 +43,11 @@ _PER_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Phi-3 stores q/k/v and gate/up fused, as its Hugging Face checkpoints do.
+_FUSED_BLOCK = {**_PER_BLOCK, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_BLOCK_NAMES = {"phi3": _FUSED_BLOCK}
+# Long-RoPE's per-frequency factors (Phi-3 128k, Phi-4-mini): config, not weights.
+_LONGROPE = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -72,8 +78,8 @@ def gguf_architecture(reader: GGUFReader) -> str:
 
 
 def gguf_config(reader: GGUFReader) -> PretrainedConfig:
-    """A LlamaConfig / Qwen2Config / Qwen3Config equivalent to the one the GGUF was converted
-    from."""
+    """A LlamaConfig / Qwen2Config / Qwen3Config / Phi3Config equivalent to the one the GGUF was
+    converted from."""
     arch = gguf_architecture(reader)
     hf_arch, config_class = GGUF_ARCHITECTURES[arch]
 
@@ -85,7 +91,14 @@ def gguf_config(reader: GGUFReader) -> PretrainedConfig:
     heads = arch_key("attention.head_count")
     head_dim = arch_key("attention.key_length") or arch_key("rope.dimension_count")
     vocab_size = arch_key("vocab_size") or int(tensors["token_embd.weight"].shape[1])
+    extra: dict[str, Any] = {}
+    if arch == "phi3":
+        head_dim, extra = hidden // heads, _phi3_settings(arch_key, tensors, hidden // heads)
+    rope_scaling = extra.pop("rope_scaling", None) or _rope_scaling(
+        arch_key("rope.scaling.type"), arch_key("rope.scaling.factor")
+    )
     return config_class(
+        **extra,
         architectures=[hf_arch],
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -97,13 +110,34 @@ def gguf_config(reader: GGUFReader) -> PretrainedConfig:
         max_position_embeddings=arch_key("context_length"),
         rms_norm_eps=arch_key("attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta=arch_key("rope.freq_base", 10000.0),
-        rope_scaling=_rope_scaling(arch_key("rope.scaling.type"), arch_key("rope.scaling.factor")),
+        rope_scaling=rope_scaling,
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=metadata(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata(reader, "tokenizer.ggml.padding_token_id"),
     )
+
+
+def _phi3_settings(arch_key: Any, tensors: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """What llama.cpp's Phi-3 conversion keeps beside the Llama keys: the rotary share of each
+    head (``rope.dimension_count``), the sliding window (0: none, as Phi-4 writes it) and
+    long-RoPE's factor tensors with the pretraining context."""
+    settings: dict[str, Any] = {
+        "partial_rotary_factor": arch_key("rope.dimension_count", head_dim) / head_dim,
+        "sliding_window": arch_key("attention.sliding_window") or None,
+    }
+    original = arch_key("rope.scaling.original_context_length")
+    if original is not None:
+        settings["original_max_position_embeddings"] = original
+    if all(name in tensors for name in _LONGROPE):
+        scaling = {
+            key: dequantize(tensors[name].data, tensors[name].tensor_type).tolist()
+            for name, key in _LONGROPE.items()
+        }
+        scaling.update(rope_type="longrope", original_max_position_embeddings=original)
+        settings["rope_scaling"] = scaling
+    return settings
 
 
 def _rope_scaling(kind: str | None, factor: float | None) -> dict[str, Any] | None:
@@ -114,15 +148,16 @@ def _rope_scaling(kind: str | None, factor: float | None) -> dict[str, Any] | No
     return {"rope_type": "linear", "factor": float(factor)}
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     if gguf_name == "rope_freqs.weight":
         return ROPE_FREQ_FACTORS
     base, _, suffix = gguf_name.rpartition(".")
     if base.startswith("blk."):
         _, index, kind = base.split(".", 2)
-        if kind in _PER_BLOCK:
-            return f"model.layers.{index}.{_PER_BLOCK[kind]}.{suffix}"
+        names = _BLOCK_NAMES.get(arch, _PER_BLOCK)
+        if kind in names:
+            return f"model.layers.{index}.{names[kind]}.{suffix}"
     elif base in _TOP_LEVEL:
         return f"{_TOP_LEVEL[base]}.{suffix}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in the model")
@@ -143,10 +178,13 @@ def gguf_weights(
     reader: GGUFReader, config: PretrainedConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor dequantized to float32, under its Hugging Face name, one at a time."""
+    arch = gguf_architecture(reader)
     for tensor in reader.tensors:
+        if tensor.name in _LONGROPE:
+            continue  # in the config (see gguf_config)
         array = dequantize(tensor.data, tensor.tensor_type)
         weight = torch.from_numpy(array if array.flags.writeable else np.array(array))
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         yield name, _in_hf_order(reader, config, name, weight)
 
 
@@ -158,13 +196,14 @@ def quantized_blocks(
     Face names: Q4_1 and Q4_K in the Q4_1 layout, Q8_0 and Q4_0 in the Q8_0 layout, Q6_K in
     Q8_0x16. Each conversion keeps the float32 weight that gguf's dequantization computes, to
     the bit."""
+    arch = gguf_architecture(reader)
     for tensor in reader.tensors:
         convert = _TO_LAYOUT.get(tensor.tensor_type)
         if convert is None or len(tensor.shape) != 2:
             continue
         rows = int(tensor.shape[1])
         layout, parts = convert(np.asarray(tensor.data).reshape(rows, -1))
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         scale, minimum, quants = (
             None if part is None else _in_hf_order(reader, config, name, torch.from_numpy(part))
             for part in parts
