@@ -136,15 +136,20 @@ def test_quantized_gguf_weights_dequantize_to_the_originals(qtype, tolerance, ti
         assert error <= tolerance * want.abs().max(), f"{name}: error {error}"
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    ("kind", "qtype"),
+    [("llama", q) for q in (Q.Q4_1, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q6_K)]
+    + [("phi3", Q.Q4_1), ("phi3", Q.Q8_0)],
+    ids=lambda v: getattr(v, "name", v),
+)
 def test_quantized_projections_decode_through_their_blocks(
-    qtype, tiny_llama, tmp_path, monkeypatch
+    kind, qtype, tiny_llama, tmp_path, monkeypatch
 ):
     """A GGUF's Q4_1, Q8_0, Q4_0, Q4_K or Q6_K projections (and tied head) keep their blocks
-    (q/k rows unpermuted like their weights) and decode steps multiply with them: generations
-    equal the float32 panels' to the last bit. (gguf writes no K-quants: those are random blocks
-    in the one matrix 256 inputs wide, ffn_down.)"""
-    hf, _ = tiny_llama
+    (q/k rows unpermuted like their weights; Phi-3's fused q/k/v and gate/up whole) and decode
+    steps multiply with them: generations equal the float32 panels' to the last bit. (gguf
+    writes no K-quants: those are random blocks in the one matrix 256 inputs wide, ffn_down.)"""
+    hf = tiny_llama[0] if kind == "llama" else tiny_hf_model(kind)
     raw = {}
     if qtype in (Q.Q4_K, Q.Q6_K):
         blocks = _random_k_blocks(qtype, hf.config.hidden_size, hf.config.intermediate_size)

@@ -266,7 +266,7 @@ class LlamaForCausalLM(nn.Module):
                     self._embedding_blocks = tensor_blocks
                 continue
             parent, _, leaf = name.removesuffix(".weight").rpartition(".")
-            fused, shard = STACKED.get(leaf, (leaf, 0))
+            fused, shard = STACKED.get(leaf, (leaf, None))  # None: the whole weight
             module = self.get_submodule(f"{parent}.{fused}") if parent else getattr(self, leaf)
             if isinstance(module, Linear):
                 module.set_quantized(shard, tensor_blocks)

@@ -58,6 +58,9 @@ def packed_for(
     return packed
 
 
+_WHOLE = -1  # the key of quantized blocks that cover every shard
+
+
 class Linear(nn.Module):
     """``y = x W^T + b`` with ``W`` shaped ``[out_features, in_features]`` as in checkpoints."""
 
@@ -78,19 +81,26 @@ class Linear(nn.Module):
     def num_shards(self) -> int:
         return 1
 
-    def set_quantized(self, shard: int, blocks: QuantBlocks) -> None:
-        """The blocks that shard ``shard`` of the weight was dequantized from."""
-        self.quantized_shards[shard] = blocks
+    def set_quantized(self, shard: int | None, blocks: QuantBlocks) -> None:
+        """The blocks that shard ``shard`` of the weight was dequantized from; ``None``: the
+        whole weight, as a checkpoint that stores it fused (Phi-3's q/k/v, gate/up) has it."""
+        if shard is None:
+            self.quantized_shards = {_WHOLE: blocks}
+        else:
+            self.quantized_shards[shard] = blocks
 
     def prepack(self, panel_dtype: torch.dtype = torch.float32) -> None:
         """Pack the loaded weight for the fast CPU path in ``panel_dtype`` (call after loading
         the weights), and its quantized blocks when every shard has some of one type."""
         self.packed = pack_weight(self.weight, self.gated, panel_dtype)
         shards, self.quantized_shards = self.quantized_shards, {}
-        if self.packed is not None and len(shards) == self.num_shards:
+        if self.packed is None:
+            return
+        blocks = shards.get(_WHOLE)
+        if blocks is None and len(shards) == self.num_shards:
             blocks = QuantBlocks.cat([shards[i] for i in range(self.num_shards)])
-            if blocks is not None:
-                self.packed_quantized = packed_gemm.pack_quantized(blocks, self.gated)
+        if blocks is not None:
+            self.packed_quantized = packed_gemm.pack_quantized(blocks, self.gated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, packed_for(x, self.packed, self.packed_quantized))
