@@ -25,7 +25,8 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--disable-log-requests",
         action="store_true",
-        help="accepted; requests are never logged one by one (see --disable-access-log)",
+        help="accepted, no effect: prompts and parameters are never logged (the access log's "
+        "line per request is --disable-access-log)",
     )
     g.add_argument("--disable-log-stats", action="store_true", help="no periodic stats log line")
     g.add_argument(

@@ -48,15 +48,15 @@ def with_score_weight(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors, then ``score.weight`` made from the lm head's rows of the
     configured tokens (the embedding's, where the lm head is tied to it)."""
-    sources: dict[str, torch.Tensor] = {}
+    ids = torch.tensor(config.classifier_from_token_ids)
+    sources: dict[str, torch.Tensor] = {}  # only the rows of those tokens are kept
     for name, tensor in weights:
         if name in HEAD_SOURCES:
-            sources[name] = tensor
+            sources[name] = tensor[ids].float()
         yield name, tensor
-    head = next((sources[n] for n in HEAD_SOURCES if n in sources), None)
-    if head is None:
+    rows = next((sources[n] for n in HEAD_SOURCES if n in sources), None)
+    if rows is None:
         raise ValueError("classifier_from_token: the checkpoint has neither lm head nor embeddings")
-    rows = head[torch.tensor(config.classifier_from_token_ids)].float()
     if two_way(config):
         rows = (rows[1] - rows[0])[None]
     yield "score.weight", rows
