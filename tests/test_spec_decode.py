@@ -12,6 +12,7 @@ import torch
 from server_utils import MODEL_NAME, ServerProcess, metrics, wait_until_idle
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.engine.request import Request, RequestTimes
 from pagedserve.sample.sampler import Sampler, SamplingRow
 from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.spec_decode.config import SpeculativeConfig
@@ -96,6 +97,28 @@ def test_acceptance_keeps_the_sampling_law():
     np.testing.assert_allclose(first[2] / trials, second.sum() / trials, atol=1e-9)
     np.testing.assert_allclose(second / second.sum(), probs[1], atol=0.05)
     assert speculator.stats()["spec_decode_num_draft_tokens"] == trials
+
+
+def test_a_sequence_whose_drafts_fail_waits_longer_each_time():
+    speculator = NgramSpeculator(SpeculativeConfig(3, 3, 1), max_model_len=100)
+    req = Request(
+        "r", [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_tokens=50), None, RequestTimes()
+    )
+
+    def proposals(steps: int) -> list[list[int]]:
+        found = []
+        for _ in range(steps):
+            speculator.propose([req], num_running=1)
+            found.append(req.spec_token_ids)
+        return found
+
+    assert proposals(1) == [[3, 1, 2]]
+    speculator.accept(req, [9, 9, 9, 9])  # all fail: wait one step
+    assert proposals(2) == [[], [3, 1, 2]]
+    speculator.accept(req, [9, 9, 9, 9])  # again: two steps
+    assert proposals(3) == [[], [], [3, 1, 2]]
+    speculator.accept(req, [3, 9, 9, 9])  # one stands: no more waiting
+    assert proposals(1) == [[3, 1, 2]]
 
 
 class _Stub:

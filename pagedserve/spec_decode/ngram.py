@@ -3,6 +3,8 @@ the check of those drafts against what the model samples at each of their positi
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import numpy as np
 
 from pagedserve.engine.request import Request
@@ -41,6 +43,11 @@ def find_continuation(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.
     return tokens[end + 1 : end + 1 + k]
 
 
+# A sequence whose drafts all fail waits before it proposes again: 1, 2, 4 ... steps after
+# consecutive misses, at most this many; a draft that stands ends the wait.
+MAX_BACKOFF_STEPS = 16
+
+
 class NgramSpeculator:
     """Proposes each decoding sequence's drafts for the next step and checks them after it.
 
@@ -51,6 +58,11 @@ class NgramSpeculator:
     the last draft, follows them. Since a draft is one fixed token, accepting it exactly when
     the sample equals it draws every emitted token from the distribution the model gives there:
     greedy output is the same as without speculation, and sampled output has the same law.
+
+    A sequence whose drafts all fail proposes none for 1, then 2, 4 ... (at most
+    ``MAX_BACKOFF_STEPS``) steps, until a draft stands again: rows that would be checked in vain
+    cost arithmetic in every step they join (on 2 cores, 64 random-token prompts sampled with
+    ``prompt_lookup_min`` 1: 624 and 636 output tok/s before, 676 and 647 with it).
     """
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
@@ -61,6 +73,8 @@ class NgramSpeculator:
         self.num_accepted_tokens = 0
         # how often the draft at each position stood (it stands only if those before it did)
         self.accepted_per_pos = np.zeros(config.num_speculative_tokens, dtype=np.int64)
+        # per sequence whose last checks all failed: [misses in a row, steps still to wait]
+        self._backoff: WeakKeyDictionary[Request, list[int]] = WeakKeyDictionary()
 
     def propose(self, requests: list[Request], num_running: int) -> None:
         """Set the requests' drafts for their next step."""
@@ -82,6 +96,10 @@ class NgramSpeculator:
         if req.params.max_tokens is not None:
             k = min(k, req.params.max_tokens - req.num_output_tokens - 1)
         if k <= 0:
+            return
+        wait = self._backoff.get(req)
+        if wait is not None and wait[1] > 0:
+            wait[1] -= 1
             return
         tokens = np.fromiter(req.all_token_ids, np.int64, req.num_tokens)
         drafts = find_continuation(
@@ -140,4 +158,10 @@ class NgramSpeculator:
         self.num_accepted_tokens += accepted
         self.accepted_per_pos[:accepted] += 1
         req.spec_token_ids = []
+        if accepted:
+            self._backoff.pop(req, None)
+        else:
+            wait = self._backoff.setdefault(req, [0, 0])
+            wait[0] += 1
+            wait[1] = min(2 ** (wait[0] - 1), MAX_BACKOFF_STEPS)
         return accepted
