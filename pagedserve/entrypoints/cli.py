@@ -252,7 +252,7 @@ def run_chat(args: argparse.Namespace) -> int:
             messages = list(system)
             continue
         messages.append({"role": "user", "content": line})
-        text = tok.applychat_template_arg(messages, tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
         try:
             params = terminal_sampling_params(
@@ -286,7 +286,7 @@ def run_generate(args: argparse.Namespace) -> int:
     engine = generating_engine(args, chat_template)
     tok = engine.tokenizer
     if args.chat:
-        text = tok.applychat_template_arg(
+        text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}],
             tokenize=False,
             add_generation_prompt=True,
