@@ -1,4 +1,4 @@
-"""The ``pagedserve`` command: ``serve``, ``chat``, ``generate`` and ``bench``."""
+"""The ``pagedserve`` command: ``serve``, ``run-batch``, ``chat``, ``generate`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -35,38 +35,18 @@ def configure_logging(level: str = "INFO") -> None:
     )
 
 
-# ---- serve ----
-def add_serve_args(parser: argparse.ArgumentParser) -> None:
+# ---- serve and run-batch ----
+def add_api_args(parser: argparse.ArgumentParser) -> None:
+    """What the OpenAI API answers with: the model's names, adapters, tool and reasoning parsers
+    (``serve`` and ``run-batch`` both take these)."""
     add_engine_args(parser)
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    g = parser.add_argument_group("API")
     g.add_argument(
         "--served-model-name",
         nargs="+",
         default=None,
         help="the model name(s) the API accepts; the first is the one reported "
         "(default: the model argument, or SmolLM2-135M-Instruct for the packaged model)",
-    )
-    g.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' (default: $PAGEDSERVE_API_KEY, else open)",
-    )
-    g.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        default=4 * 1024 * 1024,
-        help="larger request bodies get HTTP 413 (default 4 MiB)",
-    )
-    g.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=20.0,
-        help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 20)",
-    )
-    g.add_argument(
-        "--stats-interval", type=float, default=5.0, help="seconds between stats log lines"
     )
     g.add_argument(
         "--enable-auto-tool-choice",
@@ -97,30 +77,49 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help='LoRA adapters to serve, each name=path (or JSON {"name": ..., "path": ...}): '
         "a request whose model is the name runs with the adapter (implies --enable-lora)",
     )
-    g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    add_api_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $PAGEDSERVE_API_KEY, else open)",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies get HTTP 413 (default 4 MiB)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=20.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 20)",
+    )
+    g.add_argument(
+        "--stats-interval", type=float, default=5.0, help="seconds between stats log lines"
+    )
+    g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     add_vllm_flags(parser)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def api_settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the engine, built from the flags, and the ``ServerSettings`` of its API): what ``serve``
+    and ``run-batch`` share."""
     from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.entrypoints.openai.api_server import (
-        CorsSettings,
-        ServerSettings,
-        bind_socket,
-        serve,
-    )
+    from pagedserve.entrypoints.openai.api_server import ServerSettings
     from pagedserve.entrypoints.openai.lora_endpoints import runtime_lora_updating
     from pagedserve.lora.request import LoRARequest
 
-    configure_logging(args.log_level)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser")
     chat_template = chat_template_arg(args)
-    try:
-        sock = bind_socket(args.host, args.port)
-    except OSError as exc:
-        raise SystemExit(f"error: can not listen on {args.host}:{args.port}: {exc}") from exc
     loras = [LoRARequest(m["name"], i, m["path"]) for i, m in enumerate(args.lora_modules or [], 1)]
     if loras:
         args.enable_lora = True
@@ -128,28 +127,66 @@ def run_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     settings = ServerSettings(
         served_model_names=names,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
-        max_request_body_bytes=args.max_request_body_bytes,
-        stats_interval_s=0.0 if args.disable_log_stats else args.stats_interval,
-        shutdown_timeout_s=args.shutdown_timeout,
-        access_log=not args.disable_access_log,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         reasoning_parser=args.reasoning_parser,
         lora_modules=loras,
         allow_runtime_lora_updating=bool(args.enable_lora) and runtime_lora_updating(),
-        cors=CorsSettings(
-            args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials
-        ),
-        uvicorn_log_level=args.uvicorn_log_level,
-        root_path=args.root_path or "",
     )
     logger.info(
         "serving the model as %s", ", ".join(repr(n) for n in names + [m.lora_name for m in loras])
     )
+    return engine, settings
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.openai.api_server import CorsSettings, bind_socket, serve
+
+    configure_logging(args.log_level)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        raise SystemExit(f"error: can not listen on {args.host}:{args.port}: {exc}") from exc
+    engine, settings = api_settings(args)
+    settings.host = args.host
+    settings.port = args.port
+    settings.api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    settings.max_request_body_bytes = args.max_request_body_bytes
+    settings.stats_interval_s = 0.0 if args.disable_log_stats else args.stats_interval
+    settings.shutdown_timeout_s = args.shutdown_timeout
+    settings.access_log = not args.disable_access_log
+    settings.cors = CorsSettings(
+        args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials
+    )
+    settings.uvicorn_log_level = args.uvicorn_log_level
+    settings.root_path = args.root_path or ""
     serve(engine, settings, sock)
     return 0
+
+
+def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-i", "--input-file", required=True, help="the batch: a JSONL file, or an http(s) URL"
+    )
+    parser.add_argument(
+        "-o",
+        "--output-file",
+        required=True,
+        help="where the results go: a file, or an http(s) URL they are PUT to",
+    )
+    add_api_args(parser)
+
+
+def run_run_batch(args: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.openai.run_batch import run_batch_file
+
+    configure_logging(args.log_level)
+    source = args.input_file
+    if not source.startswith(("http://", "https://")) and not os.path.isfile(source):
+        raise SystemExit(f"error: --input-file {source}: no such file")
+    engine, settings = api_settings(args)
+    settings.stats_interval_s = 0.0
+    settings.access_log = False
+    return run_batch_file(engine, settings, args.input_file, args.output_file)
 
 
 def _serving_engine(args: argparse.Namespace, chat_template: str | None, loras: list) -> Any:
@@ -347,6 +384,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         ("serve", "run the OpenAI-compatible HTTP server", add_serve_args, run_serve),
         ("chat", "chat with a model in the terminal", add_chat_args, run_chat),
         ("generate", "complete one prompt and print it", add_generate_args, run_generate),
+        (
+            "run-batch",
+            "run a file of OpenAI batch requests (chat, completions, embeddings, scores) offline",
+            add_run_batch_args,
+            run_run_batch,
+        ),
     )
     for name, help_text, add_args, run in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
