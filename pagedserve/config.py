@@ -61,3 +61,6 @@ class EngineConfig:
     # ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
     # "is_original_qwen3_reranker": true} to serve Qwen3-Reranker as a cross-encoder
     hf_overrides: dict | None = None
+    # The most alternatives a request's logprobs or prompt_logprobs may ask for (vLLM's
+    # max_logprobs); -1: the whole vocabulary
+    max_logprobs: int = 20

@@ -127,14 +127,10 @@ class SamplingParams:
             fail("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
-        ):
-            fail("logprobs", "must be an integer in [0, 20]")
-        if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
-        ):
-            fail("prompt_logprobs", "must be an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                fail(name, "must be an integer >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             fail("seed", "must be an integer")
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):

@@ -63,6 +63,7 @@ def test_server_flags(tiny_model_dir):
             "--gpu-memory-utilization", "0.9",
             "--no-enable-chunked-prefill",
             "--max-num-batched-tokens", "16",
+            "--max-logprobs", "30",
         ]
     ).wait_ready()  # fmt: skip
     try:
@@ -87,6 +88,21 @@ def test_server_flags(tiny_model_dir):
         # A prompt past the step budget runs whole, in one step, without chunked prefill.
         big = json.dumps({"model": MODEL_NAME, "prompt": "word " * 60, "max_tokens": 2})
         assert call(srv.url, "POST", "/v1/completions", auth, big)[0] == 200
+        # --max-logprobs 30: past OpenAI's 20 alternatives, up to the flag's.
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
+        chat |= {"max_tokens": 2, "logprobs": True, "top_logprobs": 25}
+        status, _, answer = call(srv.url, "POST", "/v1/chat/completions", auth, json.dumps(chat))
+        tokens = json.loads(answer)["choices"][0]["logprobs"]["content"]
+        assert status == 200 and [len(t["top_logprobs"]) for t in tokens] == [25, 25]
+        chat["top_logprobs"] = 31
+        status, _, answer = call(srv.url, "POST", "/v1/chat/completions", auth, json.dumps(chat))
+        assert status == 400 and json.loads(answer)["error"]["param"] == "top_logprobs"
+        completion = {"model": MODEL_NAME, "prompt": "hi there", "max_tokens": 1}
+        completion |= {"prompt_logprobs": 30, "logprobs": 30}
+        status, _, answer = call(srv.url, "POST", "/v1/completions", auth, json.dumps(completion))
+        choice = json.loads(answer)["choices"][0]
+        assert status == 200 and len(choice["logprobs"]["top_logprobs"][0]) >= 30
+        assert len(choice["prompt_logprobs"][1]) >= 30
     finally:
         srv.stop()
     log = srv.output()
@@ -108,6 +124,21 @@ def test_parallel_sizes_other_than_one_are_refused(tiny_model_dir):
     assert "pipeline_parallel_size 2: pagedserve runs one model on one device" in (
         done.stdout + done.stderr
     )
+
+
+def test_max_logprobs(tiny_model_dir):
+    """20 alternatives by default, as vLLM; ``max_logprobs`` raises it, -1 to the vocabulary."""
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match=r"logprobs 21 is more than this engine returns: 20"):
+        LLM(path).generate(["hi"], SamplingParams(max_tokens=1, logprobs=21), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_logprobs must be in"):
+        LLM(path, max_logprobs=-2)
+    llm = LLM(path, dtype="float32", max_logprobs=-1)
+    assert llm.llm_engine.max_logprobs == llm.llm_engine.model.config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=2, logprobs=100, prompt_logprobs=50)
+    out = llm.generate(["hi there"], params, use_tqdm=False)[0]
+    assert [len(entry) for entry in out.outputs[0].logprobs] == [100, 100]
+    assert all(len(entry) in (50, 51) for entry in out.prompt_logprobs[1:])
 
 
 def test_engine_arguments(tiny_model_dir):

@@ -172,6 +172,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def max_logprobs(self) -> int:
+        return self.engine.max_logprobs
+
+    @property
     def eos_token_ids(self) -> set[int]:
         return self.engine.eos_token_ids
 

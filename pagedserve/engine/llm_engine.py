@@ -20,7 +20,13 @@ from pagedserve.engine.embedding_requests import EmbeddingRequests, resolve_runn
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestGroup
 from pagedserve.engine.request import Request, RequestStatus, RequestTimes
-from pagedserve.engine.request_checks import check_prompt, check_task, check_token_ids
+from pagedserve.engine.request_checks import (
+    check_logprobs,
+    check_prompt,
+    check_task,
+    check_token_ids,
+    resolve_max_logprobs,
+)
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.lora.request import LoRARequest
@@ -124,6 +130,7 @@ class LLMEngine:
         if pooling:
             longest = min(longest, sentence_transformers_max_length(self.model_name) or longest)
         self.max_model_len = min(config.max_model_len or longest, longest)
+        self.max_logprobs = resolve_max_logprobs(config.max_logprobs, hf.vocab_size)
         kv_cache = KVCache.for_model(
             hf,
             0 if encoder else hf.num_hidden_layers,
@@ -240,6 +247,7 @@ class LLMEngine:
             self.embeddings.add(request_id, token_ids, params, times, cache_salt, priority, offset)
             return
         check_prompt(token_ids, params, self.model.config.vocab_size, self.max_model_len)
+        check_logprobs(params, self.max_logprobs)
         lora_id = self._lora_id(lora_request)
         generator = make_generator(params.seed, self.device)
         req = Request(

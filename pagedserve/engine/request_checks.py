@@ -28,6 +28,22 @@ def check_token_ids(token_ids: list[int], vocab_size: int) -> None:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
 
 
+def resolve_max_logprobs(max_logprobs: int, vocab_size: int) -> int:
+    """The engine's ``max_logprobs``: -1 is the whole vocabulary."""
+    value = vocab_size if max_logprobs == -1 else max_logprobs
+    if not 0 <= value <= vocab_size:
+        raise ValueError(f"max_logprobs must be in [0, {vocab_size}] or -1 (the vocabulary)")
+    return value
+
+
+def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
+    """The alternatives a request asks for, against the engine's ``max_logprobs``."""
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > max_logprobs:
+            raise ValueError(f"{name} {value} is more than this engine returns: {max_logprobs}")
+
+
 def check_prompt(
     token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int
 ) -> None:

@@ -124,6 +124,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="accepted, no effect: only the architectures pagedserve implements load, and no "
         "code from a model's directory runs",
     )
+    g.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=None,
+        help="the most alternatives a request's logprobs, top_logprobs or prompt_logprobs may "
+        "ask for (default 20; -1: the whole vocabulary)",
+    )
     g.add_argument("--seed", type=int, default=None, help="engine seed")
 
 
@@ -162,6 +169,7 @@ _ENGINE_FIELDS = (
     "pipeline_parallel_size",
     "trust_remote_code",
     "hf_overrides",
+    "max_logprobs",
     "seed",
 )
 

@@ -412,8 +412,8 @@ class ChatCompletionRequest(SamplingFields):
                 raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
             return None
         top = self.top_logprobs or 0
-        if not 0 <= top <= 20:
-            raise bad_request(f"top_logprobs must be in [0, 20], got {top}", param="top_logprobs")
+        if top < 0:
+            raise bad_request(f"top_logprobs must be >= 0, got {top}", param="top_logprobs")
         return top
 
 

@@ -73,6 +73,7 @@ class OpenAIServing:
         self.model_name = served_model_names[0]
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.max_logprobs = engine.max_logprobs
         self.sampling_defaults = engine.sampling_defaults
         self.vocab_size = len(self.tokenizer)
         self._token_text = lru_cache(maxsize=1 << 16)(self._decode_one)
@@ -111,10 +112,18 @@ class OpenAIServing:
         logprobs: int | None,
         prompt_logprobs: int | None = None,
         prompt_param: str = "prompt",
+        logprobs_param: str = "logprobs",
     ) -> SamplingParams:
         """SamplingParams for one prompt; a 400 when a value or the context length is wrong."""
         for param, ids in request.token_ids_to_check().items():
             self.check_token_ids(ids, param)
+        for param, wanted in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if isinstance(wanted, int) and wanted > self.max_logprobs:
+                raise bad_request(
+                    f"{param} {wanted} is more than this server returns: {self.max_logprobs} "
+                    "(--max-logprobs)",
+                    param=param,
+                )
         limit = self.max_model_len
         if prompt_len >= limit:
             raise bad_request(

@@ -51,6 +51,7 @@ class ServingChat:
             req.num_logprobs,
             req.returned_prompt_logprobs,
             prompt_param="messages",
+            logprobs_param="top_logprobs",
         )
         return prompt_ids, params
 
