@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,9 +33,16 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m pagedserve serve ARGS`` on 127.0.0.1, started and stopped by a test."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``ssl_context``: the server speaks HTTPS, and this context trusts its certificate."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ssl_context = ssl_context
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile("w+", prefix="pagedserve-", suffix=".log")
         cmd = [sys.executable, "-m", "pagedserve", "serve", *args]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--stats-interval", "2"]
@@ -52,7 +60,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                health = self.url + "/health"
+                with urllib.request.urlopen(health, timeout=2, context=self.ssl_context) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import subprocess
 import sys
 from urllib.parse import urlparse
@@ -17,10 +18,20 @@ from pagedserve import LLM, SamplingParams
 APP = "http://app.example"
 
 
-def call(url: str, method: str, path: str, headers: dict[str, str], body: str | None = None):
-    """One request; returns (status, headers in lower case, body)."""
+def call(
+    url: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: str | None = None,
+    context: ssl.SSLContext | None = None,
+):
+    """One request (HTTPS with ``context``); returns (status, headers in lower case, body)."""
     parts = urlparse(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    if context is not None:
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=60, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -35,15 +46,15 @@ PREFLIGHT = {
 }
 
 
-def test_cors_is_open_by_default(server):
-    """As vLLM: any origin may call the API from a browser."""
+def test_cors_is_closed_by_default(server):
+    """As vLLM 0.32: no browser on another origin may call the API unless --allowed-origins
+    names it."""
     status, headers, _ = call(
         server.url, "OPTIONS", "/v1/chat/completions", {"Origin": APP, **PREFLIGHT}
     )
-    assert status == 200
-    assert headers["access-control-allow-origin"] in ("*", APP)
+    assert status == 400 and "access-control-allow-origin" not in headers
     status, headers, _ = call(server.url, "GET", "/v1/models", {"Origin": APP})
-    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    assert status == 200 and "access-control-allow-origin" not in headers
 
 
 def test_server_flags(tiny_model_dir):
@@ -110,6 +121,58 @@ def test_server_flags(tiny_model_dir):
     assert "trust_remote_code has no effect" in log
     assert "gpu_memory_utilization has no effect on the CPU" in log
     assert "Avg prompt throughput" not in log  # --disable-log-stats
+
+
+def self_signed_certificate(directory) -> tuple[str, str]:
+    """(key, certificate) files of a certificate for 127.0.0.1, made by openssl."""
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(key), str(cert)
+
+
+def test_https_keys_request_ids_and_quiet_endpoints(tmp_path, tiny_model_dir):
+    key, cert = self_signed_certificate(tmp_path)
+    context = ssl.create_default_context(cafile=cert)
+    srv = ServerProcess(
+        [
+            tiny_model_dir("llama"),
+            "--served-model-name", MODEL_NAME,
+            "--ssl-keyfile", key,
+            "--ssl-certfile", cert,
+            "--api-key", "first", "second",
+            "--enable-request-id-headers",
+            "--disable-fastapi-docs",
+            "--disable-access-log-for-endpoints", "/health,/metrics",
+        ],
+        env={"VLLM_API_KEY": "third"},  # the flag wins over the environment
+        ssl_context=context,
+    ).wait_ready()  # fmt: skip
+    try:
+
+        def get(path: str, key: str, **headers: str):
+            headers = {"Authorization": f"Bearer {key}", **headers}
+            return call(srv.url, "GET", path, headers, context=context)
+
+        for key in ("first", "second"):
+            status, headers, _ = get("/v1/models", key)
+            assert status == 200 and len(headers["x-request-id"]) == 32
+        status, headers, _ = get("/v1/models", "third", **{"X-Request-Id": "my-id"})
+        assert status == 401 and headers["x-request-id"] == "my-id"
+        assert get("/docs", "first")[0] == 404 and get("/openapi.json", "first")[0] == 404
+        assert get("/health", "first")[0] == 200
+        with pytest.raises(ssl.SSLError):  # a client that does not trust the certificate
+            call(srv.url, "GET", "/health", {}, context=ssl.create_default_context())
+    finally:
+        srv.stop()
+    log = srv.output()
+    srv.close()
+    assert f"https://127.0.0.1:{srv.port}" in log
+    assert '"GET /v1/models HTTP/1.1" 200' in log and '"GET /health' not in log
 
 
 def test_parallel_sizes_other_than_one_are_refused(tiny_model_dir):

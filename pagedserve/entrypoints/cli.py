@@ -19,7 +19,7 @@ from pagedserve.entrypoints.engine_options import (
 )
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
-from pagedserve.entrypoints.vllm_flags import add_vllm_flags
+from pagedserve.entrypoints.vllm_flags import add_vllm_flags, ssl_settings
 
 logger = logging.getLogger("pagedserve")
 
@@ -87,8 +87,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     g.add_argument(
         "--api-key",
+        nargs="+",
         default=None,
-        help="require 'Authorization: Bearer KEY' (default: $PAGEDSERVE_API_KEY, else open)",
+        help="require 'Authorization: Bearer KEY' with one of these keys (default: "
+        "$PAGEDSERVE_API_KEY, else $VLLM_API_KEY, else open)",
     )
     g.add_argument(
         "--max-request-body-bytes",
@@ -142,6 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pagedserve.entrypoints.openai.api_server import CorsSettings, bind_socket, serve
 
     configure_logging(args.log_level)
+    tls = ssl_settings(args)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -149,11 +152,17 @@ def run_serve(args: argparse.Namespace) -> int:
     engine, settings = api_settings(args)
     settings.host = args.host
     settings.port = args.port
-    settings.api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    key = os.environ.get("PAGEDSERVE_API_KEY") or os.environ.get("VLLM_API_KEY")
+    settings.api_keys = args.api_key or ([key] if key else [])
     settings.max_request_body_bytes = args.max_request_body_bytes
     settings.stats_interval_s = 0.0 if args.disable_log_stats else args.stats_interval
     settings.shutdown_timeout_s = args.shutdown_timeout
-    settings.access_log = not args.disable_access_log
+    settings.access_log = not (args.disable_access_log or args.disable_uvicorn_access_log)
+    excluded = args.disable_access_log_for_endpoints or ""
+    settings.access_log_excluded = {p.strip() for p in excluded.split(",") if p.strip()}
+    settings.request_id_headers = args.enable_request_id_headers
+    settings.docs = not args.disable_fastapi_docs
+    settings.ssl = tls
     settings.cors = CorsSettings(
         args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials
     )

@@ -1,10 +1,12 @@
 """vLLM's server flags that launch scripts carry over (the engine's are in ``engine_options``):
-CORS, logging and the proxy path, as vLLM takes them."""
+CORS, HTTPS, logging, request ids, the docs pages and the proxy path, as vLLM takes them."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import ssl
+from typing import Any
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -38,8 +40,9 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--allowed-origins",
         type=json_list,
-        default=["*"],
-        help='CORS: origins whose browsers may call the API, as JSON (default ["*"])',
+        default=[],
+        help="CORS: origins whose browsers may call the API, as JSON, e.g. '[\"*\"]' for any "
+        "(default none: browsers on other origins may not, as in vLLM)",
     )
     g.add_argument(
         "--allowed-methods", type=json_list, default=["*"], help='CORS methods (default ["*"])'
@@ -53,3 +56,66 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the path prefix a proxy serves the API under (FastAPI's root_path)",
     )
+    g.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="an X-Request-Id header on every response (the request's own, else a new one)",
+    )
+    g.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="no /docs, /redoc or /openapi.json",
+    )
+    g.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="no per-request log line (the same as --disable-access-log)",
+    )
+    g.add_argument(
+        "--disable-access-log-for-endpoints",
+        default=None,
+        help="comma-separated paths whose requests the access log skips, e.g. /health,/metrics",
+    )
+    g.add_argument(
+        "--max-log-len",
+        type=int,
+        default=None,
+        help="accepted, no effect: prompts are never logged",
+    )
+    g.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="accepted, no effect: usage always has prompt_tokens_details.cached_tokens",
+    )
+    tls = parser.add_argument_group("HTTPS (vLLM's flags)")
+    tls.add_argument("--ssl-keyfile", default=None, help="the server's private key (PEM)")
+    tls.add_argument("--ssl-certfile", default=None, help="the server's certificate (PEM)")
+    tls.add_argument(
+        "--ssl-ca-certs", default=None, help="CA certificates that client certificates chain to"
+    )
+    tls.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        default=int(ssl.CERT_NONE),
+        help="client certificates: 0 not asked for (default), 1 optional, 2 required "
+        "(Python's ssl.CERT_*)",
+    )
+    tls.add_argument("--ssl-ciphers", default=None, help="the TLS 1.2 cipher suites to offer")
+
+
+def ssl_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """uvicorn's keyword arguments for the HTTPS flags given (none: plain HTTP)."""
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise SystemExit("error: HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    if args.ssl_certfile is None:
+        return {}
+    settings: dict[str, Any] = {
+        "ssl_keyfile": args.ssl_keyfile,
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_cert_reqs": args.ssl_cert_reqs,
+    }
+    if args.ssl_ca_certs is not None:
+        settings["ssl_ca_certs"] = args.ssl_ca_certs
+    if args.ssl_ciphers is not None:
+        settings["ssl_ciphers"] = args.ssl_ciphers
+    return settings

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import signal
 import socket
@@ -20,7 +19,6 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.entrypoints.openai.embeddings_protocol import (
@@ -31,6 +29,11 @@ from pagedserve.entrypoints.openai.embeddings_protocol import (
 )
 from pagedserve.entrypoints.openai.errors import APIError, install_error_handlers
 from pagedserve.entrypoints.openai.lora_endpoints import add_lora_routes
+from pagedserve.entrypoints.openai.middleware import (
+    AccessLogFilter,
+    GuardMiddleware,
+    RequestIdMiddleware,
+)
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -50,8 +53,6 @@ from pagedserve.metrics import ServerMetrics, StatsLogger
 
 logger = logging.getLogger("pagedserve.server")
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-
 
 def package_version() -> str:
     try:
@@ -62,10 +63,10 @@ def package_version() -> str:
 
 @dataclass
 class CorsSettings:
-    """Which browser origins may call the API (vLLM's ``--allowed-origins`` and kin; every
-    origin by default, as in vLLM)."""
+    """Which browser origins may call the API (vLLM's ``--allowed-origins`` and kin; none by
+    default, as in vLLM 0.32)."""
 
-    allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    allow_origins: list[str] = field(default_factory=list)
     allow_methods: list[str] = field(default_factory=lambda: ["*"])
     allow_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
@@ -76,7 +77,7 @@ class ServerSettings:
     served_model_names: list[str]
     host: str = "0.0.0.0"
     port: int = 8000
-    api_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)  # any one of them opens the API
     max_request_body_bytes: int = 4 * 1024 * 1024
     stats_interval_s: float = 5.0  # 0: no periodic stats line
     shutdown_timeout_s: float = 20.0
@@ -88,80 +89,11 @@ class ServerSettings:
     cors: CorsSettings = field(default_factory=CorsSettings)
     uvicorn_log_level: str | None = None  # None: as the root logger
     root_path: str = ""  # the prefix a proxy serves the API under
-
-
-class GuardMiddleware:
-    """API key and request-size checks, before any routing or parsing.
-
-    The body is read here, up to the limit, and replayed to the app; a bigger body (by
-    Content-Length or as streamed) gets a 413 without being buffered further. Every POST endpoint
-    takes JSON, so the body is read as JSON whatever its Content-Type says (``curl -d`` sends
-    form-urlencoded).
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-        self.max_body = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = APIError(
-                    401,
-                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key",
-                )
-                await error.response()(scope, receive, send)
-                return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        too_large = APIError(
-            413,
-            f"The request body is larger than the limit of {self.max_body} bytes.",
-            code="request_too_large",
-        )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await too_large.response()(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await too_large.response()(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        scope = {**scope, "headers": _as_json(scope["headers"])}
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    kept = [(k, v) for k, v in headers if k != b"content-type"]
-    return [*kept, (b"content-type", b"application/json")]
+    request_id_headers: bool = False  # an X-Request-Id header on every response
+    docs: bool = True  # /docs, /redoc and /openapi.json
+    access_log_excluded: set[str] = field(default_factory=set)  # paths the access log skips
+    # uvicorn's HTTPS settings: ssl_keyfile, ssl_certfile, ssl_ca_certs, ssl_cert_reqs, ssl_ciphers
+    ssl: dict[str, Any] = field(default_factory=dict)
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -203,18 +135,22 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 logger.warning("%d request(s) still running at shutdown", engine.num_in_flight())
             engine.shutdown()
 
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title="pagedserve",
         version=package_version(),
         lifespan=lifespan,
         root_path=settings.root_path,
+        **docs,
     )
     install_error_handlers(app)
     app.add_middleware(
         GuardMiddleware,  # type: ignore[arg-type]
-        api_key=settings.api_key,
+        api_keys=settings.api_keys,
         max_body_bytes=settings.max_request_body_bytes,
     )
+    if settings.request_id_headers:  # outside the guard: its 401s and 413s carry one too
+        app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
     # Outside the guard: a browser's preflight (OPTIONS) carries no API key.
     app.add_middleware(
         CORSMiddleware,  # type: ignore[arg-type]
@@ -375,6 +311,8 @@ def serve(engine: AsyncEngine, settings: ServerSettings, sock: socket.socket | N
         level = settings.uvicorn_log_level.upper()
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
             logging.getLogger(name).setLevel(5 if level == "TRACE" else level)
+    if settings.access_log_excluded:
+        logging.getLogger("uvicorn.access").addFilter(AccessLogFilter(settings.access_log_excluded))
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -383,7 +321,9 @@ def serve(engine: AsyncEngine, settings: ServerSettings, sock: socket.socket | N
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         timeout_keep_alive=5,
+        **settings.ssl,
     )
     shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    server = _Server(config, f"http://{shown_host}:{settings.port}")
+    scheme = "https" if settings.ssl.get("ssl_certfile") else "http"
+    server = _Server(config, f"{scheme}://{shown_host}:{settings.port}")
     server.run(sockets=[sock] if sock is not None else None)
