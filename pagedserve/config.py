@@ -64,3 +64,6 @@ class EngineConfig:
     # The most alternatives a request's logprobs or prompt_logprobs may ask for (vLLM's
     # max_logprobs); -1: the whole vocabulary
     max_logprobs: int = 20
+    # Over the generation config's sampling defaults, in its keys (vLLM's
+    # override_generation_config), e.g. {"temperature": 0.5, "max_new_tokens": 256}
+    override_generation_config: dict | None = None

@@ -115,7 +115,9 @@ class LLMEngine:
                 self.pooler.pooling_type.lower(),
                 ", normalized" if self.pooler.normalize else "",
             )
-        self.generation_config = load_generation_config(self.model_name, config.generation_config)
+        self.generation_config = load_generation_config(
+            self.model_name, config.generation_config, config.override_generation_config
+        )
         if self.generation_config.sampling_defaults:
             logger.info(
                 "sampling defaults from the model's generation config (requests that leave "

@@ -14,6 +14,7 @@ from pagedserve.entrypoints.engine_options import (
     add_engine_args,
     chat_template_arg,
     generating_engine,
+    json_object,
     load_engine,
     lora_module,
 )
@@ -77,6 +78,28 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         help='LoRA adapters to serve, each name=path (or JSON {"name": ..., "path": ...}): '
         "a request whose model is the name runs with the adapter (implies --enable-lora)",
     )
+    g.add_argument(
+        "--response-role",
+        default="assistant",
+        help="the role of a chat answer after a generation prompt (default assistant)",
+    )
+    g.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help='logprobs name every token "token_id:N", as a request\'s own flag of that name does',
+    )
+    g.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="every stream ends with a usage chunk, asked for (stream_options) or not",
+    )
+    g.add_argument(
+        "--default-chat-template-kwargs",
+        type=json_object,
+        default=None,
+        help="JSON the chat template gets under a request's own chat_template_kwargs, e.g. "
+        "'{\"enable_thinking\": false}'",
+    )
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -117,6 +140,7 @@ def api_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     from pagedserve.engine.async_engine import AsyncEngine
     from pagedserve.entrypoints.openai.api_server import ServerSettings
     from pagedserve.entrypoints.openai.lora_endpoints import runtime_lora_updating
+    from pagedserve.entrypoints.openai.serving_base import ApiDefaults
     from pagedserve.lora.request import LoRARequest
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
@@ -133,6 +157,12 @@ def api_settings(args: argparse.Namespace) -> tuple[Any, Any]:
         reasoning_parser=args.reasoning_parser,
         lora_modules=loras,
         allow_runtime_lora_updating=bool(args.enable_lora) and runtime_lora_updating(),
+        defaults=ApiDefaults(
+            args.response_role,
+            args.return_tokens_as_token_ids,
+            args.enable_force_include_usage,
+            args.default_chat_template_kwargs or {},
+        ),
     )
     logger.info(
         "serving the model as %s", ", ".join(repr(n) for n in names + [m.lora_name for m in loras])

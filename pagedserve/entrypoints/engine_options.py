@@ -125,6 +125,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "code from a model's directory runs",
     )
     g.add_argument(
+        "--override-generation-config",
+        type=json_object,
+        default=None,
+        help="JSON over the model's generation config (requests' sampling defaults), in its "
+        "keys: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens; e.g. "
+        "'{\"temperature\": 0.5}'",
+    )
+    g.add_argument(
         "--max-logprobs",
         type=int,
         default=None,
@@ -170,6 +178,7 @@ _ENGINE_FIELDS = (
     "trust_remote_code",
     "hf_overrides",
     "max_logprobs",
+    "override_generation_config",
     "seed",
 )
 

@@ -33,23 +33,37 @@ class GenerationConfig:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
 
 
-def load_generation_config(model_path: str, source: str = "auto") -> GenerationConfig:
+def load_generation_config(
+    model_path: str, source: str = "auto", overrides: dict[str, Any] | None = None
+) -> GenerationConfig:
     """``source``: ``auto`` (the model directory's file; a GGUF file has none), ``vllm`` (none:
-    the built-in defaults), or a directory holding a ``generation_config.json``."""
+    the built-in defaults), or a directory holding a ``generation_config.json``. ``overrides``
+    (vLLM's ``--override-generation-config``, in the file's keys) go over what it says."""
+    unknown = sorted(set(overrides or {}) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"override_generation_config: {', '.join(unknown)} not taken; the keys are "
+            f"{', '.join(SAMPLING_KEYS)}"
+        )
+    return _parse({**_read(model_path, source), **(overrides or {})})
+
+
+def _read(model_path: str, source: str) -> dict[str, Any]:
     if source == "vllm":
-        return GenerationConfig()
+        return {}
     if source == "auto":
         directory = Path(model_path)
         if not directory.is_dir():
-            return GenerationConfig()
+            return {}
     else:
         directory = Path(source)
         if not (directory / FILE).is_file():
             raise FileNotFoundError(f"generation config {source!r} has no {FILE}")
     path = directory / FILE
-    if not path.is_file():
-        return GenerationConfig()
-    raw = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _parse(raw: dict[str, Any]) -> GenerationConfig:
     eos = raw.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
     defaults = {ours: raw[key] for key, ours in SAMPLING_KEYS.items() if raw.get(key) is not None}

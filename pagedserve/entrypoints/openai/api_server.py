@@ -41,7 +41,7 @@ from pagedserve.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
-from pagedserve.entrypoints.openai.serving_base import OpenAIServing
+from pagedserve.entrypoints.openai.serving_base import ApiDefaults, OpenAIServing
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
 from pagedserve.entrypoints.openai.serving_embedding import ServingEmbedding
@@ -94,6 +94,7 @@ class ServerSettings:
     access_log_excluded: set[str] = field(default_factory=set)  # paths the access log skips
     # uvicorn's HTTPS settings: ssl_keyfile, ssl_certfile, ssl_ca_certs, ssl_cert_reqs, ssl_ciphers
     ssl: dict[str, Any] = field(default_factory=dict)
+    defaults: ApiDefaults = field(default_factory=ApiDefaults)  # what the API flags set
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -104,6 +105,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         settings.tool_call_parser,
         settings.reasoning_parser,
         settings.lora_modules,
+        settings.defaults,
     )
     chat = ServingChat(serving)
     completion = ServingCompletion(serving)

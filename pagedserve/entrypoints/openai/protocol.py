@@ -34,6 +34,7 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: usage so far in every chunk
 
 
 class ContentPart(OpenAIModel):
@@ -95,8 +96,43 @@ class RequestBody(OpenAIModel):
         return data
 
 
+LEGACY_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+IGNORED_GUIDED_FIELDS = ("guided_decoding_backend", "guided_whitespace_pattern")
+
+
 class SamplingFields(RequestBody):
     """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_guided_fields(cls, data: Any) -> Any:
+        """vLLM's ``guided_json``, ``guided_regex``, ``guided_choice`` and ``guided_grammar``
+        (its API before ``structured_outputs``) constrain the output as ``structured_outputs``
+        does. vLLM 0.32 ignores them with a warning, and its clients get free text; older
+        clients still send them."""
+        if not isinstance(data, dict):
+            return data
+        given = {k: v for k, v in data.items() if k in LEGACY_GUIDED_FIELDS and v is not None}
+        rest = {
+            k: v
+            for k, v in data.items()
+            if k not in LEGACY_GUIDED_FIELDS and k not in IGNORED_GUIDED_FIELDS
+        }
+        if not given:
+            return rest
+        first = sorted(given)[0]
+        if len(given) > 1 or data.get("structured_outputs") is not None:
+            raise bad_request(
+                "give one constraint: one of guided_json, guided_regex, guided_choice, "
+                "guided_grammar, or structured_outputs",
+                param=first,
+            )
+        return {**rest, "structured_outputs": {LEGACY_GUIDED_FIELDS[first]: given[first]}}
 
     model: str | None = None
     n: int = 1
@@ -173,9 +209,12 @@ class SamplingFields(RequestBody):
             skip_special_tokens=params.skip_special_tokens,
         )
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def stream_usage(self, forced: bool) -> tuple[bool, bool]:
+        """(a stream ends with a usage chunk, every chunk carries the usage so far); ``forced``:
+        the server's ``--enable-force-include-usage``."""
+        options = self.stream_options or StreamOptions()
+        include = forced or bool(options.include_usage)
+        return include, include and bool(options.continuous_usage_stats)
 
     @property
     def returned_prompt_logprobs(self) -> int | None:

@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -49,6 +50,16 @@ class ChatFields(Protocol):
     chat_template_kwargs: dict[str, Any] | None
 
 
+@dataclass
+class ApiDefaults:
+    """What the server's flags set for every request (vLLM's flags of the same names)."""
+
+    response_role: str = "assistant"  # a chat answer's role, after a generation prompt
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    force_include_usage: bool = False  # every stream ends with its usage
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under the request's
+
+
 class OpenAIServing:
     """Shared state and helpers of the OpenAI endpoints."""
 
@@ -59,8 +70,10 @@ class OpenAIServing:
         tool_parser: str | None = None,
         reasoning_parser: str | None = None,
         lora_modules: list[LoRARequest] | None = None,
+        defaults: ApiDefaults | None = None,
     ) -> None:
         self.engine = engine
+        self.defaults = defaults or ApiDefaults()
         self.served_model_names = served_model_names
         # Adapter name -> adapter: a request whose model names one runs with it.
         self.lora_modules = {m.lora_name: m for m in lora_modules or []}
@@ -241,7 +254,7 @@ class OpenAIServing:
                 "this model has no chat template; start the server with --chat-template",
                 param="messages",
             )
-        kwargs = dict(chat_template_kwargs or {})
+        kwargs = {**self.defaults.chat_template_kwargs, **(chat_template_kwargs or {})}
         for reserved in ("conversation", "tokenize", "chat_template", "return_dict"):
             kwargs.pop(reserved, None)
         try:
@@ -267,7 +280,7 @@ class OpenAIServing:
     def token_labeler(self, as_ids: bool) -> Callable[[Logprob | None, int], str]:
         """How logprobs name a token: by its text, or with vLLM's ``return_tokens_as_token_ids``
         as ``"token_id:N"``, which names even a token whose bytes are not valid UTF-8 alone."""
-        if as_ids:
+        if as_ids or self.defaults.return_tokens_as_token_ids:
             return lambda _, token_id: f"token_id:{token_id}"
 
         def text(logprob: Logprob | None, token_id: int) -> str:
@@ -372,13 +385,18 @@ def _template_call(call: dict[str, Any], index: int) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage_so_far(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A streamed chunk's usage with vLLM's ``continuous_usage_stats``."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    details = {"prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {**usage_so_far(prompt_tokens, completion_tokens), **details}
 
 
 def by_rank(item: tuple[int, Logprob]) -> float:

@@ -19,6 +19,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     new_id,
     prompt_logprobs_json,
     usage_dict,
+    usage_so_far,
 )
 from pagedserve.entrypoints.openai.streams import (
     SSE_DONE,
@@ -90,7 +91,7 @@ class ServingChat:
                 entries = self.logprob_entries(req, c, 0, len(c.token_ids), top_logprobs)
                 logprobs = {"content": entries}
             reasoning, text = self.split(c.text, final=True)
-            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            message: dict[str, Any] = {"role": self.role(req), "content": text, "refusal": None}
             if reasoning is not None:
                 message.update(content=text or None, **_reasoning(reasoning or None))
             finish_reason = c.finish_reason
@@ -131,7 +132,7 @@ class ServingChat:
         prompt_ids: list[int],
     ) -> AsyncIterator[bytes]:
         n = req.n
-        include_usage = req.include_usage
+        include_usage, continuous = req.stream_usage(self.s.defaults.force_include_usage)
         head = {
             "id": request_id,
             "object": "chat.completion.chunk",
@@ -139,10 +140,10 @@ class ServingChat:
             "model": self.s.reported_model(req.model),
         }
 
-        def chunk(choice: dict[str, Any], **fields: Any) -> bytes:
+        def chunk(choice: dict[str, Any], completed: int = 0, **fields: Any) -> bytes:
             obj = {**head, "choices": [choice], **fields}
-            if include_usage:
-                obj["usage"] = None
+            if include_usage:  # continuous: the choice's usage so far
+                obj["usage"] = usage_so_far(len(prompt_ids), completed) if continuous else None
             return sse(obj)
 
         for i in range(n):
@@ -150,7 +151,7 @@ class ServingChat:
             yield chunk(
                 {
                     "index": i,
-                    "delta": {"role": "assistant", "content": ""},
+                    "delta": {"role": self.role(req), "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
                     "stop_reason": None,
@@ -209,7 +210,7 @@ class ServingChat:
                     if req.return_token_ids:
                         choice["token_ids"] = c.token_ids[ids_sent[i] : num_tokens]
                         ids_sent[i] = num_tokens
-                    yield chunk(choice)
+                    yield chunk(choice, num_tokens)
         except EngineError as exc:
             yield sse(error_body(str(exc), "server_error", None, 500))
             yield SSE_DONE
@@ -217,6 +218,13 @@ class ServingChat:
         if include_usage and final is not None:
             yield sse({**head, "choices": [], "usage": _usage(final)})
         yield SSE_DONE
+
+    def role(self, req: ChatCompletionRequest) -> str:
+        """The answer's role: ``--response-role`` after a generation prompt, else the role of
+        the message it continues (as vLLM)."""
+        if req.add_generation_prompt:
+            return self.s.defaults.response_role
+        return req.messages[-1].role
 
     def call_id(self) -> str:
         """A tool call's id: the server's parser's format (Mistral), else OpenAI-like."""

@@ -20,6 +20,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     prompt_logprobs_json,
     top_alternatives,
     usage_dict,
+    usage_so_far,
 )
 from pagedserve.entrypoints.openai.streams import (
     SSE_DONE,
@@ -154,7 +155,7 @@ class _Job:
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[bytes]:
         req = self.req
         n = req.n
-        include_usage = req.include_usage
+        include_usage, continuous = req.stream_usage(self.s.defaults.force_include_usage)
         head = self.head
         total = len(streams) * n
         text_pos = [0] * total
@@ -202,8 +203,9 @@ class _Job:
                         if first:
                             choice["prompt_token_ids"] = out.prompt_token_ids
                     obj = {**head, "choices": [choice]}
-                    if include_usage:
-                        obj["usage"] = None
+                    if include_usage:  # continuous: the choice's usage so far
+                        prompt_len = len(out.prompt_token_ids)
+                        obj["usage"] = usage_so_far(prompt_len, num_tokens) if continuous else None
                     yield sse(obj)
         except EngineError as exc:
             yield sse(error_body(str(exc), "server_error", None, 500))

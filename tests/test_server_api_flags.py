@@ -1,0 +1,123 @@
+"""The API flags that set every request's defaults (vLLM's): ``--response-role``,
+``--return-tokens-as-token-ids``, ``--enable-force-include-usage``,
+``--default-chat-template-kwargs``, ``--override-generation-config``; and the per-request
+``stream_options.continuous_usage_stats`` and vLLM's older ``guided_*`` fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from server_utils import MODEL_NAME, ServerProcess, request
+
+from pagedserve import LLM
+
+TEMPLATE = (
+    "{{ greeting }}|{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CHAT = [{"role": "user", "content": "Tell me a story"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    template = tmp_path_factory.mktemp("template") / "t.jinja"
+    template.write_text(TEMPLATE)
+    srv = ServerProcess(
+        [
+            tiny_model_dir("llama"),
+            "--served-model-name", MODEL_NAME,
+            "--chat-template", str(template),
+            "--dtype", "float32",
+            "--response-role", "bot",
+            "--return-tokens-as-token-ids",
+            "--enable-force-include-usage",
+            "--default-chat-template-kwargs", '{"greeting": "Hello"}',
+            "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0}',
+        ]
+    ).wait_ready()  # fmt: skip
+    yield srv
+    srv.close()
+
+
+def post(server, path: str, body: dict):
+    status, answer = request(server.url + path, "POST", {"model": MODEL_NAME, **body})
+    assert status == 200, answer
+    return answer
+
+
+def stream(server, path: str, body: dict) -> list[dict]:
+    """The parsed chunks of a streamed answer."""
+    status, text = request(server.url + path, "POST", {"model": MODEL_NAME, "stream": True, **body})
+    assert status == 200, text
+    data = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_role_defaults_and_template_kwargs(server, smollm2_tokenizer):
+    answer = post(server, "/v1/chat/completions", {"messages": CHAT, "return_token_ids": True})
+    assert answer["choices"][0]["message"]["role"] == "bot"
+    assert answer["usage"]["completion_tokens"] == 3  # max_new_tokens from the override
+    prompt = smollm2_tokenizer.decode(answer["prompt_token_ids"])
+    assert prompt.startswith("Hello|<user>Tell me a story<assistant>")
+    own = {"messages": CHAT, "chat_template_kwargs": {"greeting": "Hey"}, "return_token_ids": True}
+    answer = post(server, "/v1/chat/completions", own)
+    assert smollm2_tokenizer.decode(answer["prompt_token_ids"]).startswith("Hey|")
+    partial = CHAT + [{"role": "assistant", "content": "Once"}]
+    body = {"messages": partial, "add_generation_prompt": False, "continue_final_message": True}
+    assert post(server, "/v1/chat/completions", body)["choices"][0]["message"]["role"] == (
+        "assistant"  # the role of the message it continues
+    )
+
+
+def test_logprobs_name_tokens_by_id(server):
+    body = {"messages": CHAT, "logprobs": True, "top_logprobs": 2}
+    content = post(server, "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    assert all(t["token"].startswith("token_id:") for t in content)
+    assert all(a["token"].startswith("token_id:") for t in content for a in t["top_logprobs"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": "Once"})],
+)
+def test_streams_carry_usage(server, path, body):
+    plain = stream(server, path, {**body, "max_tokens": 4, "ignore_eos": True})
+    assert all(c["usage"] is None for c in plain[:-1])  # forced: the usage chunk comes last
+    assert plain[-1]["choices"] == [] and plain[-1]["usage"]["completion_tokens"] == 4
+    options = {"continuous_usage_stats": True}
+    chunks = stream(server, path, {**body, "max_tokens": 4, "ignore_eos": True,
+                                   "stream_options": options})  # fmt: skip
+    counts = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 4
+    prompt = chunks[-1]["usage"]["prompt_tokens"]
+    assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+    assert all(
+        c["usage"]["total_tokens"] == prompt + n for c, n in zip(chunks[:-1], counts, strict=True)
+    )
+
+
+def test_legacy_guided_fields_constrain(server):
+    body = {"prompt": "Is it?", "max_tokens": 5, "temperature": 1.0, "seed": 3}
+    for seed in range(4):
+        answer = post(
+            server, "/v1/completions", {**body, "seed": seed, "guided_choice": ["yes", "no"]}
+        )
+        assert answer["choices"][0]["text"] in ("yes", "no")
+    answer = post(server, "/v1/completions", {**body, "guided_regex": "[0-9]{3}", "max_tokens": 8})
+    assert len(answer["choices"][0]["text"]) == 3 and answer["choices"][0]["text"].isdigit()
+    both = {**body, "model": MODEL_NAME, "guided_regex": "a", "guided_choice": ["b"]}
+    status, answer = request(server.url + "/v1/completions", "POST", both)
+    assert status == 400 and answer["error"]["param"] == "guided_choice"
+
+
+def test_override_generation_config_keys(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = LLM(path, override_generation_config={"temperature": 0.3, "max_new_tokens": 7})
+    assert llm.llm_engine.generation_config.sampling_defaults == {
+        "temperature": 0.3,
+        "max_tokens": 7,
+    }
+    with pytest.raises(ValueError, match="do_sample not taken"):
+        LLM(path, override_generation_config={"do_sample": True})
