@@ -1,14 +1,16 @@
 """The API flags that set every request's defaults (vLLM's): ``--response-role``,
 ``--return-tokens-as-token-ids``, ``--enable-force-include-usage``,
-``--default-chat-template-kwargs``, ``--override-generation-config``; and the per-request
-``stream_options.continuous_usage_stats`` and vLLM's older ``guided_*`` fields."""
+``--default-chat-template-kwargs``, ``--override-generation-config``; the per-request
+``stream_options.continuous_usage_stats`` and vLLM's older ``guided_*`` fields; ``GET /load``
+and the dev-mode ``POST /reset_prefix_cache``."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, request
+from server_utils import MODEL_NAME, ServerProcess, open_stream, request
 
 from pagedserve import LLM
 
@@ -34,7 +36,9 @@ def server(tmp_path_factory, tiny_model_dir):
             "--enable-force-include-usage",
             "--default-chat-template-kwargs", '{"greeting": "Hello"}',
             "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0}',
-        ]
+            "--enable-server-load-tracking",
+        ],
+        env={"VLLM_SERVER_DEV_MODE": "1"},
     ).wait_ready()  # fmt: skip
     yield srv
     srv.close()
@@ -121,3 +125,34 @@ def test_override_generation_config_keys(tiny_model_dir):
     }
     with pytest.raises(ValueError, match="do_sample not taken"):
         LLM(path, override_generation_config={"do_sample": True})
+
+
+def test_load_counts_requests_in_flight(server):
+    assert request(server.url + "/load")[1] == {"server_load": 0}
+    # About 4 MB of chunks, more than the sockets hold: unread, the stream stays in flight.
+    body = {"model": MODEL_NAME, "prompt": "Once", "max_tokens": 250, "ignore_eos": True}
+    body |= {"n": 8, "logprobs": 20, "stream": True}
+    conn, resp = open_stream(server.url, "/v1/completions", body)
+    try:
+        resp.readline()
+        assert request(server.url + "/load")[1] == {"server_load": 1}
+    finally:
+        conn.close()  # the client goes away: the request is aborted
+    deadline = time.monotonic() + 30
+    while request(server.url + "/load")[1]["server_load"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert request(server.url + "/load")[1] == {"server_load": 0}
+
+
+def test_reset_prefix_cache(server, tiny_model_dir):
+    def cached() -> int:
+        answer = post(server, "/v1/completions", {"prompt": "word " * 40})
+        return answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    cached()
+    assert cached() > 0
+    assert request(server.url + "/reset_prefix_cache", "POST")[1] == {"success": True}
+    assert cached() == 0
+    llm = LLM(tiny_model_dir("llama"))
+    llm.generate(["word " * 40], use_tqdm=False)
+    assert llm.reset_prefix_cache()

@@ -192,6 +192,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.access_log_excluded = {p.strip() for p in excluded.split(",") if p.strip()}
     settings.request_id_headers = args.enable_request_id_headers
     settings.docs = not args.disable_fastapi_docs
+    settings.server_load_tracking = args.enable_server_load_tracking
+    settings.dev_endpoints = any(
+        os.environ.get(name, "0") not in ("", "0")
+        for name in ("PAGEDSERVE_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
+    )
     settings.ssl = tls
     settings.cors = CorsSettings(
         args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials

@@ -47,6 +47,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (between benchmark runs, say); False while running
+        requests hold blocks."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """``SamplingParams()`` with the model's generation-config defaults (temperature, top_p,
         top_k, min_p, repetition_penalty, max_tokens), as vLLM's; what ``generate`` and ``chat``

@@ -77,6 +77,11 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
         help="comma-separated paths whose requests the access log skips, e.g. /health,/metrics",
     )
     g.add_argument(
+        "--enable-server-load-tracking",
+        action="store_true",
+        help='GET /load answers {"server_load": N}: the requests running the model now',
+    )
+    g.add_argument(
         "--max-log-len",
         type=int,
         default=None,

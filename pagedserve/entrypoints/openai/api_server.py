@@ -32,6 +32,7 @@ from pagedserve.entrypoints.openai.lora_endpoints import add_lora_routes
 from pagedserve.entrypoints.openai.middleware import (
     AccessLogFilter,
     GuardMiddleware,
+    LoadMiddleware,
     RequestIdMiddleware,
 )
 from pagedserve.entrypoints.openai.protocol import (
@@ -52,6 +53,21 @@ from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import ServerMetrics, StatsLogger
 
 logger = logging.getLogger("pagedserve.server")
+
+# The endpoints that run the model (what --enable-server-load-tracking counts, and run-batch takes).
+MODEL_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/classify",
+    "/v1/classify",
+)
 
 
 def package_version() -> str:
@@ -95,6 +111,8 @@ class ServerSettings:
     # uvicorn's HTTPS settings: ssl_keyfile, ssl_certfile, ssl_ca_certs, ssl_cert_reqs, ssl_ciphers
     ssl: dict[str, Any] = field(default_factory=dict)
     defaults: ApiDefaults = field(default_factory=ApiDefaults)  # what the API flags set
+    server_load_tracking: bool = False  # GET /load: requests in flight on MODEL_ROUTES
+    dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -153,6 +171,21 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     )
     if settings.request_id_headers:  # outside the guard: its 401s and 413s carry one too
         app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
+    load = [0]
+    if settings.server_load_tracking:
+        routes = frozenset(MODEL_ROUTES)
+        app.add_middleware(LoadMiddleware, paths=routes, counter=load)  # type: ignore[arg-type]
+
+        @app.get("/load")
+        async def server_load() -> dict[str, int]:
+            return {"server_load": load[0]}
+
+    if settings.dev_endpoints:
+
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> dict[str, bool]:
+            return {"success": await engine.call(lambda e: e.reset_prefix_cache())}
+
     # Outside the guard: a browser's preflight (OPTIONS) carries no API key.
     app.add_middleware(
         CORSMiddleware,  # type: ignore[arg-type]

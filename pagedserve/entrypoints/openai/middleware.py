@@ -123,3 +123,23 @@ class AccessLogFilter(logging.Filter):
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
             return args[2].split("?", 1)[0] not in self.paths
         return True
+
+
+class LoadMiddleware:
+    """Counts the requests in flight on the endpoints that run the model (vLLM's
+    ``--enable-server-load-tracking``, read at ``GET /load``), streams until their last chunk."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], counter: list[int]) -> None:
+        self.app = app
+        self.paths = paths
+        self.counter = counter  # one cell, shared with the /load route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        self.counter[0] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counter[0] -= 1

@@ -25,24 +25,12 @@ from starlette.types import ASGIApp, Message
 from tqdm import tqdm
 
 from pagedserve.engine.async_engine import AsyncEngine
-from pagedserve.entrypoints.openai.api_server import ServerSettings, build_app
+from pagedserve.entrypoints.openai.api_server import MODEL_ROUTES, ServerSettings, build_app
 from pagedserve.entrypoints.openai.errors import error_body
 
 logger = logging.getLogger("pagedserve.run_batch")
 
-BATCH_URLS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/responses",
-    "/v1/embeddings",
-    "/score",
-    "/v1/score",
-    "/rerank",
-    "/v1/rerank",
-    "/v2/rerank",
-    "/classify",
-    "/v1/classify",
-)
+BATCH_URLS = MODEL_ROUTES
 
 
 class BatchLineError(ValueError):
