@@ -194,7 +194,7 @@ def test_max_logprobs(tiny_model_dir):
     path = tiny_model_dir("llama")
     with pytest.raises(ValueError, match=r"logprobs 21 is more than this engine returns: 20"):
         LLM(path).generate(["hi"], SamplingParams(max_tokens=1, logprobs=21), use_tqdm=False)
-    with pytest.raises(ValueError, match="max_logprobs must be in"):
+    with pytest.raises(ValueError, match="max_logprobs must be >= 0"):
         LLM(path, max_logprobs=-2)
     llm = LLM(path, dtype="float32", max_logprobs=-1)
     assert llm.llm_engine.max_logprobs == llm.llm_engine.model.config.vocab_size

@@ -29,11 +29,10 @@ def check_token_ids(token_ids: list[int], vocab_size: int) -> None:
 
 
 def resolve_max_logprobs(max_logprobs: int, vocab_size: int) -> int:
-    """The engine's ``max_logprobs``: -1 is the whole vocabulary."""
-    value = vocab_size if max_logprobs == -1 else max_logprobs
-    if not 0 <= value <= vocab_size:
-        raise ValueError(f"max_logprobs must be in [0, {vocab_size}] or -1 (the vocabulary)")
-    return value
+    """The engine's ``max_logprobs``: -1 (or more than it holds) is the whole vocabulary."""
+    if max_logprobs < -1:
+        raise ValueError("max_logprobs must be >= 0, or -1 for the whole vocabulary")
+    return vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
 
 
 def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
