@@ -60,15 +60,32 @@ def test_packaged_model_matches_transformers(smollm2, hf_smollm2):
 
 
 @pytest.mark.parametrize(
-    "kind", ["llama", "qwen2", "qwen3", "llama_tied", "phi3", "phi3_partial", "phi4_mini"]
+    "kind",
+    [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "llama_tied",
+        "phi3",
+        "phi3_partial",
+        "phi4_mini",
+        "gemma2_gguf",
+        "gemma3_gguf",
+    ],
 )
 def test_f32_gguf_matches_its_hf_model(kind, tmp_path):
     """Exact weights: name mapping, q/k un-permutation, llama3 rope via rope_freqs, tying;
-    Phi-3's fused projections, sliding window, partial rotary and long-RoPE factor tensors."""
+    Phi-3's fused projections, sliding window, partial rotary and long-RoPE factor tensors;
+    Gemma's norms stored plus one, its window pattern, score scale, caps and local RoPE."""
     hf = tiny_hf_model(kind)
     path = write_tiny_gguf(hf, tmp_path / "tiny.gguf")
     model = load_model(str(path), torch.float32, CPU)
     assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    if kind.startswith("gemma"):
+        for key in ("query_pre_attn_scalar", "sliding_window", "layer_types"):
+            assert getattr(model.config, key) == getattr(hf.config, key), key
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            assert getattr(model.config, key, None) == getattr(hf.config, key, None), key
     if kind.startswith("phi"):  # rotary share, long-RoPE factors: from keys and tensors
         (theta, scaling), (want_theta, want) = map(rope_parameters, (model.config, hf.config))
         assert theta == want_theta and scaling.keys() == want.keys()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
 from gguf.quants import quantize
 from safetensors.torch import save_file
 from transformers import (
@@ -76,7 +76,9 @@ def tiny_config(kind: str) -> PretrainedConfig:
     ``phi4_mini`` (that, with long RoPE over a pretraining context of 32), ``qwen2_window`` (one on the second layer
     only), ``gemma2`` (a window on the first layer, query_pre_attn_scalar, soft-capped scores
     and logits, caps small enough to matter) or ``gemma3`` (a window on the first layer, each
-    layer type its own RoPE, q/k norms, query_pre_attn_scalar, soft-capped logits)."""
+    layer type its own RoPE, q/k norms, query_pre_attn_scalar, soft-capped logits);
+    ``gemma2_gguf`` and ``gemma3_gguf`` are Gemma 2 and 3 as llama.cpp's GGUF files describe
+    them (scores scaled by the head size; Gemma 3 with six layers, the last one global)."""
     if kind in ("llama", "llama_sharded"):
         return LlamaConfig(**_SIZES, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     if kind == "llama_tied":
@@ -110,6 +112,29 @@ def tiny_config(kind: str) -> PretrainedConfig:
             # SDPA cannot soft-cap: some transformers versions pick it anyway and drop the cap.
             attn_implementation="eager",
         )
+    if kind == "gemma2_gguf":  # what a GGUF can say: scores scaled by the head size
+        return Gemma2Config(
+            **_SIZES,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+            attn_implementation="eager",
+        )
+    if kind == "gemma3_gguf":  # llama.cpp's Gemma 3: five sliding layers in six
+        return Gemma3TextConfig(
+            **{**_SIZES, "num_hidden_layers": 6},
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=8,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+            final_logit_softcapping=30.0,
+        )
     if kind == "gemma3":
         return Gemma3TextConfig(
             **_SIZES,
@@ -134,7 +159,9 @@ def tiny_hf_model(kind: str, seed: int = 0) -> PreTrainedModel:
     config = tiny_config(kind)
     model_class = {
         "gemma2": Gemma2ForCausalLM,
+        "gemma2_gguf": Gemma2ForCausalLM,
         "gemma3": Gemma3ForCausalLM,
+        "gemma3_gguf": Gemma3ForCausalLM,
         "mistral": MistralForCausalLM,
         "phi3": Phi3ForCausalLM,
         "phi3_partial": Phi3ForCausalLM,
@@ -162,7 +189,7 @@ def write_tiny_model(path: Path, kind: str, tokenizer=None, seed: int = 0) -> Pa
     return path
 
 
-def _hf_to_gguf_name(name: str) -> str:
+def _hf_to_gguf_name(name: str, arch: str) -> str:
     table = {
         "model.embed_tokens": "token_embd",
         "model.norm": "output_norm",
@@ -181,6 +208,12 @@ def _hf_to_gguf_name(name: str) -> str:
         "self_attn.qkv_proj": "attn_qkv",  # Phi-3's fused projections
         "mlp.gate_up_proj": "ffn_up",
     }
+    if arch in ("gemma2", "gemma3"):
+        table |= {
+            "post_attention_layernorm": "post_attention_norm",
+            "pre_feedforward_layernorm": "ffn_norm",
+            "post_feedforward_layernorm": "post_ffw_norm",
+        }
     base, _, suffix = name.rpartition(".")
     if base.startswith("model.layers."):
         _, _, index, rest = base.split(".", 3)
@@ -223,7 +256,9 @@ def write_tiny_gguf(
     but its 100k strings make writing and reading the file take seconds).
     """
     config = model.config
-    arch = config.model_type if config.model_type in ("qwen2", "qwen3", "phi3") else "llama"
+    arch = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    if arch not in ("qwen2", "qwen3", "phi3", "gemma2", "gemma3"):
+        arch = "llama"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -232,7 +267,20 @@ def write_tiny_gguf(
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    theta, scaling = rope_parameters(config)
+    if arch == "gemma3":  # the global layers' RoPE (llama.cpp knows the sliding layers')
+        full = config.rope_parameters["full_attention"]
+        theta, scaling = full["rope_theta"], full
+        if full["rope_type"] == "linear":
+            writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
+    else:
+        theta, scaling = rope_parameters(config)
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(config.sliding_window)
+        if config.final_logit_softcapping is not None:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if arch == "gemma2":
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if arch == "phi3":  # as llama.cpp's convert writes Phi-3: no key length, a window (0: none)
         rotary = int(head_dim * scaling.get("partial_rotary_factor", 1.0))
         writer.add_rope_dimension_count(rotary)
@@ -264,8 +312,10 @@ def write_tiny_gguf(
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        gguf_name = _hf_to_gguf_name(name)
+        gguf_name = _hf_to_gguf_name(name, arch)
         array = tensor.float().numpy()
+        if arch in ("gemma2", "gemma3") and gguf_name.endswith("norm.weight"):
+            array = array + 1  # as llama.cpp's convert stores Gemma's norms
         if arch == "llama" and ".attn_q." in gguf_name:
             array = _permute_rotary(array, config.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gguf_name:

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import Q4_K, dequantize
-from transformers import LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from pagedserve.kernels.packed_gemm import QuantBlocks
 from pagedserve.model.llama import ROPE_FREQ_FACTORS
@@ -27,7 +35,10 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, type[PretrainedConfig]]] = {
     "qwen2": ("Qwen2ForCausalLM", Qwen2Config),
     "qwen3": ("Qwen3ForCausalLM", Qwen3Config),
     "phi3": ("Phi3ForCausalLM", Phi3Config),
+    "gemma2": ("Gemma2ForCausalLM", Gemma2Config),
+    "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig),
 }
+GEMMA = ("gemma2", "gemma3")
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_BLOCK = {
@@ -45,7 +56,14 @@ _PER_BLOCK = {
 }
 # Phi-3 stores q/k/v and gate/up fused, as its Hugging Face checkpoints do.
 _FUSED_BLOCK = {**_PER_BLOCK, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-_BLOCK_NAMES = {"phi3": _FUSED_BLOCK}
+# Gemma norms the attention's and the MLP's outputs too, and its ffn_norm is the MLP's input norm.
+_GEMMA_BLOCK = {
+    **_PER_BLOCK,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_BLOCK_NAMES = {"phi3": _FUSED_BLOCK, "gemma2": _GEMMA_BLOCK, "gemma3": _GEMMA_BLOCK}
 # Long-RoPE's per-frequency factors (Phi-3 128k, Phi-4-mini): config, not weights.
 _LONGROPE = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
@@ -97,8 +115,18 @@ def gguf_config(reader: GGUFReader) -> PretrainedConfig:
     rope_scaling = extra.pop("rope_scaling", None) or _rope_scaling(
         arch_key("rope.scaling.type"), arch_key("rope.scaling.factor")
     )
+    theta = arch_key("rope.freq_base", 10000.0)
+    rope: dict[str, Any] = {"rope_theta": theta, "rope_scaling": rope_scaling}
+    if arch in GEMMA:
+        extra = _gemma_settings(arch, arch_key, hidden // heads, head_dim or hidden // heads)
+    if arch == "gemma3":  # the sliding layers' base is llama.cpp's, not the file's
+        full = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": theta}
+        local = {"rope_type": "default", "rope_theta": 10000.0}
+        extra["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
+        rope = {}
     return config_class(
         **extra,
+        **rope,
         architectures=[hf_arch],
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -109,8 +137,6 @@ def gguf_config(reader: GGUFReader) -> PretrainedConfig:
         head_dim=head_dim or hidden // heads,
         max_position_embeddings=arch_key("context_length"),
         rms_norm_eps=arch_key("attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=arch_key("rope.freq_base", 10000.0),
-        rope_scaling=rope_scaling,
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=metadata(reader, "tokenizer.ggml.bos_token_id"),
@@ -137,6 +163,27 @@ def _phi3_settings(arch_key: Any, tensors: dict[str, Any], head_dim: int) -> dic
         }
         scaling.update(rope_type="longrope", original_max_position_embeddings=original)
         settings["rope_scaling"] = scaling
+    return settings
+
+
+def _gemma_settings(arch: str, arch_key: Any, width_per_head: int, head_dim: int) -> dict[str, Any]:
+    """What llama.cpp knows of Gemma 2 and 3 without the file saying it: scores scaled by the
+    head size, but by hidden / heads in the 27B models (46 and 62 layers); every other layer
+    sliding in Gemma 2, five in six in Gemma 3 (unless the file gives the pattern)."""
+    layers = arch_key("block_count")
+    big = layers == (46 if arch == "gemma2" else 62)
+    pattern = arch_key("attention.sliding_window_pattern") or (2 if arch == "gemma2" else 6)
+    scale = arch_key("attention.scale")  # the scores' multiplier, where a file gives it
+    settings: dict[str, Any] = {
+        "query_pre_attn_scalar": scale**-2 if scale else (width_per_head if big else head_dim),
+        "sliding_window": arch_key("attention.sliding_window"),
+        "layer_types": [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+        ],
+        "final_logit_softcapping": arch_key("final_logit_softcapping"),
+    }
+    if arch == "gemma2":
+        settings["attn_logit_softcapping"] = arch_key("attn_logit_softcapping")
     return settings
 
 
@@ -185,6 +232,8 @@ def gguf_weights(
         array = dequantize(tensor.data, tensor.tensor_type)
         weight = torch.from_numpy(array if array.flags.writeable else np.array(array))
         name = hf_tensor_name(tensor.name, arch)
+        if arch in GEMMA and name.endswith("norm.weight"):
+            weight = weight - 1  # llama.cpp's convert stores Gemma's norm weights plus one
         yield name, _in_hf_order(reader, config, name, weight)
 
 
