@@ -166,6 +166,11 @@ def test_metrics_names(server):
         "inter_token_latency_seconds_count",
         "e2e_request_latency_seconds_count",
         "request_queue_time_seconds_count",
+        "request_inference_time_seconds_count",
+        "request_prefill_time_seconds_count",
+        "request_decode_time_seconds_count",
+        "request_prompt_tokens_count",
+        "request_generation_tokens_count",
     ):
         assert "pagedserve:" + name in m, name
     assert m["pagedserve:generation_tokens_total"] > 0

@@ -131,7 +131,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     embedding = ServingEmbedding(serving)
     scoring = ServingScore(serving)
     tokenize = ServingTokenize(serving)
-    metrics = ServerMetrics(serving.model_name, engine.get_stats)
+    metrics = ServerMetrics(serving.model_name, engine.get_stats, engine.max_model_len)
     engine.observer = metrics
     stats_logger = StatsLogger(engine.get_stats)
     created = int(time.time())
