@@ -17,6 +17,7 @@ from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 __version__ = "0.1.0"
 __all__ = [
     "LLM",
+    "AsyncLLM",
     "SamplingParams",
     "BeamSearchParams",
     "StructuredOutputsParams",
@@ -32,9 +33,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # LLM pulls in torch and the model code; load it only when asked for.
+    # LLM and AsyncLLM pull in torch and the model code; load them only when asked for.
     if name == "LLM":
         from pagedserve.entrypoints.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from pagedserve.entrypoints.async_llm import AsyncLLM
+
+        return AsyncLLM
     raise AttributeError(f"module 'pagedserve' has no attribute {name!r}")

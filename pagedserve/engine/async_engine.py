@@ -355,7 +355,9 @@ class AsyncEngine:
             if kind == "abort":
                 aborts.extend(payload)
                 continue
-            if kind == "call":
+            if kind == "call":  # after the aborts posted before it (its caller may count on them)
+                self._abort(aborts)
+                aborts = []
                 function, done = payload
                 try:
                     result = function(self.engine)
@@ -380,9 +382,12 @@ class AsyncEngine:
             else:
                 self._live.add(request_id)
                 self._call_in_loop(_settle, accepted, None)
-        if aborts:
-            self._live.difference_update(aborts)
-            self.engine.abort_request(aborts)
+        self._abort(aborts)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._live.difference_update(request_ids)
+            self.engine.abort_request(request_ids)
 
     def _step(self) -> None:
         outputs = self.engine.step()

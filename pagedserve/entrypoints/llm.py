@@ -37,11 +37,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = set(kwargs) - fields
-        if unknown:
-            raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine = LLMEngine(engine_config(model, kwargs, "LLM"))
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -202,7 +198,7 @@ class LLM:
                 salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
                 self.llm_engine.add_request(
                     request_id,
-                    _prompt_input(prompt),
+                    prompt_input(prompt),
                     one,
                     cache_salt=salt,
                     priority=0 if priority is None else priority[i],
@@ -315,14 +311,23 @@ class LLM:
         return [done[i] for i in request_ids]
 
 
+def engine_config(model: str | None, kwargs: dict[str, Any], caller: str) -> EngineConfig:
+    """The EngineConfig of ``caller(model, **kwargs)``; a TypeError names unknown keywords."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise TypeError(f"unknown {caller} arguments: {', '.join(sorted(unknown))}")
+    return EngineConfig(model=model, **kwargs)
+
+
 def _token_ids(tokenizer: Any, prompt: PromptType) -> list[int]:
-    given = _prompt_input(prompt)
+    given = prompt_input(prompt)
     if isinstance(given, list):
         return given
     return tokenizer.encode(given, add_special_tokens=True)
 
 
-def _prompt_input(prompt: PromptType) -> str | list[int]:
+def prompt_input(prompt: PromptType) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
     if "prompt_token_ids" in prompt:
