@@ -86,3 +86,16 @@ def test_strided_queries_are_read_in_place():
         view, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125
     )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 299])
+def test_c_kernel_sliding_window_matches_reference(window):
+    """Each query sees its context's last ``window`` positions: windows inside one block, across
+    blocks, and longer than some contexts; the work split counts only the keys attended."""
+    seq_lens = [1, 15, 16, 17, 33, 300, 64 * 3 + 5]
+    q, k_cache, v_cache, meta = _decode_step(seq_lens, 8, 2, 64, 16, seed=3)
+    expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125, window)
+    got = paged_decode_attention.paged_decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, window
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -32,7 +32,7 @@ typedef void (*write_kv_fn)(void *, void *, const float *, const float *, const 
                             int64_t, int64_t, int64_t, int64_t);
 typedef void (*attention_fn)(float *, const float *, const void *, const void *, const int32_t *,
                              const int32_t *, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             int64_t, float, int64_t);
+                             int64_t, float, int64_t, int64_t);
 
 /* The kernels' entry points and the model's shapes (mirrored by decoder_stack.py). */
 typedef struct {
@@ -62,6 +62,7 @@ typedef struct {
     const float *q_norm, *k_norm; /* per-head norms' weights [D]; NULL: none */
     Projection qkv, o, gate_up, down;
     void *k_cache, *v_cache;
+    int64_t window; /* the layer's sliding window; 0: none */
 } Layer;
 
 /* y [m, n] = x [m, k] W^T (+ b), through the panels Linear.forward would pick. */
@@ -111,7 +112,7 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
                     q + 2 * kv);
         s->attention(attn, qk, L->k_cache, L->v_cache, block_tables, seq_lens, m,
                      s->num_heads, s->num_kv_heads, D, s->block_size, max_blocks, s->scale,
-                     q + kv);
+                     q + kv, L->window);
         project(s, &L->o, x, attn, m, H, q, 0);
         s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
         project(s, &L->gate_up, act, normed, m, s->intermediate, H, 1);

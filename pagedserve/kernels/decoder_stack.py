@@ -64,6 +64,7 @@ class _Layer(ctypes.Structure):
         ("down", _Projection),
         ("k_cache", _ptr),
         ("v_cache", _ptr),
+        ("window", _i64),
     ]
 
 
@@ -98,8 +99,8 @@ class Projection:
 @dataclass
 class Layer:
     """One decoder layer: its two norms' weights, its per-head q and k norms' (Qwen3; else
-    None), its projections (q/k/v stacked; gate/up stacked and packed gated) and its K/V
-    pools."""
+    None), its projections (q/k/v stacked; gate/up stacked and packed gated), its K/V pools and
+    its sliding window (None: none)."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -111,6 +112,7 @@ class Layer:
     down: Projection
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    window: int | None = None  # the layer's sliding window
 
 
 def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
@@ -138,6 +140,7 @@ def _layer_struct(layer: Layer) -> _Layer:
         *(_projection_struct(p) for p in (layer.qkv, layer.o, layer.gate_up, layer.down)),
         _pointer(layer.k_cache),
         _pointer(layer.v_cache),
+        layer.window or 0,
     )
 
 

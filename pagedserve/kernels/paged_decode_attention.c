@@ -1,8 +1,9 @@
 /* Decode attention over a paged KV cache, for CPUs: float32 queries and outputs, pools of
  * kv_t (float32, float16 or bfloat16; see kv_element.h).
  *
- * One query token per sequence attends to its whole context, read straight from the block pools
- * through the block table (no gathered copy). Work is split over (sequence, kv head) pairs. A
+ * One query token per sequence attends to its whole context (or, with a sliding window of W, to
+ * its last W positions), read straight from the block pools through the block table (no
+ * gathered copy). Work is split over (sequence, kv head) pairs. A
  * pair's context is streamed from memory once, 16 keys at a time: the G = num_heads / num_kv_heads
  * query heads that share the kv head score the keys and fold its values into their
  * accumulators with an online softmax, while rows further on are prefetched. Decode attention
@@ -31,7 +32,14 @@ typedef struct {
     const kv_t *k_cache, *v_cache;
     const int32_t *table;
     int64_t len, block_size, row, block_stride, head_offset;
+    int64_t first; /* the first position attended: 0, or len - window past a sliding window */
 } Context;
+
+/* The first position a query at the end of a len-position context sees (window 0: none). */
+static inline int64_t window_start(int64_t len, int64_t window)
+{
+    return window > 0 && len > window ? len - window : 0;
+}
 
 /* Rows from position start on that lie in one block, at most CHUNK. */
 static inline int64_t chunk_rows(int64_t start, int64_t len, int64_t bs)
@@ -125,13 +133,14 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
                 qv[g][j] = load16(q + g * NV * 16 + j * 16);                                   \
             }                                                                                  \
         }                                                                                      \
-        for (int64_t start = 0, n; start < len; start += n) {                                  \
+        for (int64_t start = c->first, n; start < len; start += n) {                           \
             n = chunk_rows(start, len, bs);                                                    \
             const int64_t off = row_offset(c, start);                                          \
             const kv_t *kb = c->k_cache + off, *vb = c->v_cache + off;                         \
             const int64_t ahead_pos = start + n + (PREFETCH_CHUNKS - 1) * CHUNK;               \
             const Context *ahead = ahead_pos < len ? c : next;                                 \
-            const int64_t ahead_at = ahead == c ? ahead_pos : first_chunk_past(ahead_pos, len); \
+            const int64_t past = first_chunk_past(ahead_pos, len);                             \
+            const int64_t ahead_at = ahead == c ? ahead_pos : ahead ? ahead->first + past : 0; \
             const int64_t ahead_n = ahead && ahead_at < ahead->len                             \
                                         ? chunk_rows(ahead_at, ahead->len, ahead->block_size)  \
                                         : 0;                                                   \
@@ -227,8 +236,14 @@ int paged_decode_attention_supports(int64_t head_dim)
 typedef struct {
     const kv_t *k_cache, *v_cache;
     const int32_t *block_tables, *seq_lens;
-    int64_t num_seqs, max_blocks, block_size, row, head_dim, per_seq, passes;
+    int64_t num_seqs, max_blocks, block_size, row, head_dim, per_seq, passes, window;
 } Problem;
+
+/* The keys sequence b's query attends. */
+static inline int64_t keys_of(const Problem *p, int64_t b)
+{
+    return p->seq_lens[b] - window_start(p->seq_lens[b], p->window);
+}
 
 /* Work item w is (sequence, kv head, pass): per_seq = num_kv_heads * passes items a sequence. */
 static Context context_of(const Problem *p, int64_t w)
@@ -237,6 +252,7 @@ static Context context_of(const Problem *p, int64_t w)
     const Context c = {
         p->k_cache, p->v_cache, p->block_tables + b * p->max_blocks, p->seq_lens[b],
         p->block_size, p->row, p->block_size * p->row, h * p->head_dim,
+        window_start(p->seq_lens[b], p->window),
     };
     return c;
 }
@@ -248,7 +264,7 @@ static int64_t item_at(const Problem *p, const int64_t *before, int64_t target)
     int64_t lo = 0, hi = p->num_seqs * p->per_seq;
     while (lo < hi) {
         const int64_t w = (lo + hi) / 2, b = w / p->per_seq;
-        const int64_t start = before[b] * p->per_seq + w % p->per_seq * p->seq_lens[b];
+        const int64_t start = before[b] * p->per_seq + w % p->per_seq * keys_of(p, b);
         if (start < target) lo = w + 1;
         else hi = w;
     }
@@ -263,19 +279,20 @@ void paged_decode_attention(
     const int32_t *block_tables,/* [B, max_blocks] */
     const int32_t *seq_lens,    /* [B] */
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t max_blocks, float scale, int64_t q_stride)
+    int64_t block_size, int64_t max_blocks, float scale, int64_t q_stride,
+    int64_t window              /* each query sees its last `window` positions; 0: all */)
 {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t passes = (group + MAX_GROUP - 1) / MAX_GROUP;
     if (attend_for(head_dim, 1) == NULL || num_seqs == 0) return;
     const Problem p = {
         k_cache, v_cache, block_tables, seq_lens, num_seqs, max_blocks, block_size,
-        num_kv_heads * head_dim, head_dim, num_kv_heads * passes, passes,
+        num_kv_heads * head_dim, head_dim, num_kv_heads * passes, passes, window,
     };
     /* Keys of the sequences before each one. */
     int64_t *before = malloc(sizeof(int64_t) * (num_seqs + 1));
     before[0] = 0;
-    for (int64_t b = 0; b < num_seqs; b++) before[b + 1] = before[b] + seq_lens[b];
+    for (int64_t b = 0; b < num_seqs; b++) before[b + 1] = before[b] + keys_of(&p, b);
     const int64_t total = before[num_seqs] * p.per_seq;
 
     /* Each thread takes one contiguous run of work items holding an equal share of the keys,

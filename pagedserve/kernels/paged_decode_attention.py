@@ -20,7 +20,10 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     return bind_kv_kernel(
         "paged_decode_attention",
         {
-            "paged_decode_attention": ([_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64], None),
+            "paged_decode_attention": (
+                [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, _i64],
+                None,
+            ),
             "paged_decode_attention_supports": ([_i64], ctypes.c_int),
         },
         kv_dtype,
@@ -48,10 +51,12 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``, float32 on the CPU, over
     pools of any type :func:`supports` takes. ``q`` may be a view with any sequence stride (the
-    q heads of the fused qkv output)."""
+    q heads of the fused qkv output). ``window``: each query sees only its context's last
+    ``window`` positions."""
     assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
     lib = _lib(k_cache.dtype)
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
@@ -75,5 +80,6 @@ def paged_decode_attention(
         block_tables.shape[1],
         scale,
         q.stride(0),
+        window or 0,
     )
     return out

@@ -41,19 +41,16 @@ def _layer(layer: LlamaDecoderLayer) -> Layer | None:
     if attn.attn.backend != "fast" or not elementwise.supports(*norms, *present):
         return None
     qkv, o, gate_up, down = projections
-    return Layer(*norms, *head_norms, qkv, o, gate_up, down, *pools)
+    return Layer(*norms, *head_norms, qkv, o, gate_up, down, *pools, attn.attn.sliding_window)
 
 
 class CpuDecodeStack:
     """A Llama-family model's pure-decode steps through :class:`DecoderStack`; build it with
     :meth:`build` once the KV pools are assigned to the attention layers."""
 
-    def __init__(self, model: LlamaForCausalLM, stack: DecoderStack, window: int | None) -> None:
+    def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
         self.model = model
         self.stack = stack
-        # The narrowest sliding window of its layers: steps with a longer context go through the
-        # modules, since the driver's attention has no window (None: no layer has one).
-        self.window = window
 
     @classmethod
     def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
@@ -94,15 +91,10 @@ class CpuDecodeStack:
             attention.attn.scale,
             quantized_max_rows(layers[0].qkv.panels),
         )
-        windows = [layer.self_attn.attn.sliding_window for layer in inner.layers]
-        window = min((w for w in windows if w is not None), default=None)
-        return None if stack is None else cls(model, stack, window)
+        return None if stack is None else cls(model, stack)
 
     def applies(self, meta: AttentionMetadata, num_sampling: int) -> bool:
-        """Whether the step is pure decode with every request sampling (``split_decodes`` ran),
-        each context within the layers' sliding window if they have one."""
-        if self.window is not None and meta.max_seq_len > self.window:
-            return False
+        """Whether the step is pure decode with every request sampling (``split_decodes`` ran)."""
         return not meta.prefill_reqs and num_sampling == meta.num_reqs
 
     def run(
