@@ -86,16 +86,18 @@ def test_smollm2_prompt_logprobs_stay_close(smollm2_path, prompt_logprob_errors)
         ([45, 30], [45, 100], {"block_size": 5}),
         ([70, 20], [70, 90], {"num_heads": 16, "num_kv_heads": 2, "head_dim": 128}),
         ([50, 9], [50, 77], {"head_dim": 20}),  # no bfloat16 products for this head size
+        ([300, 37], [300, 101], {"window": 40}),  # a sliding window
     ],
 )
 def test_prefill_attention_with_bfloat16_products(query_lens, seq_lens, step_args):
     """Q and P rounded to bfloat16 (head sizes 64 and 128): within bfloat16's precision of the
     float32 reference over the same bfloat16 pool; other head sizes exactly as in float32."""
+    window = step_args.pop("window", None)
     q, _, _, k_cache, v_cache, meta = random_step(
         query_lens, seq_lens, kv_dtype=torch.bfloat16, **step_args
     )
     scale = q.shape[-1] ** -0.5
-    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale)
+    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale, window)
     got = prefill_attention.prefill_attention(
         q,
         k_cache,
@@ -105,6 +107,7 @@ def test_prefill_attention_with_bfloat16_products(query_lens, seq_lens, step_arg
         meta.seq_lens,
         scale,
         bf16_products=True,
+        window=window,
     )
     error = (got - expected).abs().max().item()
     if q.shape[-1] in (64, 128):

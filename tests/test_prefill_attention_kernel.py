@@ -20,11 +20,12 @@ def _kernel(q, k_cache, v_cache, meta, scale, **kwargs) -> torch.Tensor:
     )
 
 
-def _check(query_lens, seq_lens, **step_args) -> None:
+def _check(query_lens, seq_lens, window=None, **step_args) -> None:
     q, _, _, k_cache, v_cache, meta = random_step(query_lens, seq_lens, **step_args)
     scale = q.shape[-1] ** -0.5
-    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale)
-    torch.testing.assert_close(_kernel(q, k_cache, v_cache, meta, scale), expected, **TOL)
+    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale, window)
+    got = _kernel(q, k_cache, v_cache, meta, scale, window=window)
+    torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_kernel_builds_on_this_machine():
@@ -41,6 +42,14 @@ def test_fresh_prefill(length):
 )
 def test_chunk_with_earlier_context(query_len, seq_len):
     _check([query_len], [seq_len])
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 64, 65, 200])
+def test_sliding_window(window):
+    """Each row sees its last ``window`` positions: windows shorter than a key tile and longer,
+    chunks with earlier context, rows whose window starts past a whole tile of keys."""
+    _check([300, 37, 5, 100], [300, 101, 40, 260], window)
+    _check([130, 20], [130, 90], window, num_heads=9, num_kv_heads=3, block_size=5)
 
 
 def test_several_requests_in_one_call():

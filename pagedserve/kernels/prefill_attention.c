@@ -18,8 +18,10 @@
  *   - the online softmax (running max m and sum l per row) is then purely vertical: one
  *     vector per VL rows, no horizontal reductions;
  *   - ot [D][rows] = alpha * ot + V^T P, again register-blocked, broadcasting V elements.
- * Only key tiles that cross the diagonal are masked. Scores are kept in base 2 (Q is scaled by
- * scale * log2 e) so that the softmax needs exp2, written below to vectorise.
+ * Only key tiles that cross the diagonal are masked. With a sliding window of W, each row sees
+ * its last W positions: the walk starts at the key tile holding the first row's window start,
+ * and tiles below a row's window start are masked too. Scores are kept in base 2 (Q is scaled
+ * by scale * log2 e) so that the softmax needs exp2, written below to vectorise.
  *
  * Portable C11 with GCC vector extensions, no intrinsics: the vector width and the register
  * blocking follow the target (AVX-512 and aarch64: 32 vector registers; otherwise 16).
@@ -114,6 +116,14 @@ ALWAYS_INLINE vf exp2_v(vf x)
     return p * (vf)((vu)t << 23);
 }
 
+/* The row maxima to subtract: a row that has seen only masked keys (-inf, in a window's first
+ * tiles) subtracts 0, so that its terms are exp2(-inf), not exp2(-inf - -inf). */
+ALWAYS_INLINE vf softmax_base(const float *m_new)
+{
+    const vf mx = load(m_new);
+    return select_v(mx > splat(-INFINITY), mx, splat(0.f));
+}
+
 typedef struct {
     float *out;
     const float *q;
@@ -123,6 +133,7 @@ typedef struct {
     int64_t q_stride, out_stride, pool_row; /* floats between tokens of q, of out; pool rows */
     float q_scale;                          /* scale * log2(e) */
     int bf16;                               /* bfloat16 products */
+    int window;                             /* positions each row sees; 0: all before it */
 } Problem;
 
 typedef struct {
@@ -354,14 +365,14 @@ static void softmax_tile(Scratch *sc, const Tile *t, int64_t nk)
 {
     for (int64_t c = 0; c < t->row_vecs; c++) {
         float *s = sc->s + c * VL;
-        const vf mx = load(sc->m_new + c * VL);
+        const vf mx = load(sc->m_new + c * VL), base = softmax_base(sc->m_new + c * VL);
         vf sum = splat(0.f);
         for (int64_t j = 0; j < nk; j++) {
-            const vf e = exp2_v(load(s + j * t->rows) - mx);
+            const vf e = exp2_v(load(s + j * t->rows) - base);
             store(s + j * t->rows, e);
             sum += e;
         }
-        const vf a = exp2_v(load(sc->m + c * VL) - mx);
+        const vf a = exp2_v(load(sc->m + c * VL) - base);
         store(sc->alpha + c * VL, a);
         store(sc->l + c * VL, fma_v(load(sc->l + c * VL), a, sum));
         store(sc->m + c * VL, mx);
@@ -455,6 +466,26 @@ ALWAYS_INLINE void store_outputs(const Scratch *sc, const Problem *pr, const Til
     }
 }
 
+/* A sliding window over one key tile's scores (after qk_tile): those of keys `window` or more
+ * positions behind their row become -inf, and m_new is taken again over the rest. Only the
+ * tiles at a window's edge need it; a separate pass, so that the causal mask of every other
+ * tile stays one comparison (folded into finish_scores, a second one cost prefill 7%). */
+static void window_mask(Scratch *sc, const Tile *t, int64_t k0, int64_t nk, int64_t window)
+{
+    for (int64_t c = 0; c < t->row_vecs; c++) {
+        const vi q = *(const vi *)(sc->qpos + c * VL);
+        vf mx = load(sc->m + c * VL);
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = sc->s + j * t->rows + c * VL;
+            const vf v = select_v(q - (int32_t)(k0 + j) < (int32_t)window, load(s),
+                                  splat(-INFINITY));
+            store(s, v);
+            mx = max_v(mx, v);
+        }
+        store(sc->m_new + c * VL, mx);
+    }
+}
+
 /* One work item; bf16 (a constant wherever this is inlined): with bfloat16 products. */
 ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w, int64_t D,
                                int bf16)
@@ -466,14 +497,18 @@ ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w
     else
 #endif
         load_queries(sc, pr, &t, D);
-    const int64_t first = t.ctx_start + t.p0, end = first + t.n; /* keys [0, end) are needed */
-    for (int64_t k0 = 0; k0 < end; k0 += KEY_TILE) {
+    /* keys [begin, end) are needed: from the first row's window start to the last row */
+    const int64_t first = t.ctx_start + t.p0, end = first + t.n, win = pr->window;
+    const int64_t seen = win ? first - win + 1 : 0; /* the first row's first position seen */
+    const int64_t begin = seen > 0 ? seen / KEY_TILE * KEY_TILE : 0;
+    for (int64_t k0 = begin; k0 < end; k0 += KEY_TILE) {
         const int64_t nk = end - k0 < KEY_TILE ? end - k0 : KEY_TILE;
         int64_t padded;
 #if PREFILL_BF16
         if (bf16) {
             padded = load_keys_bf16(sc, pr, &t, k0, nk, D);
             qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D, 1);
+            if (win && k0 < end - win) window_mask(sc, &t, k0, padded, win);
             softmax_tile_bf16(sc, &t, padded);
             pv_tile(sc, pr, &t, padded, D, 1);
             continue;
@@ -481,6 +516,7 @@ ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w
 #endif
         padded = load_keys(sc, pr, &t, k0, nk, D);
         qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D, 0);
+        if (win && k0 < end - win) window_mask(sc, &t, k0, padded, win);
         softmax_tile(sc, &t, padded);
         pv_tile(sc, pr, &t, padded, D, 0);
     }
@@ -599,14 +635,16 @@ int prefill_attention(
     const int32_t *reqs,          /* [num_reqs] indices of the requests to compute */
     int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t max_blocks, int64_t q_stride, float scale,
-    int64_t bf16_products)       /* 1: bfloat16 products, where this build has them and D is 64
+    int64_t bf16_products,       /* 1: bfloat16 products, where this build has them and D is 64
                                   * or 128 */
+    int64_t window)              /* each row sees its last `window` positions; 0: all */
 {
     const Problem pr = {
         out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         num_heads / num_kv_heads, head_dim, block_size, max_blocks,
         q_stride, num_heads * head_dim, num_kv_heads * head_dim, scale * 1.4426950408889634f,
         bf16_products && prefill_attention_bf16_products() && (head_dim == 64 || head_dim == 128),
+        (int)window,
     };
     int64_t count, max_rows;
     WorkItem *items = plan(&pr, reqs, num_reqs, num_kv_heads, &count, &max_rows);

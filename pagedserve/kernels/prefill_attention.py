@@ -21,7 +21,10 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
     return bind_kv_kernel(
         "prefill_attention",
         {
-            "prefill_attention": ([_ptr] * 8 + [_i64] * 7 + [ctypes.c_float, _i64], ctypes.c_int),
+            "prefill_attention": (
+                [_ptr] * 8 + [_i64] * 7 + [ctypes.c_float, _i64, _i64],
+                ctypes.c_int,
+            ),
             "prefill_attention_bf16_products": ([], _i64),
         },
         kv_dtype,
@@ -68,6 +71,7 @@ def prefill_attention(
     requests: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     bf16_products: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``q [T, Hq, D]`` over paged contexts; float32 queries on the CPU, pools
     of any type :func:`supports` takes.
@@ -79,7 +83,8 @@ def prefill_attention(
     (default a new tensor); its other rows are left as they are. ``q`` may have any token
     stride (a view of a fused projection's output): only its heads must be contiguous.
     ``bf16_products``: multiply in bfloat16 where :func:`bf16_products_available` (and the head
-    size is 64 or 128); float32 otherwise.
+    size is 64 or 128); float32 otherwise. ``window``: each row sees only its last ``window``
+    positions (itself included).
     """
     assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
     assert v_cache.device.type == "cpu"
@@ -117,6 +122,7 @@ def prefill_attention(
         q.stride(0),
         scale,
         bf16_products,
+        window or 0,
     )
     if status != 0:
         raise MemoryError("prefill_attention: no memory for the kernel's scratch buffers")

@@ -95,15 +95,15 @@ static void softmax_tile_bf16(Scratch *sc, const Tile *t, int64_t nk)
     uint32_t *p = (uint32_t *)sc->s;
     for (int64_t c = 0; c < t->row_vecs; c++) {
         const float *s = sc->s + c * VL;
-        const vf mx = load(sc->m_new + c * VL);
+        const vf mx = load(sc->m_new + c * VL), base = softmax_base(sc->m_new + c * VL);
         vf sum = splat(0.f);
         for (int64_t j = 0; j < nk; j += 2) {
-            const vf e0 = exp2_v(load(s + j * t->rows) - mx);
-            const vf e1 = exp2_v(load(s + (j + 1) * t->rows) - mx);
+            const vf e0 = exp2_v(load(s + j * t->rows) - base);
+            const vf e1 = exp2_v(load(s + (j + 1) * t->rows) - base);
             _mm512_storeu_si512((void *)(p + j / 2 * t->rows + c * VL), pair_up(e0, e1));
             sum += e0 + e1;
         }
-        const vf a = exp2_v(load(sc->m + c * VL) - mx);
+        const vf a = exp2_v(load(sc->m + c * VL) - base);
         store(sc->alpha + c * VL, a);
         store(sc->l + c * VL, fma_v(load(sc->l + c * VL), a, sum));
         store(sc->m + c * VL, mx);

@@ -10,8 +10,8 @@ flash-attention kernel that reads the pools directly (or one SDPA per chunk else
 A layer with a sliding window (Mistral v0.1, Qwen2/3 with ``use_sliding_window``, Gemma) lets
 each query see only its last ``window`` positions (itself included), as transformers'
 sliding-window mask does; one with a ``softcap`` (Gemma 2) squashes each score to
-``softcap * tanh(score / softcap)`` before the softmax. The C decode kernel takes a window;
-prefill chunks past a window, and soft-capped scores, go through the PyTorch paths.
+``softcap * tanh(score / softcap)`` before the softmax. The C kernels take a window;
+soft-capped scores go through the PyTorch paths.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def fast_paged_attention(
             window,
             softcap,
         )
-    if window is None and softcap is None and prefill_attention.supports(q, k_cache):
+    if softcap is None and prefill_attention.supports(q, k_cache):
         prefill_attention.prefill_attention(
             q,
             k_cache,
@@ -320,6 +320,7 @@ def fast_paged_attention(
             requests=meta.prefill_index,
             out=out,
             bf16_products=bf16_products,
+            window=window,
         )
     else:
         _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale, window, softcap)
