@@ -17,6 +17,7 @@ from pagedserve.bench.datasets import (
     file_requests,
     random_text_requests,
     random_token_requests,
+    sharegpt_requests,
 )
 from pagedserve.bench.serve_metrics import compute_metrics, format_report
 
@@ -268,3 +269,51 @@ def test_compare_table_adds_llamacpp_columns_only_when_it_ran(tmp_path):
     assert "| ours / vLLM | target | met | llama.cpp | ours / llama.cpp |" in with_it
     assert "| 1.50 | >= 1.2 | yes | 300.0 | 2.00 |" in with_it
     assert "llamacpp-burst: 2 failed" in with_it
+
+
+def _sharegpt_file(path: Path) -> tuple[list[str], list[str]]:
+    """A ShareGPT file: two usable conversations (their prompts and replies) among ones vLLM's
+    filter drops (a prompt under 4 tokens, one over 1024, a single turn)."""
+    kept = [
+        ("Tell me about the moon, please", "The moon is Earth's only natural satellite."),
+        ("Write a haiku about autumn leaves", "Red leaves drift and fall, autumn says goodbye."),
+    ]
+    dropped = [("Hi", "Hello, how can I help you today?"), ("word " * 1100, "ok ok ok ok ok")]
+
+    def conversation(prompt: str, reply: str) -> dict:
+        turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]
+        return {"id": prompt[:8], "conversations": turns}
+
+    data = [conversation(*c) for c in dropped + kept]
+    data.append({"id": "one", "conversations": [{"from": "human", "value": "Only one turn"}]})
+    path.write_text(json.dumps(data))
+    return [p for p, _ in kept], [r for _, r in kept]
+
+
+def test_sharegpt_dataset(tmp_path, tokenizer):
+    path = tmp_path / "sharegpt.json"
+    prompts, replies = _sharegpt_file(path)
+    requests = sharegpt_requests(path, tokenizer, num_prompts=10, seed=0)
+    assert sorted(r.prompt for r in requests) == sorted(prompts)
+    for r in requests:
+        reply = replies[prompts.index(r.prompt)]
+        assert r.prompt_len == len(tokenizer.encode(r.prompt, add_special_tokens=False))
+        assert r.expected_output_len == len(tokenizer.encode(reply, add_special_tokens=False))
+    fixed = sharegpt_requests(path, tokenizer, num_prompts=10, seed=0, output_len=7)
+    assert [r.expected_output_len for r in fixed] == [7, 7]
+    assert len(sharegpt_requests(path, tokenizer, num_prompts=1, seed=3)) == 1
+
+
+def test_throughput_on_sharegpt(tmp_path, tiny_model_dir, tokenizer):
+    path = tmp_path / "sharegpt.json"
+    _, replies = _sharegpt_file(path)
+    argv = ["--model", tiny_model_dir("llama"), "--dataset-name", "sharegpt", "--disable-tqdm"]
+    with pytest.raises(ValueError, match="needs --dataset-path"):
+        throughput.main(_parse(throughput, argv))
+    out = tmp_path / "r.json"
+    throughput.main(
+        _parse(throughput, [*argv, "--dataset-path", str(path), "--output-json", str(out)])
+    )
+    result = json.loads(out.read_text())
+    expected = sum(len(tokenizer.encode(r, add_special_tokens=False)) for r in replies)
+    assert result["num_requests"] == 2 and result["total_output_tokens"] == expected

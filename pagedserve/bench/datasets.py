@@ -1,4 +1,5 @@
-"""Benchmark workloads: random prompts of a set length, or prompts read from a JSONL file.
+"""Benchmark workloads: random prompts of a set length, prompts read from a JSONL file, or
+conversations of a ShareGPT file (vLLM's ``--dataset-name sharegpt``).
 
 Random prompts follow vLLM's random dataset so that the same flags give comparable work: token ids
 drawn uniformly from the non-special vocabulary, decoded to text (for HTTP benchmarks) and
@@ -9,6 +10,7 @@ sequence of random ids rarely re-encodes to the same number of tokens).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,61 @@ def file_requests(
     if not requests:
         raise ValueError(f"{path}: no prompts")
     return requests
+
+
+def sharegpt_requests(
+    path: str | Path,
+    tokenizer: Any,
+    num_prompts: int,
+    seed: int = 0,
+    output_len: int | None = None,
+) -> list[SampleRequest]:
+    """vLLM's ShareGPT workload: conversations shuffled with ``seed``, each one's first turn as
+    the prompt and the length of the reply after it as the output length (or ``output_len``).
+    As vLLM, a conversation is skipped with fewer than two turns, a prompt or a reply of fewer
+    than 4 tokens, a prompt of more than 1024, or more than 2048 in all."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations")
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    requests = []
+    for i in order:
+        turns = data[i].get("conversations") if isinstance(data[i], dict) else None
+        if not isinstance(turns, list) or len(turns) < 2:
+            continue
+        prompt, reply = turns[0].get("value"), turns[1].get("value")
+        if not isinstance(prompt, str) or not isinstance(reply, str):
+            continue
+        prompt_len = len(_encode(tokenizer, prompt))
+        wanted = output_len or len(_encode(tokenizer, reply))
+        if prompt_len < 4 or wanted < 4 or prompt_len > 1024 or prompt_len + wanted > 2048:
+            continue
+        requests.append(SampleRequest(prompt, prompt_len, wanted))
+        if len(requests) == num_prompts:
+            break
+    if not requests:
+        raise ValueError(f"{path}: no conversation fits (see sharegpt_requests)")
+    return requests
+
+
+def dataset_requests(args: Any, tokenizer: Any) -> list[SampleRequest] | None:
+    """The prompts of a file workload (``--dataset sharegpt`` or ``custom`` with
+    ``--dataset-path``, or ``--dataset FILE.jsonl``); None for the random one."""
+    name, path = args.dataset, args.dataset_path
+    if name == "random":
+        return None
+    if name == "sharegpt":
+        if path is None:
+            raise ValueError("--dataset sharegpt needs --dataset-path FILE.json")
+        output_len = args.output_len if args.sharegpt_output_len else None
+        return sharegpt_requests(path, tokenizer, args.num_prompts, args.seed, output_len)
+    if name == "custom":
+        if path is None:
+            raise ValueError("--dataset custom needs --dataset-path FILE.jsonl")
+        name = path
+    return file_requests(name, tokenizer, args.output_len, args.num_prompts)
 
 
 def load_tokenizer(name: str | None) -> Any:

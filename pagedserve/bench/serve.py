@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pagedserve.bench.datasets import (
     SampleRequest,
-    file_requests,
+    dataset_requests,
     load_tokenizer,
     random_text_requests,
 )
@@ -293,16 +293,12 @@ async def run_benchmark(
 
 
 def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[SampleRequest]:
-    if args.dataset == "random":
-        return random_text_requests(
-            tokenizer,
-            args.num_prompts,
-            args.input_len,
-            args.output_len,
-            args.prefix_len,
-            args.seed,
-        )
-    return file_requests(args.dataset, tokenizer, args.output_len, args.num_prompts)
+    from_file = dataset_requests(args, tokenizer)
+    if from_file is not None:
+        return from_file
+    return random_text_requests(
+        tokenizer, args.num_prompts, args.input_len, args.output_len, args.prefix_len, args.seed
+    )
 
 
 def main(args: argparse.Namespace) -> None:

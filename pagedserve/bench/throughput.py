@@ -11,7 +11,7 @@ from typing import Any
 from pagedserve.bench.datasets import (
     SampleRequest,
     allowed_token_ids,
-    file_requests,
+    dataset_requests,
     random_token_requests,
 )
 from pagedserve.bench.engine_args import add_engine_args, engine_kwargs
@@ -33,16 +33,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[SampleRequest]:
-    if args.dataset == "random":
-        return random_token_requests(
-            allowed_token_ids(tokenizer),
-            args.num_prompts,
-            args.input_len,
-            args.output_len,
-            args.prefix_len,
-            args.seed,
-        )
-    return file_requests(args.dataset, tokenizer, args.output_len, args.num_prompts)
+    from_file = dataset_requests(args, tokenizer)
+    if from_file is not None:
+        return from_file
+    vocab = allowed_token_ids(tokenizer)
+    return random_token_requests(
+        vocab, args.num_prompts, args.input_len, args.output_len, args.prefix_len, args.seed
+    )
 
 
 def run(llm: Any, requests: list[SampleRequest], temperature: float, use_tqdm: bool) -> dict:

@@ -6,13 +6,23 @@ import argparse
 
 
 def add_workload_args(parser: argparse.ArgumentParser, num_prompts: int = 64) -> None:
-    """``--dataset random|FILE.jsonl`` and the lengths of random prompts (vLLM's names too)."""
+    """``--dataset random|sharegpt|custom|FILE.jsonl`` and the lengths of random prompts
+    (vLLM's names too)."""
     group = parser.add_argument_group("workload")
     group.add_argument(
         "--dataset",
         "--dataset-name",
         default="random",
-        help='\'random\', or a JSONL file of {"prompt": ..., "output_len"?: ...} objects',
+        help="'random'; 'sharegpt' (a ShareGPT JSON file at --dataset-path); 'custom' or a "
+        'path: a JSONL file of {"prompt": ..., "output_len"?: ...} objects',
+    )
+    group.add_argument(
+        "--dataset-path", default=None, help="the file of --dataset sharegpt or custom"
+    )
+    group.add_argument(
+        "--sharegpt-output-len",
+        action="store_true",
+        help="ShareGPT prompts generate --output-len tokens, not their reply's length",
     )
     group.add_argument("--num-prompts", type=int, default=num_prompts, help="requests to send")
     group.add_argument(
