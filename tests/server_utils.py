@@ -127,6 +127,17 @@ def packaged_server(*args: str) -> ServerProcess:
     return ServerProcess([*flags, *args]).wait_ready()
 
 
+def templated_server(
+    directory: Path, model: str, template: str, *args: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """``model`` served as MODEL_NAME with the chat ``template`` (written into ``directory``),
+    ready; ``args`` are more server flags."""
+    path = directory / "template.jinja"
+    path.write_text(template)
+    flags = [model, "--served-model-name", MODEL_NAME, "--chat-template", str(path)]
+    return ServerProcess([*flags, *args], env=env).wait_ready()
+
+
 def request(
     url: str,
     method: str = "GET",

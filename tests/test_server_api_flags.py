@@ -10,7 +10,7 @@ import json
 import time
 
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, open_stream, request
+from server_utils import MODEL_NAME, open_stream, request, templated_server
 
 from pagedserve import LLM
 
@@ -23,23 +23,19 @@ CHAT = [{"role": "user", "content": "Tell me a story"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    template = tmp_path_factory.mktemp("template") / "t.jinja"
-    template.write_text(TEMPLATE)
-    srv = ServerProcess(
-        [
-            tiny_model_dir("llama"),
-            "--served-model-name", MODEL_NAME,
-            "--chat-template", str(template),
-            "--dtype", "float32",
-            "--response-role", "bot",
-            "--return-tokens-as-token-ids",
-            "--enable-force-include-usage",
-            "--default-chat-template-kwargs", '{"greeting": "Hello"}',
-            "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0}',
-            "--enable-server-load-tracking",
-        ],
+    srv = templated_server(
+        tmp_path_factory.mktemp("template"),
+        tiny_model_dir("llama"),
+        TEMPLATE,
+        "--dtype", "float32",
+        "--response-role", "bot",
+        "--return-tokens-as-token-ids",
+        "--enable-force-include-usage",
+        "--default-chat-template-kwargs", '{"greeting": "Hello"}',
+        "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0}',
+        "--enable-server-load-tracking",
         env={"VLLM_SERVER_DEV_MODE": "1"},
-    ).wait_ready()  # fmt: skip
+    )  # fmt: skip
     yield srv
     srv.close()
 

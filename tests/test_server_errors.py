@@ -10,7 +10,7 @@ import threading
 
 import openai
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, request, wait_until_idle
+from server_utils import MODEL_NAME, request, templated_server, wait_until_idle
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,19 +27,15 @@ TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    template = tmp_path_factory.mktemp("template") / "t.jinja"
-    template.write_text(TEMPLATE)
-    srv = ServerProcess(
-        [
-            tiny_model_dir("llama"),
-            "--served-model-name", MODEL_NAME,
-            "--chat-template", str(template),
-            "--max-model-len", str(MAX_LEN),
-            "--kv-cache-memory", "0.25",
-            "--max-request-body-bytes", str(BODY_LIMIT),
-        ],
+    srv = templated_server(
+        tmp_path_factory.mktemp("template"),
+        tiny_model_dir("llama"),
+        TEMPLATE,
+        "--max-model-len", str(MAX_LEN),
+        "--kv-cache-memory", "0.25",
+        "--max-request-body-bytes", str(BODY_LIMIT),
         env={"PAGEDSERVE_API_KEY": KEY},
-    ).wait_ready()  # fmt: skip
+    )  # fmt: skip
     yield srv
     srv.close()
 
