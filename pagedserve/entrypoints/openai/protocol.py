@@ -18,6 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.structured_outputs_protocol import (
+    ResponseFormat,
+    StructuredOutputs,
+    legacy_guided_fields,
+    refuse_unsupported_constraint,
+    structured_output_params,
+)
 from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.sample.structured_output import check_grammar
@@ -50,30 +57,6 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None  # a tool message: the call it answers
 
 
-class JsonSchemaFormat(OpenAIModel):
-    name: str | None = None
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    type: str
-    json_schema: JsonSchemaFormat | None = None
-
-
-class StructuredOutputs(OpenAIModel):
-    """vLLM's ``structured_outputs`` extra (one constraint of the output text)."""
-
-    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    disable_any_whitespace: bool = False
-    structural_tag: Any = None  # not supported: refused
-
-
 @cache
 def _known_fields(model: type[BaseModel]) -> frozenset[str]:
     """The keys a request body of this model may hold: field names and their aliases."""
@@ -96,43 +79,13 @@ class RequestBody(OpenAIModel):
         return data
 
 
-LEGACY_GUIDED_FIELDS = {
-    "guided_json": "json",
-    "guided_regex": "regex",
-    "guided_choice": "choice",
-    "guided_grammar": "grammar",
-}
-IGNORED_GUIDED_FIELDS = ("guided_decoding_backend", "guided_whitespace_pattern")
-
-
 class SamplingFields(RequestBody):
     """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
 
     @model_validator(mode="before")
     @classmethod
     def _legacy_guided_fields(cls, data: Any) -> Any:
-        """vLLM's ``guided_json``, ``guided_regex``, ``guided_choice`` and ``guided_grammar``
-        (its API before ``structured_outputs``) constrain the output as ``structured_outputs``
-        does. vLLM 0.32 ignores them with a warning, and its clients get free text; older
-        clients still send them."""
-        if not isinstance(data, dict):
-            return data
-        given = {k: v for k, v in data.items() if k in LEGACY_GUIDED_FIELDS and v is not None}
-        rest = {
-            k: v
-            for k, v in data.items()
-            if k not in LEGACY_GUIDED_FIELDS and k not in IGNORED_GUIDED_FIELDS
-        }
-        if not given:
-            return rest
-        first = sorted(given)[0]
-        if len(given) > 1 or data.get("structured_outputs") is not None:
-            raise bad_request(
-                "give one constraint: one of guided_json, guided_regex, guided_choice, "
-                "guided_grammar, or structured_outputs",
-                param=first,
-            )
-        return {**rest, "structured_outputs": {LEGACY_GUIDED_FIELDS[first]: given[first]}}
+        return legacy_guided_fields(data)
 
     model: str | None = None
     n: int = 1
@@ -269,29 +222,7 @@ class SamplingFields(RequestBody):
         )
 
     def structured_output_params(self) -> StructuredOutputsParams | None:
-        """The constraint asked for by ``response_format`` (OpenAI) or ``structured_outputs``
-        (vLLM); a 400 naming the field when its schema or regex is not valid."""
-        fmt = self.response_format
-        kind = fmt.type if fmt else "text"
-        param = "response_format" if kind != "text" else "structured_outputs"
-        try:
-            if kind == "json_object":
-                params = StructuredOutputsParams(json_object=True)
-            elif kind == "json_schema":
-                if fmt.json_schema is None or fmt.json_schema.json_schema is None:
-                    raise ValueError("response_format of type json_schema needs json_schema.schema")
-                params = StructuredOutputsParams(json=fmt.json_schema.json_schema)
-            elif self.structured_outputs is not None:
-                fields = self.structured_outputs.model_dump(
-                    by_alias=True, exclude={"structural_tag"}
-                )
-                params = StructuredOutputsParams(**fields)
-            else:
-                return None
-            check_grammar(params)
-        except ValueError as exc:
-            raise bad_request(str(exc), param=param) from exc
-        return params
+        return structured_output_params(self.response_format, self.structured_outputs)
 
     def refuse_unsupported(self) -> None:
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
@@ -305,27 +236,7 @@ class SamplingFields(RequestBody):
             raise bad_request(
                 "prompt_logprobs is not available when stream is true", param="prompt_logprobs"
             )
-        kind = self.response_format.type if self.response_format else "text"
-        if kind not in ("text", "json_object", "json_schema"):
-            raise bad_request(
-                f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
-                "'json_schema'",
-                param="response_format",
-            )
-        so = self.structured_outputs
-        if so is None:
-            return
-        if so.structural_tag is not None:
-            raise bad_request(
-                "structured_outputs structural_tag is not supported yet; use json, regex, "
-                "choice, grammar or json_object",
-                param="structured_outputs",
-            )
-        if kind != "text":
-            raise bad_request(
-                "give response_format or structured_outputs, not both",
-                param="structured_outputs",
-            )
+        refuse_unsupported_constraint(self.response_format, self.structured_outputs)
 
     def token_ids_to_check(self) -> dict[str, list[int]]:
         """Token ids given by the client, by field, to check against the vocabulary."""
