@@ -20,11 +20,11 @@ def _kernel(q, k_cache, v_cache, meta, scale, **kwargs) -> torch.Tensor:
     )
 
 
-def _check(query_lens, seq_lens, window=None, **step_args) -> None:
+def _check(query_lens, seq_lens, window=None, softcap=None, **step_args) -> None:
     q, _, _, k_cache, v_cache, meta = random_step(query_lens, seq_lens, **step_args)
     scale = q.shape[-1] ** -0.5
-    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale, window)
-    got = _kernel(q, k_cache, v_cache, meta, scale, window=window)
+    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    got = _kernel(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
     torch.testing.assert_close(got, expected, **TOL)
 
 
@@ -50,6 +50,14 @@ def test_sliding_window(window):
     chunks with earlier context, rows whose window starts past a whole tile of keys."""
     _check([300, 37, 5, 100], [300, 101, 40, 260], window)
     _check([130, 20], [130, 90], window, num_heads=9, num_kv_heads=3, block_size=5)
+
+
+@pytest.mark.parametrize("window", [None, 16, 65])
+def test_soft_capped_scores(window):
+    """Gemma 2's ``softcap * tanh(score / softcap)``, with a cap small enough (0.5) to change
+    every score, alone and with a window; head size 256 (Gemma's) too."""
+    _check([300, 37, 5], [300, 101, 40], window, 0.5)
+    _check([70, 9], [70, 77], window, 0.5, head_dim=256, num_heads=8, num_kv_heads=4)
 
 
 def test_several_requests_in_one_call():

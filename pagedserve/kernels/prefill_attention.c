@@ -20,7 +20,8 @@
  *   - ot [D][rows] = alpha * ot + V^T P, again register-blocked, broadcasting V elements.
  * Only key tiles that cross the diagonal are masked. With a sliding window of W, each row sees
  * its last W positions: the walk starts at the key tile holding the first row's window start,
- * and tiles below a row's window start are masked too. Scores are kept in base 2 (Q is scaled
+ * and tiles below a row's window start are masked too. Soft-capped scores (Gemma 2) become
+ * cap * tanh(score / cap) in a pass over each key tile. Scores are kept in base 2 (Q is scaled
  * by scale * log2 e) so that the softmax needs exp2, written below to vectorise.
  *
  * Portable C11 with GCC vector extensions, no intrinsics: the vector width and the register
@@ -134,6 +135,7 @@ typedef struct {
     float q_scale;                          /* scale * log2(e) */
     int bf16;                               /* bfloat16 products */
     int window;                             /* positions each row sees; 0: all before it */
+    float cap;                              /* the soft cap in base-2 score units; 0: none */
 } Problem;
 
 typedef struct {
@@ -466,19 +468,32 @@ ALWAYS_INLINE void store_outputs(const Scratch *sc, const Problem *pr, const Til
     }
 }
 
-/* A sliding window over one key tile's scores (after qk_tile): those of keys `window` or more
- * positions behind their row become -inf, and m_new is taken again over the rest. Only the
- * tiles at a window's edge need it; a separate pass, so that the causal mask of every other
- * tile stays one comparison (folded into finish_scores, a second one cost prefill 7%). */
-static void window_mask(Scratch *sc, const Tile *t, int64_t k0, int64_t nk, int64_t window)
+/* tanh(x), from exp2_v (about 1e-7 absolute). */
+ALWAYS_INLINE vf tanh_v(vf x)
 {
+    const vi negative = x < splat(0.f);
+    const vf e = exp2_v(splat(-2.8853900817779268f) * select_v(negative, -x, x)); /* e^-2|x| */
+    const vf y = (splat(1.f) - e) / (splat(1.f) + e);
+    return select_v(negative, -y, y);
+}
+
+/* One key tile's scores adjusted after qk_tile, and the row maxima taken again: soft-capped to
+ * cap * tanh(score / cap) (cap in base-2 units; 0: none) and, with a window, those of keys
+ * `window` or more positions behind their row masked. Masked scores stay -inf. A separate pass,
+ * so that the causal mask of every tile stays one comparison (a window folded into
+ * finish_scores, a second one, cost prefill 7%). */
+static void adjust_scores(Scratch *sc, const Tile *t, int64_t k0, int64_t nk, int64_t window,
+                          float cap)
+{
+    const vf inv = splat(cap > 0.f ? 1.f / cap : 0.f);
     for (int64_t c = 0; c < t->row_vecs; c++) {
         const vi q = *(const vi *)(sc->qpos + c * VL);
         vf mx = load(sc->m + c * VL);
         for (int64_t j = 0; j < nk; j++) {
             float *s = sc->s + j * t->rows + c * VL;
-            const vf v = select_v(q - (int32_t)(k0 + j) < (int32_t)window, load(s),
-                                  splat(-INFINITY));
+            vf v = load(s);
+            if (cap > 0.f) v = select_v(v > splat(-INFINITY), splat(cap) * tanh_v(v * inv), v);
+            if (window) v = select_v(q - (int32_t)(k0 + j) < (int32_t)window, v, splat(-INFINITY));
             store(s, v);
             mx = max_v(mx, v);
         }
@@ -503,12 +518,13 @@ ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w
     const int64_t begin = seen > 0 ? seen / KEY_TILE * KEY_TILE : 0;
     for (int64_t k0 = begin; k0 < end; k0 += KEY_TILE) {
         const int64_t nk = end - k0 < KEY_TILE ? end - k0 : KEY_TILE;
+        const int edge = win && k0 < end - win; /* before the last row's window start */
         int64_t padded;
 #if PREFILL_BF16
         if (bf16) {
             padded = load_keys_bf16(sc, pr, &t, k0, nk, D);
             qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D, 1);
-            if (win && k0 < end - win) window_mask(sc, &t, k0, padded, win);
+            if (edge || pr->cap > 0.f) adjust_scores(sc, &t, k0, padded, edge ? win : 0, pr->cap);
             softmax_tile_bf16(sc, &t, padded);
             pv_tile(sc, pr, &t, padded, D, 1);
             continue;
@@ -516,7 +532,7 @@ ALWAYS_INLINE void attend_tile(Scratch *sc, const Problem *pr, const WorkItem *w
 #endif
         padded = load_keys(sc, pr, &t, k0, nk, D);
         qk_tile(sc, pr, &t, k0, padded, k0 + padded - 1 > first, D, 0);
-        if (win && k0 < end - win) window_mask(sc, &t, k0, padded, win);
+        if (edge || pr->cap > 0.f) adjust_scores(sc, &t, k0, padded, edge ? win : 0, pr->cap);
         softmax_tile(sc, &t, padded);
         pv_tile(sc, pr, &t, padded, D, 0);
     }
@@ -637,14 +653,15 @@ int prefill_attention(
     int64_t block_size, int64_t max_blocks, int64_t q_stride, float scale,
     int64_t bf16_products,       /* 1: bfloat16 products, where this build has them and D is 64
                                   * or 128 */
-    int64_t window)              /* each row sees its last `window` positions; 0: all */
+    int64_t window,              /* each row sees its last `window` positions; 0: all */
+    float softcap)               /* scores become softcap * tanh(score / softcap); 0: none */
 {
     const Problem pr = {
         out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         num_heads / num_kv_heads, head_dim, block_size, max_blocks,
         q_stride, num_heads * head_dim, num_kv_heads * head_dim, scale * 1.4426950408889634f,
         bf16_products && prefill_attention_bf16_products() && (head_dim == 64 || head_dim == 128),
-        (int)window,
+        (int)window, softcap * 1.4426950408889634f,
     };
     int64_t count, max_rows;
     WorkItem *items = plan(&pr, reqs, num_reqs, num_kv_heads, &count, &max_rows);

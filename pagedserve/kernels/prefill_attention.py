@@ -22,7 +22,7 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
         "prefill_attention",
         {
             "prefill_attention": (
-                [_ptr] * 8 + [_i64] * 7 + [ctypes.c_float, _i64, _i64],
+                [_ptr] * 8 + [_i64] * 7 + [ctypes.c_float, _i64, _i64, ctypes.c_float],
                 ctypes.c_int,
             ),
             "prefill_attention_bf16_products": ([], _i64),
@@ -72,6 +72,7 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     bf16_products: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``q [T, Hq, D]`` over paged contexts; float32 queries on the CPU, pools
     of any type :func:`supports` takes.
@@ -84,7 +85,7 @@ def prefill_attention(
     stride (a view of a fused projection's output): only its heads must be contiguous.
     ``bf16_products``: multiply in bfloat16 where :func:`bf16_products_available` (and the head
     size is 64 or 128); float32 otherwise. ``window``: each row sees only its last ``window``
-    positions (itself included).
+    positions (itself included). ``softcap``: scores become ``softcap * tanh(score / softcap)``.
     """
     assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
     assert v_cache.device.type == "cpu"
@@ -123,6 +124,7 @@ def prefill_attention(
         scale,
         bf16_products,
         window or 0,
+        softcap or 0.0,
     )
     if status != 0:
         raise MemoryError("prefill_attention: no memory for the kernel's scratch buffers")

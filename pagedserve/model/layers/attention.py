@@ -10,8 +10,8 @@ flash-attention kernel that reads the pools directly (or one SDPA per chunk else
 A layer with a sliding window (Mistral v0.1, Qwen2/3 with ``use_sliding_window``, Gemma) lets
 each query see only its last ``window`` positions (itself included), as transformers'
 sliding-window mask does; one with a ``softcap`` (Gemma 2) squashes each score to
-``softcap * tanh(score / softcap)`` before the softmax. The C kernels take a window;
-soft-capped scores go through the PyTorch paths.
+``softcap * tanh(score / softcap)`` before the softmax. The C kernels take a window, and
+the prefill kernel a soft cap; soft-capped decodes go through PyTorch.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def fast_paged_attention(
             window,
             softcap,
         )
-    if softcap is None and prefill_attention.supports(q, k_cache):
+    if prefill_attention.supports(q, k_cache):
         prefill_attention.prefill_attention(
             q,
             k_cache,
@@ -321,6 +321,7 @@ def fast_paged_attention(
             out=out,
             bf16_products=bf16_products,
             window=window,
+            softcap=softcap,
         )
     else:
         _prefill_sdpa(out, q, k, v, k_cache, v_cache, meta, scale, window, softcap)
