@@ -162,3 +162,25 @@ def test_an_unreachable_output_url_fails_the_run(tmp_path, llama):
     source.write_text(batch_line("a", "/v1/completions", {"prompt": "Hi", "max_tokens": 1}))
     argv = ["run-batch", "-i", str(source), "-o", "http://127.0.0.1:9/out.jsonl", llama]
     assert main([*argv, "--dtype", "float32", "--log-level", "WARNING"]) == 1
+
+
+def test_a_line_that_fails_inside_the_server_fails_alone(tmp_path, llama, monkeypatch):
+    """An exception in a handler (Starlette answers 500, then re-raises it) costs its line only."""
+    from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
+
+    create = ServingCompletion.create
+
+    async def failing(self, req, raw):
+        if req.prompt == "explode":
+            raise RuntimeError("boom")
+        return await create(self, req, raw)
+
+    monkeypatch.setattr(ServingCompletion, "create", failing)
+    body = {"model": NAME, "max_tokens": 2}
+    lines = [
+        batch_line("bad", "/v1/completions", {**body, "prompt": "explode"}),
+        batch_line("good", "/v1/completions", {**body, "prompt": "Hello"}),
+    ]
+    bad, good = run(tmp_path, llama, lines)
+    assert bad["response"]["status_code"] == 500 and bad["error"]["type"] == "server_error"
+    assert good["response"]["status_code"] == 200

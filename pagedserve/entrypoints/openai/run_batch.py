@@ -110,6 +110,11 @@ async def post(app: ASGIApp, path: str, body: bytes) -> tuple[int, bytes]:
     }
     try:
         await app(scope, receive, send)
+    except Exception:  # noqa: BLE001 - Starlette answers a 500, then re-raises for the server log
+        logger.exception("run-batch: a request failed")
+        if not chunks:
+            status = 500
+            chunks = [json.dumps(error_body("internal server error", "server_error")).encode()]
     finally:
         finished.set()
     return status, b"".join(chunks)
