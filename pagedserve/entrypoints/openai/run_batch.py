@@ -30,8 +30,6 @@ from pagedserve.entrypoints.openai.errors import error_body
 
 logger = logging.getLogger("pagedserve.run_batch")
 
-BATCH_URLS = MODEL_ROUTES
-
 
 class BatchLineError(ValueError):
     """A line that is not a request this runner can send (answered as a 400 of its own)."""
@@ -57,8 +55,8 @@ def parse_line(line: str) -> tuple[str | None, str, bytes]:
     if method != "POST":
         raise BatchLineError(f"method: only POST is supported, not {method!r}", custom_id)
     url = item.get("url")
-    if url not in BATCH_URLS:
-        raise BatchLineError(f"url: {url!r} is not one of {', '.join(BATCH_URLS)}", custom_id)
+    if url not in MODEL_ROUTES:
+        raise BatchLineError(f"url: {url!r} is not one of {', '.join(MODEL_ROUTES)}", custom_id)
     body = item.get("body")
     if not isinstance(body, dict):
         raise BatchLineError("body: a JSON object is required", custom_id)
