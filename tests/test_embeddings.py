@@ -290,3 +290,14 @@ def test_bench_serve_measures_an_embedding_server(server, smollm2_tokenizer):
     assert metrics["total_input_tokens"] == sum(r.prompt_len for r in results) > 0
     report = format_report(metrics, [99], float("inf"), None, only_e2el=True)
     assert "E2EL" in report and "TTFT" not in report
+
+
+def test_sagemaker_invocations_embed(server):
+    """/invocations answers an embeddings body (text or vLLM's chat form) as /v1/embeddings."""
+    messages = [{"role": "user", "content": "What is an embedding?"}]
+    for body in ({"input": PROMPTS[0]}, {"messages": messages}):
+        status, direct = post(server, body)
+        status_invoked, invoked = post(server, body, "/invocations")
+        assert status == status_invoked == 200, invoked
+        assert invoked["object"] == "list"
+        assert invoked["data"][0]["embedding"] == direct["data"][0]["embedding"]

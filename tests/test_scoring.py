@@ -218,3 +218,20 @@ def test_a_causal_lm_scores_from_its_yes_and_no_logits(tiny_model_dir):
     assert out.outputs.probs == pytest.approx(want.tolist(), abs=1e-5)
     with pytest.raises(ValueError, match="not a token of the vocabulary"):
         LLM(path, hf_overrides={**RERANKER, "classifier_from_token": ["no", "yes-and-no-token"]})
+
+
+def test_sagemaker_invocations_on_a_classifier(server):
+    """/invocations answers a classify, rerank or score body as its own endpoint does."""
+    for path, body in (
+        ("/classify", {"input": DOCUMENTS[:2]}),
+        ("/rerank", {"query": QUERY, "documents": DOCUMENTS}),
+        ("/score", {"text_1": QUERY, "text_2": DOCUMENTS}),
+    ):
+        status, direct = post(server, path, body)
+        assert status == 200, direct
+        status, invoked = post(server, "/invocations", body)
+        assert status == 200, invoked
+        for key in ("data", "results"):
+            assert invoked.get(key) == direct.get(key)
+    status, body = post(server, "/invocations", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and "ClassifyRequest" in body["error"]["message"]

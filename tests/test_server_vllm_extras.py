@@ -135,3 +135,31 @@ def test_stop_reason(server, client):
     assert by_token.finish_reason == "stop" and by_token.model_extra["stop_reason"] == token_id
     chat = greedy_chat(client, max_tokens=24, stop=[" "]).choices[0]
     assert chat.finish_reason == "stop" and chat.model_extra["stop_reason"] == " "
+
+
+def test_sagemaker_ping_and_invocations(server, client):
+    """SageMaker's contract, as vLLM serves it: /ping is the health check (GET or POST), and
+    /invocations answers a chat body as /v1/chat/completions and a completions body as
+    /v1/completions; a body that is neither gets a 400 that names what it expected."""
+    for method in ("GET", "POST"):
+        assert request(server.url + "/ping", method)[0] == 200
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat_body = {"messages": messages, "max_tokens": 6, "temperature": 0}
+    status, body = request(server.url + "/invocations", "POST", chat_body)
+    assert status == 200 and body["object"] == "chat.completion", body
+    direct = greedy_chat(client, messages=messages, max_tokens=6)
+    assert body["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    status, body = request(
+        server.url + "/invocations", "POST", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    )
+    assert status == 200 and body["object"] == "text_completion", body
+    assert body["choices"][0]["text"] == greedy_completion(client, max_tokens=4).choices[0].text
+    status, body = request(server.url + "/invocations", "POST", {**chat_body, "max_tokens": -1})
+    assert status == 400 and body["error"]["param"] == "max_tokens", body
+    for bad in ({"input": "a cat"}, {"messages": "hello"}, [1, 2], b"{not json"):
+        status, body = request(server.url + "/invocations", "POST", bad)
+        assert status == 400, (bad, body)
+        assert body["error"]["type"] == "invalid_request_error", body
+    status, body = request(server.url + "/invocations", "POST", {"input": "a cat"})
+    message = body["error"]["message"]
+    assert "ChatCompletionRequest" in message and "CompletionRequest" in message

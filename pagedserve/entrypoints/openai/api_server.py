@@ -42,6 +42,7 @@ from pagedserve.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
+from pagedserve.entrypoints.openai.sagemaker import add_sagemaker_routes
 from pagedserve.entrypoints.openai.serving_base import ApiDefaults, OpenAIServing
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
@@ -173,7 +174,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
     load = [0]
     if settings.server_load_tracking:
-        routes = frozenset(MODEL_ROUTES)
+        routes = frozenset((*MODEL_ROUTES, "/invocations"))
         app.add_middleware(LoadMiddleware, paths=routes, counter=load)  # type: ignore[arg-type]
 
         @app.get("/load")
@@ -271,6 +272,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if not engine.is_running:
             return APIError(503, "the engine is not running").response()
         return Response(status_code=200)
+
+    # /invocations serves the first of these whose body the request fits (vLLM's order).
+    rank_and_score = [(RerankRequest, scoring.rerank), (ScoreRequest, scoring.score)]
+    if engine.pooler is None:
+        invocable = [(ChatCompletionRequest, chat.create), (CompletionRequest, completion.create)]
+    elif engine.is_classifier:
+        invocable = [(ClassifyRequest, scoring.classify), *rank_and_score]
+    else:  # EmbeddingRequest's fields are all optional: it takes what the others leave
+        invocable = [*rank_and_score, (EmbeddingRequest, embedding.create)]
+    add_sagemaker_routes(app, health, invocable)
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:

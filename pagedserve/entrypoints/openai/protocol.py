@@ -14,7 +14,7 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
 from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from pagedserve.entrypoints.openai.errors import bad_request
@@ -69,10 +69,11 @@ class RequestBody(OpenAIModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _warn_ignored_fields(cls, data: Any) -> Any:
+    def _warn_ignored_fields(cls, data: Any, info: ValidationInfo) -> Any:
         """Unknown fields are ignored, as the OpenAI API does, with a warning that names them (as
-        vLLM's): a misspelt parameter (``max_token``) should not pass unnoticed."""
-        if isinstance(data, dict):
+        vLLM's): a misspelt parameter (``max_token``) should not pass unnoticed. A probe (which
+        body type is this? see ``sagemaker``) does not warn."""
+        if isinstance(data, dict) and not (info.context or {}).get("probe"):
             ignored = sorted(str(k) for k in data if k not in _known_fields(cls))
             if ignored:
                 logger.warning("request fields ignored: %s", ", ".join(ignored))
