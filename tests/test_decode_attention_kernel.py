@@ -33,6 +33,9 @@ def _decode_step(seq_lens, num_heads, num_kv_heads, head_dim, block_size, seed=0
         (5, 1, 80, 16),
         (14, 2, 96, 16),
         (16, 2, 64, 16),
+        # Gemma's head size: 2 (Gemma 2 2B, Gemma 3 4B) and 4 (Gemma 3 1B) query heads a kv head
+        (8, 4, 256, 16),
+        (4, 1, 256, 16),
     ],
 )
 def test_c_kernel_matches_reference(num_heads, num_kv_heads, head_dim, block_size):
@@ -68,6 +71,8 @@ def test_scores_far_apart_stay_finite():
 def test_unsupported_head_size_falls_back_to_torch():
     q, k_cache, v_cache, meta = _decode_step([5, 40], 4, 2, 40, 16)
     assert not paged_decode_attention.supports(q, k_cache)
+    capped, k_capped, _, _ = _decode_step([5], 4, 2, 64, 16)
+    assert not paged_decode_attention.supports(capped, k_capped, softcap=50.0)
     assert not paged_decode_attention.supports(q.double(), k_cache)
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.1)
     got = _decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, 0.1)
@@ -97,5 +102,28 @@ def test_c_kernel_sliding_window_matches_reference(window):
     expected = reference_paged_attention(q, k_cache, v_cache, meta, 0.125, window)
     got = paged_decode_attention.paged_decode_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, window
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,window",
+    [(8, 4, 256, None), (32, 16, 128, None), (8, 4, 256, 40), (6, 1, 128, None)],
+)
+def test_c_kernel_soft_cap_matches_reference(num_heads, num_kv_heads, head_dim, window):
+    """Gemma 2's soft-capped scores (``cap * tanh(score / cap)``) at its head sizes (256 in 2B
+    and 9B, 128 in 27B), with a sliding window as its local layers have; scores large enough
+    that the cap changes the softmax."""
+    seq_lens = [1, 15, 17, 300, 64 * 3 + 5]
+    q, k_cache, v_cache, meta = _decode_step(
+        seq_lens, num_heads, num_kv_heads, head_dim, 16, seed=4
+    )
+    q, scale, cap = q * 8, head_dim**-0.5, 5.0
+    assert paged_decode_attention.supports(q, k_cache, cap)
+    expected = reference_paged_attention(q, k_cache, v_cache, meta, scale, window, cap)
+    uncapped = reference_paged_attention(q, k_cache, v_cache, meta, scale, window)
+    assert (expected - uncapped).abs().max() > 0.1
+    got = paged_decode_attention.paged_decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window, cap
     )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -32,7 +32,7 @@ typedef void (*write_kv_fn)(void *, void *, const float *, const float *, const 
                             int64_t, int64_t, int64_t, int64_t);
 typedef void (*attention_fn)(float *, const float *, const void *, const void *, const int32_t *,
                              const int32_t *, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             int64_t, float, int64_t, int64_t);
+                             int64_t, float, int64_t, int64_t, float);
 
 /* The kernels' entry points and the model's shapes (mirrored by decoder_stack.py). */
 typedef struct {
@@ -112,7 +112,7 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
                     q + 2 * kv);
         s->attention(attn, qk, L->k_cache, L->v_cache, block_tables, seq_lens, m,
                      s->num_heads, s->num_kv_heads, D, s->block_size, max_blocks, s->scale,
-                     q + kv, L->window);
+                     q + kv, L->window, 0.f);
         project(s, &L->o, x, attn, m, H, q, 0);
         s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
         project(s, &L->gate_up, act, normed, m, s->intermediate, H, 1);

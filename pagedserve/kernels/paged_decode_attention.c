@@ -10,7 +10,8 @@
  * is bound by memory (every step reads the whole KV cache of the batch), so reading each K/V row
  * once, with later loads already in flight, matters most; after that the arithmetic, which does
  * not overlap the loads much: head size and group size are compile-time constants so that the
- * accumulators live in registers and the loops unroll.
+ * accumulators live in registers and the loops unroll. Soft-capped scores (Gemma 2's
+ * cap * tanh(score / cap)) have kernels of their own, so that the others carry no branch for it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,6 +34,7 @@ typedef struct {
     const int32_t *table;
     int64_t len, block_size, row, block_stride, head_offset;
     int64_t first; /* the first position attended: 0, or len - window past a sliding window */
+    float cap;     /* the soft cap of the kernels built with one */
 } Context;
 
 /* The first position a query at the end of a len-position context sees (window 0: none). */
@@ -111,14 +113,14 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
     return fold(x[0], x[1], lo4, hi4);
 }
 
-/* One (sequence, kv head) pair for a head size of NV * 16 and G query heads per kv head; q holds
- * the group's pre-scaled queries. Per chunk of keys: every head's scores (a shuffle-tree lane
+/* One (sequence, kv head) pair for a head size of NV * 16 and G query heads per kv head (CAP 1:
+ * scores soft-capped by c->cap); q holds the group's pre-scaled queries. Per chunk of keys: every head's scores (a shuffle-tree lane
  * sum), an online-softmax update of its running max m, sum lv and weighted values acc, then each
  * V row is loaded once and folded into all G accumulators. The running sum is kept per lane and
  * added up once at the end (a horizontal sum per chunk cost 15% of the arithmetic). Past the
  * end of a short chunk the last real K row is re-read (its scores are masked), so the loop has
  * no branches on loads. */
-#define DEFINE_ATTEND(NAME, NV, G)                                                            \
+#define DEFINE_ATTEND(NAME, NV, G, CAP)                                                       \
     static void NAME(float *out, const float *q, const Context *c, const Context *next)       \
     {                                                                                          \
         const int64_t len = c->len, bs = c->block_size, row = c->row;                          \
@@ -162,6 +164,11 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
                 const v16 sv = sum_lanes_16(t[g]);                                             \
                 float *s = p[g];                                                               \
                 memcpy(s, &sv, sizeof sv);                                                     \
+                if (CAP) {                                                                     \
+                    const float cap = c->cap, inv = 1.f / cap;                                 \
+                    _Pragma("omp simd")                                                        \
+                    for (int i = 0; i < CHUNK; i++) s[i] = cap * tanh_f32(s[i] * inv);         \
+                }                                                                              \
                 float bm = m[g];                                                               \
                 _Pragma("omp simd reduction(max:bm)")                                          \
                 for (int i = 0; i < CHUNK; i++) bm = (i < n && s[i] > bm) ? s[i] : bm;         \
@@ -194,49 +201,61 @@ static inline __attribute__((always_inline)) v16 sum_lanes_16(const v16 *t)
 
 typedef void (*attend_fn)(float *, const float *, const Context *, const Context *);
 
-#define DEFINE_FOR_GROUPS(NV)                                                                 \
-    DEFINE_ATTEND(attend_##NV##_1, NV, 1)                                                     \
-    DEFINE_ATTEND(attend_##NV##_2, NV, 2)                                                     \
-    DEFINE_ATTEND(attend_##NV##_3, NV, 3)                                                     \
-    DEFINE_ATTEND(attend_##NV##_4, NV, 4)                                                     \
-    DEFINE_ATTEND(attend_##NV##_5, NV, 5)                                                     \
-    DEFINE_ATTEND(attend_##NV##_6, NV, 6)                                                     \
-    DEFINE_ATTEND(attend_##NV##_7, NV, 7)                                                     \
-    DEFINE_ATTEND(attend_##NV##_8, NV, 8)
-#define GROUPS(NV)                                                                            \
-    {attend_##NV##_1, attend_##NV##_2, attend_##NV##_3, attend_##NV##_4, attend_##NV##_5,      \
-     attend_##NV##_6, attend_##NV##_7, attend_##NV##_8}
+#define DEFINE_FOR_GROUPS(NV, CAP, SUFFIX)                                                    \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_1, NV, 1, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_2, NV, 2, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_3, NV, 3, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_4, NV, 4, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_5, NV, 5, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_6, NV, 6, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_7, NV, 7, CAP)                                        \
+    DEFINE_ATTEND(attend_##NV##SUFFIX##_8, NV, 8, CAP)
+#define GROUPS(NAME)                                                                          \
+    {NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, NAME##_8}
+#define NONE {NULL}
 
-DEFINE_FOR_GROUPS(1)
-DEFINE_FOR_GROUPS(2)
-DEFINE_FOR_GROUPS(3)
-DEFINE_FOR_GROUPS(4)
-DEFINE_FOR_GROUPS(5)
-DEFINE_FOR_GROUPS(6)
-DEFINE_FOR_GROUPS(7)
-DEFINE_FOR_GROUPS(8)
+DEFINE_FOR_GROUPS(1, 0, )
+DEFINE_FOR_GROUPS(2, 0, )
+DEFINE_FOR_GROUPS(3, 0, )
+DEFINE_FOR_GROUPS(4, 0, )
+DEFINE_FOR_GROUPS(5, 0, )
+DEFINE_FOR_GROUPS(6, 0, )
+DEFINE_FOR_GROUPS(7, 0, )
+DEFINE_FOR_GROUPS(8, 0, )
+DEFINE_FOR_GROUPS(16, 0, )
+/* Soft caps: Gemma 2's head sizes, 128 (27B) and 256 (2B, 9B). */
+DEFINE_FOR_GROUPS(8, 1, _capped)
+DEFINE_FOR_GROUPS(16, 1, _capped)
 
-/* The kernel for a head size and group size (1..MAX_GROUP), or NULL: only multiples of 16 up to
- * 128 are built. */
-static attend_fn attend_for(int64_t head_dim, int64_t group)
+/* The kernel for a head size, group size (1..MAX_GROUP) and soft cap or none, or NULL: built are
+ * the multiples of 16 up to 128 and 256, with a cap 128 and 256. */
+static attend_fn attend_for(int64_t head_dim, int64_t group, int capped)
 {
-    static const attend_fn table[8][MAX_GROUP] = {
-        GROUPS(1), GROUPS(2), GROUPS(3), GROUPS(4), GROUPS(5), GROUPS(6), GROUPS(7), GROUPS(8),
+    static const attend_fn plain[16][MAX_GROUP] = {
+        GROUPS(attend_1), GROUPS(attend_2), GROUPS(attend_3), GROUPS(attend_4),
+        GROUPS(attend_5), GROUPS(attend_6), GROUPS(attend_7), GROUPS(attend_8),
+        NONE, NONE, NONE, NONE, NONE, NONE, NONE, GROUPS(attend_16),
     };
-    if (head_dim % 16 != 0 || head_dim < 16 || head_dim > 128 || group < 1) return NULL;
+    static const attend_fn with_cap[16][MAX_GROUP] = {
+        NONE, NONE, NONE, NONE, NONE, NONE, NONE, GROUPS(attend_8_capped),
+        NONE, NONE, NONE, NONE, NONE, NONE, NONE, GROUPS(attend_16_capped),
+    };
+    if (head_dim % 16 != 0 || head_dim < 16 || head_dim > 256 || group < 1) return NULL;
+    const attend_fn(*table)[MAX_GROUP] = capped ? with_cap : plain;
     return table[head_dim / 16 - 1][(group < MAX_GROUP ? group : MAX_GROUP) - 1];
 }
 
-/* 1 if paged_decode_attention handles this head size. */
-int paged_decode_attention_supports(int64_t head_dim)
+/* 1 if paged_decode_attention handles this head size, with a soft cap or without. */
+int paged_decode_attention_supports(int64_t head_dim, int64_t capped)
 {
-    return attend_for(head_dim, 1) != NULL;
+    return attend_for(head_dim, 1, capped != 0) != NULL;
 }
 
 typedef struct {
     const kv_t *k_cache, *v_cache;
     const int32_t *block_tables, *seq_lens;
     int64_t num_seqs, max_blocks, block_size, row, head_dim, per_seq, passes, window;
+    float cap;
 } Problem;
 
 /* The keys sequence b's query attends. */
@@ -252,7 +271,7 @@ static Context context_of(const Problem *p, int64_t w)
     const Context c = {
         p->k_cache, p->v_cache, p->block_tables + b * p->max_blocks, p->seq_lens[b],
         p->block_size, p->row, p->block_size * p->row, h * p->head_dim,
-        window_start(p->seq_lens[b], p->window),
+        window_start(p->seq_lens[b], p->window), p->cap,
     };
     return c;
 }
@@ -280,14 +299,16 @@ void paged_decode_attention(
     const int32_t *seq_lens,    /* [B] */
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t max_blocks, float scale, int64_t q_stride,
-    int64_t window              /* each query sees its last `window` positions; 0: all */)
+    int64_t window,             /* each query sees its last `window` positions; 0: all */
+    float softcap               /* scores become softcap * tanh(score / softcap); 0: none */)
 {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t passes = (group + MAX_GROUP - 1) / MAX_GROUP;
-    if (attend_for(head_dim, 1) == NULL || num_seqs == 0) return;
+    const int capped = softcap > 0.f;
+    if (attend_for(head_dim, 1, capped) == NULL || num_seqs == 0) return;
     const Problem p = {
         k_cache, v_cache, block_tables, seq_lens, num_seqs, max_blocks, block_size,
-        num_kv_heads * head_dim, head_dim, num_kv_heads * passes, passes, window,
+        num_kv_heads * head_dim, head_dim, num_kv_heads * passes, passes, window, softcap,
     };
     /* Keys of the sequences before each one. */
     int64_t *before = malloc(sizeof(int64_t) * (num_seqs + 1));
@@ -312,7 +333,7 @@ void paged_decode_attention(
             const float *qh = q + b * q_stride + head;
             for (int64_t i = 0; i < heads * head_dim; i++) qs[i] = qh[i] * scale;
             const Context c = context_of(&p, w), next = context_of(&p, w + 1 < end ? w + 1 : w);
-            attend_for(head_dim, heads)(out + b * num_heads * head_dim + head, qs, &c,
+            attend_for(head_dim, heads, capped)(out + b * num_heads * head_dim + head, qs, &c,
                                         w + 1 < end ? &next : NULL);
         }
         free(qs);

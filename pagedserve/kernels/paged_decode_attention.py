@@ -21,10 +21,10 @@ def _lib(kv_dtype: torch.dtype) -> ctypes.CDLL | None:
         "paged_decode_attention",
         {
             "paged_decode_attention": (
-                [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, _i64],
+                [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, _i64, ctypes.c_float],
                 None,
             ),
-            "paged_decode_attention_supports": ([_i64], ctypes.c_int),
+            "paged_decode_attention_supports": ([_i64, _i64], ctypes.c_int),
         },
         kv_dtype,
     )
@@ -35,13 +35,15 @@ def available(kv_dtype: torch.dtype = torch.float32) -> bool:
     return _lib(kv_dtype) is not None
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, k_cache: torch.Tensor, softcap: float | None = None) -> bool:
     """Whether the kernel takes these queries and pools: float32 queries on the CPU, head size
-    16, 32, ... 128, pools of float32, float16 or bfloat16."""
+    16, 32, ... 128 or 256 (with a ``softcap``: 128 or 256, Gemma 2's), pools of float32,
+    float16 or bfloat16."""
     if not q.is_cpu or q.dtype != torch.float32 or not k_cache.is_cpu:
         return False
     lib = _lib(k_cache.dtype)
-    return lib is not None and bool(lib.paged_decode_attention_supports(q.shape[-1]))
+    capped = softcap is not None
+    return lib is not None and bool(lib.paged_decode_attention_supports(q.shape[-1], capped))
 
 
 def paged_decode_attention(
@@ -52,12 +54,13 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``q [B, Hq, D]`` (one token per sequence) -> ``[B, Hq, D]``, float32 on the CPU, over
     pools of any type :func:`supports` takes. ``q`` may be a view with any sequence stride (the
     q heads of the fused qkv output). ``window``: each query sees only its context's last
-    ``window`` positions."""
-    assert supports(q, k_cache) and v_cache.dtype == k_cache.dtype
+    ``window`` positions; ``softcap``: scores become ``softcap * tanh(score / softcap)``."""
+    assert supports(q, k_cache, softcap) and v_cache.dtype == k_cache.dtype
     lib = _lib(k_cache.dtype)
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
@@ -81,5 +84,6 @@ def paged_decode_attention(
         scale,
         q.stride(0),
         window or 0,
+        softcap or 0.0,
     )
     return out

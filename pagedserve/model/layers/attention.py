@@ -10,8 +10,8 @@ flash-attention kernel that reads the pools directly (or one SDPA per chunk else
 A layer with a sliding window (Mistral v0.1, Qwen2/3 with ``use_sliding_window``, Gemma) lets
 each query see only its last ``window`` positions (itself included), as transformers'
 sliding-window mask does; one with a ``softcap`` (Gemma 2) squashes each score to
-``softcap * tanh(score / softcap)`` before the softmax. The C kernels take a window, and
-the prefill kernel a soft cap; soft-capped decodes go through PyTorch.
+``softcap * tanh(score / softcap)`` before the softmax. The C kernels take both (the decode
+kernel a soft cap at head sizes 128 and 256, Gemma 2's).
 """
 
 from __future__ import annotations
@@ -256,9 +256,9 @@ def _decode(
     softcap: float | None = None,
 ) -> torch.Tensor:
     window = active_window(window, max_seq_len)
-    if softcap is None and paged_decode_attention.supports(q, k_cache):
+    if paged_decode_attention.supports(q, k_cache, softcap):
         return paged_decode_attention.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, window
+            q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap
         )
     return _decode_torch(
         q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, window, softcap
