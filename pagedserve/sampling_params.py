@@ -13,6 +13,10 @@ class StructuredOutputsParams:
     strings), ``grammar`` (a context-free grammar in GBNF, llama.cpp's and vLLM's EBNF form with
     ``root ::= ...``, or in Lark with ``start: ...``) or ``json_object`` (any JSON object) is set.
 
+    ``structural_tag`` (vLLM's, as its ``guidance`` backend takes it; a dict or its JSON text)
+    leaves the text free until one of its ``triggers`` appears, then holds what follows to one of
+    its ``structures``: ``begin``, JSON matching ``schema``, ``end``; tool calls in running text.
+
     ``disable_any_whitespace``: JSON is written compactly, with no whitespace between tokens
     (by default a model may put whitespace wherever JSON allows it, as vLLM does)."""
 
@@ -21,14 +25,15 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
     disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
         given = self._given()
         if len(given) != 1:
             raise ValueError(
-                "structured_outputs needs exactly one of json, regex, choice, grammar or "
-                "json_object, "
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                "json_object or structural_tag, "
                 f"got {', '.join(given) or 'none'}"
             )
         if self.choice is not None and (
@@ -39,14 +44,14 @@ class StructuredOutputsParams:
     def _given(self) -> list[str]:
         return [
             name
-            for name in ("json", "regex", "choice", "grammar", "json_object")
+            for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
             if getattr(self, name) not in (None, False)
         ]
 
     @property
     def kind(self) -> str:
-        """Which constraint this is: ``json``, ``regex``, ``choice``, ``grammar`` or
-        ``json_object``."""
+        """Which constraint this is: ``json``, ``regex``, ``choice``, ``grammar``,
+        ``json_object`` or ``structural_tag``."""
         return self._given()[0]
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from server_utils import PROMPT, greedy_chat, greedy_completion, request
@@ -163,3 +165,43 @@ def test_sagemaker_ping_and_invocations(server, client):
     status, body = request(server.url + "/invocations", "POST", {"input": "a cat"})
     message = body["error"]["message"]
     assert "ChatCompletionRequest" in message and "CompletionRequest" in message
+
+
+def test_structural_tag(server, client):
+    """vLLM's structural tag, as response_format (its legacy form) and as structured_outputs'
+    JSON text: a logit bias makes the model write the trigger, the tag holds what follows."""
+    tag = {
+        "structures": [
+            {
+                "begin": "@weather",
+                "schema": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 12}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+                "end": "@end",
+            }
+        ],
+        "triggers": ["@"],
+    }
+    at = {"48": 100}  # "@"
+    texts = []
+    for extra in (
+        {"response_format": {"type": "structural_tag", **tag}},
+        {"structured_outputs": {"structural_tag": json.dumps(tag)}},
+    ):
+        r = greedy_chat(client, max_tokens=30, logit_bias=at, extra_body=extra)
+        text = r.choices[0].message.content
+        assert text.startswith("@weather{"), text
+        value, end = json.JSONDecoder().raw_decode(text, len("@weather"))
+        assert set(value) == {"city"} and isinstance(value["city"], str), text
+        assert text.startswith("@end", end) or len(text) < end + 4, text
+        texts.append(text)
+    assert texts[0] == texts[1]
+    with pytest.raises(openai.BadRequestError) as err:
+        greedy_chat(
+            client,
+            response_format={"type": "structural_tag", "structures": [], "triggers": ["@"]},
+        )
+    assert err.value.body["param"] == "response_format"

@@ -113,6 +113,51 @@ def test_free_requests_beside_constrained_ones_are_unchanged(tiny):
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
+def test_structural_tag_holds_each_triggered_segment(tiny):
+    """vLLM's structural tag: free text, but from each trigger ("@") on, the structure's begin,
+    JSON of its schema, and its end. A logit bias makes the random model write the trigger; the
+    rest of each segment is the grammar's."""
+    tag = {
+        "structures": [
+            {
+                "begin": "@call",
+                "schema": {
+                    "type": "object",
+                    "properties": {"x": {"type": "integer"}},
+                    "required": ["x"],
+                    "additionalProperties": False,
+                },
+                "end": "!",
+            }
+        ],
+        "triggers": ["@"],
+    }
+    at = 48  # "@" in SmolLM2's vocabulary
+    outputs = _texts(
+        tiny,
+        StructuredOutputsParams(structural_tag=tag, disable_any_whitespace=True),
+        logit_bias={at: 100.0},
+        max_tokens=48,
+    )
+    decoder = json.JSONDecoder()
+    segments = 0
+    for out in outputs:
+        text = out.text
+        starts = [i for i, c in enumerate(text) if c == "@"]
+        assert starts and starts[0] == 0, text
+        for n, start in enumerate(starts):
+            assert text.startswith("@call", start) or start + 5 > len(text), text
+            try:
+                value, end = decoder.raw_decode(text, start + 5)
+            except json.JSONDecodeError:  # only a segment cut by max_tokens may be unfinished
+                assert n == len(starts) - 1 and out.finish_reason == "length", text
+                continue
+            assert set(value) == {"x"} and isinstance(value["x"], int), text
+            assert text[end : end + 1] in ("!", ""), text
+            segments += 1
+    assert segments >= len(outputs)
+
+
 @pytest.mark.parametrize(
     "constraint",
     [
@@ -124,6 +169,10 @@ def test_free_requests_beside_constrained_ones_are_unchanged(tiny):
         {"choice": []},
         {"regex": "a", "choice": ["a"]},
         {},
+        {"structural_tag": "{not json"},
+        {"structural_tag": {"structures": [{"begin": "<a>", "end": ""}], "triggers": ["<b"]}},
+        {"structural_tag": {"structures": [], "triggers": ["<a"]}},
+        {"structural_tag": {"format": {"type": "triggered_tags"}}},
     ],
 )
 def test_bad_constraints_are_refused(tiny, constraint):

@@ -15,12 +15,13 @@ schema: a matcher for SmolLM2's 49k tokens took 0.5-0.9 ms for a two-field schem
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import llguidance
 import llguidance.hf
 import numpy as np
 import torch
-from llguidance import LLMatcher, LLTokenizer
+from llguidance import LLMatcher, LLTokenizer, StructTag
 from llguidance.gbnf_to_lark import any_to_lark
 
 from pagedserve.sampling_params import StructuredOutputsParams
@@ -78,6 +79,8 @@ def grammar_of(params: StructuredOutputsParams) -> str:
             return LLMatcher.grammar_from_lark(any_to_lark(params.grammar))
         except Exception as exc:  # the GBNF converter raises bare Exceptions too
             raise ValueError(f"invalid grammar constraint: {exc}") from exc
+    if params.structural_tag is not None:
+        return structural_tag_grammar(params.structural_tag, params.disable_any_whitespace)
     if params.choice is not None:
         # Lark string literals take JSON's escapes, so each choice is matched literally.
         alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
@@ -92,6 +95,49 @@ def grammar_of(params: StructuredOutputsParams) -> str:
         raise ValueError("a JSON schema must be a JSON object")
     overrides = {"whitespace_flexible": False} if params.disable_any_whitespace else None
     return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
+
+
+def structural_tag_grammar(spec: str | dict[str, Any], compact: bool = False) -> str:
+    """llguidance's grammar for vLLM's structural tag ``{"structures": [{"begin", "schema",
+    "end"}, ...], "triggers": [...]}``: each structure's ``begin`` starts with one of the
+    triggers; free text until a trigger, then ``begin``, JSON of ``schema`` and ``end``
+    (``compact``: with no whitespace between JSON tokens)."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"structural_tag is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ValueError("structural_tag must be a JSON object with structures and triggers")
+    structures, triggers = spec.get("structures"), spec.get("triggers")
+    if "format" in spec and structures is None:
+        raise ValueError(
+            "structural_tag's format form (xgrammar's) is not supported; give structures "
+            "and triggers"
+        )
+    if not isinstance(triggers, list) or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("structural_tag.triggers must be a list of non-empty strings")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError("structural_tag.structures must be a non-empty list")
+    tags = []
+    for i, tag in enumerate(structures):
+        begin, end = (tag.get(k) if isinstance(tag, dict) else None for k in ("begin", "end"))
+        schema = tag.get("schema") if isinstance(tag, dict) else None
+        if not isinstance(begin, str) or not isinstance(end, str):
+            raise ValueError(f"structural_tag.structures[{i}] needs begin and end strings")
+        if schema is not None and not isinstance(schema, dict):
+            raise ValueError(f"structural_tag.structures[{i}].schema must be a JSON schema")
+        trigger = next((t for t in triggers if begin.startswith(t)), None)
+        if trigger is None:
+            raise ValueError(
+                f"structural_tag.structures[{i}].begin {begin!r} starts with none of the "
+                f"triggers {triggers}"
+            )
+        grammar = schema if schema is not None else {}
+        if compact:
+            grammar = {**grammar, "x-guidance": {"whitespace_flexible": False}}
+        tags.append(StructTag(trigger=trigger, begin=begin, grammar=grammar, end=end))
+    return StructTag.to_grammar(tags)
 
 
 def allowed_tokens(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:

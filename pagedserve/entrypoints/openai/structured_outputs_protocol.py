@@ -27,6 +27,10 @@ class JsonSchemaFormat(_Model):
 class ResponseFormat(_Model):
     type: str
     json_schema: JsonSchemaFormat | None = None
+    # type "structural_tag" (vLLM's): see StructuredOutputsParams.structural_tag
+    structures: list[Any] | None = None
+    triggers: list[Any] | None = None
+    format: Any = None
 
 
 class StructuredOutputs(_Model):
@@ -38,7 +42,7 @@ class StructuredOutputs(_Model):
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
-    structural_tag: Any = None  # not supported: refused
+    structural_tag: str | dict[str, Any] | None = None
 
 
 LEGACY_GUIDED_FIELDS = {
@@ -90,10 +94,12 @@ def structured_output_params(
             if fmt.json_schema is None or fmt.json_schema.json_schema is None:
                 raise ValueError("response_format of type json_schema needs json_schema.schema")
             params = StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        elif kind == "structural_tag":
+            assert fmt is not None
+            tag = fmt.model_dump(include={"structures", "triggers", "format"}, exclude_none=True)
+            params = StructuredOutputsParams(structural_tag=tag)
         elif so is not None:
-            params = StructuredOutputsParams(
-                **so.model_dump(by_alias=True, exclude={"structural_tag"})
-            )
+            params = StructuredOutputsParams(**so.model_dump(by_alias=True))
         else:
             return None
         check_grammar(params)
@@ -106,20 +112,14 @@ def refuse_unsupported_constraint(fmt: ResponseFormat | None, so: StructuredOutp
     """A 400 for a constraint the engine cannot honour yet (a client that asks for JSON must not
     be handed free text), or for two at once."""
     kind = fmt.type if fmt else "text"
-    if kind not in ("text", "json_object", "json_schema"):
+    if kind not in ("text", "json_object", "json_schema", "structural_tag"):
         raise bad_request(
-            f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
-            "'json_schema'",
+            f"response_format type {kind!r} is not supported; use 'text', 'json_object', "
+            "'json_schema' or 'structural_tag'",
             param="response_format",
         )
     if so is None:
         return
-    if so.structural_tag is not None:
-        raise bad_request(
-            "structured_outputs structural_tag is not supported yet; use json, regex, "
-            "choice, grammar or json_object",
-            param="structured_outputs",
-        )
     if kind != "text":
         raise bad_request(
             "give response_format or structured_outputs, not both",
