@@ -165,7 +165,7 @@ def test_an_unreachable_output_url_fails_the_run(tmp_path, llama):
 
 
 def test_a_line_that_fails_inside_the_server_fails_alone(tmp_path, llama, monkeypatch):
-    """An exception in a handler (Starlette answers 500, then re-raises it) costs its line only."""
+    """An exception in a handler is a 500 for its line only."""
     from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
 
     create = ServingCompletion.create

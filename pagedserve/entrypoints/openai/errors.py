@@ -116,5 +116,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error while serving a request")
-        return APIError(500, f"internal server error: {type(exc).__name__}").response()
+        return internal_error(exc)
+
+
+def internal_error(exc: Exception) -> Response:
+    """The 500 for an exception no handler took, logged with its traceback."""
+    logger.error("unhandled error while serving a request", exc_info=exc)
+    return APIError(500, f"internal server error: {type(exc).__name__}").response()

@@ -1,5 +1,5 @@
 """The server's ASGI middleware: the API-key and body-size guard, the ``X-Request-Id`` header,
-and the access log's endpoint filter."""
+the answer to an unexpected error, and the access log's endpoint filter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagedserve.entrypoints.openai.errors import APIError
+from pagedserve.entrypoints.openai.errors import APIError, internal_error
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 
@@ -108,6 +108,36 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class InternalErrorMiddleware:
+    """Answers an exception that no handler took with a 500 in OpenAI's schema.
+
+    Starlette's own last-resort handler (``exception_handler(Exception)``) answers too, but then
+    re-raises for the server's log, and uvicorn drops the connection: a client that keeps it
+    alive for its next request (the ``openai`` client does) fails that one as well. An error
+    after the response started (a stream) still goes up, the only way to cut the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            await internal_error(exc)(scope, receive, send)
 
 
 class AccessLogFilter(logging.Filter):

@@ -108,7 +108,7 @@ async def post(app: ASGIApp, path: str, body: bytes) -> tuple[int, bytes]:
     }
     try:
         await app(scope, receive, send)
-    except Exception:  # noqa: BLE001 - Starlette answers a 500, then re-raises for the server log
+    except Exception:  # noqa: BLE001 - what the app's error middleware could not answer
         logger.exception("run-batch: a request failed")
         if not chunks:
             status = 500
