@@ -136,8 +136,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 fail(name, "must be an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "must be an integer")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
+        ):
+            fail("seed", "must be an integer that fits in 64 bits")
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
             fail("stop", "must be non-empty strings")
         if self.logit_bias and any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):

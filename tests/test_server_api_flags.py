@@ -1,6 +1,7 @@
 """The API flags that set every request's defaults (vLLM's): ``--response-role``,
 ``--return-tokens-as-token-ids``, ``--enable-force-include-usage``,
-``--default-chat-template-kwargs``, ``--override-generation-config``; the per-request
+``--default-chat-template-kwargs``, ``--override-generation-config``,
+``--trust-request-chat-template``; the per-request
 ``stream_options.continuous_usage_stats`` and vLLM's older ``guided_*`` fields; ``GET /load``
 and the dev-mode ``POST /reset_prefix_cache``."""
 
@@ -34,6 +35,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "--default-chat-template-kwargs", '{"greeting": "Hello"}',
         "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0}',
         "--enable-server-load-tracking",
+        "--trust-request-chat-template",
         env={"VLLM_SERVER_DEV_MODE": "1"},
     )  # fmt: skip
     yield srv
@@ -69,6 +71,19 @@ def test_role_defaults_and_template_kwargs(server, smollm2_tokenizer):
     assert post(server, "/v1/chat/completions", body)["choices"][0]["message"]["role"] == (
         "assistant"  # the role of the message it continues
     )
+
+
+def test_trusted_request_chat_template(server):
+    """With --trust-request-chat-template a request's own template (and kwargs) render it."""
+    template = "{% for m in messages %}[{{ m.role }}|{{ m.content }}|{{ flavour }}]{% endfor %}"
+    body = {
+        "messages": CHAT,
+        "chat_template": template,
+        "chat_template_kwargs": {"flavour": "mint"},
+    }
+    tokens = post(server, "/tokenize", body)["tokens"]
+    text = post(server, "/detokenize", {"tokens": tokens})["prompt"]
+    assert text == "[user|Tell me a story|mint]"
 
 
 def test_logprobs_name_tokens_by_id(server):

@@ -4,6 +4,7 @@ neither disturb good ones nor leave KV blocks behind. The server here runs a tin
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import threading
@@ -87,6 +88,9 @@ def test_health_and_metrics_stay_open(server):
 # Output constraints and tool choices the server cannot honour are a 400, never ignored.
 BAD_SCHEMA = {"name": "answer", "schema": {"type": "nonsense"}}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+DEEP: list = []
+for _ in range(600):  # deeper than transformers' walk over a template's inputs can recurse
+    DEEP = [DEEP]
 BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
 
 
@@ -154,6 +158,16 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"bad_words": [" "]}, "bad_words"),
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),  # lone surrogate
+        ({"bad_words": ["\udc00"]}, "bad_words"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "x", "function": {"name": "f"}}}, "tool_choice"),
+        ({"chat_template": "{{ messages }}"}, "chat_template"),  # untrusted by default
+        ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template"),
+        ({"chat_template_kwargs": {"deep": DEEP}}, "messages"),
+        ({"use_beam_search": True, "n": 2, "length_penalty": float("nan")}, "length_penalty"),
+        ({"seed": 2**63}, "seed"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 def test_chat_bad_values_are_400(server, change, param):
@@ -180,6 +194,9 @@ def test_chat_bad_values_are_400(server, change, param):
             "response_format",
         ),
         ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"prompt": "\ud800"}, "prompt"),
+        # the grammar engine gives up on this regex at its first token (a limit on its lexer)
+        ({"structured_outputs": {"regex": "a{1000000}"}, "temperature": 0}, None),
     ],
 )
 def test_completion_bad_values_are_400(server, change, param):
@@ -302,3 +319,36 @@ def test_max_tokens_defaults_to_the_rest_of_the_context(client):
     )
     assert r.choices[0].finish_reason == "length"
     assert r.usage.total_tokens == MAX_LEN
+
+
+def test_unexpected_exception_is_a_500_that_keeps_the_connection():
+    """A handler's unexpected exception is answered with a 500 in the error schema and goes no
+    further: Starlette's last-resort handler re-raises after answering, and uvicorn then drops
+    the connection under a client that keeps it alive for its next request."""
+    from fastapi import FastAPI
+
+    from pagedserve.entrypoints.openai.errors import install_error_handlers
+    from pagedserve.entrypoints.openai.middleware import InternalErrorMiddleware
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)
+
+    @app.post("/boom")
+    async def boom() -> None:
+        raise ZeroDivisionError("x")
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/boom", "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))  # raises if the exception goes on up
+    assert sent[0]["status"] == 500
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert_error(body)
+    assert body["error"]["type"] == "server_error"

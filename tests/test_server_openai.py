@@ -235,19 +235,6 @@ def test_continue_final_message(server, client):
     assert r.usage.prompt_tokens == tokenized["count"]
 
 
-def test_chat_template_kwargs_and_override(server):
-    template = "{% for m in messages %}[{{ m.role }}|{{ m.content }}|{{ flavour }}]{% endfor %}"
-    body = {
-        "messages": CHAT,
-        "chat_template": template,
-        "chat_template_kwargs": {"flavour": "mint"},
-        "add_generation_prompt": True,
-    }
-    _, tokenized = request(server.url + "/tokenize", "POST", body)
-    _, text = request(server.url + "/detokenize", "POST", {"tokens": tokenized["tokens"]})
-    assert text["prompt"] == "[user|Name three colours.|mint]"
-
-
 def test_tokenize_detokenize_round_trip(server):
     status, tokenized = request(server.url + "/tokenize", "POST", {"prompt": PROMPT})
     assert status == 200 and tokenized["count"] == len(tokenized["tokens"]) > 0

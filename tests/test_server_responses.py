@@ -272,6 +272,9 @@ def test_previous_response_id_continues_a_stored_conversation(client):
         ({"text": {"format": {"type": "xml"}}}, "text"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "word " * 3000}, "input"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),  # no name
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),  # no schema
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
     ],
 )
 def test_what_it_cannot_honour_is_a_400(client, change, param):

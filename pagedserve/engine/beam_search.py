@@ -11,6 +11,7 @@ ranked by ``cumulative_logprob / generated_length ** length_penalty`` (the eos n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ class BeamSearchParams:
             raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 
     def step_params(self) -> SamplingParams:
         """One token of one beam, with its best ``2 * beam_width`` alternatives."""
@@ -71,7 +74,13 @@ def expand(
 
 def score(beam: Beam, length_penalty: float) -> float:
     length = max(1, len(beam.tokens) - int(beam.finished))
-    return beam.cumulative_logprob / length**length_penalty
+    try:
+        divisor = length**length_penalty
+    except OverflowError:  # a huge penalty: the length term is past float's range
+        divisor = math.inf
+    if divisor == 0.0:  # a hugely negative penalty: it underflows
+        return math.copysign(math.inf, beam.cumulative_logprob) if beam.cumulative_logprob else 0.0
+    return beam.cumulative_logprob / divisor
 
 
 def best(beams: list[Beam], params: BeamSearchParams) -> list[Beam]:

@@ -439,8 +439,8 @@ class LLMEngine:
             for token_id, entry in zip(new_tokens, new_entries, strict=True):
                 self.generation_tokens += 1
                 status = self.outputs.append(seq, token_id, entry)
-                if req.grammar is not None and status is None and _grammar_complete(req, token_id):
-                    status = RequestStatus.FINISHED_STOPPED
+                if req.grammar is not None and status is None:
+                    status = _grammar_status(req, token_id)
                 if status is not None:
                     self.scheduler.finish(req, status)
                     break
@@ -475,17 +475,20 @@ class LLMEngine:
         return self.kv.reset_prefix_cache()
 
 
-def _grammar_complete(req: Request, token_id: int) -> bool:
-    """Feed the sampled token to the sequence's grammar; True when nothing may follow it (the
-    JSON object is closed, the choice is made), so the sequence ends there."""
+def _grammar_status(req: Request, token_id: int) -> RequestStatus | None:
+    """Feed the sampled token to the sequence's grammar: FINISHED_STOPPED when nothing may follow
+    it (the JSON object is closed, the choice is made), FINISHED_ERROR when the grammar failed.
+    The mask only lets through tokens the grammar takes, so a failure is the grammar engine
+    hitting one of its limits (a regex such as ``a{1000000}`` builds too many lexer states), not
+    a token it refused: the text so far cannot be continued inside the constraint."""
     assert req.grammar is not None
     if not req.grammar.consume_token(token_id):
-        # The mask only lets through tokens the grammar takes, so this is a bug, not bad input.
-        logger.error(
-            "request %s: grammar refused token %d: %s",
+        logger.warning(
+            "request %s: its output constraint failed at token %d, the request ends with "
+            "finish_reason 'error': %s",
             req.request_id,
             token_id,
             req.grammar.get_error(),
         )
-        return True
-    return req.grammar.is_stopped()
+        return RequestStatus.FINISHED_ERROR
+    return RequestStatus.FINISHED_STOPPED if req.grammar.is_stopped() else None

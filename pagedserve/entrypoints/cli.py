@@ -100,6 +100,12 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         help="JSON the chat template gets under a request's own chat_template_kwargs, e.g. "
         "'{\"enable_thinking\": false}'",
     )
+    g.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="run the chat_template a request brings (refused by default: a Jinja template "
+        "can exhaust the server's memory)",
+    )
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -162,6 +168,7 @@ def api_settings(args: argparse.Namespace) -> tuple[Any, Any]:
             args.return_tokens_as_token_ids,
             args.enable_force_include_usage,
             args.default_chat_template_kwargs or {},
+            args.trust_request_chat_template,
         ),
     )
     logger.info(

@@ -32,6 +32,7 @@ from pagedserve.entrypoints.openai.lora_endpoints import add_lora_routes
 from pagedserve.entrypoints.openai.middleware import (
     AccessLogFilter,
     GuardMiddleware,
+    InternalErrorMiddleware,
     LoadMiddleware,
     RequestIdMiddleware,
 )
@@ -165,6 +166,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         **docs,
     )
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # type: ignore[arg-type]
     app.add_middleware(
         GuardMiddleware,  # type: ignore[arg-type]
         api_keys=settings.api_keys,

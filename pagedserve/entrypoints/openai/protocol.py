@@ -9,6 +9,7 @@ serialisation).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
@@ -64,8 +65,46 @@ def _known_fields(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(fields) | frozenset(f.alias for f in fields.values() if f.alias)
 
 
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` that holds a lone UTF-16 surrogate (JSON's
+    ``"\\ud800"`` parses into one; it is not Unicode text, and tokenizers fail on it)."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        if value and isinstance(value[0], int):  # token ids (a list mixing in text is a 422)
+            return None
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class RequestBody(OpenAIModel):
     """A request's top-level body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise bad_request(
+                f"{where} holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                "valid Unicode text",
+                param=where.split(".")[0],
+            )
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +191,11 @@ class SamplingFields(RequestBody):
                 f"n (the beam width) must be in [1, {MAX_BEAM_WIDTH}] with use_beam_search",
                 param="n",
             )
+        if not math.isfinite(self.length_penalty):
+            raise bad_request(
+                f"length_penalty must be a finite number, got {self.length_penalty}",
+                param="length_penalty",
+            )
 
     def beam_search_params(self, params: SamplingParams) -> BeamSearchParams:
         """The beam search this request asks for, from its checked sampling parameters."""
@@ -236,6 +280,10 @@ class SamplingFields(RequestBody):
         if self.stream and self.prompt_logprobs:
             raise bad_request(
                 "prompt_logprobs is not available when stream is true", param="prompt_logprobs"
+            )
+        if self.stream_options is not None and not self.stream:
+            raise bad_request(
+                "stream_options can only be given when stream is true", param="stream_options"
             )
         refuse_unsupported_constraint(self.response_format, self.structured_outputs)
 
@@ -409,7 +457,7 @@ class CompletionRequest(SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestBody):
     """vLLM's /tokenize: either ``prompt`` or chat ``messages``."""
 
     model: str | None = None
@@ -423,6 +471,6 @@ class TokenizeRequest(OpenAIModel):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int] = Field(default_factory=list)

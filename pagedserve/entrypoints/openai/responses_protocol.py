@@ -133,6 +133,8 @@ class ResponsesRequest(RequestBody):
             )
         if fmt["type"] != "json_schema":
             return {"type": fmt["type"]}
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad_request("text.format of type json_schema needs a schema", param="text")
         # The Responses API puts the schema's name and body beside its type; chat nests them.
         schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": schema}
@@ -140,10 +142,12 @@ class ResponsesRequest(RequestBody):
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
     """A Responses function tool (``{type, name, description, parameters}``) as a chat tool."""
-    if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+    if tool.get("type") != "function":
         raise bad_request(
             f"only function tools are supported, got {tool.get('type')!r}", param="tools"
         )
+    if not isinstance(tool.get("name"), str):
+        raise bad_request("a function tool needs a name (a string)", param="tools")
     fields = ("name", "description", "parameters", "strict")
     return {"type": "function", "function": {k: tool[k] for k in fields if k in tool}}
 

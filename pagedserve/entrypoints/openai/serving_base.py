@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
-import jinja2
-
 from pagedserve.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -58,6 +56,9 @@ class ApiDefaults:
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
     force_include_usage: bool = False  # every stream ends with its usage
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under the request's
+    # A request's own chat_template is run only with --trust-request-chat-template: a Jinja
+    # template can take the whole machine's memory or time (vLLM refuses them too).
+    trust_request_chat_template: bool = False
 
 
 class OpenAIServing:
@@ -248,6 +249,13 @@ class OpenAIServing:
                 "continue_final_message needs the last message to be an assistant message",
                 param="continue_final_message",
             )
+        given = chat_template is not None or "chat_template" in (chat_template_kwargs or {})
+        if given and not self.defaults.trust_request_chat_template:
+            raise bad_request(
+                "Chat template is passed with request, but --trust-request-chat-template is not "
+                "set. Refused request with untrusted chat template.",
+                param="chat_template",
+            )
         conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
@@ -267,9 +275,15 @@ class OpenAIServing:
                 tools=tools,
                 **kwargs,
             )
-        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
+        except RecursionError as exc:  # transformers walks tool schemas and kwargs recursively
             raise bad_request(
-                f"could not apply the chat template: {exc}", param="messages"
+                "could not apply the chat template: the messages, tools or "
+                "chat_template_kwargs are nested too deeply",
+                param="messages",
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - whatever the template raises (1/0 too) is a 400
+            raise bad_request(
+                f"could not apply the chat template: {type(exc).__name__}: {exc}", param="messages"
             ) from exc
         return text if isinstance(text, str) else text[0]
 

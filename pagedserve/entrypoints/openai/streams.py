@@ -35,6 +35,13 @@ async def last_output(stream: RequestStream) -> RequestOutput:
         stream.abort()
     if final is None:
         raise APIError(503, "the request was aborted before it produced any output")
+    if isinstance(final, RequestOutput) and any(c.finish_reason == "error" for c in final.outputs):
+        raise APIError(
+            400,
+            "the output constraint could not be followed to the end: its grammar hit one of the "
+            "grammar engine's limits (the server log names it); simplify the schema, regex or "
+            "grammar",
+        )
     return final
 
 

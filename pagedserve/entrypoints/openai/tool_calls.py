@@ -61,7 +61,9 @@ def tool_mode(
         return AUTO, auto_parser
     if tool_choice == REQUIRED:
         return REQUIRED, ""
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    named = isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function"
+    function = tool_choice.get("function") if named else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise bad_request(
             "tool_choice must be 'none', 'auto', 'required' or {type: function, function: {name}}",
