@@ -247,6 +247,21 @@ def test_embeddings_need_a_pooling_runner(server, client):
     assert_error(body, "model")
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": "hi", "messages": CHAT}, "messages"),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"messages": CHAT, "chat_template": "{{ messages }}"}, "chat_template"),
+    ],
+)
+def test_tokenize_bad_values_are_400(server, body, param):
+    status, response = post(server, "/tokenize", {"model": MODEL_NAME, **body})
+    assert status == 400, response
+    assert_error(response, param)
+
+
 def test_unknown_route_is_404_in_schema(server):
     status, body = request(server.url + "/v1/nothing-here", headers=AUTH)
     assert status == 404

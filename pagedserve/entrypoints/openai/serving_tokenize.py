@@ -16,6 +16,8 @@ class ServingTokenize:
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         s = self.s
         s.check_model(req.model)
+        if req.messages is not None and req.prompt is not None:
+            raise bad_request("give either prompt or messages, not both", param="messages")
         if req.messages is not None:
             text = s.render_chat(req)
             add_special = False if req.add_special_tokens is None else req.add_special_tokens
