@@ -301,3 +301,21 @@ def test_sagemaker_invocations_embed(server):
         assert status == status_invoked == 200, invoked
         assert invoked["object"] == "list"
         assert invoked["data"][0]["embedding"] == direct["data"][0]["embedding"]
+
+
+def test_pooling_endpoint_answers_the_embeddings(server):
+    """vLLM's /pooling: the same inputs as /v1/embeddings, each answered as a "pooling" object
+    whose data is the embedding; a task the model does not serve is a 400."""
+    body = {"input": [PROMPTS[0], PROMPTS[1]]}
+    status, embedded = post(server, body)
+    assert status == 200
+    for extra in ({}, {"task": "embed"}):
+        status, pooled = post(server, {**body, **extra}, "/pooling")
+        assert status == 200, pooled
+        assert pooled["object"] == "list" and pooled["id"].startswith("pool")
+        assert [d["object"] for d in pooled["data"]] == ["pooling", "pooling"]
+        assert [d["data"] for d in pooled["data"]] == [d["embedding"] for d in embedded["data"]]
+        assert pooled["usage"] == embedded["usage"]
+    for extra, param in (({"task": "classify"}, "task"), ({"task": "token_embed"}, "task")):
+        status, error = post(server, {**body, **extra}, "/pooling")
+        assert status == 400 and error["error"]["param"] == param, error

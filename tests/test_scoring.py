@@ -235,3 +235,14 @@ def test_sagemaker_invocations_on_a_classifier(server):
             assert invoked.get(key) == direct.get(key)
     status, body = post(server, "/invocations", {"messages": [{"role": "user", "content": "hi"}]})
     assert status == 400 and "ClassifyRequest" in body["error"]["message"]
+
+
+def test_pooling_endpoint_answers_the_probabilities(server):
+    """On a classifier, vLLM's /pooling answers each input's class probabilities."""
+    status, classified = post(server, "/classify", {"input": DOCUMENTS[:2]})
+    assert status == 200
+    status, pooled = post(server, "/pooling", {"input": DOCUMENTS[:2]})
+    assert status == 200, pooled
+    assert [d["data"] for d in pooled["data"]] == [d["probs"] for d in classified["data"]]
+    status, error = post(server, "/pooling", {"input": DOCUMENTS[:2], "task": "embed"})
+    assert status == 400 and error["error"]["param"] == "task"

@@ -245,6 +245,9 @@ def test_embeddings_need_a_pooling_runner(server, client):
     status, body = post(server, "/score", {"text_1": "a", "text_2": "b"})
     assert status == 400
     assert_error(body, "model")
+    status, body = post(server, "/pooling", {"input": "hi"})
+    assert status == 400
+    assert_error(body, "model")
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.entrypoints.openai.embeddings_protocol import (
     ClassifyRequest,
     EmbeddingRequest,
+    PoolingRequest,
     RerankRequest,
     ScoreRequest,
 )
@@ -62,6 +63,7 @@ MODEL_ROUTES = (
     "/v1/completions",
     "/v1/responses",
     "/v1/embeddings",
+    "/pooling",
     "/score",
     "/v1/score",
     "/rerank",
@@ -221,6 +223,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/embeddings")
     async def create_embedding(req: EmbeddingRequest, raw: Request) -> Response:
         return await embedding.create(req, raw)
+
+    @app.post("/pooling")
+    async def create_pooling(req: PoolingRequest, raw: Request) -> Response:
+        return await embedding.pool(req, raw)
 
     @app.post("/score")
     @app.post("/v1/score")

@@ -42,6 +42,13 @@ class EmbeddingRequest(RequestBody):
         return list(given)  # type: ignore[arg-type]
 
 
+class PoolingRequest(EmbeddingRequest):
+    """vLLM's ``/pooling``: an embeddings body and the ``task`` the model is to pool for
+    (``embed`` or ``classify``; the model's own when left out)."""
+
+    task: str | None = None
+
+
 class ScoreRequest(RequestBody):
     """vLLM's ``/score``: ``text_1`` (one text, or one per ``text_2`` text) against ``text_2``."""
 

@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: one embedding per input (or per conversation), OpenAI's response shape.
+"""POST /v1/embeddings: one embedding per input (or per conversation), OpenAI's response shape;
+and vLLM's POST /pooling, the same inputs answered with the model's pooled output as it is.
 
 Served by a pooling engine (``--runner pooling``, or a sentence-transformers model directory);
 a generating one answers with a 400, as vLLM's does. ``encoding_format: "base64"`` (what the
@@ -15,7 +16,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest
+from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest, PoolingRequest
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.protocol import truncated
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing, new_id
@@ -31,26 +32,65 @@ class ServingEmbedding:
     async def create(self, req: EmbeddingRequest, raw: Request) -> Response:
         s = self.s
         s.check_model(req.model)
-        pooler = s.engine.pooler
-        if pooler is None:
-            raise bad_request(
-                "this model is served for generation, not embeddings; start the server with "
-                "--runner pooling to serve /v1/embeddings",
-                param="model",
-            )
+        self._check_pooling(
+            "this model is served for generation, not embeddings; start the server with "
+            "--runner pooling to serve /v1/embeddings"
+        )
         if s.engine.is_classifier:
             raise bad_request(
                 "this model is a classifier: it scores text pairs (/score, /rerank) and "
                 "classifies texts (/classify), it does not embed",
                 param="model",
             )
+        return await self._run(req, raw, self._embedding_params(req), "embd", "embedding")
+
+    async def pool(self, req: PoolingRequest, raw: Request) -> Response:
+        """vLLM's ``/pooling``: each input's pooled output as it comes from the model, an
+        embedding model's embedding or a classifier's class probabilities."""
+        s = self.s
+        s.check_model(req.model)
+        self._check_pooling(
+            "this model is served for generation; /pooling needs a pooling model, started "
+            "with --runner pooling"
+        )
+        own_task = "classify" if s.engine.is_classifier else "embed"
+        if req.task not in (None, own_task):
+            raise bad_request(
+                f"task {req.task!r} is not served by this model; it serves {own_task!r}",
+                param="task",
+            )
+        if own_task == "classify":
+            if req.dimensions is not None or req.normalize is not None:
+                raise bad_request(
+                    "dimensions and normalize apply to embeddings, not to a classifier's "
+                    "probabilities",
+                    param="dimensions" if req.dimensions is not None else "normalize",
+                )
+            params = PoolingParams()
+        else:
+            params = self._embedding_params(req)
+        return await self._run(req, raw, params, "pool", "pooling")
+
+    def _check_pooling(self, message: str) -> None:
+        if self.s.engine.pooler is None:
+            raise bad_request(message, param="model")
+
+    def _embedding_params(self, req: EmbeddingRequest) -> PoolingParams:
         try:
             params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
-            pooler.check(params)
+            self.s.engine.pooler.check(params)
         except ValueError as exc:
             raise bad_request(str(exc), param="dimensions") from exc
+        return params
+
+    async def _run(
+        self, req: EmbeddingRequest, raw: Request, params: PoolingParams, prefix: str, kind: str
+    ) -> Response:
+        """Pool every input of ``req`` with ``params``; the answer lists them as ``kind``
+        objects (``embedding``: OpenAI's embeddings; ``pooling``: vLLM's /pooling)."""
+        s = self.s
         prompts = [self._checked(ids, req) for ids in await self._token_ids(req)]
-        request_id = new_id("embd")
+        request_id = new_id(prefix)
         created = int(time.time())
 
         async def run() -> Response:
@@ -60,7 +100,7 @@ class ServingEmbedding:
             finally:
                 for stream in streams:
                     stream.abort()
-            return JSONResponse(self._response(req, request_id, created, outputs))
+            return JSONResponse(self._response(req, request_id, created, outputs, kind))
 
         return await cancel_on_disconnect(raw, run)
 
@@ -102,14 +142,16 @@ class ServingEmbedding:
         request_id: str,
         created: int,
         outputs: list[EmbeddingRequestOutput],
+        kind: str,
     ) -> dict[str, Any]:
         data = []
+        key = "embedding" if kind == "embedding" else "data"
         for i, out in enumerate(outputs):
-            embedding: list[float] | str = out.outputs.embedding
+            values: list[float] | str = out.outputs.embedding
             if req.encoding_format == "base64":
-                raw = np.asarray(embedding, dtype="<f4").tobytes()
-                embedding = base64.b64encode(raw).decode("ascii")
-            data.append({"object": "embedding", "embedding": embedding, "index": i})
+                raw = np.asarray(values, dtype="<f4").tobytes()
+                values = base64.b64encode(raw).decode("ascii")
+            data.append({"object": kind, key: values, "index": i})
         num_tokens = sum(len(out.prompt_token_ids) for out in outputs)
         return {
             "id": request_id,
