@@ -86,15 +86,21 @@ def grammar_of(params: StructuredOutputsParams) -> str:
         alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
         return LLMatcher.grammar_from_lark(f"start: {alternatives}")
     schema = params.json if params.json is not None else {"type": "object"}
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
-    if not isinstance(schema, dict):
-        raise ValueError("a JSON schema must be a JSON object")
+    schema = _json_object(schema, "structured_outputs.json", "a JSON schema must be a JSON object")
     overrides = {"whitespace_flexible": False} if params.disable_any_whitespace else None
     return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
+
+
+def _json_object(value: Any, name: str, not_object: str) -> dict[str, Any]:
+    """``value``, or the JSON text of it, as a dict; ValueError (``not_object``) otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(not_object)
+    return value
 
 
 def structural_tag_grammar(spec: str | dict[str, Any], compact: bool = False) -> str:
@@ -102,13 +108,9 @@ def structural_tag_grammar(spec: str | dict[str, Any], compact: bool = False) ->
     "end"}, ...], "triggers": [...]}``: each structure's ``begin`` starts with one of the
     triggers; free text until a trigger, then ``begin``, JSON of ``schema`` and ``end``
     (``compact``: with no whitespace between JSON tokens)."""
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"structural_tag is not valid JSON: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise ValueError("structural_tag must be a JSON object with structures and triggers")
+    spec = _json_object(
+        spec, "structural_tag", "structural_tag must be a JSON object with structures and triggers"
+    )
     structures, triggers = spec.get("structures"), spec.get("triggers")
     if "format" in spec and structures is None:
         raise ValueError(

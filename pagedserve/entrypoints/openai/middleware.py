@@ -15,7 +15,23 @@ from pagedserve.entrypoints.openai.errors import APIError, internal_error
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
-class GuardMiddleware:
+class HttpMiddleware:
+    """An ASGI middleware that handles HTTP requests (``http``) and passes the rest through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class GuardMiddleware(HttpMiddleware):
     """API key and request-size checks, before any routing or parsing.
 
     The body is read here, up to the limit, and replayed to the app; a bigger body (by
@@ -25,14 +41,11 @@ class GuardMiddleware:
     """
 
     def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.expected = [f"Bearer {key}".encode() for key in api_keys]
         self.max_body = max_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         if self.expected and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
@@ -89,17 +102,11 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [*kept, (b"content-type", b"application/json")]
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Answers every response with an ``X-Request-Id`` header: the request's own, else a new one
     (vLLM's ``--enable-request-id-headers``)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
 
         async def send_with_id(message: Message) -> None:
@@ -110,7 +117,7 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class InternalErrorMiddleware:
+class InternalErrorMiddleware(HttpMiddleware):
     """Answers an exception that no handler took with a 500 in OpenAI's schema.
 
     Starlette's own last-resort handler (``exception_handler(Exception)``) answers too, but then
@@ -118,13 +125,7 @@ class InternalErrorMiddleware:
     alive for its next request (the ``openai`` client does) fails that one as well. An error
     after the response started (a stream) still goes up, the only way to cut the response."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watch(message: Message) -> None:
@@ -155,17 +156,17 @@ class AccessLogFilter(logging.Filter):
         return True
 
 
-class LoadMiddleware:
+class LoadMiddleware(HttpMiddleware):
     """Counts the requests in flight on the endpoints that run the model (vLLM's
     ``--enable-server-load-tracking``, read at ``GET /load``), streams until their last chunk."""
 
     def __init__(self, app: ASGIApp, paths: frozenset[str], counter: list[int]) -> None:
-        self.app = app
+        super().__init__(app)
         self.paths = paths
         self.counter = counter  # one cell, shared with the /load route
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         self.counter[0] += 1
