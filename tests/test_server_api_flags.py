@@ -167,3 +167,45 @@ def test_reset_prefix_cache(server, tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"))
     llm.generate(["word " * 40], use_tqdm=False)
     assert llm.reset_prefix_cache()
+
+
+def test_reasoning_effort_and_documents_reach_the_template(server):
+    """OpenAI's reasoning_effort reaches the template (and "none" turns enable_thinking off,
+    unless chat_template_kwargs say otherwise); vLLM's documents reach it too."""
+    template = (
+        "{{ reasoning_effort }}|{{ enable_thinking }}|"
+        "{% for d in documents or [] %}[{{ d.title }}]{% endfor %}"
+    )
+
+    def rendered(**extra):
+        body = {"messages": CHAT, "chat_template": template, "return_token_ids": True, **extra}
+        ids = post(server, "/v1/chat/completions", body)["prompt_token_ids"]
+        return post(server, "/detokenize", {"tokens": ids})
+
+    assert rendered(reasoning_effort="none")["prompt"] == "none|False|"
+    assert rendered(reasoning_effort="high")["prompt"] == "high|True|"
+    kwargs = {"chat_template_kwargs": {"enable_thinking": True}}
+    assert rendered(reasoning_effort="none", **kwargs)["prompt"] == "none|True|"
+    docs = [{"title": "A", "text": "x"}, {"title": "B", "text": "y"}]
+    assert rendered(documents=docs)["prompt"] == "||[A][B]"
+
+
+def test_request_id_and_truncation_side(server):
+    """vLLM's request_id names the answer (even when two requests share it); truncation_side
+    "right" keeps a prompt's first truncate_prompt_tokens tokens."""
+    ids = [post(server, "/v1/chat/completions", {"messages": CHAT, "request_id": "same"})["id"]
+           for _ in range(2)]  # fmt: skip
+    assert ids == ["chatcmpl-same", "chatcmpl-same"]
+    status, answer = request(
+        server.url + "/v1/chat/completions",
+        "POST",
+        {"model": MODEL_NAME, "messages": CHAT, "request_id": "body"},
+        headers={"X-Request-Id": "header"},
+    )
+    assert status == 200 and answer["id"] == "chatcmpl-header"
+    prompt = list(range(100, 110))
+    body = {"prompt": prompt, "truncate_prompt_tokens": 3, "return_token_ids": True}
+    answer = post(server, "/v1/completions", {**body, "request_id": "r1"})
+    assert answer["id"] == "cmpl-r1" and answer["choices"][0]["prompt_token_ids"] == prompt[-3:]
+    answer = post(server, "/v1/completions", {**body, "truncation_side": "right"})
+    assert answer["choices"][0]["prompt_token_ids"] == prompt[:3]

@@ -19,9 +19,8 @@ def client():
 
 
 def thinking_chat(client, **kwargs):
-    return client.chat.completions.create(
-        model=MODEL_NAME, messages=CHAT, max_tokens=60, temperature=0, extra_body=THINKING, **kwargs
-    )
+    args = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 60, "temperature": 0}
+    return client.chat.completions.create(**{**args, "extra_body": THINKING, **kwargs})
 
 
 def test_chat_splits_thinking_from_the_answer(client):
@@ -61,3 +60,19 @@ def test_responses_put_thinking_in_a_reasoning_item(client):
     kinds = [e.type for e in events]
     assert "response.reasoning_text.done" in kinds and kinds[-1] == "response.completed"
     assert events[-1].response.output_text == chat.content
+
+
+def test_include_reasoning_false_leaves_the_reasoning_out(client):
+    """vLLM's include_reasoning: false: the answer only, whole and streamed, and no logprobs
+    (they would show the reasoning's tokens)."""
+    full = thinking_chat(client).choices[0].message
+    r = thinking_chat(client, logprobs=True, extra_body={**THINKING, "include_reasoning": False})
+    message = r.choices[0].message
+    assert message.content == full.content and r.choices[0].logprobs is None
+    assert message.model_extra["reasoning_content"] is None
+    chunks = list(
+        thinking_chat(client, stream=True, extra_body={**THINKING, "include_reasoning": False})
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.model_extra.get("reasoning_content") for d in deltas)
+    assert "".join(d.content or "" for d in deltas) == full.content

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
@@ -156,6 +156,8 @@ class SamplingFields(RequestBody):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
     truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None  # which end truncation cuts
+    request_id: str | None = None  # the answer's id is the endpoint's prefix and this
     use_beam_search: bool = False
     length_penalty: float = 1.0
     priority: int = 0
@@ -221,8 +223,8 @@ class SamplingFields(RequestBody):
         return None if self.stream else self.prompt_logprobs
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's last ``truncate_prompt_tokens`` tokens (see :func:`truncated`)."""
-        return truncated(ids, self.truncate_prompt_tokens, max_model_len)
+        """The prompt cut to ``truncate_prompt_tokens`` tokens (see :func:`truncated`)."""
+        return truncated(ids, self.truncate_prompt_tokens, max_model_len, self.truncation_side)
 
     def sampling_params(
         self,
@@ -299,9 +301,12 @@ class SamplingFields(RequestBody):
         return fields
 
 
-def truncated(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+def truncated(
+    ids: list[int], keep: int | None, max_model_len: int, side: str | None = None
+) -> list[int]:
     """A prompt's last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``, a left truncation;
-    -1: as many as the context holds), or all of them when ``keep`` is None."""
+    -1: as many as the context holds), its first with ``side`` ``"right"``, or all of them when
+    ``keep`` is None."""
     if keep is None:
         return ids
     given, keep = keep, max_model_len if keep == -1 else keep
@@ -311,7 +316,7 @@ def truncated(ids: list[int], keep: int | None, max_model_len: int) -> list[int]
             f"length), got {given}",
             param="truncate_prompt_tokens",
         )
-    return ids[-keep:]
+    return ids[:keep] if side == "right" else ids[-keep:]
 
 
 def _unset(value: Any, default: Any) -> bool:
@@ -349,6 +354,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's reasoning_effort reaches the chat template, and "none" turns enable_thinking off
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
+    include_reasoning: bool = True  # False: the reasoning parser's reasoning is left out
+    documents: list[dict[str, Any]] | None = None  # for the chat templates of RAG models
 
     _tool_mode: tuple[str, str] | None = PrivateAttr(default=None)
 

@@ -32,10 +32,11 @@ SAMPLING_PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"max_completi
 INLINE_TOKENIZE_CHARS = 16_384
 
 
-def new_id(prefix: str, sep: str = "-") -> str:
+def new_id(prefix: str, sep: str = "-", given: str | None = None) -> str:
     """A unique id: ``chatcmpl-...`` for chat and completions, ``resp_...`` (``sep="_"``) for the
-    Responses API's objects, as OpenAI writes them."""
-    return f"{prefix}{sep}{uuid.uuid4().hex}"
+    Responses API's objects, as OpenAI writes them; ``given``: the client's id instead of a
+    random one (as vLLM: an ``X-Request-Id`` header, else the body's ``request_id``)."""
+    return f"{prefix}{sep}{given or uuid.uuid4().hex}"
 
 
 class ChatFields(Protocol):
@@ -262,8 +263,12 @@ class OpenAIServing:
                 "this model has no chat template; start the server with --chat-template",
                 param="messages",
             )
-        kwargs = {**self.defaults.chat_template_kwargs, **(chat_template_kwargs or {})}
-        for reserved in ("conversation", "tokenize", "chat_template", "return_dict"):
+        effort = getattr(req, "reasoning_effort", None)
+        thinking = {} if effort is None else {"reasoning_effort": effort}
+        if effort is not None and "enable_thinking" not in (chat_template_kwargs or {}):
+            thinking["enable_thinking"] = effort != "none"
+        kwargs = {**self.defaults.chat_template_kwargs, **thinking, **(chat_template_kwargs or {})}
+        for reserved in ("conversation", "tokenize", "chat_template", "return_dict", "documents"):
             kwargs.pop(reserved, None)
         try:
             text = self.tokenizer.apply_chat_template(
@@ -273,6 +278,7 @@ class OpenAIServing:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tools=tools,
+                documents=getattr(req, "documents", None),
                 **kwargs,
             )
         except RecursionError as exc:  # transformers walks tool schemas and kwargs recursively

@@ -60,17 +60,18 @@ class ServingChat:
         s = self.s
         prompt_ids, params = await self.prepare(req)
         top_logprobs = req.num_logprobs
-        request_id = new_id("chatcmpl")
+        request_id = new_id("chatcmpl", given=raw.headers.get("x-request-id") or req.request_id)
+        engine_id = new_id("chatcmpl")  # unique in the engine, whatever request_id a client repeats
         created = int(time.time())
         if req.stream:
-            stream = (await s.submit_all(request_id, [prompt_ids], [params], req))[0]
+            stream = (await s.submit_all(engine_id, [prompt_ids], [params], req))[0]
             return SSEResponse(
                 self._stream(req, request_id, created, stream, top_logprobs, prompt_ids),
                 stream.abort,
             )
 
         async def run() -> Response:
-            (final,) = await s.final_outputs(request_id, [prompt_ids], [params], req)
+            (final,) = await s.final_outputs(engine_id, [prompt_ids], [params], req)
             return JSONResponse(self._response(req, request_id, created, final, top_logprobs))
 
         return await cancel_on_disconnect(raw, run)
@@ -84,16 +85,18 @@ class ServingChat:
         top_logprobs: int | None,
     ) -> dict[str, Any]:
         tool_mode = req.tool_mode
+        hidden = self.hides_reasoning(req)
         choices = []
         for c in sorted(out.outputs, key=lambda c: c.index):
             logprobs = None
-            if top_logprobs is not None:
+            if top_logprobs is not None and not hidden:
                 entries = self.logprob_entries(req, c, 0, len(c.token_ids), top_logprobs)
                 logprobs = {"content": entries}
             reasoning, text = self.split(c.text, final=True)
             message: dict[str, Any] = {"role": self.role(req), "content": text, "refusal": None}
             if reasoning is not None:
-                message.update(content=text or None, **_reasoning(reasoning or None))
+                shown = None if hidden else (reasoning or None)
+                message.update(content=text or None, **_reasoning(shown))
             finish_reason = c.finish_reason
             if tool_mode is not None:
                 fields, finish_reason = final_answer(text, tool_mode, finish_reason, self.call_id)
@@ -159,6 +162,9 @@ class ServingChat:
                 **first,
             )
         tool_mode = req.tool_mode
+        hidden = self.hides_reasoning(req)
+        if hidden:
+            top_logprobs = None
         tool_deltas = (
             [ToolCallDeltas(tool_mode, self.call_id) for _ in range(n)] if tool_mode else None
         )
@@ -196,7 +202,7 @@ class ServingChat:
                     finish_reason = c.finish_reason
                     if tool_deltas is not None:
                         delta, finish_reason = tool_deltas[i].next(new_text, text, finish_reason)
-                    if new_reasoning:
+                    if new_reasoning and not hidden:
                         delta = {**_reasoning(new_reasoning), **delta}
                     if not delta and finish_reason is None and logprobs is None:
                         continue
@@ -238,6 +244,11 @@ class ServingChat:
         if self.s.reasoning is None:
             return None, text
         return self.s.reasoning.split(text, final)
+
+    def hides_reasoning(self, req: ChatCompletionRequest) -> bool:
+        """``include_reasoning: false`` on a server with a reasoning parser: the reasoning is
+        left out, and so are the logprobs, which would show its tokens (as vLLM)."""
+        return not req.include_reasoning and self.s.reasoning is not None
 
     def logprob_entries(
         self, req: ChatCompletionRequest, c: CompletionOutput, start: int, end: int, top: int

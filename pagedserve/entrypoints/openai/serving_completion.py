@@ -72,15 +72,16 @@ class ServingCompletion:
             s.sampling_params(req, max_tokens, len(ids), req.logprobs, prompt_logprobs)
             for ids in prompt_ids
         ]
-        request_id = new_id("cmpl")
+        request_id = new_id("cmpl", given=raw.headers.get("x-request-id") or req.request_id)
+        engine_id = new_id("cmpl")  # unique in the engine, whatever request_id a client repeats
         created = int(time.time())
         job = _Job(self, req, request_id, created, prompt_ids, prompt_texts)
         if req.stream:
-            streams = await s.submit_all(request_id, prompt_ids, params, req)
+            streams = await s.submit_all(engine_id, prompt_ids, params, req)
             return SSEResponse(job.stream(streams), lambda: [st.abort() for st in streams])
 
         async def run() -> Response:
-            finals = await s.final_outputs(request_id, prompt_ids, params, req)
+            finals = await s.final_outputs(engine_id, prompt_ids, params, req)
             return JSONResponse(job.response(finals))
 
         return await cancel_on_disconnect(raw, run)
