@@ -101,7 +101,7 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"top_p": 1.5}, "top_p"),
         ({"n": 0}, "n"),
         ({"messages": []}, "messages"),
-        ({"max_tokens": MAX_LEN}, "max_tokens"),
+        ({"max_tokens": MAX_LEN + 1}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -328,6 +328,17 @@ def test_bad_requests_do_not_disturb_others_or_leak_blocks(server, client):
     m = wait_until_idle(server.url)
     assert m["pagedserve:num_requests_running"] == 0
     assert m["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_max_tokens_past_the_context_is_cut_to_what_the_prompt_leaves(server, client):
+    """As vLLM: max_tokens up to the context length is accepted whatever the prompt, and the
+    completion stops where the context ends (finish_reason length)."""
+    body = {"model": MODEL_NAME, "prompt": "hi there", "max_tokens": MAX_LEN, "ignore_eos": True}
+    status, answer = post(server, "/v1/completions", body)
+    assert status == 200, answer
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == MAX_LEN
+    assert answer["choices"][0]["finish_reason"] == "length"
 
 
 def test_max_tokens_defaults_to_the_rest_of_the_context(client):

@@ -151,15 +151,17 @@ class OpenAIServing:
         max_tokens = requested_max_tokens
         if max_tokens is None:
             max_tokens = min(limit - prompt_len, self.sampling_defaults.get("max_tokens", limit))
-        elif isinstance(max_tokens, int) and max_tokens >= 1 and prompt_len + max_tokens > limit:
+        elif isinstance(max_tokens, int) and max_tokens > limit:
             raise bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, "
-                f"{max_tokens} in the completion). Please reduce the length of the "
-                f"{prompt_param} or the completion.",
+                f"max_tokens {max_tokens} is more than this model's maximum context length, "
+                f"{limit} tokens",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        elif isinstance(max_tokens, int) and max_tokens >= 1:
+            # As vLLM: what the prompt leaves of the context bounds the completion (its
+            # finish_reason is then "length"); OpenAI would refuse the request instead.
+            max_tokens = min(max_tokens, limit - prompt_len)
         try:
             return request.sampling_params(
                 max_tokens, logprobs, prompt_logprobs, self.sampling_defaults
