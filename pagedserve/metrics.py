@@ -1,6 +1,7 @@
 """Prometheus metrics and the periodic stats log line.
 
-Names are vLLM's with the prefix ``pagedserve:`` so existing dashboards adapt with a rename.
+Names are vLLM's with the prefix ``pagedserve:`` (``--metrics-prefix vllm:`` gives vLLM's own
+names, for its dashboards and autoscalers as they are).
 Engine-wide numbers (queue lengths, KV cache usage, token and cache counters) are read from the
 engine's latest ``get_stats()`` snapshot at scrape time; per-request latencies are observed from
 the outputs as the async engine hands them to the event loop.
@@ -41,25 +42,31 @@ _GAUGES = (
     ("num_requests_waiting", "num_waiting", "Number of requests waiting to be scheduled."),
     ("kv_cache_usage_perc", "kv_cache_usage", "KV cache usage (1 means every block is used)."),
 )
-_COUNTERS = (
-    ("prompt_tokens", "prompt_tokens", "Prefill tokens processed."),
-    ("generation_tokens", "generation_tokens", "Tokens generated."),
-    ("num_preemptions", "num_preemptions", "Preemptions of running requests."),
+# (name, the stats summed, help)
+_COUNTERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        "prompt_tokens",
+        ("prompt_tokens", "prefix_cache_hits"),
+        "Prompt tokens, computed or found in the prefix cache (vLLM's count).",
+    ),
+    ("prompt_tokens_cached", ("prefix_cache_hits",), "Prompt tokens found in the prefix cache."),
+    ("generation_tokens", ("generation_tokens",), "Tokens generated."),
+    ("num_preemptions", ("num_preemptions",), "Preemptions of running requests."),
     (
         "prefix_cache_queries",
-        "prefix_cache_queries",
+        ("prefix_cache_queries",),
         "Prompt tokens looked up in the prefix cache.",
     ),
-    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("prefix_cache_hits", ("prefix_cache_hits",), "Prompt tokens found in the prefix cache."),
     (
         "spec_decode_num_drafts",
-        "spec_decode_num_drafts",
+        ("spec_decode_num_drafts",),
         "Sequences whose speculative drafts were checked.",
     ),
-    ("spec_decode_num_draft_tokens", "spec_decode_num_draft_tokens", "Draft tokens checked."),
+    ("spec_decode_num_draft_tokens", ("spec_decode_num_draft_tokens",), "Draft tokens checked."),
     (
         "spec_decode_num_accepted_tokens",
-        "spec_decode_num_accepted_tokens",
+        ("spec_decode_num_accepted_tokens",),
         "Draft tokens accepted.",
     ),
 )
@@ -69,27 +76,32 @@ def _stat(stats: Any, name: str) -> float:
     return float(getattr(stats, name, 0) or 0)
 
 
+def _sum(stats: Any, names: tuple[str, ...]) -> float:
+    return sum(_stat(stats, name) for name in names)
+
+
 class _EngineStatsCollector(Collector):
     """Exposes the engine's latest stats snapshot as gauges and counters at scrape time."""
 
-    def __init__(self, get_stats: Callable[[], Any], model_name: str) -> None:
+    def __init__(self, get_stats: Callable[[], Any], model_name: str, prefix: str) -> None:
         self._get_stats = get_stats
         self._model_name = model_name
+        self._prefix = prefix
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._get_stats()
+        stats, prefix = self._get_stats(), self._prefix
         for suffix, attr, doc in _GAUGES:
-            gauge = GaugeMetricFamily(PREFIX + suffix, doc, labels=["model_name"])
+            gauge = GaugeMetricFamily(prefix + suffix, doc, labels=["model_name"])
             gauge.add_metric([self._model_name], _stat(stats, attr))
             yield gauge
-        for suffix, attr, doc in _COUNTERS:
-            counter = CounterMetricFamily(PREFIX + suffix, doc, labels=["model_name"])
-            counter.add_metric([self._model_name], _stat(stats, attr))
+        for suffix, attrs, doc in _COUNTERS:
+            counter = CounterMetricFamily(prefix + suffix, doc, labels=["model_name"])
+            counter.add_metric([self._model_name], _sum(stats, attrs))
             yield counter
         per_pos = getattr(stats, "spec_decode_num_accepted_tokens_per_pos", ())
         if per_pos:
             counter = CounterMetricFamily(
-                PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                prefix + "spec_decode_num_accepted_tokens_per_pos",
                 "Draft tokens accepted, by their position among the drafts.",
                 labels=["model_name", "position"],
             )
@@ -115,16 +127,20 @@ class ServerMetrics:
     """The server's Prometheus registry; also the async engine's observer of outputs and aborts."""
 
     def __init__(
-        self, model_name: str, get_stats: Callable[[], Any], max_model_len: int = 8192
+        self,
+        model_name: str,
+        get_stats: Callable[[], Any],
+        max_model_len: int = 8192,
+        prefix: str = PREFIX,
     ) -> None:
         disable_created_metrics()  # no *_created series, as vLLM
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(get_stats, model_name))
+        self.registry.register(_EngineStatsCollector(get_stats, model_name, prefix))
         labels = ["model_name"]
 
         def histogram(suffix: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(
-                PREFIX + suffix, doc, labels, buckets=buckets, registry=self.registry
+                prefix + suffix, doc, labels, buckets=buckets, registry=self.registry
             ).labels(model_name)
 
         self.ttft = histogram(
@@ -160,7 +176,7 @@ class ServerMetrics:
             "request_generation_tokens", "Tokens generated by each finished request.", lengths
         )
         self._success = Counter(
-            PREFIX + "request_success",
+            prefix + "request_success",
             "Requests that finished, by finish reason.",
             ["model_name", "finished_reason"],
             registry=self.registry,

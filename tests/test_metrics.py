@@ -50,3 +50,15 @@ def test_a_finished_request_is_timed_by_phase():
     }
     for name, value in expected.items():
         assert got["pagedserve:" + name] == value, name
+
+
+def test_prompt_tokens_count_cached_ones_too_and_the_prefix_is_settable():
+    """vLLM's prompt_tokens_total counts every prompt token, computed or found in the prefix
+    cache (prompt_tokens_cached_total the latter); ``prefix="vllm:"`` gives vLLM's names."""
+    stats = EngineStats(0, 0, 0.0, 8, 8, 0, prefix_cache_queries=30, prefix_cache_hits=16,
+                        prompt_tokens=14, generation_tokens=5)  # fmt: skip
+    got = samples(ServerMetrics("m", lambda: stats, max_model_len=100, prefix="vllm:"))
+    assert got["vllm:prompt_tokens_total"] == 30
+    assert got["vllm:prompt_tokens_cached_total"] == 16
+    assert got["vllm:generation_tokens_total"] == 5
+    assert not any(name.startswith("pagedserve:") for name in got)

@@ -1,7 +1,7 @@
 """The API flags that set every request's defaults (vLLM's): ``--response-role``,
 ``--return-tokens-as-token-ids``, ``--enable-force-include-usage``,
 ``--default-chat-template-kwargs``, ``--override-generation-config``,
-``--trust-request-chat-template``; the per-request
+``--trust-request-chat-template``, ``--metrics-prefix``; the per-request
 ``stream_options.continuous_usage_stats`` and vLLM's older ``guided_*`` fields; ``GET /load``
 and the dev-mode ``POST /reset_prefix_cache``."""
 
@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from server_utils import MODEL_NAME, open_stream, request, templated_server
+from server_utils import MODEL_NAME, metrics, open_stream, request, templated_server
 
 from pagedserve import LLM
 
@@ -36,6 +36,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0}',
         "--enable-server-load-tracking",
         "--trust-request-chat-template",
+        "--metrics-prefix", "vllm:",
         env={"VLLM_SERVER_DEV_MODE": "1"},
     )  # fmt: skip
     yield srv
@@ -209,3 +210,10 @@ def test_request_id_and_truncation_side(server):
     assert answer["id"] == "cmpl-r1" and answer["choices"][0]["prompt_token_ids"] == prompt[-3:]
     answer = post(server, "/v1/completions", {**body, "truncation_side": "right"})
     assert answer["choices"][0]["prompt_token_ids"] == prompt[:3]
+
+
+def test_metrics_under_vllms_names(server):
+    post(server, "/v1/completions", {"prompt": "Once"})
+    m = metrics(server.url)
+    assert m["vllm:generation_tokens_total"] > 0 and "vllm:num_requests_running" in m
+    assert not any(name.startswith("pagedserve:") for name in m)

@@ -137,6 +137,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--stats-interval", type=float, default=5.0, help="seconds between stats log lines"
     )
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
+    g.add_argument(
+        "--metrics-prefix",
+        default="pagedserve:",
+        help="the prefix of the /metrics names (default pagedserve:; 'vllm:' gives vLLM's own "
+        "names, for its dashboards as they are)",
+    )
     add_vllm_flags(parser)
 
 
@@ -200,6 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.request_id_headers = args.enable_request_id_headers
     settings.docs = not args.disable_fastapi_docs
     settings.server_load_tracking = args.enable_server_load_tracking
+    settings.metrics_prefix = args.metrics_prefix
     settings.dev_endpoints = any(
         os.environ.get(name, "0") not in ("", "0")
         for name in ("PAGEDSERVE_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")

@@ -53,6 +53,7 @@ from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_score import ServingScore
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
 from pagedserve.lora.request import LoRARequest
+from pagedserve.metrics import PREFIX as METRICS_PREFIX
 from pagedserve.metrics import ServerMetrics, StatsLogger
 
 logger = logging.getLogger("pagedserve.server")
@@ -117,6 +118,7 @@ class ServerSettings:
     defaults: ApiDefaults = field(default_factory=ApiDefaults)  # what the API flags set
     server_load_tracking: bool = False  # GET /load: requests in flight on MODEL_ROUTES
     dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
+    metrics_prefix: str = METRICS_PREFIX  # "vllm:": vLLM's own metric names
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -135,7 +137,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     embedding = ServingEmbedding(serving)
     scoring = ServingScore(serving)
     tokenize = ServingTokenize(serving)
-    metrics = ServerMetrics(serving.model_name, engine.get_stats, engine.max_model_len)
+    metrics = ServerMetrics(
+        serving.model_name, engine.get_stats, engine.max_model_len, settings.metrics_prefix
+    )
     engine.observer = metrics
     stats_logger = StatsLogger(engine.get_stats)
     created = int(time.time())
