@@ -11,6 +11,7 @@ import re
 import pytest
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from pagedserve.sample.structured_output import closed_objects
 
 SCHEMA = {
     "type": "object",
@@ -111,6 +112,24 @@ def test_free_requests_beside_constrained_ones_are_unchanged(tiny):
         assert re.fullmatch(r"[ab]+c|[ab]*", text), text
     stats = tiny.llm_engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_objects_that_list_their_properties_take_no_others(tiny):
+    """As vLLM's default backend: an object schema with properties and no word on
+    additionalProperties is closed (a random model would otherwise add keys until cut off);
+    one that says additionalProperties: true stays open."""
+    digit = {"type": "integer", "minimum": 0, "maximum": 9}
+    schema = {"type": "object", "properties": {"a": digit}, "required": ["a"]}
+    constraint = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    for out in _texts(tiny, constraint, max_tokens=24):
+        assert out.finish_reason == "stop" and set(json.loads(out.text)) == {"a"}, out.text
+    closed = closed_objects({"properties": {"b": {"properties": {}}}, "$defs": {"c": schema}})
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["b"]["additionalProperties"] is False
+    assert closed["$defs"]["c"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # a copy
+    kept = {"properties": {}, "additionalProperties": True}
+    assert closed_objects(kept) == kept and closed_objects({"type": "object"}) == {"type": "object"}
 
 
 def test_structural_tag_holds_each_triggered_segment(tiny):

@@ -87,8 +87,46 @@ def grammar_of(params: StructuredOutputsParams) -> str:
         return LLMatcher.grammar_from_lark(f"start: {alternatives}")
     schema = params.json if params.json is not None else {"type": "object"}
     schema = _json_object(schema, "structured_outputs.json", "a JSON schema must be a JSON object")
+    if params.json is not None:
+        schema = closed_objects(schema)
     overrides = {"whitespace_flexible": False} if params.disable_any_whitespace else None
     return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "anyOf", "oneOf", "allOf",
+               "not", "if", "then", "else", "additionalProperties", "unevaluatedProperties")  # fmt: skip
+
+
+def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``schema`` in which every object that lists its ``properties`` (or
+    ``patternProperties``) and says nothing of ``additionalProperties`` takes no others.
+
+    JSON Schema leaves such objects open, and a model held to one keeps adding keys of its own
+    (``"gender"``, ``"location"`` ...) until the length cut leaves broken JSON. vLLM's default
+    backend (xgrammar) closes them, and OpenAI's strict schemas must: so does this. A schema
+    that wants other keys says ``"additionalProperties": true``."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key in _SCHEMA_MAPS:
+            if isinstance(out.get(key), dict):
+                out[key] = {name: walk(sub) for name, sub in out[key].items()}
+        for key in _SUBSCHEMAS:
+            if isinstance(out.get(key), dict | list):
+                out[key] = walk(out[key])
+        listed = isinstance(out.get("properties"), dict) or isinstance(
+            out.get("patternProperties"), dict
+        )
+        if listed and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+
+    return walk(schema)
 
 
 def _json_object(value: Any, name: str, not_object: str) -> dict[str, Any]:
@@ -135,7 +173,7 @@ def structural_tag_grammar(spec: str | dict[str, Any], compact: bool = False) ->
                 f"structural_tag.structures[{i}].begin {begin!r} starts with none of the "
                 f"triggers {triggers}"
             )
-        grammar = schema if schema is not None else {}
+        grammar = closed_objects(schema) if schema is not None else {}
         if compact:
             grammar = {**grammar, "x-guidance": {"whitespace_flexible": False}}
         tags.append(StructTag(trigger=trigger, begin=begin, grammar=grammar, end=end))
