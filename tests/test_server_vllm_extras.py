@@ -205,3 +205,27 @@ def test_structural_tag(server, client):
             response_format={"type": "structural_tag", "structures": [], "triggers": ["@"]},
         )
     assert err.value.body["param"] == "response_format"
+
+
+def test_chat_echo_repeats_the_message_it_continues(client):
+    """vLLM's chat echo: an answer that continues the last (assistant) message starts with it,
+    whole and as the first streamed content; a new answer after a user message does not."""
+    partial = [{"role": "user", "content": "What is 2 + 2?"},
+               {"role": "assistant", "content": "The answer is"}]  # fmt: skip
+    extra = {"echo": True, "add_generation_prompt": False, "continue_final_message": True}
+    plain = greedy_chat(client, messages=partial, max_tokens=4, extra_body={**extra, "echo": False})
+    echoed = greedy_chat(client, messages=partial, max_tokens=4, extra_body=extra)
+    generated = plain.choices[0].message.content
+    assert echoed.choices[0].message.content == "The answer is" + generated
+    chunks = list(
+        greedy_chat(client, messages=partial, max_tokens=4, stream=True, extra_body=extra)
+    )
+    contents = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert contents[0] == "The answer is" and "".join(contents[1:]) == generated
+    fresh = greedy_chat(client, max_tokens=4, extra_body={"echo": True})
+    assert (
+        fresh.choices[0].message.content
+        == greedy_chat(client, max_tokens=4).choices[0].message.content
+    )

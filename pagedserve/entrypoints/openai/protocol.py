@@ -360,6 +360,7 @@ class ChatCompletionRequest(SamplingFields):
     )
     include_reasoning: bool = True  # False: the reasoning parser's reasoning is left out
     documents: list[dict[str, Any]] | None = None  # for the chat templates of RAG models
+    echo: bool = False  # the answer starts with the last message, when it has the answer's role
 
     _tool_mode: tuple[str, str] | None = PrivateAttr(default=None)
 

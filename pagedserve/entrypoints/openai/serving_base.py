@@ -369,7 +369,8 @@ class OpenAIServing:
         return streams
 
 
-def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+def message_text(message: ChatMessage, index: int) -> str | None:
+    """A message's content as text: its text parts joined by newlines; a 400 for another part."""
     content = message.content
     if isinstance(content, list):
         texts = []
@@ -382,7 +383,11 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
                 )
             texts.append(part.text)
         content = "\n".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    return content
+
+
+def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message_text(message, index) or ""}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_call_id is not None:

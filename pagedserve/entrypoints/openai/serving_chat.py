@@ -16,6 +16,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     OpenAIServing,
     by_rank,
     clamp_logprob,
+    message_text,
     new_id,
     prompt_logprobs_json,
     usage_dict,
@@ -86,6 +87,7 @@ class ServingChat:
     ) -> dict[str, Any]:
         tool_mode = req.tool_mode
         hidden = self.hides_reasoning(req)
+        echoed = self.echoed(req)
         choices = []
         for c in sorted(out.outputs, key=lambda c: c.index):
             logprobs = None
@@ -101,6 +103,8 @@ class ServingChat:
             if tool_mode is not None:
                 fields, finish_reason = final_answer(text, tool_mode, finish_reason, self.call_id)
                 message.update(fields)
+            if echoed:
+                message["content"] = echoed + (message["content"] or "")
             choice = {
                 "index": c.index,
                 "message": message,
@@ -161,6 +165,11 @@ class ServingChat:
                 },
                 **first,
             )
+        echoed = self.echoed(req)
+        if echoed:  # vLLM sends it as each choice's first content
+            for i in range(n):
+                yield chunk({"index": i, "delta": {"content": echoed}, "logprobs": None,
+                             "finish_reason": None, "stop_reason": None})  # fmt: skip
         tool_mode = req.tool_mode
         hidden = self.hides_reasoning(req)
         if hidden:
@@ -231,6 +240,14 @@ class ServingChat:
         if req.add_generation_prompt:
             return self.s.defaults.response_role
         return req.messages[-1].role
+
+    def echoed(self, req: ChatCompletionRequest) -> str:
+        """vLLM's ``echo``: the last message's text, which the answer repeats before its own
+        when that message has the answer's role (one it continues)."""
+        last = req.messages[-1]
+        if not req.echo or last.role != self.role(req):
+            return ""
+        return message_text(last, len(req.messages) - 1) or ""
 
     def call_id(self) -> str:
         """A tool call's id: the server's parser's format (Mistral), else OpenAI-like."""
