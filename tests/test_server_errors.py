@@ -271,6 +271,16 @@ def test_unknown_route_is_404_in_schema(server):
     assert_error(body)
 
 
+def test_wrong_method_is_405_with_allow(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/v1/chat/completions", headers=AUTH)
+    response = conn.getresponse()
+    assert response.status == 405 and response.getheader("allow") == "POST"
+    assert_error(json.loads(response.read()))
+    conn.close()
+
+
 def test_body_over_limit_is_413(server):
     big = {"model": MODEL_NAME, "prompt": "x" * (BODY_LIMIT + 10)}
     status, body = post(server, "/v1/completions", big)
