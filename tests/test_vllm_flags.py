@@ -1,5 +1,6 @@
 """vLLM's launch flags and ``LLM`` arguments that scripts carry over: CORS, logging, the proxy
-path, the GPU memory share, chunked prefill on or off, and the parallel sizes (1 only)."""
+path, the GPU memory share, chunked prefill on or off, the parallel sizes (1 only), ``--config``
+files, ``--middleware``, and the flags accepted with no effect or refused."""
 
 from __future__ import annotations
 
@@ -57,11 +58,48 @@ def test_cors_is_closed_by_default(server):
     assert status == 200 and "access-control-allow-origin" not in headers
 
 
-def test_server_flags(tiny_model_dir):
+MIDDLEWARE = """
+class Stamp:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def stamped(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-stamp", b"yes"))
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+"""
+
+# A vLLM deployment's config file: flags this server honours, and flags that change nothing
+# here (graph capture, downloads, swap space, ...), as vLLM's --config takes them.
+CONFIG = """
+served_model_name: [other-name]
+max_num_batched_tokens: 16
+enable_prefix_caching: false
+swap_space: 4
+download_dir: /nowhere
+load_format: auto
+tokenizer_mode: auto
+max_seq_len_to_capture: 8192
+disable_custom_all_reduce: true
+distributed_executor_backend: mp
+compilation_config: {"level": 3}
+quantization: gguf
+data_parallel_size: 1
+middleware: [stamp_middleware.Stamp]
+"""
+
+
+def test_server_flags(tiny_model_dir, tmp_path):
+    (tmp_path / "stamp_middleware.py").write_text(MIDDLEWARE)
+    (tmp_path / "vllm.yaml").write_text(CONFIG)
     srv = ServerProcess(
         [
             tiny_model_dir("llama"),
-            "--served-model-name", MODEL_NAME,
+            "--config", str(tmp_path / "vllm.yaml"),
+            "--served-model-name", MODEL_NAME,  # the command line wins over the file
             "--api-key", "secret",
             "--allowed-origins", f'["{APP}"]',
             "--allow-credentials",
@@ -75,7 +113,8 @@ def test_server_flags(tiny_model_dir):
             "--no-enable-chunked-prefill",
             "--max-num-batched-tokens", "16",
             "--max-logprobs", "30",
-        ]
+        ],
+        env={"PYTHONPATH": str(tmp_path)},
     ).wait_ready()  # fmt: skip
     try:
         # The preflight carries no API key, and is answered before the key is checked.
@@ -92,6 +131,7 @@ def test_server_flags(tiny_model_dir):
         auth = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
         status, headers, _ = call(srv.url, "POST", "/v1/completions", {"Origin": APP, **auth}, body)
         assert status == 200 and headers["access-control-allow-origin"] == APP
+        assert headers["x-stamp"] == "yes"  # --middleware, from the config file
         status, _, _ = call(srv.url, "POST", "/v1/completions", {"Origin": APP}, body)
         assert status == 401
         status, _, docs = call(srv.url, "GET", "/openapi.json", {"Authorization": "Bearer secret"})
@@ -173,6 +213,28 @@ def test_https_keys_request_ids_and_quiet_endpoints(tmp_path, tiny_model_dir):
     srv.close()
     assert f"https://127.0.0.1:{srv.port}" in log
     assert '"GET /v1/models HTTP/1.1" 200' in log and '"GET /health' not in log
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--quantization", "awq"], "'awq' is not supported for --quantization"),
+        (["--tool-parser-plugin", "mine.py"], "--tool-parser-plugin is not supported"),
+        (["--skip-tokenizer-init"], "--skip-tokenizer-init is not supported"),
+        (["-dp", "2"], "one process serves the model"),
+        (["--tokenizer-mode", "mistral"], "'mistral' is not supported for --tokenizer-mode"),
+        (["--config", "/nowhere.yaml"], "--config /nowhere.yaml"),
+    ],
+)
+def test_vllm_flags_that_would_change_the_answers_are_refused(flags, says):
+    done = subprocess.run(
+        [sys.executable, "-m", "pagedserve", "serve", "model", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and says in done.stderr, done.stderr
 
 
 def test_parallel_sizes_other_than_one_are_refused(tiny_model_dir):

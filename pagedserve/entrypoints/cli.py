@@ -21,6 +21,7 @@ from pagedserve.entrypoints.engine_options import (
 from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.entrypoints.vllm_flags import add_vllm_flags, ssl_settings
+from pagedserve.entrypoints.vllm_launch_flags import add_launch_flags, with_config_file
 
 logger = logging.getLogger("pagedserve")
 
@@ -144,6 +145,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "names, for its dashboards as they are)",
     )
     add_vllm_flags(parser)
+    add_launch_flags(parser)
 
 
 def api_settings(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -207,6 +209,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.docs = not args.disable_fastapi_docs
     settings.server_load_tracking = args.enable_server_load_tracking
     settings.metrics_prefix = args.metrics_prefix
+    settings.middleware = args.middleware
     settings.dev_endpoints = any(
         os.environ.get(name, "0") not in ("", "0")
         for name in ("PAGEDSERVE_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
@@ -461,7 +464,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = with_config_file(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)

@@ -52,6 +52,7 @@ from pagedserve.entrypoints.openai.serving_embedding import ServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_score import ServingScore
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
+from pagedserve.entrypoints.vllm_launch_flags import add_middlewares
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PREFIX as METRICS_PREFIX
 from pagedserve.metrics import ServerMetrics, StatsLogger
@@ -119,6 +120,7 @@ class ServerSettings:
     server_load_tracking: bool = False  # GET /load: requests in flight on MODEL_ROUTES
     dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
     metrics_prefix: str = METRICS_PREFIX  # "vllm:": vLLM's own metric names
+    middleware: list[str] = field(default_factory=list)  # import paths (vLLM's --middleware)
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -195,6 +197,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         async def reset_prefix_cache() -> dict[str, bool]:
             return {"success": await engine.call(lambda e: e.reset_prefix_cache())}
 
+    add_middlewares(app, settings.middleware)
     # Outside the guard: a browser's preflight (OPTIONS) carries no API key.
     app.add_middleware(
         CORSMiddleware,  # type: ignore[arg-type]
