@@ -67,6 +67,23 @@ def test_the_victim_when_blocks_run_out(policy, victim):
     assert sched.waiting[0].request_id == victim
 
 
+def test_a_victim_taken_out_of_the_step_leaves_no_unwritten_block_in_the_cache():
+    """``a`` (priority 5) is scheduled first, and its decode fills its second block, which the
+    prefix cache takes at once; then ``b`` needs a block, and the priority policy preempts
+    ``a`` out of the step. That block's K/V is never written: it must not stay findable."""
+    sched = _scheduler("priority", num_blocks=4)
+    a, b = _request("a", 30, priority=5), _request("b", 32)
+    sched.add(a)
+    assert _run(sched) == ["a"]
+    sched.add(b)
+    assert _run(sched) == ["a", "b"]  # a: 31 of its 32 tokens computed; b: two full blocks
+    out = sched.schedule()
+    assert [r.request_id for r in out.preempted] == ["a"]
+    first, second = a.block_hashes[:2]
+    assert sched.kv.pool.lookup(first) is not None  # computed two steps ago: still shareable
+    assert sched.kv.pool.lookup(second) is None
+
+
 def test_engine_serves_by_priority(tiny_model_dir):
     """One sequence at a time: the requests finish in priority order, and each generation is
     the one first-come-first-served gives."""

@@ -52,7 +52,7 @@ class BlockPool:
         ids = []
         for _ in range(count):
             block_id, _ = self.free_queue.popitem(last=False)
-            self._uncache(block_id)
+            self.uncache(block_id)
             self.ref_counts[block_id] = 1
             ids.append(block_id)
         return ids
@@ -83,7 +83,8 @@ class BlockPool:
             self.cached[block_hash] = block_id
             self.block_hash[block_id] = block_hash
 
-    def _uncache(self, block_id: int) -> None:
+    def uncache(self, block_id: int) -> None:
+        """Make a block unfindable by its hash (if it was the one registered for it)."""
         block_hash = self.block_hash[block_id]
         if block_hash is not None:
             del self.cached[block_hash]

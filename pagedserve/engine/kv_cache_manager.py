@@ -11,7 +11,8 @@ class KVCacheManager:
 
     Full blocks are registered in the prefix cache as soon as the tokens that fill them are
     scheduled: the model writes a step's K/V before any attention of that step reads it, so even a
-    request admitted in the same step can share them.
+    request admitted in the same step can share them. A request taken out of the step before it
+    runs takes them out again (:meth:`drop_unwritten`).
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
@@ -120,6 +121,14 @@ class KVCacheManager:
         child.block_ids = list(parent.block_ids)
         child.block_hashes = list(parent.block_hashes)
         self.pool.touch(child.block_ids)
+
+    def drop_unwritten(self, request: Request) -> None:
+        """Take out of the prefix cache the blocks that were registered for tokens this step
+        was to compute, when the request leaves the step before it runs (the priority policy
+        preempts a request it already scheduled): their K/V is never written, and a request
+        that found them later would attend to whatever the blocks held before."""
+        for block_id in request.block_ids[request.num_computed_tokens // self.block_size :]:
+            self.pool.uncache(block_id)
 
     def free(self, request: Request) -> None:
         self.pool.free(request.block_ids[::-1])

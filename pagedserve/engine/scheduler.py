@@ -123,6 +123,7 @@ class Scheduler:
                     budget += num_tokens.pop(j)
                     del scheduled[j]
                     i -= 1
+                    self.kv.drop_unwritten(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
