@@ -68,15 +68,17 @@ def test_the_victim_when_blocks_run_out(policy, victim):
 
 
 def test_a_victim_taken_out_of_the_step_leaves_no_unwritten_block_in_the_cache():
-    """``a`` (priority 5) is scheduled first, and its decode fills its second block, which the
-    prefix cache takes at once; then ``b`` needs a block, and the priority policy preempts
-    ``a`` out of the step. That block's K/V is never written: it must not stay findable."""
-    sched = _scheduler("priority", num_blocks=4)
+    """``a`` (priority 5) is scheduled first: its decode fills its second block, which the
+    prefix cache takes at once, and its drafts take a third. Then ``b`` needs a block, and the
+    priority policy preempts ``a`` out of the step; ``b`` takes ``a``'s last block. The second
+    block's K/V is never written: it must not stay findable."""
+    sched = _scheduler("priority", num_blocks=5)
     a, b = _request("a", 30, priority=5), _request("b", 32)
     sched.add(a)
     assert _run(sched) == ["a"]
     sched.add(b)
     assert _run(sched) == ["a", "b"]  # a: 31 of its 32 tokens computed; b: two full blocks
+    a.spec_token_ids = [1, 2, 3]  # ngram drafts to check
     out = sched.schedule()
     assert [r.request_id for r in out.preempted] == ["a"]
     first, second = a.block_hashes[:2]
