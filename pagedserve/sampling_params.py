@@ -142,6 +142,8 @@ class SamplingParams:
             fail("seed", "must be an integer that fits in 64 bits")
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
             fail("stop", "must be non-empty strings")
+        if self.stop_strings and not self.detokenize:
+            fail("stop", "needs detokenize: stop strings are matched in the text")
         if self.logit_bias and any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
             fail("logit_bias", "values must be in [-100, 100]")
         if self.allowed_token_ids is not None and len(self.allowed_token_ids) == 0:

@@ -134,4 +134,6 @@ def test_bad_requests_are_refused_and_leave_nothing(llm):
         engine.add_request("z", [1, 2, 3], SamplingParams(max_tokens=engine.max_model_len))
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="needs detokenize"):  # as vLLM: no text, no match
+        SamplingParams(stop=["x"], detokenize=False)
     assert not engine.has_unfinished_requests()
