@@ -319,3 +319,12 @@ def test_pooling_endpoint_answers_the_embeddings(server):
     for extra, param in (({"task": "classify"}, "task"), ({"task": "token_embed"}, "task")):
         status, error = post(server, {**body, **extra}, "/pooling")
         assert status == 400 and error["error"]["param"] == param, error
+
+
+def test_truncation_side_right_keeps_the_first_tokens(server):
+    ids = list(range(100, 140))
+    body = {"input": ids, "truncate_prompt_tokens": 3, "truncation_side": "right"}
+    status, cut = post(server, body)
+    status_first, first = post(server, {"input": ids[:3]})
+    assert status == status_first == 200
+    assert cut["data"][0]["embedding"] == first["data"][0]["embedding"]

@@ -81,6 +81,8 @@ def test_chat_template_flag_overrides_the_models(server):
 
 def test_health_and_metrics_stay_open(server):
     assert request(server.url + "/health")[0] == 200
+    assert request(server.url + "/ping")[0] == 200  # SageMaker's probe carries no key
+    assert request(server.url + "/invocations", "POST", {"prompt": "hi"})[0] == 401
     status, text = request(server.url + "/metrics")
     assert status == 200 and "pagedserve:num_requests_running" in text
 
@@ -160,6 +162,8 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),  # lone surrogate
         ({"bad_words": ["\udc00"]}, "bad_words"),
+        ({"chat_template_kwargs": {"\ud800": 1}}, "chat_template_kwargs"),  # in a key
+        ({"stop": ["a", 1, "\ud800"]}, "stop"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": {"type": "x", "function": {"name": "f"}}}, "tool_choice"),
         ({"chat_template": "{{ messages }}"}, "chat_template"),  # untrusted by default
@@ -214,10 +218,12 @@ def test_openai_client_sees_bad_request(client):
 
 
 def test_malformed_json_is_400(server):
-    for raw in (b"{not json", b"", b"[1, 2]", b'"text"'):
-        status, body = post(server, "/v1/chat/completions", raw)
-        assert status == 400, raw
-        assert_error(body)
+    deep = b"[" * 20_000  # nested past the JSON parser's recursion
+    for raw in (b"{not json", b"", b"[1, 2]", b'"text"', deep):
+        for path in ("/v1/chat/completions", "/invocations"):
+            status, body = post(server, path, raw)
+            assert status == 400, (path, raw[:20])
+            assert_error(body)
 
 
 def test_unknown_fields_are_ignored_with_a_warning(server):

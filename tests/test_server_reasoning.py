@@ -4,6 +4,8 @@ packaged SmolLM2 does not think, so a regex holds its answer to ``<think>...</th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from server_utils import MODEL_NAME, packaged_server
 
@@ -76,3 +78,16 @@ def test_include_reasoning_false_leaves_the_reasoning_out(client):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert not any(d.model_extra.get("reasoning_content") for d in deltas)
     assert "".join(d.content or "" for d in deltas) == full.content
+
+
+def test_a_grammar_that_does_not_open_think_leaves_the_answer_as_content(client):
+    """deepseek_r1's template opens <think> itself, so its answers count as reasoning until
+    </think>; an answer that a JSON schema wrote from its first token never thinks, and stays
+    the content (it was all filed as reasoning, or lost with include_reasoning: false)."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+              "required": ["city"]}  # fmt: skip
+    extra = {"structured_outputs": {"json": schema}}
+    for hidden in ({}, {"include_reasoning": False}):
+        message = thinking_chat(client, extra_body={**extra, **hidden}).choices[0].message
+        assert json.loads(message.content)["city"], message
+        assert not message.model_extra.get("reasoning_content")

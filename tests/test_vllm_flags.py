@@ -15,6 +15,7 @@ import pytest
 from server_utils import MODEL_NAME, REPO, ServerProcess
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.entrypoints.vllm_launch_flags import add_middlewares, with_config_file
 
 APP = "http://app.example"
 
@@ -235,6 +236,31 @@ def test_vllm_flags_that_would_change_the_answers_are_refused(flags, says):
         timeout=120,
     )
     assert done.returncode != 0 and says in done.stderr, done.stderr
+
+
+def test_config_file_flags_go_after_the_model_and_before_the_command_lines(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: /from-file\nserved_model_name: [a, b]\nenable_prefix_caching: false\n"
+    )
+    flags = ["--served-model-name", "a", "b", "--no-enable-prefix-caching"]
+    assert with_config_file(["serve", "--config", str(config), "--port", "1"]) == [
+        "serve", "/from-file", *flags, "--port", "1"
+    ]  # fmt: skip
+    assert with_config_file(["serve", "/given", f"--config={config}", "--port", "1"]) == [
+        "serve", "/given", *flags, "--port", "1"
+    ]  # fmt: skip
+
+
+def test_a_middleware_that_cannot_load_stops_the_start(tmp_path, monkeypatch):
+    (tmp_path / "broken_mw.py").write_text("def oops(:\n")
+    (tmp_path / "no_app_mw.py").write_text("class NoApp:\n    def __init__(self):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from fastapi import FastAPI
+
+    for path, says in (("broken_mw.oops", "SyntaxError"), ("no_app_mw.NoApp", "take the app")):
+        with pytest.raises(SystemExit, match=says):
+            add_middlewares(FastAPI(), [path])
 
 
 def test_parallel_sizes_other_than_one_are_refused(tiny_model_dir):

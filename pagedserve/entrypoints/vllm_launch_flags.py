@@ -134,9 +134,16 @@ def add_middlewares(app: Any, paths: Sequence[str]) -> None:
             raise SystemExit(f"error: --middleware {path!r}: give module.name")
         try:
             target = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as exc:
-            raise SystemExit(f"error: --middleware {path!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - whatever importing the user's module raises
+            raise SystemExit(f"error: --middleware {path!r}: {type(exc).__name__}: {exc}") from exc
         if inspect.isclass(target):
+            try:  # built lazily, at the first request: check now that it takes the app
+                inspect.signature(target).bind(app)
+            except (TypeError, ValueError) as exc:
+                raise SystemExit(
+                    f"error: --middleware {path!r}: the class must take the app as its one "
+                    f"argument ({exc})"
+                ) from exc
             app.add_middleware(target)
         elif inspect.iscoroutinefunction(target):
             app.middleware("http")(target)
@@ -151,17 +158,21 @@ NEGATABLE = frozenset({"--enable-prefix-caching", "--enable-chunked-prefill"})
 
 
 def with_config_file(argv: list[str]) -> list[str]:
-    """``argv`` with vLLM's ``--config FILE.yaml`` replaced by the flags the file holds (its keys
-    are flag names; ``model`` is the positional model), placed before the command line's own so
-    that those win."""
-    if "--config" not in argv:
+    """``argv`` with vLLM's ``--config FILE.yaml`` (or ``--config=FILE.yaml``) replaced by the
+    flags the file holds (its keys are flag names; ``model`` is the positional model, unless the
+    command line names one), placed after the command and its model and before the command
+    line's own flags, so that those win."""
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
         return argv
-    at = argv.index("--config")
-    if at + 1 >= len(argv):
-        raise SystemExit("error: --config needs a YAML file")
+    if argv[at] == "--config":
+        if at + 1 >= len(argv):
+            raise SystemExit("error: --config needs a YAML file")
+        path, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
+    else:
+        path, rest = argv[at].removeprefix("--config="), argv[:at] + argv[at + 1 :]
     import yaml
 
-    path = argv[at + 1]
     try:
         with open(path) as f:
             config = yaml.safe_load(f) or {}
@@ -169,10 +180,13 @@ def with_config_file(argv: list[str]) -> list[str]:
         raise SystemExit(f"error: --config {path}: {exc}") from exc
     if not isinstance(config, dict):
         raise SystemExit(f"error: --config {path}: the file must hold a mapping of flags")
+    given_model = len(rest) > 1 and not rest[1].startswith("-")
+    head = rest[: 2 if given_model else 1]  # the command, and its model if the line names one
     flags: list[str] = []
     for key, value in config.items():
         if key == "model":
-            flags.append(str(value))
+            if not given_model:
+                head.append(str(value))
             continue
         flag = "--" + str(key).replace("_", "-")
         if value is True:
@@ -187,5 +201,4 @@ def with_config_file(argv: list[str]) -> list[str]:
             flags += [flag, json.dumps(value)]
         else:
             flags += [flag, str(value)]
-    rest = argv[:at] + argv[at + 2 :]
-    return rest[:1] + flags + rest[1:]  # after the command (serve), before its own flags
+    return head + flags + rest[2 if given_model else 1 :]

@@ -24,6 +24,7 @@ class EmbeddingRequest(RequestBody):
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = None  # default: True for input, False for messages
     truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
     normalize: bool | None = None
     priority: int = 0
     cache_salt: str | None = None

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.entrypoints.openai.errors import APIError, internal_error
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes carry no key
 
 
 class HttpMiddleware:

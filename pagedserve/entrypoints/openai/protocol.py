@@ -79,13 +79,13 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
     if isinstance(value, dict):
         items: Any = value.items()
     elif isinstance(value, list):
-        if value and isinstance(value[0], int):  # token ids (a list mixing in text is a 422)
-            return None
-        items = enumerate(value)
+        items = ((i, v) for i, v in enumerate(value) if type(v) is not int)  # past token ids
     else:
         return None
     for key, item in items:
-        found = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        where = f"{path}.{key}" if path else str(key)
+        found = _lone_surrogate(key, where) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, where)
         if found is not None:
             return found
     return None
@@ -99,6 +99,7 @@ class RequestBody(OpenAIModel):
     def _refuse_lone_surrogates(cls, data: Any) -> Any:
         where = _lone_surrogate(data, "")
         if where is not None:
+            where = where.encode("utf-8", "backslashreplace").decode()  # a key may hold one
             raise bad_request(
                 f"{where} holds a lone UTF-16 surrogate (such as \\ud800), which is not "
                 "valid Unicode text",
@@ -393,6 +394,13 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def forces_tool_calls(self) -> bool:
         return self._tool_mode is not None and self._tool_mode[0] != AUTO
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar holds the answer from its first token: then nothing is reasoning."""
+        fmt = self.response_format
+        given = self.structured_outputs is not None or (fmt is not None and fmt.type != "text")
+        return given or self.forces_tool_calls
 
     def structured_output_params(self) -> StructuredOutputsParams | None:
         """Forced tool calls hold the answer to the tools' schemas; else as every request."""

@@ -36,7 +36,7 @@ def add_sagemaker_routes(
     async def invocations(raw: Request) -> Response:
         try:
             body = json.loads(await raw.body())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise bad_request(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")

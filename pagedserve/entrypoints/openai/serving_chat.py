@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -94,7 +95,7 @@ class ServingChat:
             if top_logprobs is not None and not hidden:
                 entries = self.logprob_entries(req, c, 0, len(c.token_ids), top_logprobs)
                 logprobs = {"content": entries}
-            reasoning, text = self.split(c.text, final=True)
+            reasoning, text = self.split(req, c.text, final=True)
             message: dict[str, Any] = {"role": self.role(req), "content": text, "refusal": None}
             if reasoning is not None:
                 shown = None if hidden else (reasoning or None)
@@ -190,7 +191,7 @@ class ServingChat:
                     i = c.index
                     if done[i]:
                         continue
-                    reasoning, text = self.split(c.text, final=c.finish_reason is not None)
+                    reasoning, text = self.split(req, c.text, final=c.finish_reason is not None)
                     new_reasoning = (reasoning or "")[reasoning_pos[i] :]
                     new_text = text[text_pos[i] :]
                     num_tokens = len(c.token_ids)
@@ -255,12 +256,17 @@ class ServingChat:
             return self.s.parser_call_id()
         return new_id("chatcmpl-tool")
 
-    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+    def split(self, req: ChatCompletionRequest, text: str, final: bool) -> tuple[str | None, str]:
         """(reasoning, content) of an answer so far, with the server's reasoning parser; without
-        one, (None, text)."""
-        if self.s.reasoning is None:
+        one, (None, text). A grammar that held the answer from its first token let it think
+        only where the answer opens with ``<think>`` (a template that opened it saw no thinking
+        from a JSON schema)."""
+        parser = self.s.reasoning
+        if parser is None:
             return None, text
-        return self.s.reasoning.split(text, final)
+        if req.constrained:
+            parser = dataclasses.replace(parser, thinks_from_start=False)
+        return parser.split(text, final)
 
     def hides_reasoning(self, req: ChatCompletionRequest) -> bool:
         """``include_reasoning: false`` on a server with a reasoning parser: the reasoning is

@@ -123,7 +123,7 @@ class ServingEmbedding:
 
     def _checked(self, ids: list[int], req: EmbeddingRequest) -> list[int]:
         limit = self.s.max_model_len
-        ids = truncated(ids, req.truncate_prompt_tokens, limit)
+        ids = truncated(ids, req.truncate_prompt_tokens, limit, req.truncation_side)
         if not ids:
             raise bad_request("input must not be empty", param="input")
         if len(ids) > limit:

@@ -129,7 +129,7 @@ class _Job:
         """The output items of a finished answer: a reasoning model's thinking as a reasoning
         item (with the server's reasoning parser), then its text as a message, or with tools
         the message (if any text) and one ``function_call`` item per call."""
-        reasoning, text = self.chat.split(c.text, final=True)
+        reasoning, text = self.chat.split(self.chat_req, c.text, final=True)
         items = [_reasoning_item(reasoning)] if reasoning else []
         if self.tool_mode is None:
             logprobs = self.logprobs(c, 0, len(c.token_ids))
