@@ -11,7 +11,7 @@ import re
 import pytest
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
-from pagedserve.sample.structured_output import closed_objects
+from pagedserve.sample.structured_output import GrammarCompiler, check_grammar, closed_objects
 
 SCHEMA = {
     "type": "object",
@@ -130,6 +130,14 @@ def test_objects_that_list_their_properties_take_no_others(tiny):
     assert "additionalProperties" not in schema  # a copy
     kept = {"properties": {}, "additionalProperties": True}
     assert closed_objects(kept) == kept and closed_objects({"type": "object"}) == {"type": "object"}
+    # Composed objects stay open: each part closed alone would refuse the others' keys.
+    base = {"type": "object", "properties": {"a": digit}}
+    composed = {"allOf": [{"$ref": "#/$defs/B"}], "properties": {"c": digit},
+                "required": ["a", "c"], "$defs": {"B": base}}  # fmt: skip
+    assert closed_objects(composed) is composed
+    check_grammar(StructuredOutputsParams(json=composed))
+    loose = {"properties": {"a": digit}, "required": ["a", "b"]}  # b: some other key
+    assert "additionalProperties" not in closed_objects(loose)
 
 
 def test_structural_tag_holds_each_triggered_segment(tiny):
@@ -175,6 +183,21 @@ def test_structural_tag_holds_each_triggered_segment(tiny):
             assert text[end : end + 1] in ("!", ""), text
             segments += 1
     assert segments >= len(outputs)
+
+
+def test_a_tag_shaped_trigger_that_is_text_here_matches_as_text(smollm2_tokenizer):
+    """llguidance takes a trigger written <...> for one special token; SmolLM2 writes
+    <tool_call> as text (it is one token only in Qwen's vocabulary), and a tag on it works."""
+    tool = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    tag = {"structures": [{"begin": "<tool_call>", "schema": tool, "end": "</tool_call>"}],
+           "triggers": ["<tool_call>"]}  # fmt: skip
+    compiler = GrammarCompiler(smollm2_tokenizer, len(smollm2_tokenizer), {0})
+    matcher = compiler.matcher(StructuredOutputsParams(structural_tag=tag))
+    ok = smollm2_tokenizer.encode('Sure. <tool_call>{"x": 7}</tool_call>')
+    assert matcher.try_consume_tokens(ok) == len(ok) and not matcher.is_error()
+    matcher = compiler.matcher(StructuredOutputsParams(structural_tag=tag))
+    bad = smollm2_tokenizer.encode('Sure. <tool_call>{"y": 7}')
+    assert matcher.try_consume_tokens(bad) < len(bad)
 
 
 @pytest.mark.parametrize(

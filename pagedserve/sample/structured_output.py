@@ -54,10 +54,17 @@ class GrammarCompiler:
                 ) from exc
         return self._tokenizer
 
+    def _special_tokens(self) -> frozenset[str]:
+        """The tokenizer's special and added tokens (``<|im_start|>``, Qwen's ``<tool_call>``):
+        a structural tag's trigger written as one of them is that token, else text."""
+        tok = self._hf_tokenizer
+        return frozenset(tok.all_special_tokens) | frozenset(tok.get_added_vocab())
+
     def matcher(self, params: StructuredOutputsParams) -> LLMatcher:
         """A matcher at the start of the grammar; ``ValueError`` naming what is wrong with it.
         (The constructor compiles the grammar and, on an error, keeps it instead of raising.)"""
-        matcher = LLMatcher(self.tokenizer, grammar_of(params), log_level=0)
+        grammar = grammar_of(params, self._special_tokens())
+        matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"invalid {params.kind} constraint: {matcher.get_error()}")
         return matcher
@@ -70,8 +77,9 @@ def check_grammar(params: StructuredOutputsParams) -> None:
         raise ValueError(f"invalid {params.kind} constraint: {error.strip()}")
 
 
-def grammar_of(params: StructuredOutputsParams) -> str:
-    """llguidance's grammar text for a constraint."""
+def grammar_of(params: StructuredOutputsParams, special: frozenset[str] | None = None) -> str:
+    """llguidance's grammar text for a constraint; ``special``: the tokenizer's special tokens
+    (None: a structural tag's ``<...>`` triggers are taken to be special tokens)."""
     if params.regex is not None:
         return LLMatcher.grammar_from_regex(params.regex)
     if params.grammar is not None:
@@ -80,7 +88,7 @@ def grammar_of(params: StructuredOutputsParams) -> str:
         except Exception as exc:  # the GBNF converter raises bare Exceptions too
             raise ValueError(f"invalid grammar constraint: {exc}") from exc
     if params.structural_tag is not None:
-        return structural_tag_grammar(params.structural_tag, params.disable_any_whitespace)
+        return structural_tag_grammar(params.structural_tag, params.disable_any_whitespace, special)
     if params.choice is not None:
         # Lark string literals take JSON's escapes, so each choice is matched literally.
         alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
@@ -105,7 +113,13 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
     JSON Schema leaves such objects open, and a model held to one keeps adding keys of its own
     (``"gender"``, ``"location"`` ...) until the length cut leaves broken JSON. vLLM's default
     backend (xgrammar) closes them, and OpenAI's strict schemas must: so does this. A schema
-    that wants other keys says ``"additionalProperties": true``."""
+    that wants other keys says ``"additionalProperties": true``.
+
+    A schema that builds objects by composition (``allOf``, or ``$ref`` beside ``properties``)
+    is left open: each part closed on its own would refuse the other parts' keys. So is an
+    object whose ``required`` keys are not all among its ``properties``."""
+    if _composes(schema):
+        return schema
 
     def walk(node: Any) -> Any:
         if isinstance(node, list):
@@ -122,11 +136,27 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
         listed = isinstance(out.get("properties"), dict) or isinstance(
             out.get("patternProperties"), dict
         )
-        if listed and "additionalProperties" not in out:
+        required = out.get("required")
+        named = not isinstance(required, list) or all(
+            isinstance(out.get("properties"), dict) and key in out["properties"] for key in required
+        )
+        if listed and named and "additionalProperties" not in out:
             out["additionalProperties"] = False
         return out
 
     return walk(schema)
+
+
+def _composes(node: Any) -> bool:
+    """Whether a schema anywhere builds an object from parts (``allOf``, or ``$ref`` beside
+    ``properties``)."""
+    if isinstance(node, list):
+        return any(_composes(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    if "allOf" in node or ("$ref" in node and "properties" in node):
+        return True
+    return any(_composes(value) for value in node.values())
 
 
 def _json_object(value: Any, name: str, not_object: str) -> dict[str, Any]:
@@ -141,7 +171,9 @@ def _json_object(value: Any, name: str, not_object: str) -> dict[str, Any]:
     return value
 
 
-def structural_tag_grammar(spec: str | dict[str, Any], compact: bool = False) -> str:
+def structural_tag_grammar(
+    spec: str | dict[str, Any], compact: bool = False, special: frozenset[str] | None = None
+) -> str:
     """llguidance's grammar for vLLM's structural tag ``{"structures": [{"begin", "schema",
     "end"}, ...], "triggers": [...]}``: each structure's ``begin`` starts with one of the
     triggers; free text until a trigger, then ``begin``, JSON of ``schema`` and ``end``
@@ -177,7 +209,11 @@ def structural_tag_grammar(spec: str | dict[str, Any], compact: bool = False) ->
         if compact:
             grammar = {**grammar, "x-guidance": {"whitespace_flexible": False}}
         tags.append(StructTag(trigger=trigger, begin=begin, grammar=grammar, end=end))
-    return StructTag.to_grammar(tags)
+    # llguidance reads a trigger written <...> as one special token: right for <|python_tag|>,
+    # wrong for a <tool_call> that this tokenizer writes as text.
+    tagged = [t.trigger for t in tags if t.trigger.startswith("<") and t.trigger.endswith(">")]
+    as_special = special is None or all(t in special for t in tagged)
+    return StructTag.to_grammar(tags, assume_special=as_special)
 
 
 def allowed_tokens(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:
