@@ -415,6 +415,20 @@ def test_required_tool_choice_returns_tool_calls(client):
     ]
 
 
+def test_required_tool_choice_with_refs_in_the_parameters(client):
+    """A tool whose parameters point into their own $defs (pydantic writes them so): the
+    schema of a required call nests the parameters, and the references still resolve."""
+    place = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+             "required": ["city"]}  # fmt: skip
+    parameters = {"type": "object", "properties": {"place": {"$ref": "#/$defs/Place"}},
+                  "required": ["place"], "$defs": {"Place": place}}  # fmt: skip
+    tool = {"type": "function", "function": {"name": "locate", "parameters": parameters}}
+    r = tool_chat(client, tools=[tool], tool_choice="required", parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "locate"
+    assert isinstance(json.loads(call.function.arguments)["place"]["city"], str)
+
+
 def test_a_tool_result_continues_the_conversation(client):
     call = tool_chat(client, tool_choice=NAMED_WEATHER).choices[0].message.tool_calls[0]
     history = [

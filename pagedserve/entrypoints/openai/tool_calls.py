@@ -97,7 +97,25 @@ def forced_schema(
             for f in functions
         ]
     }
-    return {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+    limit = {} if parallel else {"maxItems": 1}
+    return {"type": "array", "items": call, "minItems": 1, **limit, **_shared_defs(functions)}
+
+
+def _shared_defs(functions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The tools' ``$defs`` (and ``definitions``), for the top of the schema that nests their
+    parameters: a ``"$ref": "#/$defs/X"`` points from the root of the whole schema."""
+    shared: dict[str, dict[str, Any]] = {}
+    for function in functions:
+        parameters = _parameters(function)
+        for key in ("$defs", "definitions"):
+            for name, schema in (parameters.get(key) or {}).items():
+                if shared.setdefault(key, {}).setdefault(name, schema) != schema:
+                    raise bad_request(
+                        f"two tools define {key}/{name} differently; tool_choice 'required' "
+                        "needs one meaning for it",
+                        param="tools",
+                    )
+    return shared
 
 
 def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
