@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -140,12 +141,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log line")
     g.add_argument(
         "--metrics-prefix",
+        type=metrics_prefix,
         default="pagedserve:",
         help="the prefix of the /metrics names (default pagedserve:; 'vllm:' gives vLLM's own "
         "names, for its dashboards as they are)",
     )
     add_vllm_flags(parser)
     add_launch_flags(parser)
+
+
+def metrics_prefix(text: str) -> str:
+    """A prefix that keeps the metric names valid Prometheus names (``vllm:``)."""
+    if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
+        raise argparse.ArgumentTypeError("letters, digits, _ and :, not starting with a digit")
+    return text
 
 
 def api_settings(args: argparse.Namespace) -> tuple[Any, Any]:
