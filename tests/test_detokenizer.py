@@ -150,7 +150,7 @@ def test_stop_strings_wait_for_min_tokens(tokenizer):
 
 
 def test_no_detokenize(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer, [1], SamplingParams(detokenize=False, stop=["a"]))
+    detok = IncrementalDetokenizer(tokenizer, [1], SamplingParams(detokenize=False))
     assert detok.append(tokenizer.encode("a b")) is None
     assert detok.output_text(finished=True) == ""
 
