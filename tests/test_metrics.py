@@ -47,6 +47,8 @@ def test_a_finished_request_is_timed_by_phase():
         "request_generation_tokens_bucket[2.0]": 0,
         "request_generation_tokens_bucket[5.0]": 1,
         "request_prompt_tokens_bucket[100.0]": 1,
+        "request_time_per_output_token_seconds_sum": 1.25,  # 2.5 s over the 2 after the first
+        "request_params_n_sum": 1,
     }
     for name, value in expected.items():
         assert got["pagedserve:" + name] == value, name
