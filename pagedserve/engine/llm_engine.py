@@ -110,10 +110,12 @@ class LLMEngine:
                 config.pooler_config,
                 getattr(self.model, "default_pooling_type", "LAST"),
             )
+            classifies = getattr(self.model, "classify", None) is not None
             logger.info(
-                "runner pooling: embeddings of %s pooling%s",
+                "runner pooling: %s of %s pooling%s",
+                "class probabilities" if classifies else "embeddings",
                 self.pooler.pooling_type.lower(),
-                ", normalized" if self.pooler.normalize else "",
+                ", normalized" if self.pooler.normalize and not classifies else "",
             )
         self.generation_config = load_generation_config(
             self.model_name, config.generation_config, config.override_generation_config

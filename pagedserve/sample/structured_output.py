@@ -182,10 +182,10 @@ def structural_tag_grammar(
         spec, "structural_tag", "structural_tag must be a JSON object with structures and triggers"
     )
     structures, triggers = spec.get("structures"), spec.get("triggers")
-    if "format" in spec and structures is None:
+    if "format" in spec:
         raise ValueError(
             "structural_tag's format form (xgrammar's) is not supported; give structures "
-            "and triggers"
+            "and triggers (without format)"
         )
     if not isinstance(triggers, list) or not all(isinstance(t, str) and t for t in triggers):
         raise ValueError("structural_tag.triggers must be a list of non-empty strings")
