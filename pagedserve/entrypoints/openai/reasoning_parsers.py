@@ -50,7 +50,10 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
+# Thinks only where the answer opens <think> itself (what qwen3 expects of every answer).
+OPENS_ITSELF = ReasoningParser(thinks_from_start=False)
+
 REASONING_PARSERS = {
     "deepseek_r1": ReasoningParser(thinks_from_start=True),
-    "qwen3": ReasoningParser(thinks_from_start=False),
+    "qwen3": OPENS_ITSELF,
 }

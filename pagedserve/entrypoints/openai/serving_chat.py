@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from pagedserve.engine.async_engine import EngineError, RequestStream
 from pagedserve.entrypoints.openai.errors import error_body
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.reasoning_parsers import OPENS_ITSELF
 from pagedserve.entrypoints.openai.serving_base import (
     OpenAIServing,
     by_rank,
@@ -264,9 +264,7 @@ class ServingChat:
         parser = self.s.reasoning
         if parser is None:
             return None, text
-        if req.constrained:
-            parser = dataclasses.replace(parser, thinks_from_start=False)
-        return parser.split(text, final)
+        return (OPENS_ITSELF if req.constrained else parser).split(text, final)
 
     def hides_reasoning(self, req: ChatCompletionRequest) -> bool:
         """``include_reasoning: false`` on a server with a reasoning parser: the reasoning is
