@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from pagedserve.reasoning_parsers import REASONING_PARSERS
 
 R1 = REASONING_PARSERS["deepseek_r1"]
 QWEN3 = REASONING_PARSERS["qwen3"]

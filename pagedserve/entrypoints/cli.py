@@ -19,10 +19,10 @@ from pagedserve.entrypoints.engine_options import (
     load_engine,
     lora_module,
 )
-from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.entrypoints.vllm_flags import add_vllm_flags, ssl_settings
 from pagedserve.entrypoints.vllm_launch_flags import add_launch_flags, with_config_file
+from pagedserve.reasoning_parsers import REASONING_PARSERS
 
 logger = logging.getLogger("pagedserve")
 

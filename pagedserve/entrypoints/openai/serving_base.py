@@ -20,11 +20,11 @@ from pagedserve.engine.async_engine import (
 from pagedserve.engine.beam_search import request_output, search
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
 from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
-from pagedserve.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedserve.entrypoints.openai.streams import last_output
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.reasoning_parsers import REASONING_PARSERS
 from pagedserve.sampling_params import SamplingParams
 
 SAMPLING_PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"max_completion_tokens"}

@@ -12,7 +12,6 @@ from starlette.responses import JSONResponse, Response
 from pagedserve.engine.async_engine import EngineError, RequestStream
 from pagedserve.entrypoints.openai.errors import error_body
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
-from pagedserve.entrypoints.openai.reasoning_parsers import OPENS_ITSELF
 from pagedserve.entrypoints.openai.serving_base import (
     OpenAIServing,
     by_rank,
@@ -31,6 +30,7 @@ from pagedserve.entrypoints.openai.streams import (
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.reasoning_parsers import OPENS_ITSELF
 from pagedserve.sampling_params import SamplingParams
 
 
