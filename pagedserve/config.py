@@ -67,3 +67,6 @@ class EngineConfig:
     # Over the generation config's sampling defaults, in its keys (vLLM's
     # override_generation_config), e.g. {"temperature": 0.5, "max_new_tokens": 256}
     override_generation_config: dict | None = None
+    # The model's thinking markers (deepseek_r1 | qwen3, see reasoning_parsers.py), which a
+    # request's thinking_token_budget needs; the server also splits answers with it
+    reasoning_parser: str | None = None

@@ -87,6 +87,9 @@ class SamplingParams:
     bad_words: list[str] | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # A reasoning model thinks at most this many tokens, then its end-of-thinking marker is
+    # forced (the engine needs a reasoning parser); -1 or None: no limit
+    thinking_token_budget: int | None = None
     stop_strings: list[str] = field(init=False, repr=False)
     # The token sequences of bad_words, set by the engine (it has the tokenizer) on admission.
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False)
@@ -102,6 +105,8 @@ class SamplingParams:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
+        if self.thinking_token_budget == -1:
+            self.thinking_token_budget = None
         self._validate()
 
     def _validate(self) -> None:
@@ -153,6 +158,11 @@ class SamplingParams:
             or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
         ):
             fail("bad_words", "must be non-empty strings")
+        budget = self.thinking_token_budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
+        ):
+            fail("thinking_token_budget", "must be an integer >= 0, or -1 for no limit")
 
     @property
     def greedy(self) -> bool:

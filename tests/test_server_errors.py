@@ -172,6 +172,9 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"use_beam_search": True, "n": 2, "length_penalty": float("nan")}, "length_penalty"),
         ({"seed": 2**63}, "seed"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"thinking_token_budget": 8}, "thinking_token_budget"),  # no --reasoning-parser
+        ({"thinking_token_budget": -2}, "thinking_token_budget"),
+        ({"thinking_token_budget": True}, "thinking_token_budget"),
     ],
 )
 def test_chat_bad_values_are_400(server, change, param):

@@ -49,13 +49,16 @@ def test_an_answer_cut_while_thinking_is_all_reasoning(client):
 
 
 def test_responses_put_thinking_in_a_reasoning_item(client):
-    chat = thinking_chat(client).choices[0].message
+    whole = thinking_chat(client)
+    chat = whole.choices[0].message
     args = {"model": MODEL_NAME, "input": CHAT[0]["content"], "temperature": 0}
     r = client.responses.create(**args, max_output_tokens=60, extra_body=THINKING)
     reasoning, message = r.output
     assert reasoning.type == "reasoning" and message.type == "message"
     assert reasoning.content[0].text == chat.model_extra["reasoning_content"]
     assert r.output_text == chat.content
+    reasoning_tokens = whole.usage.completion_tokens_details.reasoning_tokens
+    assert r.usage.output_tokens_details.reasoning_tokens == reasoning_tokens > 0
     events = list(
         client.responses.create(**args, max_output_tokens=60, extra_body=THINKING, stream=True)
     )
@@ -91,3 +94,36 @@ def test_a_grammar_that_does_not_open_think_leaves_the_answer_as_content(client)
         message = thinking_chat(client, extra_body={**extra, **hidden}).choices[0].message
         assert json.loads(message.content)["city"], message
         assert not message.model_extra.get("reasoning_content")
+
+
+def test_usage_counts_the_reasoning_tokens(client):
+    """vLLM's completion_tokens_details.reasoning_tokens: the answer's tokens between the
+    markers."""
+    r = thinking_chat(client, logprobs=True)
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    reasoning = r.choices[0].message.model_extra["reasoning_content"]
+    opened = next(i for i in range(len(tokens)) if "".join(tokens[:i]) == "<think>")
+    thought = next(j for j in range(opened, len(tokens)) if "".join(tokens[opened:j]) == reasoning)
+    assert r.usage.completion_tokens_details.reasoning_tokens == thought - opened > 0
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5)
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 5  # still in its thinking
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_token_budget_ends_the_thinking(client, stream):
+    """After the budget's tokens of thinking, </think> is forced and the model answers."""
+    args = {"extra_body": {**THINKING, "thinking_token_budget": 2}, "stream": stream}
+    if not stream:
+        r = thinking_chat(client, **args)
+        message = r.choices[0].message
+        reasoning, content = message.model_extra["reasoning_content"], message.content
+        assert r.usage.completion_tokens_details.reasoning_tokens == 2
+    else:
+        chunks = list(thinking_chat(client, **args, stream_options={"include_usage": True}))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 2
+    full = thinking_chat(client).choices[0].message.model_extra["reasoning_content"]
+    assert full.startswith(reasoning) and len(reasoning) < len(full)
+    assert content

@@ -40,6 +40,7 @@ from pagedserve.pooling_params import PoolingParams
 from pagedserve.sample.bad_words import bad_word_sequences
 from pagedserve.sample.sampler import Sampler, SamplingRow, gather_logprobs, make_generator
 from pagedserve.sample.structured_output import GrammarCompiler
+from pagedserve.sample.thinking_budget import thinking_markers, thinking_tracker
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.ngram import NgramSpeculator
@@ -180,6 +181,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(hf.vocab_size, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, hf.vocab_size, self.eos_token_ids)
+        self.thinking = thinking_markers(config.reasoning_parser, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
         self.embeddings = None
@@ -267,6 +269,7 @@ class LLMEngine:
         req.lora_id = lora_id
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
+        req.thinking = thinking_tracker(self.thinking, params, token_ids)
         if params.bad_words:
             params.bad_words_token_ids = bad_word_sequences(self.tokenizer, params.bad_words)
         group = RequestGroup(request_id, prompt_text, token_ids, params)
@@ -359,12 +362,7 @@ class LLMEngine:
                 continue
             seqs = [req] + self._fork(req)
             sampling.extend(seqs)
-            rows.extend(
-                SamplingRow(
-                    r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar
-                )
-                for r in seqs
-            )
+            rows.extend(SamplingRow.of(r) for r in seqs)
             row_of_logits.extend([logit_row] * len(seqs))
             spans.extend([1] * len(seqs))
             logit_row += 1
@@ -420,6 +418,7 @@ class LLMEngine:
             child.lora_id = req.lora_id
             if req.grammar is not None:
                 child.grammar = req.grammar.deep_copy()
+            child.thinking = req.thinking.copy() if req.thinking is not None else None
             self.scheduler.fork(req, child)
             group.sequences.append(self.outputs.new_sequence(child))
             children.append(child)

@@ -10,6 +10,7 @@ import torch
 
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sample.structured_output import LLMatcher
+from pagedserve.sample.thinking_budget import ThinkingTracker
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -83,6 +84,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.grammar: LLMatcher | None = None  # structured output: where its text stands
+        self.thinking: ThinkingTracker | None = None  # its thinking_token_budget, if any
         # Mixed into the first block's hash: only requests with the same salt share its prefix.
         self.cache_salt = cache_salt
         self.priority = priority  # lower runs first under the priority scheduling policy

@@ -69,7 +69,8 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         "--reasoning-parser",
         choices=sorted(REASONING_PARSERS),
         default=None,
-        help="split a reasoning model's <think> text into reasoning_content: deepseek_r1 "
+        help="split a reasoning model's <think> text into reasoning_content, count its "
+        "reasoning_tokens and hold it to a request's thinking_token_budget: deepseek_r1 "
         "(DeepSeek-R1 and its distills, QwQ) or qwen3",
     )
     g.add_argument(
@@ -120,8 +121,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         nargs="+",
         default=None,
-        help="require 'Authorization: Bearer KEY' with one of these keys (default: "
-        "$PAGEDSERVE_API_KEY, else $VLLM_API_KEY, else open)",
+        help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') with one of these keys "
+        "(default: $PAGEDSERVE_API_KEY, else $VLLM_API_KEY, else open)",
     )
     g.add_argument(
         "--max-request-body-bytes",

@@ -180,6 +180,7 @@ _ENGINE_FIELDS = (
     "max_logprobs",
     "override_generation_config",
     "seed",
+    "reasoning_parser",  # serve and run-batch only
 )
 
 
@@ -187,7 +188,8 @@ def engine_config(args: argparse.Namespace, chat_template: str | None) -> Any:
     """An EngineConfig from the flags given; unset flags keep EngineConfig's defaults."""
     from pagedserve.config import EngineConfig
 
-    given = {f: getattr(args, f) for f in _ENGINE_FIELDS if getattr(args, f) is not None}
+    given = {f: getattr(args, f, None) for f in _ENGINE_FIELDS}
+    given = {f: value for f, value in given.items() if value is not None}
     return EngineConfig(model=args.model, chat_template=chat_template, **given)
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from pagedserve.sample.bad_words import banned_next_tokens
 from pagedserve.sample.structured_output import LLMatcher, allowed_tokens
+from pagedserve.sample.thinking_budget import ThinkingTracker
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.request import Request
 
 
 @dataclass
@@ -28,6 +32,19 @@ class SamplingRow:
     output_token_ids: list[int]  # generated so far, not including the token being sampled
     generator: torch.Generator | None = None  # per-sequence RNG; None = the global RNG
     grammar: LLMatcher | None = None  # structured output: only tokens it allows may come next
+    thinking: ThinkingTracker | None = None  # a thinking budget: it may force the next token
+
+    @classmethod
+    def of(cls, seq: Request) -> SamplingRow:
+        """The row of a running sequence."""
+        return cls(
+            seq.params,
+            seq.prompt_token_ids,
+            seq.output_token_ids,
+            seq.generator,
+            seq.grammar,
+            seq.thinking,
+        )
 
 
 class TokenMask(NamedTuple):
@@ -135,12 +152,15 @@ class SamplingMetadata:
 def _allowed_tokens(
     rows: list[SamplingRow], vocab_size: int, device: torch.device
 ) -> TokenMask | None:
-    """Rows limited by ``allowed_token_ids``, by a grammar, or both (then by both at once)."""
+    """Rows limited by ``allowed_token_ids``, by a grammar, by a thinking budget's forced token,
+    or by several (then by all at once; a forced token that the others do not allow is not
+    forced)."""
     listed = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
-    if not listed and not constrained:
+    forced = _forced_tokens(rows)
+    if not listed and not constrained and not forced:
         return None
-    limited = sorted(set(listed) | set(constrained))
+    limited = sorted(set(listed) | set(constrained) | set(forced))
     local = {row: j for j, row in enumerate(limited)}
     allowed = torch.ones(len(limited), vocab_size, dtype=torch.bool)
     if listed:
@@ -156,7 +176,23 @@ def _allowed_tokens(
     if constrained:
         grammar_rows = [local[i] for i in constrained]
         allowed[grammar_rows] &= allowed_tokens([rows[i].grammar for i in constrained], vocab_size)
+    for i, token in forced.items():
+        if 0 <= token < vocab_size and allowed[local[i], token]:
+            allowed[local[i]] = False
+            allowed[local[i], token] = True
     return TokenMask(torch.tensor(limited, device=device), allowed.to(device))
+
+
+def _forced_tokens(rows: list[SamplingRow]) -> dict[int, int]:
+    """Row -> the token its thinking budget forces, for the rows whose budget forces one."""
+    forced = {}
+    for i, r in enumerate(rows):
+        if r.thinking is not None:
+            r.thinking.advance(r.output_token_ids)
+            token = r.thinking.forced_token()
+            if token is not None:
+                forced[i] = token
+    return forced
 
 
 def _logit_bias(

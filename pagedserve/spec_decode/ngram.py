@@ -87,10 +87,11 @@ class NgramSpeculator:
             self._propose(req)
 
     def _propose(self, req: Request) -> None:
-        """None for a finished request or a grammar-constrained one (its grammar would have to
-        take every draft before the model has checked it)."""
+        """None for a finished request, a grammar-constrained one (its grammar would have to
+        take every draft before the model has checked it) or one with a thinking budget (which
+        may force a token at any position)."""
         req.spec_token_ids = []
-        if req.grammar is not None or req.is_finished:
+        if req.grammar is not None or req.thinking is not None or req.is_finished:
             return
         k = min(self.config.num_speculative_tokens, self.max_model_len - req.num_tokens - 1)
         if req.params.max_tokens is not None:

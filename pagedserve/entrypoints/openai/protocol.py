@@ -164,6 +164,7 @@ class SamplingFields(RequestBody):
     priority: int = 0
     bad_words: list[str] | None = None
     cache_salt: str | None = None
+    thinking_token_budget: int | None = None  # needs --reasoning-parser; -1: no limit
 
     # What beam search does not honour (it ranks the model's raw logprobs): a value other than
     # these defaults is a 400 beside use_beam_search.
@@ -178,6 +179,7 @@ class SamplingFields(RequestBody):
         "stop_token_ids": None,
         "min_tokens": 0,
         "bad_words": None,
+        "thinking_token_budget": None,
         "logit_bias": None,
         "allowed_token_ids": None,
         "presence_penalty": 0.0,
@@ -267,6 +269,7 @@ class SamplingFields(RequestBody):
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
             structured_outputs=self.structured_output_params(),
+            thinking_token_budget=self.thinking_token_budget,
         )
 
     def structured_output_params(self) -> StructuredOutputsParams | None:

@@ -25,6 +25,7 @@ from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.reasoning_parsers import REASONING_PARSERS
+from pagedserve.sample.thinking_budget import ThinkingMarkers
 from pagedserve.sampling_params import SamplingParams
 
 SAMPLING_PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"max_completion_tokens"}
@@ -87,6 +88,10 @@ class OpenAIServing:
         self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
         self.model_name = served_model_names[0]
         self.tokenizer = engine.tokenizer
+        # Its markers in tokens, to count an answer's reasoning_tokens
+        self.thinking = (
+            ThinkingMarkers.of(self.reasoning, self.tokenizer) if self.reasoning else None
+        )
         self.max_model_len = engine.max_model_len
         self.max_logprobs = engine.max_logprobs
         self.sampling_defaults = engine.sampling_defaults

@@ -31,6 +31,7 @@ from pagedserve.entrypoints.openai.streams import (
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.reasoning_parsers import OPENS_ITSELF
+from pagedserve.sample.thinking_budget import ThinkingMarkers, count_reasoning_tokens
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -122,7 +123,7 @@ class ServingChat:
             "created": created,
             "model": self.s.reported_model(req.model),
             "choices": choices,
-            "usage": _usage(out),
+            "usage": _usage(out, self.s.thinking),
             "system_fingerprint": None,
             "prompt_logprobs": prompt_logprobs_json(out, req.returned_prompt_logprobs),
         }
@@ -232,7 +233,7 @@ class ServingChat:
             yield SSE_DONE
             return
         if include_usage and final is not None:
-            yield sse({**head, "choices": [], "usage": _usage(final)})
+            yield sse({**head, "choices": [], "usage": _usage(final, self.s.thinking)})
         yield SSE_DONE
 
     def role(self, req: ChatCompletionRequest) -> str:
@@ -309,9 +310,16 @@ def _reasoning(text: str | None) -> dict[str, str | None]:
     return {"reasoning": text, "reasoning_content": text}
 
 
-def _usage(out: RequestOutput) -> dict[str, Any]:
-    return usage_dict(
+def _usage(out: RequestOutput, thinking: ThinkingMarkers | None) -> dict[str, Any]:
+    """The answer's usage; with a reasoning parser, as vLLM's, its thinking tokens too."""
+    usage = usage_dict(
         len(out.prompt_token_ids),
         sum(len(c.token_ids) for c in out.outputs),
         out.num_cached_tokens or 0,
     )
+    if thinking is not None:
+        reasoning = sum(
+            count_reasoning_tokens(thinking, out.prompt_token_ids, c.token_ids) for c in out.outputs
+        )
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage

@@ -37,6 +37,7 @@ from pagedserve.entrypoints.openai.streams import (
 )
 from pagedserve.entrypoints.openai.tool_calls import final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sample.thinking_budget import count_reasoning_tokens
 
 # The chat fields a 400 may name, and the Responses fields the client sent them as.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
@@ -166,11 +167,17 @@ class _Job:
                 incomplete = {"reason": "max_output_tokens"}
             if output is None:
                 output = self.output(c)
+            thinking = self.chat.s.thinking
+            reasoning_tokens = (
+                count_reasoning_tokens(thinking, out.prompt_token_ids, c.token_ids)
+                if thinking is not None
+                else 0
+            )
             usage = {
                 "input_tokens": len(out.prompt_token_ids),
                 "input_tokens_details": {"cached_tokens": out.num_cached_tokens or 0},
                 "output_tokens": len(c.token_ids),
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                 "total_tokens": len(out.prompt_token_ids) + len(c.token_ids),
             }
         return {
