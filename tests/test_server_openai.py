@@ -406,13 +406,24 @@ def test_required_tool_choice_returns_tool_calls(client):
     assert r.choices[0].finish_reason == "tool_calls"
     assert call.function.name in ("get_weather", "get_time")
     assert isinstance(json.loads(call.function.arguments), dict)
-    streamed, finish = streamed_calls(
-        tool_chat(client, tool_choice="required", parallel_tool_calls=False, stream=True)
-    )
+    chunks = list(tool_chat(client, tool_choice="required", parallel_tool_calls=False, stream=True))
+    streamed, finish = streamed_calls(chunks)
     assert finish == "tool_calls"
     assert [(c["name"], c["arguments"]) for c in streamed] == [
         (call.function.name, call.function.arguments)
     ]
+    # the call goes out once its name is whole, its arguments as they come
+    carrying = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(carrying) > 3 and carrying[0].choices[0].delta.tool_calls[0].function.name
+
+
+def test_a_required_call_cut_short_keeps_its_unfinished_arguments(client):
+    whole = tool_chat(client, tool_choice="required", parallel_tool_calls=False)
+    arguments = whole.choices[0].message.tool_calls[0].function.arguments
+    r = tool_chat(client, tool_choice="required", parallel_tool_calls=False, max_tokens=12)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "length"
+    assert arguments.startswith(call.function.arguments) and call.function.arguments != arguments
 
 
 def test_required_tool_choice_with_refs_in_the_parameters(client):

@@ -7,7 +7,9 @@ needed:
   schema; the call goes back with ``finish_reason`` ``stop`` (as OpenAI answers a forced call);
 - ``required``: the answer is a non-empty JSON array of ``{"name", "parameters"}`` objects, one
   per call, each under its function's schema (one call at most with ``parallel_tool_calls``
-  false); the calls go back with ``finish_reason`` ``tool_calls``.
+  false); the calls go back with ``finish_reason`` ``tool_calls``, each call's arguments the
+  text of its ``parameters`` as written (streamed, each call goes out once its name is whole and
+  its arguments follow as they come; see :mod:`.required_calls`).
 
 ``auto`` (the default when tools are given) lets the model answer freely; a parser of its own
 tool-call format (:mod:`.tool_parsers`, chosen with ``--tool-call-parser``) reads the calls it
@@ -16,11 +18,11 @@ chose to make, which go back with ``finish_reason`` ``tool_calls``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.required_calls import RequiredCallsReader
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 NAMED = "named"
@@ -127,9 +129,9 @@ def final_answer(
 ) -> tuple[dict[str, Any], str | None]:
     """The message fields (``content``, ``tool_calls``) and finish reason of a finished answer.
 
-    A named call keeps its arguments text as it is, whole or not, as vLLM does. A ``required``
-    answer cut short by ``max_tokens`` is not valid JSON and stays plain text, as does an
-    ``auto`` answer with no call in it."""
+    A named call keeps its arguments text as it is, whole or not, as vLLM does, and so does a
+    ``required`` answer cut short by ``max_tokens`` (its last call's arguments unfinished); one
+    cut before any call's name, and an ``auto`` answer with no call in it, stay plain text."""
     kind, name = mode
     if kind == NAMED:
         return {"content": None, "tool_calls": [tool_call(new_id(), name, text)]}, finish_reason
@@ -142,25 +144,26 @@ def final_answer(
             "tool_calls": [tool_call(new_id(), *call) for call in calls],
         }
         return message, "tool_calls"
-    try:
-        decoded = json.loads(text)
-    except json.JSONDecodeError:
+    calls = [c for c in RequiredCallsReader().read(text) if c.name is not None]
+    if not calls:
         return {"content": text}, finish_reason
-    calls = [
-        tool_call(new_id(), c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-        for c in decoded
-    ]
-    return {"content": None, "tool_calls": calls}, (
-        "tool_calls" if finish_reason == "stop" else finish_reason
-    )
+    message = {
+        "content": None,
+        "tool_calls": [tool_call(new_id(), c.name, c.arguments(text)) for c in calls],
+    }
+    return message, _required_finish(finish_reason)
+
+
+def _required_finish(finish_reason: str | None) -> str | None:
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 class ToolCallDeltas:
     """The stream of one choice's tool calls.
 
     A named call streams its arguments as they come, under one call whose id and name go in its
-    first delta. The calls of a ``required`` answer come once it is whole, in its last chunk (or
-    its text, if it was cut short). With ``auto`` the model's content streams as it comes, and
+    first delta; so does each call of a ``required`` answer, once its name is whole (an answer
+    cut before any name comes as text in its last chunk). With ``auto`` the model's content streams as it comes, and
     each call goes out whole as soon as the parser sees it complete.
     """
 
@@ -171,6 +174,8 @@ class ToolCallDeltas:
         self.parser = TOOL_PARSERS[mode[1]]() if mode[0] == AUTO else None
         self.content_sent = 0
         self.calls_sent = 0
+        self.required = RequiredCallsReader() if mode[0] == REQUIRED else None
+        self.arguments_sent: list[int] = []  # per required call, its arguments' length sent
 
     def next(
         self, new_text: str, text: str, finish_reason: str | None
@@ -189,13 +194,27 @@ class ToolCallDeltas:
             return {"tool_calls": [call]}, finish_reason
         if kind == AUTO:
             return self._auto(text, finish_reason)
-        if finish_reason is None:
-            return {}, None
-        message, finish_reason = final_answer(text, self.mode, finish_reason, self.new_id)
-        if message.get("tool_calls") is None:
-            return message, finish_reason
-        deltas = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-        return {"tool_calls": deltas}, finish_reason
+        return self._required(text, finish_reason)
+
+    def _required(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        assert self.required is not None
+        deltas = []
+        for k, call in enumerate(self.required.read(text)):
+            if call.name is None:
+                break
+            arguments = call.arguments(text)
+            if k == len(self.arguments_sent):
+                deltas.append({"index": k, **tool_call(self.new_id(), call.name, arguments)})
+                self.arguments_sent.append(len(arguments))
+            elif len(arguments) > self.arguments_sent[k]:
+                new = arguments[self.arguments_sent[k] :]
+                deltas.append({"index": k, "function": {"arguments": new}})
+                self.arguments_sent[k] = len(arguments)
+        if finish_reason is not None and not self.arguments_sent:
+            return {"content": text}, finish_reason
+        if finish_reason is not None:
+            finish_reason = _required_finish(finish_reason)
+        return ({"tool_calls": deltas} if deltas else {}), finish_reason
 
     def _auto(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         assert self.parser is not None
