@@ -21,6 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.entrypoints.anthropic.router import add_anthropic_routes
 from pagedserve.entrypoints.openai.embeddings_protocol import (
     ClassifyRequest,
     EmbeddingRequest,
@@ -64,6 +65,7 @@ MODEL_ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
+    "/v1/messages",
     "/v1/embeddings",
     "/pooling",
     "/score",
@@ -314,6 +316,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    add_anthropic_routes(app, chat)  # last: its error middleware wraps all the others
     return app
 
 

@@ -34,6 +34,9 @@ class HttpMiddleware:
 class GuardMiddleware(HttpMiddleware):
     """API key and request-size checks, before any routing or parsing.
 
+    The key comes as ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key: <key>``
+    (Anthropic's).
+
     The body is read here, up to the limit, and replayed to the app; a bigger body (by
     Content-Length or as streamed) gets a 413 without being buffered further. Every POST endpoint
     takes JSON, so the body is read as JSON whatever its Content-Type says (``curl -d`` sends
@@ -48,11 +51,14 @@ class GuardMiddleware(HttpMiddleware):
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         if self.expected and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not any([hmac.compare_digest(given, key) for key in self.expected]):
+            given = [headers.get(b"authorization", b"")]
+            if b"x-api-key" in headers:  # how Anthropic's clients send it
+                given.append(b"Bearer " + headers[b"x-api-key"])
+            if not any([hmac.compare_digest(g, key) for g in given for key in self.expected]):
                 error = APIError(
                     401,
-                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
+                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>' "
+                    "or 'x-api-key: <key>'.",
                     code="invalid_api_key",
                 )
                 await error.response()(scope, receive, send)
