@@ -7,9 +7,9 @@ the prefix cache held), then a ``ping``; then each content block as it is writte
 ``input_json_delta``; a thinking block's ``signature_delta`` last) and ``content_block_stop``;
 at the end ``message_delta`` (the stop reason and the whole usage) and ``message_stop``. One
 block is open at a time: text after thinking, or a new call, closes the open one. Calls come as
-the chat stream gives them (``ToolCallDeltas``): a named tool's input as it is written, the
-calls of an ``any`` answer once it is whole, each call of an ``auto`` answer once the parser
-sees it whole. An engine failure ends the stream with an ``error`` event.
+the chat stream gives them (``ToolCallDeltas``): a forced call (``tool`` or ``any``) opens once
+its name is known and its input follows as it is written, each call of an ``auto`` answer comes
+once the parser sees it whole. An engine failure ends the stream with an ``error`` event.
 """
 
 from __future__ import annotations
