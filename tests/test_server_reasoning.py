@@ -127,3 +127,19 @@ def test_thinking_token_budget_ends_the_thinking(client, stream):
     full = thinking_chat(client).choices[0].message.model_extra["reasoning_content"]
     assert full.startswith(reasoning) and len(reasoning) < len(full)
     assert content
+
+
+def test_a_budget_leaves_forced_tool_calls_whole(client):
+    """deepseek_r1 thinks from the first token, but a grammar's answer does not think: a budget
+    forced </think> into the calls' JSON, and their tokens were counted as reasoning."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+    answers = [
+        thinking_chat(client, tools=tools, tool_choice="required", extra_body=extra)
+        for extra in ({}, {"thinking_token_budget": 1})
+    ]
+    free, held = (r.choices[0].message for r in answers)
+    assert held.tool_calls[0].function == free.tool_calls[0].function
+    assert json.loads(held.tool_calls[0].function.arguments)["city"]
+    assert not held.model_extra.get("reasoning_content")
+    assert [r.usage.completion_tokens_details.reasoning_tokens for r in answers] == [0, 0]

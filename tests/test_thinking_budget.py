@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM, SamplingParams, StructuredOutputsParams
 from pagedserve.sample.thinking_budget import (
     ThinkingMarkers,
     ThinkingTracker,
@@ -59,6 +59,15 @@ def test_a_template_that_opens_thinking_thinks_from_the_first_token():
     tracker = ThinkingTracker(markers, 1, prompt_token_ids=[7])
     assert forced(tracker, [1, 2]) is None  # a leading start marker opens it again
     assert forced(tracker, [1, 2, 5]) == 3
+
+
+def test_an_answer_a_grammar_holds_thinks_only_from_a_marker_it_writes():
+    """A JSON schema's text is no thinking, whatever the template or the prompt opened."""
+    markers = ThinkingMarkers(START, END, from_start=True)
+    tracker = ThinkingTracker(markers, 0, prompt_token_ids=[1, 2, 7], constrained=True)
+    assert forced(tracker, [5, 6]) is None
+    assert forced(tracker, [5, 6, 1, 2]) == 3
+    assert count_reasoning_tokens(markers, [7], [5, 6, 3, 4], constrained=True) == 0
 
 
 def test_reasoning_tokens_leave_the_markers_out():
@@ -123,6 +132,17 @@ def test_prompt_thinking_counts_and_every_sampled_sequence_is_held(llm):
     assert len({tuple(o.token_ids) for o in outputs}) == 3
     for o in outputs:
         assert o.token_ids[2 : 2 + len(end)] == end
+
+
+def test_a_budget_does_not_force_the_marker_into_a_grammars_answer(llm):
+    """deepseek_r1 thinks from the first token, but not in an answer a grammar holds: the end
+    marker was forced into it (inside a tool call's JSON arguments, say)."""
+    grammar = StructuredOutputsParams(regex="[^\n]{1,60}")
+    free = generate(llm, "Hello", temperature=0, structured_outputs=grammar)
+    held = generate(
+        llm, "Hello", temperature=0, structured_outputs=grammar, thinking_token_budget=0
+    )
+    assert held == free
 
 
 def test_drafts_do_not_get_past_the_budget(llm, tiny_model_dir):

@@ -6,7 +6,9 @@ thinks from the start of its answer when its prompt ends inside an open thinking
 template that opens ``<think>`` itself, as DeepSeek-R1's and Qwen3's with thinking on do; the
 thinking tokens in the prompt count against the budget, as in vLLM), or when its parser's
 template always opens one (``deepseek_r1``) and the prompt did not close it. Otherwise it thinks
-from the start marker it writes. With a budget of N, once a section holds N tokens the end
+from the start marker it writes. So does an answer that a grammar holds from its first token
+(structured outputs, forced tool calls): a JSON schema's text is no thinking, whatever the
+template opened, as the server splits it. With a budget of N, once a section holds N tokens the end
 marker is forced, token by token (a marker the model has begun is finished, not restarted), and
 the model answers; a section that starts again gets the budget again.
 
@@ -54,8 +56,14 @@ class ThinkingTracker:
     tokens, markers excluded (``reasoning_tokens``)."""
 
     def __init__(
-        self, markers: ThinkingMarkers, budget: int | None, prompt_token_ids: list[int]
+        self,
+        markers: ThinkingMarkers,
+        budget: int | None,
+        prompt_token_ids: list[int],
+        constrained: bool = False,
     ) -> None:
+        """``constrained``: a grammar holds the answer from its first token (it thinks only
+        from a start marker it writes)."""
         self.markers = markers
         self.budget = budget
         self.reasoning_tokens = 0
@@ -63,7 +71,9 @@ class ThinkingTracker:
         self._tail: list[int] = []  # the last tokens, as long as the longer marker
         self._keep = max(len(markers.start), len(markers.end))
         opened = _last(prompt_token_ids, markers.start)
-        if opened > _last(prompt_token_ids, markers.end):
+        if constrained:
+            self.thinking, self.spent = False, 0
+        elif opened > _last(prompt_token_ids, markers.end):
             self.thinking, self.spent = True, len(prompt_token_ids) - opened
         else:
             self.thinking, self.spent = markers.from_start, 0
@@ -129,13 +139,17 @@ def thinking_tracker(
             "thinking_token_budget needs a reasoning parser to find the model's thinking: "
             "start the engine with --reasoning-parser (LLM(..., reasoning_parser=...))"
         )
-    return ThinkingTracker(markers, params.thinking_token_budget, prompt_token_ids)
+    constrained = params.structured_outputs is not None
+    return ThinkingTracker(markers, params.thinking_token_budget, prompt_token_ids, constrained)
 
 
 def count_reasoning_tokens(
-    markers: ThinkingMarkers, prompt_token_ids: list[int], output_token_ids: list[int]
+    markers: ThinkingMarkers,
+    prompt_token_ids: list[int],
+    output_token_ids: list[int],
+    constrained: bool = False,
 ) -> int:
-    """The answer's thinking tokens, markers excluded."""
-    tracker = ThinkingTracker(markers, None, prompt_token_ids)
+    """The answer's thinking tokens, markers excluded (``constrained``: a grammar held it)."""
+    tracker = ThinkingTracker(markers, None, prompt_token_ids, constrained)
     tracker.advance(output_token_ids)
     return tracker.reasoning_tokens

@@ -123,7 +123,7 @@ class ServingChat:
             "created": created,
             "model": self.s.reported_model(req.model),
             "choices": choices,
-            "usage": _usage(out, self.s.thinking),
+            "usage": _usage(out, self.s.thinking, req.constrained),
             "system_fingerprint": None,
             "prompt_logprobs": prompt_logprobs_json(out, req.returned_prompt_logprobs),
         }
@@ -233,7 +233,9 @@ class ServingChat:
             yield SSE_DONE
             return
         if include_usage and final is not None:
-            yield sse({**head, "choices": [], "usage": _usage(final, self.s.thinking)})
+            yield sse(
+                {**head, "choices": [], "usage": _usage(final, self.s.thinking, req.constrained)}
+            )
         yield SSE_DONE
 
     def role(self, req: ChatCompletionRequest) -> str:
@@ -310,7 +312,9 @@ def _reasoning(text: str | None) -> dict[str, str | None]:
     return {"reasoning": text, "reasoning_content": text}
 
 
-def _usage(out: RequestOutput, thinking: ThinkingMarkers | None) -> dict[str, Any]:
+def _usage(
+    out: RequestOutput, thinking: ThinkingMarkers | None, constrained: bool
+) -> dict[str, Any]:
     """The answer's usage; with a reasoning parser, as vLLM's, its thinking tokens too."""
     usage = usage_dict(
         len(out.prompt_token_ids),
@@ -319,7 +323,8 @@ def _usage(out: RequestOutput, thinking: ThinkingMarkers | None) -> dict[str, An
     )
     if thinking is not None:
         reasoning = sum(
-            count_reasoning_tokens(thinking, out.prompt_token_ids, c.token_ids) for c in out.outputs
+            count_reasoning_tokens(thinking, out.prompt_token_ids, c.token_ids, constrained)
+            for c in out.outputs
         )
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return usage

@@ -169,7 +169,9 @@ class _Job:
                 output = self.output(c)
             thinking = self.chat.s.thinking
             reasoning_tokens = (
-                count_reasoning_tokens(thinking, out.prompt_token_ids, c.token_ids)
+                count_reasoning_tokens(
+                    thinking, out.prompt_token_ids, c.token_ids, self.chat_req.constrained
+                )
                 if thinking is not None
                 else 0
             )
