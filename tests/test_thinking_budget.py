@@ -5,8 +5,10 @@ model whose thinking is set up by its prompt (random weights never write the mar
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from pagedserve.sample.sampler import Sampler, SamplingRow
 from pagedserve.sample.thinking_budget import (
     ThinkingMarkers,
     ThinkingTracker,
@@ -87,6 +89,22 @@ def test_a_forked_sequence_keeps_its_own_count():
     child = tracker.copy()
     assert forced(tracker, [5, 6]) == 3
     assert child.forced_token() is None
+
+
+@pytest.mark.parametrize("ban", ["bad_words", "min_tokens"])
+def test_a_banned_marker_token_is_not_forced(ban):
+    """A row whose forced token is banned (a bad word's end, a stop token below min_tokens)
+    samples as if nothing were forced: forcing it left the row no token at all (an argmax over
+    -inf everywhere, or NaN probabilities)."""
+    params = SamplingParams(temperature=0, min_tokens=10 if ban == "min_tokens" else 0)
+    if ban == "bad_words":
+        params.bad_words_token_ids = [[3, 4]]
+    else:
+        params.stop_token_ids = [4]
+    tracker = ThinkingTracker(ThinkingMarkers(START, END, from_start=True), 1, [7])
+    row = SamplingRow(params, [7], [5, 3], thinking=tracker)
+    logits = torch.arange(50, dtype=torch.float32).unsqueeze(0)
+    assert Sampler(50, {0})(logits, [row]).token_ids == [49]
 
 
 @pytest.mark.parametrize("budget", [1.5, True, -2, "4"])

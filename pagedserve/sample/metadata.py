@@ -141,7 +141,7 @@ class SamplingMetadata:
             max_top_k=max_top_k,
             top_p=top_p,
             generators=generators,
-            allowed=_allowed_tokens(rows, vocab_size, device),
+            allowed=_allowed_tokens(rows, vocab_size, eos_token_ids, device),
             logit_bias=_logit_bias(params, vocab_size, device),
             banned=_banned(rows, vocab_size, eos_token_ids, device),
             penalties=_penalties(rows, vocab_size, device),
@@ -150,14 +150,14 @@ class SamplingMetadata:
 
 
 def _allowed_tokens(
-    rows: list[SamplingRow], vocab_size: int, device: torch.device
+    rows: list[SamplingRow], vocab_size: int, eos_token_ids: set[int], device: torch.device
 ) -> TokenMask | None:
     """Rows limited by ``allowed_token_ids``, by a grammar, by a thinking budget's forced token,
-    or by several (then by all at once; a forced token that the others do not allow is not
-    forced)."""
+    or by several (then by all at once; a forced token that the others do not allow, or that
+    is banned now, is not forced: the row would have no token left)."""
     listed = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
-    forced = _forced_tokens(rows)
+    forced = _forced_tokens(rows, eos_token_ids)
     if not listed and not constrained and not forced:
         return None
     limited = sorted(set(listed) | set(constrained) | set(forced))
@@ -183,14 +183,14 @@ def _allowed_tokens(
     return TokenMask(torch.tensor(limited, device=device), allowed.to(device))
 
 
-def _forced_tokens(rows: list[SamplingRow]) -> dict[int, int]:
+def _forced_tokens(rows: list[SamplingRow], eos_token_ids: set[int]) -> dict[int, int]:
     """Row -> the token its thinking budget forces, for the rows whose budget forces one."""
     forced = {}
     for i, r in enumerate(rows):
         if r.thinking is not None:
             r.thinking.advance(r.output_token_ids)
             token = r.thinking.forced_token()
-            if token is not None:
+            if token is not None and token not in _banned_now(r, eos_token_ids):
                 forced[i] = token
     return forced
 
@@ -218,28 +218,33 @@ def _logit_bias(
 def _banned(
     rows: list[SamplingRow], vocab_size: int, eos_token_ids: set[int], device: torch.device
 ) -> SparseTokenValues | None:
-    """Tokens a row may not sample now: its stop tokens (eos unless ignore_eos, plus
-    stop_token_ids) while it is below min_tokens, and those that would complete a bad word."""
-    entries: list[tuple[int, int]] = []
-    for i, r in enumerate(rows):
-        p = r.params
-        below_min = len(r.output_token_ids) < p.min_tokens
-        if not below_min and not p.bad_words_token_ids:
-            continue
-        banned: set[int] = set()
-        if below_min:
-            banned.update(p.stop_token_ids or ())
-            if not p.ignore_eos:
-                banned |= eos_token_ids
-        if p.bad_words_token_ids:
-            banned |= banned_next_tokens(p.bad_words_token_ids, r.output_token_ids)
-        entries.extend((i, t) for t in banned if 0 <= t < vocab_size)
+    """Tokens a row may not sample now (:func:`_banned_now`)."""
+    entries = [
+        (i, t)
+        for i, r in enumerate(rows)
+        for t in _banned_now(r, eos_token_ids)
+        if 0 <= t < vocab_size
+    ]
     if not entries:
         return None
     row_ids, tokens = zip(*entries, strict=True)
     return SparseTokenValues(
         torch.tensor(row_ids, device=device), torch.tensor(tokens, device=device), None
     )
+
+
+def _banned_now(row: SamplingRow, eos_token_ids: set[int]) -> set[int]:
+    """A row's stop tokens (eos unless ignore_eos, plus stop_token_ids) while it is below
+    min_tokens, and the tokens that would complete a bad word."""
+    p = row.params
+    banned: set[int] = set()
+    if len(row.output_token_ids) < p.min_tokens:
+        banned.update(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            banned |= eos_token_ids
+    if p.bad_words_token_ids:
+        banned |= banned_next_tokens(p.bad_words_token_ids, row.output_token_ids)
+    return banned
 
 
 def _penalties(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> Penalties | None:
