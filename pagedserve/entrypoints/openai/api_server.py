@@ -38,12 +38,7 @@ from pagedserve.entrypoints.openai.middleware import (
     LoadMiddleware,
     RequestIdMiddleware,
 )
-from pagedserve.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.sagemaker import add_sagemaker_routes
 from pagedserve.entrypoints.openai.serving_base import ApiDefaults, OpenAIServing
@@ -53,6 +48,7 @@ from pagedserve.entrypoints.openai.serving_embedding import ServingEmbedding
 from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_score import ServingScore
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
+from pagedserve.entrypoints.openai.tokenize_protocol import DetokenizeRequest, TokenizeRequest
 from pagedserve.entrypoints.vllm_launch_flags import add_middlewares
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PREFIX as METRICS_PREFIX

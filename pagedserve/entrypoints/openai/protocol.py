@@ -15,7 +15,7 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_validator
 
 from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from pagedserve.entrypoints.openai.errors import bad_request
@@ -478,22 +478,3 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt[0], int):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
-
-
-class TokenizeRequest(RequestBody):
-    """vLLM's /tokenize: either ``prompt`` or chat ``messages``."""
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    return_token_strs: bool = False
-
-
-class DetokenizeRequest(RequestBody):
-    model: str | None = None
-    tokens: list[int] = Field(default_factory=list)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pagedserve.entrypoints.openai.errors import bad_request
-from pagedserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing
+from pagedserve.entrypoints.openai.tokenize_protocol import DetokenizeRequest, TokenizeRequest
 
 
 class ServingTokenize:
