@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.sample.repetition import RepetitionDetectionParams
+
 
 @dataclass
 class StructuredOutputsParams:
@@ -90,6 +92,8 @@ class SamplingParams:
     # A reasoning model thinks at most this many tokens, then its end-of-thinking marker is
     # forced (the engine needs a reasoning parser); -1 or None: no limit
     thinking_token_budget: int | None = None
+    # Stop an answer that ends in a repeated pattern (finish_reason "repetition"); None: off
+    repetition_detection: RepetitionDetectionParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
     # The token sequences of bad_words, set by the engine (it has the tokenizer) on admission.
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False)

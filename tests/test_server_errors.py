@@ -175,6 +175,9 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"thinking_token_budget": 8}, "thinking_token_budget"),  # no --reasoning-parser
         ({"thinking_token_budget": -2}, "thinking_token_budget"),
         ({"thinking_token_budget": True}, "thinking_token_budget"),
+        ({"repetition_detection": {"max_pattern_size": 3, "min_count": 1}}, "repetition_detection"),
+        ({"repetition_detection": {"max_pattern_size": "x"}}, "repetition_detection"),
+        ({"use_beam_search": True, "repetition_detection": {}}, "repetition_detection"),
     ],
 )
 def test_chat_bad_values_are_400(server, change, param):

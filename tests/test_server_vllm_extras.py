@@ -139,6 +139,25 @@ def test_stop_reason(server, client):
     assert chat.finish_reason == "stop" and chat.model_extra["stop_reason"] == " "
 
 
+def test_repetition_detection_ends_a_loop(server, client):
+    """vLLM's repetition_detection: finish_reason "repetition", stop_reason
+    "repetition_detected", whole and streamed."""
+    _, the = request(
+        server.url + "/tokenize", "POST", {"prompt": " the", "add_special_tokens": False}
+    )
+    extra = {
+        "logit_bias": {str(the["tokens"][0]): 100},
+        "extra_body": {"repetition_detection": {"max_pattern_size": 2, "min_count": 5}},
+    }
+    choice = greedy_chat(client, max_tokens=30, **extra).choices[0]
+    assert choice.message.content == " the" * 5
+    assert choice.finish_reason == "repetition"
+    assert choice.model_extra["stop_reason"] == "repetition_detected"
+    chunks = list(greedy_completion(client, max_tokens=30, stream=True, **extra))
+    assert "".join(c.choices[0].text for c in chunks) == " the" * 5
+    assert chunks[-1].choices[0].finish_reason == "repetition"
+
+
 def test_sagemaker_ping_and_invocations(server, client):
     """SageMaker's contract, as vLLM serves it: /ping is the health check (GET or POST), and
     /invocations answers a chat body as /v1/chat/completions and a completions body as

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.sample.repetition import ends_in_repetition
 from pagedserve.sample.sampler import LogprobsEntry
 from pagedserve.sampling_params import SamplingParams
 
@@ -90,6 +91,11 @@ class OutputProcessor:
             or req.num_tokens >= self.max_model_len
         ):
             status = RequestStatus.FINISHED_LENGTH
+        repetition = params.repetition_detection
+        if status is None and may_stop and repetition is not None:
+            if ends_in_repetition(req.output_token_ids, repetition):
+                req.stop_reason = "repetition_detected"
+                status = RequestStatus.FINISHED_REPETITION
         return status
 
     def _decoder(self, seq: SequenceState) -> Callable[[int], str]:

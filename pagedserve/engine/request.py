@@ -22,6 +22,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"  # the output constraint failed (its grammar hit a limit)
+    FINISHED_REPETITION = "repetition"  # its repetition_detection saw it loop
 
     @property
     def finished(self) -> bool:
@@ -30,6 +31,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
             RequestStatus.FINISHED_ERROR,
+            RequestStatus.FINISHED_REPETITION,
         )
 
 

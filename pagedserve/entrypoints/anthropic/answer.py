@@ -84,7 +84,7 @@ class Answer:
             return "max_tokens", None
         if tool_used:
             return "tool_use", None
-        if isinstance(c.stop_reason, str):
+        if c.finish_reason == "stop" and isinstance(c.stop_reason, str):
             return "stop_sequence", c.stop_reason
         return "end_turn", None
 

@@ -28,6 +28,7 @@ from pagedserve.entrypoints.openai.structured_outputs_protocol import (
 )
 from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from pagedserve.sample.repetition import RepetitionDetectionParams
 from pagedserve.sample.structured_output import check_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -165,6 +166,7 @@ class SamplingFields(RequestBody):
     bad_words: list[str] | None = None
     cache_salt: str | None = None
     thinking_token_budget: int | None = None  # needs --reasoning-parser; -1: no limit
+    repetition_detection: RepetitionDetectionParams | None = None
 
     # What beam search does not honour (it ranks the model's raw logprobs): a value other than
     # these defaults is a 400 beside use_beam_search.
@@ -180,6 +182,7 @@ class SamplingFields(RequestBody):
         "min_tokens": 0,
         "bad_words": None,
         "thinking_token_budget": None,
+        "repetition_detection": None,
         "logit_bias": None,
         "allowed_token_ids": None,
         "presence_penalty": 0.0,
@@ -270,6 +273,7 @@ class SamplingFields(RequestBody):
             bad_words=self.bad_words,
             structured_outputs=self.structured_output_params(),
             thinking_token_budget=self.thinking_token_budget,
+            repetition_detection=self.repetition_detection,
         )
 
     def structured_output_params(self) -> StructuredOutputsParams | None:
