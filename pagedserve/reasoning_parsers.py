@@ -22,6 +22,8 @@ START, END = "<think>", "</think>"
 @dataclass(frozen=True)
 class ReasoningParser:
     thinks_from_start: bool  # the template opened <think>: reasoning until </think>
+    # An answer that did not open <think> may still close one its template opened unseen.
+    ends_unopened: bool = True
 
     def split(self, text: str, final: bool) -> tuple[str, str]:
         """(reasoning, content) of an answer so far; ``final``: the answer is whole."""
@@ -32,6 +34,8 @@ class ReasoningParser:
             return "", ""  # may still open with <think>
         else:
             body, thinking = text, self.thinks_from_start
+            if not thinking and not self.ends_unopened:
+                return "", text
         end = body.find(END)
         if end >= 0:
             return body[:end], body[end + len(END) :]
@@ -52,6 +56,9 @@ def _partial_tag(text: str, tag: str) -> int:
 
 # Thinks only where the answer opens <think> itself (what qwen3 expects of every answer).
 OPENS_ITSELF = ReasoningParser(thinks_from_start=False)
+# An answer a grammar holds from its first token: it thinks only if it opens with <think>;
+# else it is all content, a "</think>" in one of its JSON strings included.
+HELD_BY_GRAMMAR = ReasoningParser(thinks_from_start=False, ends_unopened=False)
 
 REASONING_PARSERS = {
     "deepseek_r1": ReasoningParser(thinks_from_start=True),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.reasoning_parsers import REASONING_PARSERS
+from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR, REASONING_PARSERS
 
 R1 = REASONING_PARSERS["deepseek_r1"]
 QWEN3 = REASONING_PARSERS["qwen3"]
@@ -20,6 +20,8 @@ QWEN3 = REASONING_PARSERS["qwen3"]
         (QWEN3, "<think>a</think>b", ("a", "b")),
         (QWEN3, "no thinking here", ("", "no thinking here")),
         (QWEN3, "plan</think>answer", ("plan", "answer")),
+        (HELD_BY_GRAMMAR, "<think>a</think>b", ("a", "b")),
+        (HELD_BY_GRAMMAR, '{"tag": "</think>"}', ("", '{"tag": "</think>"}')),  # a JSON string
     ],
 )
 def test_whole_answers(parser, text, expected):

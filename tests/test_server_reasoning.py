@@ -143,3 +143,25 @@ def test_a_budget_leaves_forced_tool_calls_whole(client):
     assert json.loads(held.tool_calls[0].function.arguments)["city"]
     assert not held.model_extra.get("reasoning_content")
     assert [r.usage.completion_tokens_details.reasoning_tokens for r in answers] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "tag"}}]
+)
+def test_a_think_tag_in_a_forced_calls_json_is_no_end_of_thinking(client, tool_choice):
+    """A grammar's answer that does not open with <think> is all content: a "</think>" in one of
+    its JSON strings split it (the calls' text before it went out as reasoning, whole and
+    streamed differently)."""
+    parameters = {"type": "object", "properties": {"tag": {"enum": ["<b>x</think>y</b>"]}},
+                  "required": ["tag"]}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": parameters}}]
+    args = {"tools": tools, "tool_choice": tool_choice, "max_tokens": 60, "extra_body": {}}
+    message = thinking_chat(client, **args).choices[0].message
+    assert not message.model_extra.get("reasoning_content")
+    call = message.tool_calls[0]
+    assert json.loads(call.function.arguments) == {"tag": "<b>x</think>y</b>"}
+    deltas = [c.choices[0].delta for c in thinking_chat(client, **args, stream=True) if c.choices]
+    assert not any(d.model_extra.get("reasoning_content") for d in deltas)
+    streamed = "".join(d.tool_calls[0].function.arguments or "" for d in deltas if d.tool_calls
+                       and d.tool_calls[0].index == 0)  # fmt: skip
+    assert streamed == call.function.arguments

@@ -63,13 +63,17 @@ def test_a_template_that_opens_thinking_thinks_from_the_first_token():
     assert forced(tracker, [1, 2, 5]) == 3
 
 
-def test_an_answer_a_grammar_holds_thinks_only_from_a_marker_it_writes():
-    """A JSON schema's text is no thinking, whatever the template or the prompt opened."""
+def test_an_answer_a_grammar_holds_thinks_only_where_it_opens_with_the_marker():
+    """A JSON schema's text is no thinking, whatever the template or the prompt opened, or a
+    JSON string holds."""
     markers = ThinkingMarkers(START, END, from_start=True)
     tracker = ThinkingTracker(markers, 0, prompt_token_ids=[1, 2, 7], constrained=True)
-    assert forced(tracker, [5, 6]) is None
-    assert forced(tracker, [5, 6, 1, 2]) == 3
+    assert forced(tracker, [1, 2]) == 3  # it opens with the marker: it thinks
+    tracker = ThinkingTracker(markers, 0, prompt_token_ids=[1, 2, 7], constrained=True)
+    assert forced(tracker, [5, 6, 1, 2]) is None  # a marker inside it (in a JSON string)
     assert count_reasoning_tokens(markers, [7], [5, 6, 3, 4], constrained=True) == 0
+    assert count_reasoning_tokens(markers, [7], [5, 1, 2, 6, 3, 4], constrained=True) == 0
+    assert count_reasoning_tokens(markers, [7], [1, 2, 6, 3, 4], constrained=True) == 1
 
 
 def test_reasoning_tokens_leave_the_markers_out():

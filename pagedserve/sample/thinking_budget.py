@@ -6,11 +6,12 @@ thinks from the start of its answer when its prompt ends inside an open thinking
 template that opens ``<think>`` itself, as DeepSeek-R1's and Qwen3's with thinking on do; the
 thinking tokens in the prompt count against the budget, as in vLLM), or when its parser's
 template always opens one (``deepseek_r1``) and the prompt did not close it. Otherwise it thinks
-from the start marker it writes. So does an answer that a grammar holds from its first token
-(structured outputs, forced tool calls): a JSON schema's text is no thinking, whatever the
-template opened, as the server splits it. With a budget of N, once a section holds N tokens the end
-marker is forced, token by token (a marker the model has begun is finished, not restarted), and
-the model answers; a section that starts again gets the budget again.
+from the start marker it writes. An answer that a grammar holds from its first token (structured
+outputs, forced tool calls) thinks only where it opens with the start marker: a JSON schema's
+text is no thinking, whatever the template opened or a JSON string holds, as the server splits
+it. With a budget of N, once a section holds N tokens the end marker is forced, token by token
+(a marker the model has begun is finished, not restarted), and the model answers; a section that
+starts again gets the budget again.
 
 Markers are matched as token sequences: exact for the reasoning models whose markers are single
 added tokens (Qwen3, QwQ, DeepSeek-R1 and its distills).
@@ -63,8 +64,9 @@ class ThinkingTracker:
         constrained: bool = False,
     ) -> None:
         """``constrained``: a grammar holds the answer from its first token (it thinks only
-        from a start marker it writes)."""
+        where it opens with the start marker)."""
         self.markers = markers
+        self.constrained = constrained
         self.budget = budget
         self.reasoning_tokens = 0
         self._seen = 0  # answer tokens fed so far
@@ -82,6 +84,7 @@ class ThinkingTracker:
         """Take the answer's tokens that came since the last call."""
         start, end = self.markers.start, self.markers.end
         for token in output_token_ids[self._seen :]:
+            self._seen += 1
             self._tail = [*self._tail, token][-self._keep :]
             if self.thinking:
                 self.spent += 1
@@ -90,11 +93,10 @@ class ThinkingTracker:
                 if self.thinking:  # the marker's tokens were counted as thought
                     self.reasoning_tokens -= len(end)
                 self.thinking, self.spent = False, 0
-            elif self._ends_with(start):
+            elif self._ends_with(start) and (not self.constrained or self._seen == len(start)):
                 if self.thinking:  # a section opened again (or a leading marker of deepseek_r1)
                     self.reasoning_tokens = max(0, self.reasoning_tokens - len(start))
                 self.thinking, self.spent = True, 0
-        self._seen = len(output_token_ids)
 
     def forced_token(self) -> int | None:
         """The token the budget forces next: the end marker's next token once a section has

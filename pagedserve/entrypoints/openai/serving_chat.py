@@ -30,7 +30,7 @@ from pagedserve.entrypoints.openai.streams import (
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.reasoning_parsers import OPENS_ITSELF
+from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR
 from pagedserve.sample.thinking_budget import ThinkingMarkers, count_reasoning_tokens
 from pagedserve.sampling_params import SamplingParams
 
@@ -263,11 +263,11 @@ class ServingChat:
         """(reasoning, content) of an answer so far, with the server's reasoning parser; without
         one, (None, text). A grammar that held the answer from its first token let it think
         only where the answer opens with ``<think>`` (a template that opened it saw no thinking
-        from a JSON schema)."""
+        from a JSON schema, and a ``</think>`` in a JSON string is no end of thinking)."""
         parser = self.s.reasoning
         if parser is None:
             return None, text
-        return (OPENS_ITSELF if req.constrained else parser).split(text, final)
+        return (HELD_BY_GRAMMAR if req.constrained else parser).split(text, final)
 
     def hides_reasoning(self, req: ChatCompletionRequest) -> bool:
         """``include_reasoning: false`` on a server with a reasoning parser: the reasoning is
