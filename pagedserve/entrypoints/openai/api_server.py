@@ -39,6 +39,7 @@ from pagedserve.entrypoints.openai.middleware import (
     RequestIdMiddleware,
 )
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.entrypoints.openai.readiness import add_readiness_routes
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.sagemaker import add_sagemaker_routes
 from pagedserve.entrypoints.openai.serving_base import ApiDefaults, OpenAIServing
@@ -295,6 +296,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     else:  # EmbeddingRequest's fields are all optional: it takes what the others leave
         invocable = [*rank_and_score, (EmbeddingRequest, embedding.create)]
     add_sagemaker_routes(app, health, invocable)
+    add_readiness_routes(app, engine)
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:

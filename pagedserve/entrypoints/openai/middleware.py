@@ -12,7 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.entrypoints.openai.errors import APIError, internal_error
 
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes carry no key
+# Probes and scrapes carry no key.
+OPEN_PATHS = frozenset({"/health", "/ready", "/readyz", "/ping", "/metrics"})
 
 
 class HttpMiddleware:
