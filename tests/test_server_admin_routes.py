@@ -1,11 +1,11 @@
-"""vLLM's routes beside the API proper: the readiness probes ``/ready`` and ``/readyz``. The
-server runs a tiny random model with its own chat template and requires an API key, which the
-probes do not."""
+"""vLLM's routes beside the API proper: the readiness probes ``/ready`` and ``/readyz`` and
+``/tokenizer_info`` (behind ``--enable-tokenizer-info-endpoint``). The server runs a tiny random
+model with its own chat template and requires an API key, which the probes do not."""
 
 from __future__ import annotations
 
 import pytest
-from server_utils import request, templated_server
+from server_utils import MODEL_NAME, ServerProcess, request, templated_server
 
 KEY = "sk-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -23,9 +23,18 @@ def server(tmp_path_factory, tiny_model_dir):
         TEMPLATE,
         "--max-model-len", "256",
         "--kv-cache-memory", "0.05",
+        "--enable-tokenizer-info-endpoint",
         env={"PAGEDSERVE_API_KEY": KEY},
     )  # fmt: skip
     yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def plain_server(tiny_model_dir):
+    """The same model with none of the flags."""
+    srv = ServerProcess([tiny_model_dir("llama"), "--served-model-name", MODEL_NAME])
+    yield srv.wait_ready()
     srv.close()
 
 
@@ -49,4 +58,22 @@ def test_readiness_probes_need_no_key(server):
         assert get(server, path, headers={}) == (200, "")
     status, body = post(server, "/ready", {}, headers={})
     assert status == 405
+    assert_error(body)
+
+
+def test_tokenizer_info(server):
+    status, info = get(server, "/tokenizer_info")
+    assert status == 200
+    assert info["tokenizer_class"]
+    assert info["chat_template"] == TEMPLATE  # the one the server renders with
+    assert info["eos_token"] == "<|im_end|>"
+    assert "vocab_file" not in info
+    status, body = get(server, "/tokenizer_info", headers={})
+    assert status == 401
+    assert_error(body)
+
+
+def test_routes_off_without_their_flags(plain_server):
+    status, body = get(plain_server, "/tokenizer_info")
+    assert status == 404
     assert_error(body)

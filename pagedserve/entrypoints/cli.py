@@ -218,6 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.request_id_headers = args.enable_request_id_headers
     settings.docs = not args.disable_fastapi_docs
     settings.server_load_tracking = args.enable_server_load_tracking
+    settings.tokenizer_info = args.enable_tokenizer_info_endpoint
     settings.metrics_prefix = args.metrics_prefix
     settings.middleware = args.middleware
     settings.dev_endpoints = any(

@@ -82,6 +82,11 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
         help='GET /load answers {"server_load": N}: the requests running the model now',
     )
     g.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="GET /tokenizer_info answers the tokenizer's configuration (its chat template too)",
+    )
+    g.add_argument(
         "--max-log-len",
         type=int,
         default=None,

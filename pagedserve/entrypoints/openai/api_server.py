@@ -50,6 +50,7 @@ from pagedserve.entrypoints.openai.serving_responses import ServingResponses
 from pagedserve.entrypoints.openai.serving_score import ServingScore
 from pagedserve.entrypoints.openai.serving_tokenize import ServingTokenize
 from pagedserve.entrypoints.openai.tokenize_protocol import DetokenizeRequest, TokenizeRequest
+from pagedserve.entrypoints.openai.tokenizer_info import add_tokenizer_info_route
 from pagedserve.entrypoints.vllm_launch_flags import add_middlewares
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PREFIX as METRICS_PREFIX
@@ -118,6 +119,7 @@ class ServerSettings:
     defaults: ApiDefaults = field(default_factory=ApiDefaults)  # what the API flags set
     server_load_tracking: bool = False  # GET /load: requests in flight on MODEL_ROUTES
     dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
+    tokenizer_info: bool = False  # GET /tokenizer_info
     metrics_prefix: str = METRICS_PREFIX  # "vllm:": vLLM's own metric names
     middleware: list[str] = field(default_factory=list)  # import paths (vLLM's --middleware)
 
@@ -297,6 +299,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         invocable = [*rank_and_score, (EmbeddingRequest, embedding.create)]
     add_sagemaker_routes(app, health, invocable)
     add_readiness_routes(app, engine)
+    if settings.tokenizer_info:
+        add_tokenizer_info_route(app, engine)
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:
