@@ -1,6 +1,7 @@
-"""vLLM's routes beside the API proper: the readiness probes ``/ready`` and ``/readyz`` and
-``/tokenizer_info`` (behind ``--enable-tokenizer-info-endpoint``). The server runs a tiny random
-model with its own chat template and requires an API key, which the probes do not."""
+"""vLLM's routes beside the API proper: the readiness probes ``/ready`` and ``/readyz``,
+``/tokenizer_info`` (behind ``--enable-tokenizer-info-endpoint``) and the render endpoints
+(behind ``--enable-scale-out``). The server runs a tiny random model with its own chat template
+and requires an API key, which the probes do not."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from server_utils import MODEL_NAME, ServerProcess, request, templated_server
 
 KEY = "sk-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = [{"role": "user", "content": "hi"}]
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -24,6 +26,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "--max-model-len", "256",
         "--kv-cache-memory", "0.05",
         "--enable-tokenizer-info-endpoint",
+        "--enable-scale-out",
         env={"PAGEDSERVE_API_KEY": KEY},
     )  # fmt: skip
     yield srv
@@ -77,3 +80,66 @@ def test_routes_off_without_their_flags(plain_server):
     status, body = get(plain_server, "/tokenizer_info")
     assert status == 404
     assert_error(body)
+    for path in ("/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render"):
+        status, body = post(plain_server, path, {"model": MODEL_NAME, "prompt": "hi"})
+        assert status == 403
+        assert_error(body, "PermissionDeniedError")
+
+
+def detokenized(server, ids):
+    status, body = post(server, "/detokenize", {"tokens": ids})
+    assert status == 200
+    return body["prompt"]
+
+
+def test_chat_render_is_the_prompt_that_would_run(server):
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 5, "temperature": 0}
+    status, rendered = post(server, "/v1/chat/completions/render", body, {**AUTH, "X-Request-Id": "r1"})
+    assert status == 200, rendered
+    assert rendered["request_id"] == "chatcmpl-r1"
+    assert detokenized(server, rendered["token_ids"]) == "<user>hi<assistant>"
+    params = rendered["sampling_params"]
+    assert params["max_tokens"] == 5 and params["temperature"] == 0 and params["n"] == 1
+    assert rendered["model"] == MODEL_NAME and rendered["stream"] is False
+    status, answer = post(server, "/v1/chat/completions", {**body, "return_token_ids": True})
+    assert status == 200
+    assert answer["prompt_token_ids"] == rendered["token_ids"]
+
+
+def test_completion_render_one_entry_per_prompt(server):
+    body = {"model": MODEL_NAME, "prompt": ["one two", "three"], "request_id": "c"}
+    status, rendered = post(server, "/v1/completions/render", body)
+    assert status == 200, rendered
+    assert [r["request_id"] for r in rendered] == ["cmpl-c-0", "cmpl-c-1"]
+    assert [detokenized(server, r["token_ids"]) for r in rendered] == ["one two", "three"]
+    assert rendered[0]["sampling_params"]["max_tokens"] == 16  # the API's default
+    status, rendered = post(server, "/v1/completions/render", {"prompt": [5, 6, 7]})
+    assert status == 200, rendered
+    assert len(rendered) == 1 and rendered[0]["token_ids"] == [5, 6, 7]
+    assert rendered[0]["request_id"].startswith("cmpl-")
+
+
+def test_messages_render_matches_chat(server):
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 7, "system": "be brief"}
+    status, rendered = post(server, "/v1/messages/render", body)
+    assert status == 200, rendered
+    assert detokenized(server, rendered["token_ids"]) == "<system>be brief<user>hi<assistant>"
+    assert rendered["sampling_params"]["max_tokens"] == 7
+
+
+def test_render_errors(server):
+    cases = [
+        ("/v1/chat/completions/render", {"model": "nope", "messages": CHAT}, 404),
+        ("/v1/chat/completions/render", {"messages": []}, 400),
+        ("/v1/chat/completions/render", {"messages": CHAT, "use_beam_search": True, "n": 2}, 400),
+        ("/v1/completions/render", {"prompt": "x " * 300}, 400),
+        ("/v1/completions/render", {"prompt": [10**9]}, 400),
+        ("/v1/messages/render", {"model": MODEL_NAME, "messages": CHAT}, 400),  # no max_tokens
+        ("/v1/messages/render", {"model": "nope", "messages": CHAT, "max_tokens": 1}, 404),
+    ]
+    for path, body, expected in cases:
+        status, answer = post(server, path, body)
+        assert status == expected, (path, body, answer)
+        assert_error(answer)
+    status, answer = post(server, "/v1/completions/render", {"prompt": "hi"}, headers={})
+    assert status == 401

@@ -219,6 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.docs = not args.disable_fastapi_docs
     settings.server_load_tracking = args.enable_server_load_tracking
     settings.tokenizer_info = args.enable_tokenizer_info_endpoint
+    settings.scale_out = args.enable_scale_out
     settings.metrics_prefix = args.metrics_prefix
     settings.middleware = args.middleware
     settings.dev_endpoints = any(

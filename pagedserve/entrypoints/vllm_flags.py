@@ -87,6 +87,12 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
         help="GET /tokenizer_info answers the tokenizer's configuration (its chat template too)",
     )
     g.add_argument(
+        "--enable-scale-out",
+        action="store_true",
+        help="the render endpoints (POST /v1/chat/completions/render, /v1/completions/render, "
+        "/v1/messages/render: a request's prompt tokens and sampling parameters, not run)",
+    )
+    g.add_argument(
         "--max-log-len",
         type=int,
         default=None,

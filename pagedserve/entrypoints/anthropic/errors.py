@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from pagedserve.entrypoints.openai.middleware import HttpMiddleware
 
 PATH_PREFIX = "/v1/messages"
+RENDER_PATH = "/v1/messages/render"  # vLLM's, not Anthropic's: its errors are in OpenAI's schema
 
 _TYPE_BY_STATUS = {
     401: "authentication_error",
@@ -61,7 +62,7 @@ class AnthropicErrorMiddleware(HttpMiddleware):
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if not path.startswith(PATH_PREFIX):
+        if not path.startswith(PATH_PREFIX) or path == RENDER_PATH:
             await self.app(scope, receive, send)
             return
         held: Message | None = None  # an error's response start, sent with its new body

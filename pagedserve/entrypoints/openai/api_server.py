@@ -40,6 +40,7 @@ from pagedserve.entrypoints.openai.middleware import (
 )
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.entrypoints.openai.readiness import add_readiness_routes
+from pagedserve.entrypoints.openai.render import add_render_routes
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.sagemaker import add_sagemaker_routes
 from pagedserve.entrypoints.openai.serving_base import ApiDefaults, OpenAIServing
@@ -120,6 +121,7 @@ class ServerSettings:
     server_load_tracking: bool = False  # GET /load: requests in flight on MODEL_ROUTES
     dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
     tokenizer_info: bool = False  # GET /tokenizer_info
+    scale_out: bool = False  # the render endpoints (vLLM's --enable-scale-out)
     metrics_prefix: str = METRICS_PREFIX  # "vllm:": vLLM's own metric names
     middleware: list[str] = field(default_factory=list)  # import paths (vLLM's --middleware)
 
@@ -301,6 +303,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     add_readiness_routes(app, engine)
     if settings.tokenizer_info:
         add_tokenizer_info_route(app, engine)
+    add_render_routes(app, chat, completion, settings.scale_out)
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:

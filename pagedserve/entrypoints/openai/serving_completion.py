@@ -30,13 +30,19 @@ from pagedserve.entrypoints.openai.streams import (
     sse,
 )
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
+from pagedserve.sampling_params import SamplingParams
 
 
 class ServingCompletion:
     def __init__(self, serving: OpenAIServing) -> None:
         self.s = serving
 
-    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+    async def prepare(
+        self, req: CompletionRequest
+    ) -> tuple[CompletionRequest, list[list[int]], list[str | None], list[SamplingParams]]:
+        """The request checked (an echo alone made a one-token run), its prompts tokenized and
+        truncated, their texts (None where the model sees other than the text) and sampling
+        parameters; a 400 for what is wrong."""
         s = self.s
         s.check_model(req.model)
         req.refuse_unsupported()
@@ -72,6 +78,11 @@ class ServingCompletion:
             s.sampling_params(req, max_tokens, len(ids), req.logprobs, prompt_logprobs)
             for ids in prompt_ids
         ]
+        return req, prompt_ids, prompt_texts, params
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        s = self.s
+        req, prompt_ids, prompt_texts, params = await self.prepare(req)
         request_id = new_id("cmpl", given=raw.headers.get("x-request-id") or req.request_id)
         engine_id = new_id("cmpl")  # unique in the engine, whatever request_id a client repeats
         created = int(time.time())

@@ -1,0 +1,122 @@
+"""vLLM's render endpoints: ``POST /v1/chat/completions/render``, ``/v1/completions/render``
+and ``/v1/messages/render`` answer what the request would run, without running it: its prompt
+in token ids and its sampling parameters, as vLLM's ``GenerateRequest`` carries them (one per
+prompt for completions).
+
+The request goes through the endpoint's own preparation (checks, chat template, tokenizer,
+limits), so a request that would fail fails here the same way. As in vLLM, these belong to the
+scale-out endpoints: off unless the server starts with ``--enable-scale-out``, a 403 before."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from pagedserve.entrypoints.anthropic.chat_request import chat_request
+from pagedserve.entrypoints.anthropic.protocol import MessagesRequest
+from pagedserve.entrypoints.openai.errors import APIError, bad_request
+from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from pagedserve.entrypoints.openai.serving_base import new_id
+from pagedserve.entrypoints.openai.serving_chat import ServingChat
+from pagedserve.entrypoints.openai.serving_completion import ServingCompletion
+from pagedserve.sampling_params import SamplingParams
+
+RENDER_PATHS = (
+    "/v1/chat/completions/render",
+    "/v1/completions/render",
+    "/v1/messages/render",
+)
+
+
+def generate_request(
+    request_id: str, prompt_ids: list[int], params: SamplingParams, req: SamplingFields
+) -> dict[str, Any]:
+    """One prompt to run, in the fields of vLLM's ``GenerateRequest`` that apply here."""
+    return {
+        "request_id": request_id,
+        "token_ids": prompt_ids,
+        "features": None,
+        "sampling_params": sampling_params_json(params),
+        "model": req.model,
+        "stream": bool(req.stream),
+        "stream_options": req.stream_options.model_dump() if req.stream_options else None,
+        "cache_salt": req.cache_salt,
+        "priority": req.priority,
+    }
+
+
+def sampling_params_json(params: SamplingParams) -> dict[str, Any]:
+    """The parameters as given (what the engine derives from them, such as the stop strings'
+    list, is left out)."""
+    return {f.name: _plain(getattr(params, f.name)) for f in dataclasses.fields(params) if f.init}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _refuse_beam_search(req: SamplingFields) -> None:
+    if req.use_beam_search:
+        raise bad_request(
+            "Beam search is not supported by the render endpoint", param="use_beam_search"
+        )
+
+
+def add_render_routes(
+    app: FastAPI, chat: ServingChat, completion: ServingCompletion, enabled: bool
+) -> None:
+    if not enabled:
+        _add_disabled_routes(app)
+        return
+    s = chat.s
+
+    def client_id(prefix: str, raw: Request, given: str | None) -> str:
+        return new_id(prefix, given=raw.headers.get("x-request-id") or given)
+
+    async def render_chat(req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
+        _refuse_beam_search(req)
+        prompt_ids, params = await chat.prepare(req)
+        return generate_request(client_id("chatcmpl", raw, req.request_id), prompt_ids, params, req)
+
+    @app.post("/v1/chat/completions/render")
+    async def render_chat_completion(req: ChatCompletionRequest, raw: Request) -> JSONResponse:
+        return JSONResponse(await render_chat(req, raw))
+
+    @app.post("/v1/completions/render")
+    async def render_completion(req: CompletionRequest, raw: Request) -> JSONResponse:
+        _refuse_beam_search(req)
+        req, prompts, _, params = await completion.prepare(req)
+        base = client_id("cmpl", raw, req.request_id)
+        ids = [base] if len(prompts) == 1 else [f"{base}-{i}" for i in range(len(prompts))]
+        return JSONResponse(
+            [generate_request(*run, req) for run in zip(ids, prompts, params, strict=True)]
+        )
+
+    @app.post("/v1/messages/render")
+    async def render_messages(req: MessagesRequest, raw: Request) -> JSONResponse:
+        s.check_model(req.model)
+        chat_req = chat_request(req, s.reasoning is not None, s.max_model_len)
+        return JSONResponse(await render_chat(chat_req, raw))
+
+
+def _add_disabled_routes(app: FastAPI) -> None:
+    async def disabled() -> JSONResponse:
+        return APIError(
+            403,
+            "Scale-out endpoints are disabled. Restart pagedserve serve with --enable-scale-out "
+            "to enable them.",
+            type="PermissionDeniedError",
+        ).response()
+
+    for path in RENDER_PATHS:
+        app.add_api_route(path, disabled, methods=["POST"], include_in_schema=False)
