@@ -6,7 +6,7 @@ and requires an API key, which the probes do not."""
 from __future__ import annotations
 
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, request, templated_server
+from server_utils import MODEL_NAME, ServerProcess, request, templated_server, wait_until_idle
 
 KEY = "sk-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -94,7 +94,9 @@ def detokenized(server, ids):
 
 def test_chat_render_is_the_prompt_that_would_run(server):
     body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 5, "temperature": 0}
-    status, rendered = post(server, "/v1/chat/completions/render", body, {**AUTH, "X-Request-Id": "r1"})
+    status, rendered = post(
+        server, "/v1/chat/completions/render", body, {**AUTH, "X-Request-Id": "r1"}
+    )
     assert status == 200, rendered
     assert rendered["request_id"] == "chatcmpl-r1"
     assert detokenized(server, rendered["token_ids"]) == "<user>hi<assistant>"
@@ -143,3 +145,45 @@ def test_render_errors(server):
         assert_error(answer)
     status, answer = post(server, "/v1/completions/render", {"prompt": "hi"}, headers={})
     assert status == 401
+
+
+def test_chat_batch_answers_each_conversation(server):
+    conversations = [CHAT, [{"role": "user", "content": "one two three"}]]
+    body = {"model": MODEL_NAME, "max_tokens": 4, "ignore_eos": True, "request_id": "b"}
+    status, answer = post(server, "/v1/chat/completions/batch", {**body, "messages": conversations})
+    assert status == 200, answer
+    assert answer["id"] == "chatcmpl-b" and answer["object"] == "chat.completion"
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in answer["choices"])
+    assert all(c["message"]["role"] == "assistant" for c in answer["choices"])
+    singles = [
+        post(server, "/v1/chat/completions", {**body, "messages": c})[1]["usage"]
+        for c in conversations
+    ]
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] == sum(u["prompt_tokens"] for u in singles)
+    assert usage["completion_tokens"] == 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 8
+    assert wait_until_idle(server.url)["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_chat_batch_errors(server):
+    ok = {"model": MODEL_NAME, "messages": [CHAT]}
+    cases = [
+        ({**ok, "stream": True}, 400, "stream"),
+        ({**ok, "n": 2}, 400, "n"),
+        ({**ok, "use_beam_search": True}, 400, "use_beam_search"),
+        ({**ok, "tool_choice": "auto"}, 400, "tool_choice"),
+        ({**ok, "messages": []}, 400, "messages"),
+        ({**ok, "messages": [CHAT, []]}, 400, "messages"),
+        ({**ok, "messages": [CHAT, [{"content": "no role"}]]}, 400, "messages"),
+        ({**ok, "messages": [CHAT, [{"role": "user", "content": "x " * 300}]]}, 400, "messages"),
+        ({**ok, "temperature": -1}, 400, "temperature"),
+        ({**ok, "model": "nope"}, 404, "model"),
+    ]
+    for body, expected, param in cases:
+        status, answer = post(server, "/v1/chat/completions/batch", body)
+        assert status == expected, (body, answer)
+        assert_error(answer)
+        assert answer["error"]["param"] == param, (body, answer)
+    assert post(server, "/v1/chat/completions/batch", ok, headers={})[0] == 401

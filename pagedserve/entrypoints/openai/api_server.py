@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.entrypoints.anthropic.router import add_anthropic_routes
+from pagedserve.entrypoints.openai.chat_batch import add_chat_batch_route
 from pagedserve.entrypoints.openai.embeddings_protocol import (
     ClassifyRequest,
     EmbeddingRequest,
@@ -187,7 +188,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
     load = [0]
     if settings.server_load_tracking:
-        routes = frozenset((*MODEL_ROUTES, "/invocations"))
+        routes = frozenset((*MODEL_ROUTES, "/invocations", "/v1/chat/completions/batch"))
         app.add_middleware(LoadMiddleware, paths=routes, counter=load)  # type: ignore[arg-type]
 
         @app.get("/load")
@@ -213,6 +214,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(req, raw)
+
+    add_chat_batch_route(app, chat)
 
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, raw: Request) -> Response:
