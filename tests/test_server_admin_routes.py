@@ -1,12 +1,25 @@
 """vLLM's routes beside the API proper: the readiness probes ``/ready`` and ``/readyz``,
-``/tokenizer_info`` (behind ``--enable-tokenizer-info-endpoint``) and the render endpoints
-(behind ``--enable-scale-out``). The server runs a tiny random model with its own chat template
-and requires an API key, which the probes do not."""
+``/tokenizer_info`` (behind ``--enable-tokenizer-info-endpoint``), the render endpoints (behind
+``--enable-scale-out``), ``/v1/chat/completions/batch``, and the dev mode's ``/pause``,
+``/resume``, ``/is_paused`` and ``/abort_requests``. The server runs a tiny random model with
+its own chat template and requires an API key, which the probes do not."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
-from server_utils import MODEL_NAME, ServerProcess, request, templated_server, wait_until_idle
+from server_utils import (
+    MODEL_NAME,
+    ServerProcess,
+    metrics,
+    request,
+    templated_server,
+    wait_until_idle,
+)
 
 KEY = "sk-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,7 +40,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "--kv-cache-memory", "0.05",
         "--enable-tokenizer-info-endpoint",
         "--enable-scale-out",
-        env={"PAGEDSERVE_API_KEY": KEY},
+        env={"PAGEDSERVE_API_KEY": KEY, "PAGEDSERVE_SERVER_DEV_MODE": "1"},
     )  # fmt: skip
     yield srv
     srv.close()
@@ -80,6 +93,10 @@ def test_routes_off_without_their_flags(plain_server):
     status, body = get(plain_server, "/tokenizer_info")
     assert status == 404
     assert_error(body)
+    for path in ("/pause", "/resume", "/abort_requests"):
+        status, body = post(plain_server, path, {})
+        assert status == 404
+        assert_error(body)
     for path in ("/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render"):
         status, body = post(plain_server, path, {"model": MODEL_NAME, "prompt": "hi"})
         assert status == 403
@@ -187,3 +204,142 @@ def test_chat_batch_errors(server):
         assert_error(answer)
         assert answer["error"]["param"] == param, (body, answer)
     assert post(server, "/v1/chat/completions/batch", ok, headers={})[0] == 401
+
+
+LONG = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 200, "ignore_eos": True}
+POOL = ThreadPoolExecutor(4)
+
+
+def chunks_of(text):
+    data = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def chat_stream(server, body):
+    """The parsed chunks of a streamed chat answer, read to the end."""
+    status, text = post(server, "/v1/chat/completions", {**body, "stream": True})
+    assert status == 200, text
+    return chunks_of(text)
+
+
+def started_stream(server, body):
+    """A streamed chat answer the engine has taken (its response began); a future of its
+    parsed chunks."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
+    resp = conn.getresponse()
+    assert resp.status == 200
+
+    def rest():
+        try:
+            return chunks_of(resp.read().decode())
+        finally:
+            conn.close()
+
+    return POOL.submit(rest)
+
+
+def until_waiting(server, count):
+    """Wait until ``count`` requests wait for the resume (they were sent from other threads)."""
+    deadline = time.monotonic() + 60
+    while metrics(server.url)["pagedserve:num_requests_waiting"] < count:
+        assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(0.05)
+
+
+def is_paused(server):
+    status, body = get(server, "/is_paused")
+    assert status == 200
+    return body["is_paused"]
+
+
+def test_pause_keep_holds_new_requests_and_resume_loses_nothing(server):
+    running = started_stream(server, {**LONG, "stream_options": {"include_usage": True}})
+    assert post(server, "/pause?mode=keep", None) == (200, {"status": "paused"})
+    assert is_paused(server)
+    held = POOL.submit(post, server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+    until_waiting(server, 1)
+    assert not held.done()
+    assert post(server, "/resume", None) == (200, {"status": "resumed"})
+    assert not is_paused(server)
+    status, answer = held.result(timeout=60)
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+    chunks = running.result(timeout=60)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 200
+    assert wait_until_idle(server.url)["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_pause_wait_lets_requests_finish(server):
+    running = started_stream(server, LONG)
+    assert post(server, "/pause?mode=wait&clear_cache=false", None) == (200, {"status": "paused"})
+    assert metrics(server.url)["pagedserve:num_requests_running"] == 0  # drained first
+    held = POOL.submit(post, server, "/v1/chat/completions", {**LONG, "max_tokens": 2})
+    finish = [c["choices"][0]["finish_reason"] for c in running.result(timeout=60)]
+    assert finish[-1] == "length"
+    assert not held.done()
+    assert post(server, "/resume", None)[0] == 200
+    status, answer = held.result(timeout=60)
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+    assert wait_until_idle(server.url)["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_pause_abort_ends_requests_with_finish_reason_abort(server):
+    running = started_stream(server, LONG)
+    assert post(server, "/pause?mode=keep", None)[0] == 200
+    held = POOL.submit(post, server, "/v1/chat/completions", {**LONG, "max_tokens": 5})
+    held_stream = POOL.submit(chat_stream, server, {**LONG, "max_tokens": 5})
+    until_waiting(server, 2)
+    assert post(server, "/pause", None) == (200, {"status": "paused"})  # mode abort
+    status, answer = held.result(timeout=60)
+    assert status == 200, answer
+    assert answer["choices"][0]["finish_reason"] == "abort"
+    assert answer["choices"][0]["message"]["content"] == ""
+    assert held_stream.result(timeout=60)[-1]["choices"][0]["finish_reason"] == "abort"
+    # Frozen before the abort, unless it had already finished.
+    finish = [c["choices"][0]["finish_reason"] for c in running.result(timeout=60)]
+    assert finish[-1] in ("abort", "length")
+    assert wait_until_idle(server.url)["pagedserve:kv_cache_usage_perc"] == 0
+    assert is_paused(server)
+    later = POOL.submit(post, server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert post(server, "/resume", None)[0] == 200
+    assert later.result(timeout=60)[0] == 200
+
+
+def test_abort_requests_by_the_answers_id(server):
+    assert post(server, "/pause?mode=keep", None)[0] == 200
+    headers = {**AUTH, "X-Request-Id": "victim"}
+    victim = POOL.submit(post, server, "/v1/chat/completions", LONG, headers)
+    other = POOL.submit(post, server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    until_waiting(server, 2)
+    assert post(server, "/abort_requests", {"request_ids": ["nobody"]})[1]["aborted"] == 0
+    body = {"request_ids": ["chatcmpl-victim"]}
+    assert post(server, "/abort_requests", body) == (200, {"status": "aborted", "aborted": 1})
+    status, answer = victim.result(timeout=60)
+    assert status == 200 and answer["id"] == "chatcmpl-victim"
+    assert answer["choices"][0]["finish_reason"] == "abort"
+    assert not other.done()
+    assert post(server, "/resume", None)[0] == 200
+    assert other.result(timeout=60)[1]["choices"][0]["finish_reason"] == "length"
+    assert post(server, "/abort_requests", {})[1] == {"status": "aborted", "aborted": 0}
+    assert wait_until_idle(server.url)["pagedserve:kv_cache_usage_perc"] == 0
+
+
+def test_pause_errors(server):
+    for path, body in (
+        ("/pause?mode=later", None),
+        ("/pause?clear_cache=maybe", None),
+        ("/abort_requests", [1]),
+        ("/abort_requests", {"request_ids": 5}),
+        ("/abort_requests", None),
+    ):
+        status, answer = post(server, path, body)
+        assert status == 400, (path, body, answer)
+        assert_error(answer)
+    assert get(server, "/pause")[0] == 405
+    for path in ("/pause", "/resume", "/abort_requests"):
+        assert post(server, path, {}, headers={})[0] == 401
+    assert get(server, "/is_paused", headers={})[0] == 401
+    assert not is_paused(server)

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeVar
 
+from pagedserve.engine.pausing import PauseControl, PauseGate, aborted_output
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.pooler import PoolerConfig
 from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
@@ -57,16 +58,34 @@ class RequestStream(AsyncIterator[RequestOutput]):
     the iteration early (``aclose``, cancellation while waiting) aborts the request.
     """
 
-    def __init__(self, request_id: str, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        engine: AsyncEngine,
+        client_id: str | None = None,
+        prompt: str | list[int] | None = None,
+        params: Any = None,
+    ) -> None:
         self.request_id = request_id
+        self.client_id = client_id or request_id  # the id its client knows (an answer's id)
         self._engine = engine
         self._item: Any = None  # newest output, an exception, or _FINISHED
         self._ready = asyncio.Event()
         self.finished = False
+        self._prompt_ids = prompt if isinstance(prompt, list) else []
+        self._params = params
+        self._last: RequestOutput | None = None  # the newest output, for a server-side abort
 
     def _put(self, item: Any) -> None:
+        if isinstance(item, RequestOutput):
+            self._last = item
         self._item = item
         self._ready.set()
+
+    def _aborted(self) -> Any:
+        """The item that ends this stream when the server aborts it."""
+        out = aborted_output(self.request_id, self._last, self._prompt_ids, self._params)
+        return _FINISHED if out is None else out
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -102,7 +121,7 @@ class RequestStream(AsyncIterator[RequestOutput]):
         self.abort()
 
 
-class AsyncEngine:
+class AsyncEngine(PauseControl):
     """Runs an ``LLMEngine`` on its own thread and serves per-request async streams.
 
     Create it (``built()`` for a real engine, so that loading and stepping share one thread),
@@ -122,6 +141,8 @@ class AsyncEngine:
         self._live: set[str] = set()  # engine thread only: ids the engine holds
         self._stats = engine.get_stats()
         self._go: threading.Event | None = None  # set by start(): a built() engine's thread runs
+        self._gate = PauseGate()  # engine thread only
+        self._paused = False
 
     @classmethod
     def built(
@@ -256,6 +277,10 @@ class AsyncEngine:
         for kind, payload in pending:
             if kind == "add":
                 _settle(payload[-1], error)
+        for add in self._gate.held:  # the engine thread is gone: nothing else touches the gate
+            _settle(add[-1], error)
+        for done in self._gate.waiting:
+            _settle(done, error)
         for stream in list(self._streams.values()):
             stream._put(error)
         self._streams.clear()
@@ -270,8 +295,11 @@ class AsyncEngine:
         cache_salt: str | None = None,
         priority: int = 0,
         lora_request: LoRARequest | None = None,
+        client_id: str | None = None,
     ) -> RequestStream:
-        """Submit a request; returns its output stream once the engine has accepted it.
+        """Submit a request; returns its output stream once the engine has accepted it (while
+        the engine is paused, once it resumes). ``client_id``: the id its client knows it by,
+        which ``abort_requests`` takes too.
 
         Raises ``ValueError`` (the engine's own message) when the engine refuses the request, and
         ``EngineDeadError`` when the engine is not running.
@@ -281,7 +309,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         assert self._loop is not None
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, self, client_id, prompt, params)
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._streams[request_id] = stream
         arrival = arrival_time or time.time()
@@ -340,10 +368,12 @@ class AsyncEngine:
                 commands, self._commands = self._commands, []
             try:
                 self._run_commands(commands)
-                if engine.has_unfinished_requests():
+                if engine.has_unfinished_requests() and not self._gate.frozen:
                     self._step()
-                has_work = engine.has_unfinished_requests()
-                self._stats = engine.get_stats()
+                has_work = engine.has_unfinished_requests() and not self._gate.frozen
+                for done in self._gate.settle(engine):
+                    self._call_in_loop(_settle, done, None)
+                self._stats = self._gate.counted(engine.get_stats())
             except Exception as exc:  # noqa: BLE001 - the loop must survive an engine failure
                 logger.exception("the engine failed; failing the requests in flight")
                 self._fail_all(exc)
@@ -366,28 +396,35 @@ class AsyncEngine:
                 else:
                     self._call_in_loop(_resolve, done, result)
                 continue
-            request_id, prompt, params, arrival, cache_salt, priority, lora, accepted = payload
-            try:
-                self.engine.add_request(
-                    request_id,
-                    prompt,
-                    params,
-                    arrival_time=arrival,
-                    cache_salt=cache_salt,
-                    priority=priority,
-                    lora_request=lora,
-                )
-            except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to HTTP
-                self._call_in_loop(_settle, accepted, exc)
-            else:
-                self._live.add(request_id)
-                self._call_in_loop(_settle, accepted, None)
+            if not self._gate.hold(payload):
+                self._add(payload)
         self._abort(aborts)
+
+    def _add(self, payload: tuple[Any, ...]) -> None:
+        request_id, prompt, params, arrival, cache_salt, priority, lora, accepted = payload
+        try:
+            self.engine.add_request(
+                request_id,
+                prompt,
+                params,
+                arrival_time=arrival,
+                cache_salt=cache_salt,
+                priority=priority,
+                lora_request=lora,
+            )
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to HTTP
+            self._call_in_loop(_settle, accepted, exc)
+        else:
+            self._live.add(request_id)
+            self._call_in_loop(_settle, accepted, None)
 
     def _abort(self, request_ids: list[str]) -> None:
         if request_ids:
             self._live.difference_update(request_ids)
             self.engine.abort_request(request_ids)
+            # A held request was never added: its caller gets its stream, already ended.
+            for add in self._gate.drop(request_ids):
+                self._call_in_loop(_settle, add[-1], None)
 
     def _step(self) -> None:
         outputs = self.engine.step()

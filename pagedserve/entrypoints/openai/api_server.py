@@ -39,6 +39,7 @@ from pagedserve.entrypoints.openai.middleware import (
     LoadMiddleware,
     RequestIdMiddleware,
 )
+from pagedserve.entrypoints.openai.pause_endpoints import add_pause_routes
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.entrypoints.openai.readiness import add_readiness_routes
 from pagedserve.entrypoints.openai.render import add_render_routes
@@ -120,7 +121,8 @@ class ServerSettings:
     ssl: dict[str, Any] = field(default_factory=dict)
     defaults: ApiDefaults = field(default_factory=ApiDefaults)  # what the API flags set
     server_load_tracking: bool = False  # GET /load: requests in flight on MODEL_ROUTES
-    dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM's VLLM_SERVER_DEV_MODE)
+    # POST /reset_prefix_cache, /pause, /resume, ... (vLLM's VLLM_SERVER_DEV_MODE)
+    dev_endpoints: bool = False
     tokenizer_info: bool = False  # GET /tokenizer_info
     scale_out: bool = False  # the render endpoints (vLLM's --enable-scale-out)
     metrics_prefix: str = METRICS_PREFIX  # "vllm:": vLLM's own metric names
@@ -200,6 +202,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         @app.post("/reset_prefix_cache")
         async def reset_prefix_cache() -> dict[str, bool]:
             return {"success": await engine.call(lambda e: e.reset_prefix_cache())}
+
+        add_pause_routes(app, engine)
 
     add_middlewares(app, settings.middleware)
     # Outside the guard: a browser's preflight (OPTIONS) carries no API key.

@@ -36,7 +36,7 @@ def add_chat_batch_route(app: FastAPI, chat: ServingChat) -> None:
         async def run() -> Response:
             prompts = [prompt_ids for prompt_ids, _ in prepared]
             params = [p for _, p in prepared]
-            finals = await s.final_outputs(engine_id, prompts, params, first)
+            finals = await s.final_outputs(engine_id, prompts, params, first, request_id)
             answers = [
                 chat._response(single, request_id, created, final, single.num_logprobs)
                 for single, final in zip(singles, finals, strict=True)

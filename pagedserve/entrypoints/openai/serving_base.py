@@ -180,11 +180,13 @@ class OpenAIServing:
         prompts: list[list[int]],
         params: list[SamplingParams],
         request: SamplingFields,
+        client_id: str | None = None,
     ) -> list[RequestOutput]:
         """Each prompt's finished output: one engine request each, or with ``use_beam_search``
-        a beam search whose steps are engine requests (:mod:`pagedserve.engine.beam_search`)."""
+        a beam search whose steps are engine requests (:mod:`pagedserve.engine.beam_search`).
+        ``client_id``: the answer's id, by which ``/abort_requests`` finds its requests."""
         if not request.use_beam_search:
-            streams = await self.submit_all(request_id, prompts, params, request)
+            streams = await self.submit_all(request_id, prompts, params, request, client_id)
             try:
                 return [await last_output(stream) for stream in streams]
             finally:
@@ -196,7 +198,7 @@ class OpenAIServing:
             else [f"{request_id}-{i}" for i in range(len(prompts))]
         )
         searches = (
-            self._beam_search(i, ids_, p, request)
+            self._beam_search(i, ids_, p, request, client_id)
             for i, ids_, p in zip(ids, prompts, params, strict=True)
         )
         return list(await asyncio.gather(*searches))
@@ -207,6 +209,7 @@ class OpenAIServing:
         prompt_ids: list[int],
         params: SamplingParams,
         request: SamplingFields,
+        client_id: str | None,
     ) -> RequestOutput:
         beam = request.beam_search_params(params)
         steps = search(prompt_ids, beam, self.engine.eos_token_ids)
@@ -214,9 +217,15 @@ class OpenAIServing:
         step_params = beam.step_params()
         for k in itertools.count():
             streams = await self.submit_all(
-                f"{request_id}-step{k}", sequences, [step_params] * len(sequences), request
+                f"{request_id}-step{k}",
+                sequences,
+                [step_params] * len(sequences),
+                request,
+                client_id,
             )
             outputs = await asyncio.gather(*(last_output(stream) for stream in streams))
+            if any(out.outputs[0].finish_reason == "abort" for out in outputs):
+                raise APIError(503, "the request was aborted (/abort_requests or /pause)")
             try:
                 sequences = steps.send([out.outputs[0].logprobs[0] for out in outputs])
             except StopIteration as done:
@@ -330,10 +339,18 @@ class OpenAIServing:
         cache_salt: str | None,
         priority: int,
         lora_request: LoRARequest | None = None,
+        client_id: str | None = None,
     ) -> RequestStream:
         try:
             return await self.engine.add_request(
-                request_id, prompt_ids, params, arrival_time, cache_salt, priority, lora_request
+                request_id,
+                prompt_ids,
+                params,
+                arrival_time,
+                cache_salt,
+                priority,
+                lora_request,
+                client_id,
             )
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
@@ -346,9 +363,10 @@ class OpenAIServing:
         prompts: list[list[int]],
         params: list[SamplingParams],
         request: SamplingFields,
+        client_id: str | None = None,
     ) -> list[RequestStream]:
-        """Submit several prompts (with ``request``'s cache salt and priority); on a refusal,
-        abort the ones already accepted."""
+        """Submit several prompts (with ``request``'s cache salt and priority) as the answer
+        ``client_id``; on a refusal, abort the ones already accepted."""
         if request.priority != 0 and self.engine.scheduling_policy != "priority":
             raise bad_request(
                 "priority needs a server started with --scheduling-policy priority; this one "
@@ -359,14 +377,13 @@ class OpenAIServing:
         salt, priority = request.cache_salt, request.priority
         self.check_model(request.model)  # an adapter may have been unloaded meanwhile
         lora = self.lora_modules.get(request.model) if request.model else None
+        run = (now, salt, priority, lora, client_id)
         if len(prompts) == 1:
-            return [await self.submit(base_id, prompts[0], params[0], now, salt, priority, lora)]
+            return [await self.submit(base_id, prompts[0], params[0], *run)]
         streams: list[RequestStream] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(
-                    await self.submit(f"{base_id}-{i}", ids, p, now, salt, priority, lora)
-                )
+                streams.append(await self.submit(f"{base_id}-{i}", ids, p, *run))
         except BaseException:
             for stream in streams:
                 stream.abort()

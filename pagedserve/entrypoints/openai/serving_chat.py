@@ -67,14 +67,14 @@ class ServingChat:
         engine_id = new_id("chatcmpl")  # unique in the engine, whatever request_id a client repeats
         created = int(time.time())
         if req.stream:
-            stream = (await s.submit_all(engine_id, [prompt_ids], [params], req))[0]
+            stream = (await s.submit_all(engine_id, [prompt_ids], [params], req, request_id))[0]
             return SSEResponse(
                 self._stream(req, request_id, created, stream, top_logprobs, prompt_ids),
                 stream.abort,
             )
 
         async def run() -> Response:
-            (final,) = await s.final_outputs(engine_id, [prompt_ids], [params], req)
+            (final,) = await s.final_outputs(engine_id, [prompt_ids], [params], req, request_id)
             return JSONResponse(self._response(req, request_id, created, final, top_logprobs))
 
         return await cancel_on_disconnect(raw, run)

@@ -88,11 +88,11 @@ class ServingCompletion:
         created = int(time.time())
         job = _Job(self, req, request_id, created, prompt_ids, prompt_texts)
         if req.stream:
-            streams = await s.submit_all(engine_id, prompt_ids, params, req)
+            streams = await s.submit_all(engine_id, prompt_ids, params, req, request_id)
             return SSEResponse(job.stream(streams), lambda: [st.abort() for st in streams])
 
         async def run() -> Response:
-            finals = await s.final_outputs(engine_id, prompt_ids, params, req)
+            finals = await s.final_outputs(engine_id, prompt_ids, params, req, request_id)
             return JSONResponse(job.response(finals))
 
         return await cancel_on_disconnect(raw, run)
