@@ -141,6 +141,14 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),
         ({"tools": [BAD_TOOL], "tool_choice": "required"}, "tools"),
         (
+            {"tools": [{"function": {"name": "f", "parameters": [1]}}], "tool_choice": "required"},
+            "tools",
+        ),
+        (
+            {"tools": [{"function": {"name": "f", "parameters": "x"}}], "tool_choice": "required"},
+            "tools",
+        ),
+        (
             {
                 "tools": [TOOL],
                 "tool_choice": "required",

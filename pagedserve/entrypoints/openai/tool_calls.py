@@ -77,7 +77,11 @@ def tool_mode(
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
-    return function.get("parameters") or {"type": "object", "properties": {}}
+    """A function's parameters schema (none: no parameters); a 400 for one that is no object."""
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise bad_request("a tool's parameters must be a JSON schema object", param="tools")
+    return parameters or {"type": "object", "properties": {}}
 
 
 def forced_schema(
