@@ -161,6 +161,7 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
             "messages",
         ),
         ({"use_beam_search": True, "logprobs": True}, "logprobs"),
+        ({"use_beam_search": True, "tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
         ({"priority": 1}, "priority"),
         ({"cache_salt": ""}, "cache_salt"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),

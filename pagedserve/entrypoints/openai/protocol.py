@@ -26,7 +26,12 @@ from pagedserve.entrypoints.openai.structured_outputs_protocol import (
     refuse_unsupported_constraint,
     structured_output_params,
 )
-from pagedserve.entrypoints.openai.tool_calls import AUTO, forced_schema, tool_mode
+from pagedserve.entrypoints.openai.tool_calls import (
+    AUTO,
+    forced_schema,
+    refuse_beside_forced_calls,
+    tool_mode,
+)
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.sample.repetition import RepetitionDetectionParams
 from pagedserve.sample.structured_output import check_grammar
@@ -382,17 +387,12 @@ class ChatCompletionRequest(SamplingFields):
             self.skip_special_tokens = False  # the calls are marked by special tokens
 
     def refuse_unsupported(self) -> None:
-        """As for every request, plus forced tool calls beside another output constraint."""
+        """As for every request, plus forced tool calls beside another constraint or beams."""
         super().refuse_unsupported()
-        if self.forces_tool_calls and (
-            self.structured_outputs is not None
-            or (self.response_format is not None and self.response_format.type != "text")
-        ):
-            raise bad_request(
-                "a forced tool call already fixes the output; leave out response_format and "
-                "structured_outputs",
-                param="tool_choice",
-            )
+        if self.forces_tool_calls:
+            fmt = self.response_format
+            given = self.structured_outputs is not None or (fmt is not None and fmt.type != "text")
+            refuse_beside_forced_calls(given, self.use_beam_search)
 
     @property
     def tool_mode(self) -> tuple[str, str] | None:

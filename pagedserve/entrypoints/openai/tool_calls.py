@@ -76,6 +76,23 @@ def tool_mode(
     return NAMED, name
 
 
+def refuse_beside_forced_calls(constrained: bool, beam_search: bool) -> None:
+    """A 400 for forced tool calls beside another output constraint, or beside beam search
+    (which ranks the model's raw logprobs: the calls' schema would not hold its answer)."""
+    if constrained:
+        raise bad_request(
+            "a forced tool call already fixes the output; leave out response_format and "
+            "structured_outputs",
+            param="tool_choice",
+        )
+    if beam_search:
+        raise bad_request(
+            "a forced tool call (tool_choice 'required' or a named function) is not supported "
+            "with use_beam_search",
+            param="tool_choice",
+        )
+
+
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     """A function's parameters schema (none: no parameters); a 400 for one that is no object."""
     parameters = function.get("parameters")
