@@ -10,6 +10,7 @@ from scipy.stats import chisquare
 from pagedserve.sample.logits_processors import apply_logits_processors
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.sampler import (
+    NO_TOKEN,
     Sampler,
     SamplingRow,
     inverse_cdf_draw,
@@ -229,6 +230,18 @@ def test_allowed_token_ids():
         base_logits()[None].clone(), [make_row(temperature=0, allowed_token_ids=[3, 6])]
     )
     assert greedy.token_ids == [3]
+
+
+def test_constraints_that_leave_no_token_give_no_token():
+    """allowed_token_ids all banned (here below min_tokens): NO_TOKEN, greedy or sampled, and
+    the other rows as they are; the engine ends such a sequence with finish_reason error."""
+    rows = [
+        make_row(temperature=0, allowed_token_ids=[EOS], min_tokens=2),
+        make_row(temperature=1.0, allowed_token_ids=[EOS], min_tokens=2, logprobs=1),
+        make_row(temperature=0, allowed_token_ids=[3]),
+    ]
+    out = Sampler(V, {EOS})(base_logits().repeat(3, 1), rows)
+    assert out.token_ids == [NO_TOKEN, NO_TOKEN, 3]
 
 
 def test_min_tokens_masks_stop_tokens():

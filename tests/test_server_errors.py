@@ -214,6 +214,8 @@ def test_chat_bad_values_are_400(server, change, param):
         ),
         ({"structured_outputs": {"choice": []}}, "structured_outputs"),
         ({"prompt": "\ud800"}, "prompt"),
+        # together they leave no token to write: bad_words bans the one allowed token
+        ({"allowed_token_ids": [33662], "bad_words": ["hello"]}, None),
         # the grammar engine gives up on this regex at its first token (a limit on its lexer)
         ({"structured_outputs": {"regex": "a{1000000}"}, "temperature": 0}, None),
     ],

@@ -9,7 +9,7 @@ from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.sample.repetition import ends_in_repetition
-from pagedserve.sample.sampler import LogprobsEntry
+from pagedserve.sample.sampler import NO_TOKEN, LogprobsEntry
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -67,8 +67,11 @@ class OutputProcessor:
     def append(
         self, seq: SequenceState, token_id: int, entry: LogprobsEntry | None
     ) -> RequestStatus | None:
-        """Add a sampled token; return the finish status if the sequence is done."""
+        """Add a sampled token; return the finish status if the sequence is done (an error
+        when its constraints left no token to sample)."""
         req = seq.request
+        if token_id == NO_TOKEN:
+            return RequestStatus.FINISHED_ERROR
         req.append_token(token_id)
         params = req.params
         if entry is not None and seq.logprobs is not None:

@@ -15,7 +15,18 @@ import torch
 from pagedserve.sample.logits_processors import apply_logits_processors
 from pagedserve.sample.metadata import SamplingMetadata, SamplingRow
 
-__all__ = ["LogprobsEntry", "Sampler", "SamplerOutput", "SamplingRow", "make_generator"]
+__all__ = [
+    "NO_TOKEN",
+    "LogprobsEntry",
+    "Sampler",
+    "SamplerOutput",
+    "SamplingRow",
+    "make_generator",
+]
+
+# The "token" of a row whose constraints together allow none (allowed_token_ids, bad_words,
+# stop tokens banned below min_tokens, a grammar): the sequence ends with finish_reason "error".
+NO_TOKEN = -1
 
 
 @dataclass
@@ -70,6 +81,9 @@ class Sampler:
         if wanted:
             raw_logprobs = torch.log_softmax(logits if index is None else logits[index], dim=-1)
         apply_logits_processors(logits, meta)
+        stuck = None  # only masks and bans make a row all -inf
+        if meta.allowed is not None or meta.banned is not None:
+            stuck = torch.isneginf(logits.amax(dim=-1))
         tokens = sample(logits, meta)
         logprobs: list[LogprobsEntry | None] = [None] * len(rows)
         if raw_logprobs is not None:
@@ -80,6 +94,8 @@ class Sampler:
             )
             for i, entry in zip(wanted, entries, strict=True):
                 logprobs[i] = entry
+        if stuck is not None:
+            tokens = tokens.masked_fill(stuck, NO_TOKEN)
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
 
 

@@ -38,9 +38,10 @@ async def last_output(stream: RequestStream) -> RequestOutput:
     if isinstance(final, RequestOutput) and any(c.finish_reason == "error" for c in final.outputs):
         raise APIError(
             400,
-            "the output constraint could not be followed to the end: its grammar hit one of the "
-            "grammar engine's limits (the server log names it); simplify the schema, regex or "
-            "grammar",
+            "the request's constraints could not be followed to the end: together "
+            "(allowed_token_ids, bad_words, min_tokens, the output constraint) they left no token "
+            "to write, or the output constraint's grammar hit one of the grammar engine's limits "
+            "(the server log names it)",
         )
     return final
 
