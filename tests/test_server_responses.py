@@ -98,6 +98,7 @@ def test_max_output_tokens_leaves_it_incomplete(client):
     r = greedy_response(client, max_output_tokens=3)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 3
+    assert r.output[-1].status == "incomplete"  # the item that was cut, as OpenAI marks it
 
 
 def test_stream_events(client):
@@ -130,6 +131,7 @@ def test_stream_events(client):
         assert stream.get_final_response().output_text == full.output_text
     cut = list(greedy_response(client, stream=True, max_output_tokens=3))
     assert cut[-1].type == "response.incomplete"
+    assert cut[-2].type == "response.output_item.done" and cut[-2].item.status == "incomplete"
 
 
 def test_json_schema_text_format(client):

@@ -129,7 +129,14 @@ class _Job:
     def output(self, c: CompletionOutput) -> list[dict[str, Any]]:
         """The output items of a finished answer: a reasoning model's thinking as a reasoning
         item (with the server's reasoning parser), then its text as a message, or with tools
-        the message (if any text) and one ``function_call`` item per call."""
+        the message (if any text) and one ``function_call`` item per call. In an answer cut by
+        ``max_output_tokens`` the last item, the one cut, is ``incomplete``, as OpenAI's."""
+        items = self._items(c)
+        if items and c.finish_reason == "length":
+            items[-1] = {**items[-1], "status": "incomplete"}
+        return items
+
+    def _items(self, c: CompletionOutput) -> list[dict[str, Any]]:
         reasoning, text = self.chat.split(self.chat_req, c.text, final=True)
         items = [_reasoning_item(reasoning)] if reasoning else []
         if self.tool_mode is None:
