@@ -72,6 +72,9 @@ def test_a_mixed_batch_matches_merged_models(tiny_model_dir, adapters):
             PROMPTS, GREEDY, use_tqdm=False
         )
     assert_same(outputs, references)
+    # steps whose every row has one adapter add its terms to the whole batch at once
+    alone = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=loras[2])
+    assert_same(alone, references[-len(PROMPTS) :])
 
     # Blocks computed with an adapter hold its K/V: another adapter (or none) never shares them.
     long_prompt = ["A prompt no earlier request began with, long enough to fill blocks. " * 2]

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from pagedserve.kernels import packed_gemm
+from pagedserve.model.layers.activation import silu_and_mul
 from pagedserve.model.layers.linear import (
     QUANTIZED_MAX_ROWS,
     GateUpSilu,
@@ -223,3 +224,32 @@ def test_a_merged_layer_needs_every_shard_quantized_alike(second):
         layer.set_quantized(1, _quantized(torch.randn(48, 64, generator=generator), second)[0])
     layer.prepack()
     assert layer.packed is not None and layer.packed_quantized is None
+
+
+@pytest.mark.parametrize("panels", ["float32", "bfloat16", "Q4_1", "Q8_0"])
+def test_gated_products_are_the_gate_and_up_products_before_the_activation(panels):
+    """A gated weight's panels, multiplied as a plain weight, give the gate and up products
+    (what an adapter's term is added to before silu(gate) * up), in place again, for every
+    panel type; None where the size does not split into whole vectors."""
+    if panels == "bfloat16" and not packed_gemm.bf16_available():
+        pytest.skip("bfloat16 panels need AVX512-BF16")
+    generator = torch.Generator().manual_seed(7)
+    size, in_features = 1536 // 4, 576
+    weight = torch.randn(2 * size, in_features, generator=generator)
+    if panels in ("Q4_1", "Q8_0"):
+        blocks, weight = _quantized(weight, panels)
+        packed = packed_gemm.pack_quantized(blocks, gated=True)
+    else:
+        packed = packed_gemm.pack(weight, gated=True, dtype=getattr(torch, panels))
+    for rows in (1, 5, 64):
+        x = torch.randn(rows, in_features, generator=generator)
+        got = packed_gemm.gated_products(x, packed, size)
+        if panels == "bfloat16":
+            want = _bf16_reference(x, weight, None, gated=False)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got, x @ weight.t(), atol=1e-4, rtol=1e-5)
+            plain = packed_gemm.linear(x, packed, size, None, gated=True)
+            torch.testing.assert_close(silu_and_mul(got), plain, atol=1e-6, rtol=1e-6)
+    uneven = packed_gemm.pack(weight[:-2], gated=True)
+    assert packed_gemm.gated_products(x, uneven, size - 1) is None

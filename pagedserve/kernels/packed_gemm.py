@@ -172,3 +172,19 @@ def linear(
     else:
         lib.packed_gemm_quant(*args, quant_type_of(packed))
     return y if x2 is x else y.view(*x.shape[:-1], out_features)
+
+
+def gated_products(x: torch.Tensor, packed: torch.Tensor, size: int) -> torch.Tensor | None:
+    """``x [m, k]``'s gate and up products ``[m, 2 size]`` (gate first), before the activation,
+    from a weight packed ``gated`` (in any panel type); None where its panels do not split
+    evenly (``size`` not a multiple of the vector width). A gated panel's columns are VL gate
+    features then the VL up features of the same indices: the plain GEMM over such panels gives
+    the products in that order, which a view puts back in place."""
+    lib = _lib()
+    assert lib is not None
+    width = lib.packed_gemm_panel_width(True)
+    if size % width:
+        return None
+    y = linear(x, packed, 2 * size, None)
+    rows = y.shape[0]
+    return y.view(rows, size // width, 2, width).transpose(1, 2).reshape(rows, 2 * size)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pagedserve.lora.request import LoRARequest
-from pagedserve.lora.weights import LoRAState, LoRAWeights, Pair
+from pagedserve.lora.weights import LoRAState, LoRAWeights, Pair, Stacked
 from pagedserve.model.layers.linear import Linear, MergedLinear
 from pagedserve.model.llama import STACKED
 
@@ -51,7 +51,7 @@ class LoRAManager:
         pairs = self._read(Path(request.lora_path))
         adapter = next(self._ids)
         for module, module_pairs in pairs.items():
-            module.lora.adapters[adapter] = module_pairs
+            module.lora.adapters[adapter] = Stacked.of(module_pairs, module.out_features)
         self.loaded[request.lora_name] = (request, adapter)
         return adapter
 

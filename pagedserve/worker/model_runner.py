@@ -169,10 +169,15 @@ class ModelRunner:
         ids = np.fromiter((r.lora_id for r in sched.requests), np.int64, len(sched.requests))
         if not ids.any():
             return False
+        adapters = np.unique(ids).tolist()
+        if len(adapters) == 1:  # one adapter has every row: no rows to pick out
+            self.lora_state.groups = [(None, adapters[0])]
+            return True
         of_token = np.repeat(ids, np.diff(np.asarray(cu)))
         self.lora_state.groups = [
             (self._to_device(np.nonzero(of_token == adapter)[0]), adapter)
-            for adapter in np.unique(ids[ids > 0]).tolist()
+            for adapter in adapters
+            if adapter > 0
         ]
         return True
 

@@ -195,10 +195,19 @@ class GateUpSilu(MergedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = packed_for(x, self.packed, self.packed_quantized)
-        if not _uses_packed(x, packed):
-            out = silu_and_mul(F.linear(x, self.weight, self.bias))
-        else:
-            out = packed_gemm.linear(x, packed, self.size, self.bias, gated=True)
         if self.lora is not None and self.lora.state.groups:
-            return self.lora.add_gated(x, out, self.weight, self.bias)
-        return out
+            # an adapter's term goes in before the activation
+            return silu_and_mul(self.lora.add(x, self._products(x, packed)))
+        if not _uses_packed(x, packed):
+            return silu_and_mul(F.linear(x, self.weight, self.bias))
+        return packed_gemm.linear(x, packed, self.size, self.bias, gated=True)
+
+    def _products(self, x: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+        """The gate and up products ``[..., 2 d]``, before the activation."""
+        products = None
+        if _uses_packed(x, packed):
+            assert packed is not None
+            products = packed_gemm.gated_products(x, packed, self.size)
+        if products is None:
+            return F.linear(x, self.weight, self.bias)
+        return products if self.bias is None else products.add_(self.bias)
