@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from bench_stub_server import PROMPT_TOKENS, StubServer, StubState
+from tiny_models import write_lora_adapter
 
+from pagedserve import LLM
 from pagedserve.bench import latency, serve, throughput
 from pagedserve.bench.datasets import (
     allowed_token_ids,
@@ -198,6 +200,26 @@ def test_throughput_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert result["num_requests"] == 4
     assert result["total_prompt_tokens"] == 32 and result["total_output_tokens"] == 32
     assert result["output_tokens_per_second"] > 0
+
+
+def test_throughput_with_an_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """--lora-path: every request runs with that adapter (the engine sized for its rank)."""
+    write_lora_adapter(tmp_path / "adapter", "llama", seed=1, rank=4)
+    seen = []
+    generate = LLM.generate
+
+    def recording(self, *args, **kwargs):
+        seen.append((kwargs["lora_request"], self.llm_engine.config.max_lora_rank))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "generate", recording)
+    argv = ["--model", tiny_model_dir("llama"), "--num-prompts", "2", "--input-len", "8",
+            "--output-len", "4", "--disable-tqdm", "--lora-path", str(tmp_path / "adapter"),
+            "--output-json", str(tmp_path / "r.json")]  # fmt: skip
+    throughput.main(_parse(throughput, argv))
+    ((lora, rank),) = seen
+    assert lora.lora_path == str(tmp_path / "adapter") and rank == 4
+    assert json.loads((tmp_path / "r.json").read_text())["total_output_tokens"] == 8
 
 
 def test_throughput_from_a_file(tmp_path, tiny_model_dir, capsys):

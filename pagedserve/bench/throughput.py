@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from pagedserve.bench.datasets import (
@@ -16,6 +17,7 @@ from pagedserve.bench.datasets import (
 )
 from pagedserve.bench.engine_args import add_engine_args, engine_kwargs
 from pagedserve.bench.workload_args import add_workload_args
+from pagedserve.lora.request import LoRARequest
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -27,6 +29,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="sampling temperature (vLLM's benchmark samples at 1.0); EOS is always ignored",
+    )
+    parser.add_argument(
+        "--lora-path",
+        default=None,
+        help="a PEFT LoRA adapter directory every request runs with (vLLM's flag)",
     )
     parser.add_argument("--output-json", default=None, help="write the results to this file")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
@@ -42,8 +49,15 @@ def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[SampleReques
     )
 
 
-def run(llm: Any, requests: list[SampleRequest], temperature: float, use_tqdm: bool) -> dict:
-    """Generate every request in one ``generate`` call and measure it."""
+def run(
+    llm: Any,
+    requests: list[SampleRequest],
+    temperature: float,
+    use_tqdm: bool,
+    lora_request: LoRARequest | None = None,
+) -> dict:
+    """Generate every request in one ``generate`` call (each with ``lora_request``, if given)
+    and measure it."""
     prompts = [
         {"prompt_token_ids": r.prompt} if isinstance(r.prompt, list) else r.prompt for r in requests
     ]
@@ -52,7 +66,7 @@ def run(llm: Any, requests: list[SampleRequest], temperature: float, use_tqdm: b
         for r in requests
     ]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
     elapsed = time.perf_counter() - start
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -81,9 +95,14 @@ def format_result(result: dict) -> str:
 def main(args: argparse.Namespace) -> None:
     from pagedserve.entrypoints.llm import LLM
 
-    llm = LLM(**engine_kwargs(args))
+    kwargs, lora = engine_kwargs(args), None
+    if args.lora_path is not None:
+        rank = json.loads((Path(args.lora_path) / "adapter_config.json").read_text())["r"]
+        kwargs.update(enable_lora=True, max_lora_rank=rank)
+        lora = LoRARequest("bench", 1, args.lora_path)
+    llm = LLM(**kwargs)
     requests = make_requests(args, llm.get_tokenizer())
-    result = run(llm, requests, args.temperature, use_tqdm=not args.disable_tqdm)
+    result = run(llm, requests, args.temperature, not args.disable_tqdm, lora)
     print(format_result(result))
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
