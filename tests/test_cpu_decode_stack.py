@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 from gguf import GGMLQuantizationType as Q
-from tiny_models import tiny_hf_model, write_tiny_gguf
+from tiny_models import tiny_hf_model, write_lora_adapter, write_tiny_gguf
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM, LoRARequest, SamplingParams
 from pagedserve.kernels import packed_gemm
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 
@@ -23,9 +23,9 @@ def _generate(model: str, monkeypatch, enforce_eager: bool, **engine_args) -> tu
     runs = []
     run = CpuDecodeStack.run
 
-    def counting(self, input_ids, positions, meta):
+    def counting(self, input_ids, positions, meta, *adapter):
         runs.append(len(input_ids))
-        return run(self, input_ids, positions, meta)
+        return run(self, input_ids, positions, meta, *adapter)
 
     monkeypatch.setattr(CpuDecodeStack, "run", counting)
     engine_args.setdefault("dtype", "float32")
@@ -130,9 +130,9 @@ def test_sliding_window_steps_take_the_stack(kind, tiny_model_dir, monkeypatch):
         runs: list[int] = []
         run = CpuDecodeStack.run
 
-        def counting(self, input_ids, positions, meta):
+        def counting(self, input_ids, positions, meta, *adapter):
             runs.append(meta.max_seq_len)
-            return run(self, input_ids, positions, meta)
+            return run(self, input_ids, positions, meta, *adapter)
 
         monkeypatch.setattr(CpuDecodeStack, "run", counting)
         llm = LLM(
@@ -162,3 +162,36 @@ def test_stack_needs_packed_weights(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_DISABLE_PREPACK", "1")
     llm = LLM(model, device="cpu", dtype="float32", kv_cache_memory=0.02)
     assert llm.llm_engine.runner.cpu_stack is None
+
+
+def test_steps_of_one_adapter_take_the_stack(
+    tmp_path, tiny_model_dir, smollm2_tokenizer, monkeypatch
+):
+    """Decode steps whose every sequence runs one LoRA adapter go through the driver with its
+    terms, and answer as the base model with the adapter merged in (up to rounding: the modules
+    add the terms with PyTorch's matmuls)."""
+    merged = write_lora_adapter(tmp_path / "adapter", "llama", seed=3, rank=8)
+    merged.save_pretrained(tmp_path / "merged")
+    smollm2_tokenizer.save_pretrained(tmp_path / "merged")
+    adapters = []
+    run = CpuDecodeStack.run
+
+    def counting(self, input_ids, positions, meta, adapter=None):
+        adapters.append(adapter)
+        return run(self, input_ids, positions, meta, adapter)
+
+    monkeypatch.setattr(CpuDecodeStack, "run", counting)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:6]]
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", enable_lora=True)
+    lora = LoRARequest("a", 1, str(tmp_path / "adapter"))
+    got = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+    assert adapters and all(a is not None for a in adapters)
+    reference = LLM(str(tmp_path / "merged"), device="cpu", dtype="float32")
+    want = reference.generate(prompts, params, use_tqdm=False)
+    for out, ref in zip(got, want, strict=True):
+        (c,), (r,) = out.outputs, ref.outputs
+        assert c.token_ids == r.token_ids
+        logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+        expected = [step[t].logprob for step, t in zip(r.logprobs, r.token_ids, strict=True)]
+        assert logprobs == pytest.approx(expected, abs=1e-4)

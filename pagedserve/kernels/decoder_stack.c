@@ -16,8 +16,17 @@
  *   x = attn Wo^T; normed, residual = add_rms_norm(x, residual)
  *   act [m, I] = silu(normed Wg^T) * (normed Wu^T);   x = act Wd^T
  * and at the end, out = add_rms_norm(x, residual) with the final norm's weight.
+ *
+ * A step whose every sequence runs with one LoRA adapter adds its term (x A^T) B^T to each
+ * projection the adapter targets, right after that projection's GEMM; the gate/up GEMM then runs
+ * as a plain one over its gated panels (their columns: VL gate features, then the VL up features
+ * of the same indices), the term is added in that column order, and silu(gate) * up follows.
+ * (The modules add the terms with PyTorch's matmuls: equal up to rounding, not to the bit.)
  */
+#include <omp.h>
 #include <stdint.h>
+
+#include "fast_exp.h"
 
 typedef void (*gemm_f32_fn)(float *, const float *, const void *, const float *, int64_t,
                             int64_t, int64_t, int64_t);
@@ -45,16 +54,20 @@ typedef struct {
     attention_fn attention;
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
     int64_t quant_max_rows; /* steps of at most this many rows use the quantized panels */
+    int64_t gate_width;     /* gate (and up) features in a gated panel: the vector width */
     float eps, scale;
     const float *final_norm;
 } Stack;
 
 /* One projection's packed weights: float32 panels (bfloat16 if bf16_panels), and quantized
- * ones (NULL: none) of quant_type; its bias (NULL: none). */
+ * ones (NULL: none) of quant_type; its bias (NULL: none); the step's adapter's A [r, k] and B
+ * transposed [r, n] (gate/up: n in the gated panels' column order), NULL: none. */
 typedef struct {
     const void *panels, *quantized;
     int64_t quant_type, bf16_panels;
     const float *bias;
+    const float *lora_a, *lora_bt;
+    int64_t lora_rank;
 } Projection;
 
 typedef struct {
@@ -75,11 +88,52 @@ static void project(const Stack *s, const Projection *w, float *y, const float *
         (w->bf16_panels ? s->gemm_bf16 : s->gemm_f32)(y, x, w->panels, w->bias, m, n, k, gated);
 }
 
+/* y [m, n] += (x [m, k] A^T) B^T, the adapter's term, where the projection has one. */
+static void add_lora(const Projection *w, float *y, const float *x, int64_t m, int64_t n,
+                     int64_t k)
+{
+    if (!w->lora_a) return;
+    const int64_t r = w->lora_rank;
+    #pragma omp parallel for if (m > 1)
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * k;
+        float *yi = y + i * n;
+        for (int64_t j = 0; j < r; j++) {
+            const float *a = w->lora_a + j * k, *bt = w->lora_bt + j * n;
+            float t = 0.f;
+            #pragma omp simd reduction(+ : t)
+            for (int64_t c = 0; c < k; c++) t += xi[c] * a[c];
+            #pragma omp simd
+            for (int64_t c = 0; c < n; c++) yi[c] += t * bt[c];
+        }
+    }
+}
+
+/* act [m, I] = silu(gate) * up with the adapter's term in the gate and up products (pre [m, 2 I]:
+ * scratch for them, in the gated panels' column order). */
+static void gate_up_with_lora(const Stack *s, const Projection *w, float *act, float *pre,
+                              const float *x, int64_t m)
+{
+    const int64_t I = s->intermediate, vl = s->gate_width;
+    Projection plain = *w;
+    plain.bias = NULL; /* a biased gate/up never takes this path (decoder_stack.py) */
+    project(s, &plain, pre, x, m, 2 * I, s->hidden, 0);
+    add_lora(w, pre, x, m, 2 * I, s->hidden);
+    #pragma omp parallel for if (m > 1)
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t p = 0; p < I / vl; p++) {
+            const float *g = pre + i * 2 * I + p * 2 * vl, *u = g + vl;
+            float *o = act + i * I + p * vl;
+            #pragma omp simd
+            for (int64_t t = 0; t < vl; t++) o[t] = g[t] / (1.f + exp_f32(-g[t])) * u[t];
+        }
+}
+
 /* Floats of scratch that decoder_stack_decode needs for m rows. */
 int64_t decoder_stack_scratch(const Stack *s, int64_t m)
 {
     const int64_t q = s->num_heads * s->head_dim, kv = s->num_kv_heads * s->head_dim;
-    return m * (2 * s->hidden + (q + 2 * kv) + (q + kv) + q + s->intermediate);
+    return m * (2 * s->hidden + (q + 2 * kv) + (q + kv) + q + 3 * s->intermediate);
 }
 
 /* The step's m sequences (one new token each) through every layer: hidden [m, H] holds their
@@ -95,12 +149,14 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
     const int64_t q = s->num_heads * D, kv = s->num_kv_heads * D;
     float *normed = scratch, *x = normed + m * H, *qkv = x + m * H;
     float *qk = qkv + m * (q + 2 * kv), *attn = qk + m * (q + kv), *act = attn + m * q;
+    float *pre = act + m * s->intermediate; /* the gate/up products, with an adapter */
     float *residual = hidden;
     s->rms_norm(normed, hidden, layers[0].input_norm, m, H, s->eps);
     for (int64_t l = 0; l < num_layers; l++) {
         const Layer *L = layers + l;
         if (l > 0) s->add_rms_norm(normed, residual, x, residual, L->input_norm, m, H, s->eps);
         project(s, &L->qkv, qkv, normed, m, q + 2 * kv, H, 0);
+        add_lora(&L->qkv, qkv, normed, m, q + 2 * kv, H);
         if (L->q_norm)
             for (int64_t i = 0; i < m; i++) {
                 float *row = qkv + i * (q + 2 * kv);
@@ -114,9 +170,14 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
                      s->num_heads, s->num_kv_heads, D, s->block_size, max_blocks, s->scale,
                      q + kv, L->window, 0.f);
         project(s, &L->o, x, attn, m, H, q, 0);
+        add_lora(&L->o, x, attn, m, H, q);
         s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
-        project(s, &L->gate_up, act, normed, m, s->intermediate, H, 1);
+        if (L->gate_up.lora_a)
+            gate_up_with_lora(s, &L->gate_up, act, pre, normed, m);
+        else
+            project(s, &L->gate_up, act, normed, m, s->intermediate, H, 1);
         project(s, &L->down, x, act, m, H, s->intermediate, 0);
+        add_lora(&L->down, x, act, m, H, s->intermediate);
     }
     s->add_rms_norm(out, residual, x, residual, s->final_norm, m, H, s->eps);
 }

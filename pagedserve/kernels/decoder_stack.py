@@ -36,6 +36,7 @@ class _Stack(ctypes.Structure):
         ("attention", _ptr),
         *((name, _i64) for name in _SHAPES),
         ("quant_max_rows", _i64),
+        ("gate_width", _i64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("final_norm", _ptr),
@@ -49,6 +50,9 @@ class _Projection(ctypes.Structure):
         ("quant_type", _i64),
         ("bf16_panels", _i64),
         ("bias", _ptr),
+        ("lora_a", _ptr),
+        ("lora_bt", _ptr),
+        ("lora_rank", _i64),
     ]
 
 
@@ -127,7 +131,7 @@ def _projection_struct(p: Projection) -> _Projection:
     quant_type = 0 if p.quantized is None else packed_gemm.quant_type_of(p.quantized)
     bf16 = p.panels.dtype == torch.bfloat16
     return _Projection(
-        _pointer(p.panels), _pointer(p.quantized), quant_type, bf16, _pointer(p.bias)
+        _pointer(p.panels), _pointer(p.quantized), quant_type, bf16, _pointer(p.bias), None, None, 0
     )
 
 
@@ -144,6 +148,43 @@ def _layer_struct(layer: Layer) -> _Layer:
     )
 
 
+# One adapter's term on a projection: A [r, in] and B transposed [r, out] (gate/up: out in the
+# gated panels' column order, see :func:`gated_order`).
+Term = tuple[torch.Tensor, torch.Tensor]
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+class WithAdapter:
+    """The layers' structures with one adapter's terms (per layer, a term or None for each of
+    :data:`PROJECTIONS`), for :meth:`DecoderStack.decode`."""
+
+    def __init__(self, base: ctypes.Array, terms: list[tuple[Term | None, ...]]) -> None:
+        self.layers = (_Layer * len(base))()
+        ctypes.memmove(self.layers, base, ctypes.sizeof(self.layers))
+        self._keep = terms  # the tensors whose memory the structures point into
+        for struct, layer_terms in zip(self.layers, terms, strict=True):
+            for name, term in zip(PROJECTIONS, layer_terms, strict=True):
+                if term is not None:
+                    projection = getattr(struct, name)
+                    projection.lora_a, projection.lora_bt = term[0].data_ptr(), term[1].data_ptr()
+                    projection.lora_rank = term[0].shape[0]
+
+
+def gated_order(size: int) -> torch.Tensor:
+    """The features of a gate/up output ``[2 size]`` (gate first) in the gated panels' column
+    order: per panel, its gate features, then the up features of the same indices."""
+    width = gate_width()
+    panels = torch.arange(2 * size).view(2, size // width, width)
+    return panels.transpose(0, 1).reshape(-1)
+
+
+def gate_width() -> int:
+    """Gate features in a gated panel (the vector width)."""
+    lib = packed_gemm._lib()
+    assert lib is not None
+    return lib.packed_gemm_panel_width(True)
+
+
 class DecoderStack:
     """The decoder layers of one model, ready for :meth:`decode`; build with :meth:`create`."""
 
@@ -154,6 +195,10 @@ class DecoderStack:
         self._layers = layers
         self._keep = keep  # the tensors whose memory the structures point into
         self._scratch_per_row = lib.decoder_stack_scratch(stack, 1)
+
+    def with_adapter(self, terms: list[tuple[Term | None, ...]]) -> WithAdapter:
+        """The layers with an adapter's terms, for steps whose every sequence runs with it."""
+        return WithAdapter(self._layers, terms)
 
     @classmethod
     def create(
@@ -189,6 +234,7 @@ class DecoderStack:
             **entries,
             **{name: shapes[name] for name in _SHAPES},
             quant_max_rows=quant_max_rows,
+            gate_width=gemm.packed_gemm_panel_width(True),
             eps=eps,
             scale=scale,
             final_norm=final_norm.data_ptr(),
@@ -203,12 +249,13 @@ class DecoderStack:
         slots: torch.Tensor,
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
+        adapter: WithAdapter | None = None,
     ) -> torch.Tensor:
         """One decode step of ``m`` sequences: ``hidden [m, H]``, their token embeddings (used,
         and overwritten, as the residual stream), ``rope [m, D]`` the cos and sin halves at
         their positions, ``slots [m]`` int64, ``block_tables [m, max_blocks]`` and ``seq_lens
-        [m]`` int32, all contiguous float32 / integer CPU tensors. Returns the final norm's
-        output ``[m, H]``."""
+        [m]`` int32, all contiguous float32 / integer CPU tensors; every sequence with
+        ``adapter``'s terms, if given. Returns the final norm's output ``[m, H]``."""
         lib = _lib()
         assert lib is not None
         m = hidden.shape[0]
@@ -216,7 +263,7 @@ class DecoderStack:
         scratch = hidden.new_empty(m * self._scratch_per_row)
         lib.decoder_stack_decode(
             self._stack,
-            self._layers,
+            self._layers if adapter is None else adapter.layers,
             len(self._layers),
             m,
             hidden.data_ptr(),

@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from pagedserve.kernels import elementwise
-from pagedserve.kernels.decoder_stack import DecoderStack, Layer, Projection
+from pagedserve.kernels.decoder_stack import (
+    DecoderStack,
+    Layer,
+    Projection,
+    Term,
+    WithAdapter,
+    gate_width,
+    gated_order,
+)
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.linear import Linear, quantized_max_rows
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -51,6 +59,10 @@ class CpuDecodeStack:
     def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
         self.model = model
         self.stack = stack
+        self._adapters: dict[int, WithAdapter] = {}  # by adapter id (ids are never reused)
+        mlps = [layer.mlp.gate_up_proj for layer in model.model.layers]
+        # The driver adds an adapter's gate/up term in the gated panels' column order.
+        self.takes_adapters = all(m.bias is None and m.size % gate_width() == 0 for m in mlps)
 
     @classmethod
     def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
@@ -93,16 +105,53 @@ class CpuDecodeStack:
         )
         return None if stack is None else cls(model, stack)
 
+    def adapter(self, adapter_id: int) -> WithAdapter | None:
+        """The layers with adapter ``adapter_id``'s terms, built on its first step; None where
+        the driver cannot add them."""
+        if not self.takes_adapters:
+            return None
+        layers = self.model.model.layers
+        if adapter_id not in self._adapters:
+            loaded = {i for layer in layers for i in _linears(layer)[0].lora.adapters}
+            self._adapters = {i: a for i, a in self._adapters.items() if i in loaded}
+            terms = [tuple(_term(m, adapter_id) for m in _linears(layer)) for layer in layers]
+            self._adapters[adapter_id] = self.stack.with_adapter(terms)
+        return self._adapters[adapter_id]
+
     def applies(self, meta: AttentionMetadata, num_sampling: int) -> bool:
         """Whether the step is pure decode with every request sampling (``split_decodes`` ran)."""
         return not meta.prefill_reqs and num_sampling == meta.num_reqs
 
     def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        adapter: WithAdapter | None = None,
     ) -> torch.Tensor:
         """The step's final hidden states ``[B, H]``, as ``model(input_ids, positions, meta)``
-        returns them."""
+        returns them (every sequence with ``adapter``'s terms, if given)."""
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         rope = inner.rotary_emb.cos_sin[positions]
-        return self.stack.decode(hidden, rope, meta.slot_mapping, meta.block_tables, meta.seq_lens)
+        return self.stack.decode(
+            hidden, rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, adapter
+        )
+
+
+def _linears(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:
+    """The layer's projections, in :data:`decoder_stack.PROJECTIONS`' order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
+def _term(linear: Linear, adapter_id: int) -> Term | None:
+    """An adapter's term on a projection for the driver: A, and B transposed (a gate/up one in
+    the gated panels' column order); None where the adapter does not target it."""
+    stacked = None if linear.lora is None else linear.lora.adapters.get(adapter_id)
+    if stacked is None:
+        return None
+    bt = stacked.b.t()
+    if linear.gated:
+        bt = bt[:, gated_order(linear.out_features // 2)]
+    return stacked.a.contiguous(), bt.contiguous()

@@ -181,20 +181,32 @@ class ModelRunner:
         ]
         return True
 
+    def _lone_adapter(self) -> int | None:
+        """The adapter every row of the step has, if one has them all."""
+        groups = self.lora_state.groups
+        return groups[0][1] if len(groups) == 1 and groups[0][0] is None else None
+
     def _execute(self, sched: SchedulerOutput, step: PreparedStep, with_lora: bool) -> StepLogits:
         input_ids, positions, meta, sample_rows = step[:4]
         cu = meta.query_start_loc_cpu
         wants_prompt_logits = any(r.params.prompt_logprobs is not None for r in sched.requests)
-        # Adapter rows are found by their index in the step: every row runs every layer.
-        whole = wants_prompt_logits or with_lora
+        # Adapter rows are found by their index in the step: every row runs every layer, but
+        # where one adapter has them all.
+        alone = self._lone_adapter() if with_lora else None
+        whole = wants_prompt_logits or (with_lora and alone is None)
         if not whole:
-            logits = self._graph_logits(input_ids, positions, meta, sample_rows)
+            logits = (
+                None if with_lora else self._graph_logits(input_ids, positions, meta, sample_rows)
+            )
             if logits is not None:
                 return StepLogits(logits, step.batch_rows, [], step.num_drafts)
-            if self.cpu_stack is not None and self.cpu_stack.applies(meta, len(sample_rows)):
-                hidden = self.cpu_stack.run(input_ids, positions, meta)  # every row samples
-                logits = self.model.compute_logits(hidden)
-                return StepLogits(logits, step.batch_rows, [], step.num_drafts)
+            stack = self.cpu_stack
+            if stack is not None and stack.applies(meta, len(sample_rows)):
+                adapter = None if alone is None else stack.adapter(alone)
+                if alone is None or adapter is not None:  # every row samples
+                    hidden = stack.run(input_ids, positions, meta, adapter)
+                    logits = self.model.compute_logits(hidden)
+                    return StepLogits(logits, step.batch_rows, [], step.num_drafts)
         token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         if not whole and len(sample_rows) < cu[-1]:  # only these rows leave
             meta.output_rows = token_rows
