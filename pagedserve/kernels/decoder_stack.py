@@ -2,7 +2,8 @@
 
 The driver calls the other C kernels (packed GEMM, norms, rotary, K/V store, decode attention)
 through their entry points, taken here from the very builds that the modules call, so its
-results equal the module-by-module forward's bit for bit.
+results equal the module-by-module forward's bit for bit (a step with a LoRA adapter's terms:
+up to rounding).
 """
 
 from __future__ import annotations
