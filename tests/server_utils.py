@@ -127,6 +127,13 @@ def packaged_server(*args: str) -> ServerProcess:
     return ServerProcess([*flags, *args]).wait_ready()
 
 
+# A chat template that writes each message as <role>content (tiny models have none of their own).
+ROLE_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 def templated_server(
     directory: Path, model: str, template: str, *args: str, env: dict[str, str] | None = None
 ) -> ServerProcess:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from server_utils import (
     MODEL_NAME,
+    ROLE_TEMPLATE,
     ServerProcess,
     metrics,
     request,
@@ -24,10 +25,6 @@ from server_utils import (
 KEY = "sk-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [{"role": "user", "content": "hi"}]
-TEMPLATE = (
-    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def server(tmp_path_factory, tiny_model_dir):
     srv = templated_server(
         tmp_path_factory.mktemp("template"),
         tiny_model_dir("llama"),
-        TEMPLATE,
+        ROLE_TEMPLATE,
         "--max-model-len", "256",
         "--kv-cache-memory", "0.05",
         "--enable-tokenizer-info-endpoint",
@@ -81,7 +78,7 @@ def test_tokenizer_info(server):
     status, info = get(server, "/tokenizer_info")
     assert status == 200
     assert info["tokenizer_class"]
-    assert info["chat_template"] == TEMPLATE  # the one the server renders with
+    assert info["chat_template"] == ROLE_TEMPLATE  # the one the server renders with
     assert info["eos_token"] == "<|im_end|>"
     assert "vocab_file" not in info
     status, body = get(server, "/tokenizer_info", headers={})

@@ -11,7 +11,7 @@ import threading
 
 import openai
 import pytest
-from server_utils import MODEL_NAME, request, templated_server, wait_until_idle
+from server_utils import MODEL_NAME, ROLE_TEMPLATE, request, templated_server, wait_until_idle
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -20,18 +20,12 @@ MAX_LEN = 256  # the tiny model's context length
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-TEMPLATE = (
-    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     srv = templated_server(
         tmp_path_factory.mktemp("template"),
         tiny_model_dir("llama"),
-        TEMPLATE,
+        ROLE_TEMPLATE,
         "--max-model-len", str(MAX_LEN),
         "--kv-cache-memory", "0.25",
         "--max-request-body-bytes", str(BODY_LIMIT),

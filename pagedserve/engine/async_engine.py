@@ -371,9 +371,11 @@ class AsyncEngine(PauseControl):
                 if engine.has_unfinished_requests() and not self._gate.frozen:
                     self._step()
                 has_work = engine.has_unfinished_requests() and not self._gate.frozen
-                for done in self._gate.settle(engine):
-                    self._call_in_loop(_settle, done, None)
+                drained = self._gate.settle(engine)
+                # The stats first: a pause call answered now must see the engine drained.
                 self._stats = self._gate.counted(engine.get_stats())
+                for done in drained:
+                    self._call_in_loop(_settle, done, None)
             except Exception as exc:  # noqa: BLE001 - the loop must survive an engine failure
                 logger.exception("the engine failed; failing the requests in flight")
                 self._fail_all(exc)
