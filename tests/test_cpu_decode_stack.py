@@ -164,32 +164,42 @@ def test_stack_needs_packed_weights(tiny_model_dir, monkeypatch):
     assert llm.llm_engine.runner.cpu_stack is None
 
 
-def test_steps_of_one_adapter_take_the_stack(
+def test_steps_with_adapters_take_the_stack(
     tmp_path, tiny_model_dir, smollm2_tokenizer, monkeypatch
 ):
-    """Decode steps whose every sequence runs one LoRA adapter go through the driver with its
-    terms, and answer as the base model with the adapter merged in (up to rounding: the modules
-    add the terms with PyTorch's matmuls)."""
-    merged = write_lora_adapter(tmp_path / "adapter", "llama", seed=3, rank=8)
-    merged.save_pretrained(tmp_path / "merged")
-    smollm2_tokenizer.save_pretrained(tmp_path / "merged")
-    adapters = []
+    """Decode steps whose sequences run LoRA adapters (one for all, or a mix of two and of the
+    base model) go through the driver with their terms, and each sequence answers as the base
+    model with its adapter merged in (up to rounding: the modules add the terms with PyTorch's
+    matmuls)."""
+    references, loras = [], []
+    for seed in (3, 4):
+        merged = write_lora_adapter(tmp_path / f"adapter{seed}", "llama", seed=seed, rank=8)
+        merged.save_pretrained(tmp_path / f"merged{seed}")
+        smollm2_tokenizer.save_pretrained(tmp_path / f"merged{seed}")
+        references.append(LLM(str(tmp_path / f"merged{seed}"), device="cpu", dtype="float32"))
+        loras.append(LoRARequest(f"a{seed}", seed, str(tmp_path / f"adapter{seed}")))
+    references.append(LLM(tiny_model_dir("llama"), device="cpu", dtype="float32"))
+    loras.append(None)
+    slots = []
     run = CpuDecodeStack.run
 
-    def counting(self, input_ids, positions, meta, adapter=None):
-        adapters.append(adapter)
-        return run(self, input_ids, positions, meta, adapter)
+    def counting(self, input_ids, positions, meta, adapters=None):
+        slots.append(None if adapters is None else set(adapters[1].tolist()))
+        return run(self, input_ids, positions, meta, adapters)
 
     monkeypatch.setattr(CpuDecodeStack, "run", counting)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS[:6]]
     llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", enable_lora=True)
-    lora = LoRARequest("a", 1, str(tmp_path / "adapter"))
-    got = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
-    assert adapters and all(a is not None for a in adapters)
-    reference = LLM(str(tmp_path / "merged"), device="cpu", dtype="float32")
-    want = reference.generate(prompts, params, use_tqdm=False)
-    for out, ref in zip(got, want, strict=True):
+    alone = llm.generate(prompts, params, use_tqdm=False, lora_request=loras[0])
+    assert slots and all(s == {0} for s in slots)
+    slots.clear()
+    per_prompt = [loras[i % 3] for i in range(len(prompts))]
+    mixed = llm.generate(prompts, params, use_tqdm=False, lora_request=per_prompt)
+    assert {0, 1, -1} in slots
+    want = [references[0].generate(prompts, params, use_tqdm=False)]
+    want += [references[i % 3].generate([p], params, use_tqdm=False) for i, p in enumerate(prompts)]
+    for out, ref in zip(alone + mixed, want[0] + [w[0] for w in want[1:]], strict=True):
         (c,), (r,) = out.outputs, ref.outputs
         assert c.token_ids == r.token_ids
         logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]

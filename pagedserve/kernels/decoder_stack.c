@@ -17,11 +17,13 @@
  *   act [m, I] = silu(normed Wg^T) * (normed Wu^T);   x = act Wd^T
  * and at the end, out = add_rms_norm(x, residual) with the final norm's weight.
  *
- * A step whose every sequence runs with one LoRA adapter adds its term (x A^T) B^T to each
- * projection the adapter targets, right after that projection's GEMM; the gate/up GEMM then runs
+ * A step whose sequences run with LoRA adapters (row_slot: each row's adapter, an index into
+ * the projections' adapter tables, or -1 for none) adds each row's term (x A^T) B^T to each
+ * projection its adapter targets, right after that projection's GEMM; the gate/up GEMM then runs
  * as a plain one over its gated panels (their columns: VL gate features, then the VL up features
- * of the same indices), the term is added in that column order, and silu(gate) * up follows.
- * (The modules add the terms with PyTorch's matmuls: equal up to rounding, not to the bit.)
+ * of the same indices), the terms are added in that column order, and silu(gate) * up follows,
+ * the very expression the gated GEMM applies. (The modules add the terms with PyTorch's
+ * matmuls: equal up to rounding, not to the bit.)
  */
 #include <omp.h>
 #include <stdint.h>
@@ -60,14 +62,16 @@ typedef struct {
 } Stack;
 
 /* One projection's packed weights: float32 panels (bfloat16 if bf16_panels), and quantized
- * ones (NULL: none) of quant_type; its bias (NULL: none); the step's adapter's A [r, k] and B
- * transposed [r, n] (gate/up: n in the gated panels' column order), NULL: none. */
+ * ones (NULL: none) of quant_type; its bias (NULL: none); per adapter of the step (tables
+ * indexed by row_slot's values; NULL: no adapter of the step targets it), A [r, k], B
+ * transposed [r, n] (gate/up: n in the gated panels' column order; NULL: this adapter does
+ * not target it) and r. */
 typedef struct {
     const void *panels, *quantized;
     int64_t quant_type, bf16_panels;
     const float *bias;
-    const float *lora_a, *lora_bt;
-    int64_t lora_rank;
+    const float *const *lora_a, *const *lora_bt;
+    const int64_t *lora_rank;
 } Projection;
 
 typedef struct {
@@ -88,18 +92,19 @@ static void project(const Stack *s, const Projection *w, float *y, const float *
         (w->bf16_panels ? s->gemm_bf16 : s->gemm_f32)(y, x, w->panels, w->bias, m, n, k, gated);
 }
 
-/* y [m, n] += (x [m, k] A^T) B^T, the adapter's term, where the projection has one. */
-static void add_lora(const Projection *w, float *y, const float *x, int64_t m, int64_t n,
-                     int64_t k)
+/* y [m, n] += (x [m, k] A^T) B^T for each row whose adapter targets the projection. */
+static void add_lora(const Projection *w, const int32_t *row_slot, float *y, const float *x,
+                     int64_t m, int64_t n, int64_t k)
 {
     if (!w->lora_a) return;
-    const int64_t r = w->lora_rank;
     #pragma omp parallel for if (m > 1)
     for (int64_t i = 0; i < m; i++) {
-        const float *xi = x + i * k;
+        const int32_t slot = row_slot[i];
+        if (slot < 0 || !w->lora_a[slot]) continue;
+        const float *xi = x + i * k, *A = w->lora_a[slot], *Bt = w->lora_bt[slot];
         float *yi = y + i * n;
-        for (int64_t j = 0; j < r; j++) {
-            const float *a = w->lora_a + j * k, *bt = w->lora_bt + j * n;
+        for (int64_t j = 0; j < w->lora_rank[slot]; j++) {
+            const float *a = A + j * k, *bt = Bt + j * n;
             float t = 0.f;
             #pragma omp simd reduction(+ : t)
             for (int64_t c = 0; c < k; c++) t += xi[c] * a[c];
@@ -109,16 +114,16 @@ static void add_lora(const Projection *w, float *y, const float *x, int64_t m, i
     }
 }
 
-/* act [m, I] = silu(gate) * up with the adapter's term in the gate and up products (pre [m, 2 I]:
- * scratch for them, in the gated panels' column order). */
-static void gate_up_with_lora(const Stack *s, const Projection *w, float *act, float *pre,
-                              const float *x, int64_t m)
+/* act [m, I] = silu(gate) * up with the rows' adapters' terms in the gate and up products
+ * (pre [m, 2 I]: scratch for them, in the gated panels' column order). */
+static void gate_up_with_lora(const Stack *s, const Projection *w, const int32_t *row_slot,
+                              float *act, float *pre, const float *x, int64_t m)
 {
     const int64_t I = s->intermediate, vl = s->gate_width;
     Projection plain = *w;
     plain.bias = NULL; /* a biased gate/up never takes this path (decoder_stack.py) */
     project(s, &plain, pre, x, m, 2 * I, s->hidden, 0);
-    add_lora(w, pre, x, m, 2 * I, s->hidden);
+    add_lora(w, row_slot, pre, x, m, 2 * I, s->hidden);
     #pragma omp parallel for if (m > 1)
     for (int64_t i = 0; i < m; i++)
         for (int64_t p = 0; p < I / vl; p++) {
@@ -139,11 +144,12 @@ int64_t decoder_stack_scratch(const Stack *s, int64_t m)
 /* The step's m sequences (one new token each) through every layer: hidden [m, H] holds their
  * embeddings and is overwritten by the residual stream; out [m, H] = the final norm's output.
  * rope [m, D]: each row's cos (first D / 2) and sin (last D / 2); slots [m]: where each new K/V
- * goes; block_tables [m, max_blocks] and seq_lens [m] as for paged_decode_attention. */
+ * goes; block_tables [m, max_blocks] and seq_lens [m] as for paged_decode_attention; row_slot
+ * [m]: each row's adapter (see Projection; -1: none), NULL: no row has one. */
 void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layers, int64_t m,
                           float *hidden, float *out, const float *rope, const int64_t *slots,
                           const int32_t *block_tables, int64_t max_blocks,
-                          const int32_t *seq_lens, float *scratch)
+                          const int32_t *seq_lens, const int32_t *row_slot, float *scratch)
 {
     const int64_t H = s->hidden, D = s->head_dim, heads = s->num_heads + s->num_kv_heads;
     const int64_t q = s->num_heads * D, kv = s->num_kv_heads * D;
@@ -156,7 +162,7 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
         const Layer *L = layers + l;
         if (l > 0) s->add_rms_norm(normed, residual, x, residual, L->input_norm, m, H, s->eps);
         project(s, &L->qkv, qkv, normed, m, q + 2 * kv, H, 0);
-        add_lora(&L->qkv, qkv, normed, m, q + 2 * kv, H);
+        if (row_slot) add_lora(&L->qkv, row_slot, qkv, normed, m, q + 2 * kv, H);
         if (L->q_norm)
             for (int64_t i = 0; i < m; i++) {
                 float *row = qkv + i * (q + 2 * kv);
@@ -170,14 +176,14 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
                      s->num_heads, s->num_kv_heads, D, s->block_size, max_blocks, s->scale,
                      q + kv, L->window, 0.f);
         project(s, &L->o, x, attn, m, H, q, 0);
-        add_lora(&L->o, x, attn, m, H, q);
+        if (row_slot) add_lora(&L->o, row_slot, x, attn, m, H, q);
         s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
-        if (L->gate_up.lora_a)
-            gate_up_with_lora(s, &L->gate_up, act, pre, normed, m);
+        if (row_slot && L->gate_up.lora_a)
+            gate_up_with_lora(s, &L->gate_up, row_slot, act, pre, normed, m);
         else
             project(s, &L->gate_up, act, normed, m, s->intermediate, H, 1);
         project(s, &L->down, x, act, m, H, s->intermediate, 0);
-        add_lora(&L->down, x, act, m, H, s->intermediate);
+        if (row_slot) add_lora(&L->down, row_slot, x, act, m, H, s->intermediate);
     }
     s->add_rms_norm(out, residual, x, residual, s->final_norm, m, H, s->eps);
 }

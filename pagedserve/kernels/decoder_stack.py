@@ -53,7 +53,7 @@ class _Projection(ctypes.Structure):
         ("bias", _ptr),
         ("lora_a", _ptr),
         ("lora_bt", _ptr),
-        ("lora_rank", _i64),
+        ("lora_rank", _ptr),
     ]
 
 
@@ -84,7 +84,7 @@ def _lib() -> ctypes.CDLL | None:
                 + [_i64] * 2
                 + [_ptr] * 5
                 + [_i64]
-                + [_ptr] * 2,
+                + [_ptr] * 3,
                 None,
             ),
         },
@@ -132,7 +132,14 @@ def _projection_struct(p: Projection) -> _Projection:
     quant_type = 0 if p.quantized is None else packed_gemm.quant_type_of(p.quantized)
     bf16 = p.panels.dtype == torch.bfloat16
     return _Projection(
-        _pointer(p.panels), _pointer(p.quantized), quant_type, bf16, _pointer(p.bias), None, None, 0
+        _pointer(p.panels),
+        _pointer(p.quantized),
+        quant_type,
+        bf16,
+        _pointer(p.bias),
+        None,
+        None,
+        None,
     )
 
 
@@ -155,20 +162,28 @@ Term = tuple[torch.Tensor, torch.Tensor]
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
 
-class WithAdapter:
-    """The layers' structures with one adapter's terms (per layer, a term or None for each of
-    :data:`PROJECTIONS`), for :meth:`DecoderStack.decode`."""
+class WithAdapters:
+    """The layers' structures with the terms of a step's adapters, for
+    :meth:`DecoderStack.decode`: ``terms[k][layer]`` holds adapter ``k``'s term (or None) for each
+    of :data:`PROJECTIONS`; a row with adapter ``k`` has slot ``k``."""
 
-    def __init__(self, base: ctypes.Array, terms: list[tuple[Term | None, ...]]) -> None:
+    def __init__(self, base: ctypes.Array, terms: list[list[tuple[Term | None, ...]]]) -> None:
         self.layers = (_Layer * len(base))()
         ctypes.memmove(self.layers, base, ctypes.sizeof(self.layers))
-        self._keep = terms  # the tensors whose memory the structures point into
-        for struct, layer_terms in zip(self.layers, terms, strict=True):
-            for name, term in zip(PROJECTIONS, layer_terms, strict=True):
-                if term is not None:
-                    projection = getattr(struct, name)
-                    projection.lora_a, projection.lora_bt = term[0].data_ptr(), term[1].data_ptr()
-                    projection.lora_rank = term[0].shape[0]
+        tables = []  # the tensors and tables whose memory the structures point into
+        for index, struct in enumerate(self.layers):
+            for p, name in enumerate(PROJECTIONS):
+                per_adapter = [layer_terms[index][p] for layer_terms in terms]
+                if all(term is None for term in per_adapter):
+                    continue
+                a = (_ptr * len(terms))(*(t and t[0].data_ptr() for t in per_adapter))
+                bt = (_ptr * len(terms))(*(t and t[1].data_ptr() for t in per_adapter))
+                rank = (_i64 * len(terms))(*(t[0].shape[0] if t else 0 for t in per_adapter))
+                projection = getattr(struct, name)
+                projection.lora_a, projection.lora_bt = ctypes.addressof(a), ctypes.addressof(bt)
+                projection.lora_rank = ctypes.addressof(rank)
+                tables += [a, bt, rank]
+        self._keep = (terms, tables)
 
 
 def gated_order(size: int) -> torch.Tensor:
@@ -197,9 +212,9 @@ class DecoderStack:
         self._keep = keep  # the tensors whose memory the structures point into
         self._scratch_per_row = lib.decoder_stack_scratch(stack, 1)
 
-    def with_adapter(self, terms: list[tuple[Term | None, ...]]) -> WithAdapter:
-        """The layers with an adapter's terms, for steps whose every sequence runs with it."""
-        return WithAdapter(self._layers, terms)
+    def with_adapters(self, terms: list[list[tuple[Term | None, ...]]]) -> WithAdapters:
+        """The layers with the terms of a step's adapters (see :class:`WithAdapters`)."""
+        return WithAdapters(self._layers, terms)
 
     @classmethod
     def create(
@@ -250,13 +265,14 @@ class DecoderStack:
         slots: torch.Tensor,
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
-        adapter: WithAdapter | None = None,
+        adapters: tuple[WithAdapters, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One decode step of ``m`` sequences: ``hidden [m, H]``, their token embeddings (used,
         and overwritten, as the residual stream), ``rope [m, D]`` the cos and sin halves at
         their positions, ``slots [m]`` int64, ``block_tables [m, max_blocks]`` and ``seq_lens
-        [m]`` int32, all contiguous float32 / integer CPU tensors; every sequence with
-        ``adapter``'s terms, if given. Returns the final norm's output ``[m, H]``."""
+        [m]`` int32, all contiguous float32 / integer CPU tensors; with ``adapters``, the
+        structures of the step's adapters and each row's slot among them (int32 ``[m]``, -1:
+        none). Returns the final norm's output ``[m, H]``."""
         lib = _lib()
         assert lib is not None
         m = hidden.shape[0]
@@ -264,7 +280,7 @@ class DecoderStack:
         scratch = hidden.new_empty(m * self._scratch_per_row)
         lib.decoder_stack_decode(
             self._stack,
-            self._layers if adapter is None else adapter.layers,
+            self._layers if adapters is None else adapters[0].layers,
             len(self._layers),
             m,
             hidden.data_ptr(),
@@ -274,6 +290,7 @@ class DecoderStack:
             block_tables.data_ptr(),
             block_tables.shape[1],
             seq_lens.data_ptr(),
+            None if adapters is None else adapters[1].data_ptr(),
             scratch.data_ptr(),
         )
         return out

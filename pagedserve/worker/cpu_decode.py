@@ -18,7 +18,7 @@ from pagedserve.kernels.decoder_stack import (
     Layer,
     Projection,
     Term,
-    WithAdapter,
+    WithAdapters,
     gate_width,
     gated_order,
 )
@@ -59,7 +59,8 @@ class CpuDecodeStack:
     def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
         self.model = model
         self.stack = stack
-        self._adapters: dict[int, WithAdapter] = {}  # by adapter id (ids are never reused)
+        self._terms: dict[int, list[tuple[Term | None, ...]]] = {}  # by adapter id (never reused)
+        self._built: dict[tuple[int, ...], WithAdapters] = {}  # by the step's adapters
         mlps = [layer.mlp.gate_up_proj for layer in model.model.layers]
         # The driver adds an adapter's gate/up term in the gated panels' column order.
         self.takes_adapters = all(m.bias is None and m.size % gate_width() == 0 for m in mlps)
@@ -105,18 +106,39 @@ class CpuDecodeStack:
         )
         return None if stack is None else cls(model, stack)
 
-    def adapter(self, adapter_id: int) -> WithAdapter | None:
-        """The layers with adapter ``adapter_id``'s terms, built on its first step; None where
-        the driver cannot add them."""
+    def adapters(
+        self, groups: list[tuple[torch.Tensor | None, int]], rows: int
+    ) -> tuple[WithAdapters, torch.Tensor] | None:
+        """For a step whose ``rows`` rows run with LoRA adapters (``groups``: each adapter's rows,
+        None for all of them), the structures with their terms and each row's slot among them;
+        None where the driver cannot add them."""
         if not self.takes_adapters:
             return None
+        ids = tuple(adapter for _, adapter in groups)
+        built = self._built.get(ids)
+        if built is None:
+            if len(self._built) >= _MAX_ADAPTER_SETS:
+                self._built.clear()
+            built = self._built[ids] = self.stack.with_adapters([self._terms_of(i) for i in ids])
+        slots = torch.full((rows,), -1, dtype=torch.int32)
+        for slot, (group_rows, _) in enumerate(groups):
+            if group_rows is None:
+                slots.fill_(slot)
+            else:
+                slots[group_rows] = slot
+        return built, slots
+
+    def _terms_of(self, adapter_id: int) -> list[tuple[Term | None, ...]]:
+        """Adapter ``adapter_id``'s terms, per layer; those of unloaded adapters are dropped."""
         layers = self.model.model.layers
-        if adapter_id not in self._adapters:
+        if adapter_id not in self._terms:
             loaded = {i for layer in layers for i in _linears(layer)[0].lora.adapters}
-            self._adapters = {i: a for i, a in self._adapters.items() if i in loaded}
-            terms = [tuple(_term(m, adapter_id) for m in _linears(layer)) for layer in layers]
-            self._adapters[adapter_id] = self.stack.with_adapter(terms)
-        return self._adapters[adapter_id]
+            self._terms = {i: t for i, t in self._terms.items() if i in loaded}
+            self._built = {k: b for k, b in self._built.items() if set(k) <= loaded}
+            self._terms[adapter_id] = [
+                tuple(_term(m, adapter_id) for m in _linears(layer)) for layer in layers
+            ]
+        return self._terms[adapter_id]
 
     def applies(self, meta: AttentionMetadata, num_sampling: int) -> bool:
         """Whether the step is pure decode with every request sampling (``split_decodes`` ran)."""
@@ -127,16 +149,20 @@ class CpuDecodeStack:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        adapter: WithAdapter | None = None,
+        adapters: tuple[WithAdapters, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The step's final hidden states ``[B, H]``, as ``model(input_ids, positions, meta)``
-        returns them (every sequence with ``adapter``'s terms, if given)."""
+        returns them (with the terms of the step's ``adapters``, see :meth:`adapters`)."""
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         rope = inner.rotary_emb.cos_sin[positions]
         return self.stack.decode(
-            hidden, rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, adapter
+            hidden, rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, adapters
         )
+
+
+# Sets of adapters whose structures are kept (built again on a step of a set not kept).
+_MAX_ADAPTER_SETS = 16
 
 
 def _linears(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:

@@ -190,11 +190,7 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = step[:4]
         cu = meta.query_start_loc_cpu
         wants_prompt_logits = any(r.params.prompt_logprobs is not None for r in sched.requests)
-        # Adapter rows are found by their index in the step: every row runs every layer, but
-        # where one adapter has them all.
-        alone = self._lone_adapter() if with_lora else None
-        whole = wants_prompt_logits or (with_lora and alone is None)
-        if not whole:
+        if not wants_prompt_logits:
             logits = (
                 None if with_lora else self._graph_logits(input_ids, positions, meta, sample_rows)
             )
@@ -202,11 +198,15 @@ class ModelRunner:
                 return StepLogits(logits, step.batch_rows, [], step.num_drafts)
             stack = self.cpu_stack
             if stack is not None and stack.applies(meta, len(sample_rows)):
-                adapter = None if alone is None else stack.adapter(alone)
-                if alone is None or adapter is not None:  # every row samples
-                    hidden = stack.run(input_ids, positions, meta, adapter)
+                groups = self.lora_state.groups if with_lora else []
+                adapters = stack.adapters(groups, len(input_ids)) if groups else None
+                if not groups or adapters is not None:  # every row samples
+                    hidden = stack.run(input_ids, positions, meta, adapters)
                     logits = self.model.compute_logits(hidden)
                     return StepLogits(logits, step.batch_rows, [], step.num_drafts)
+        # Adapter rows are found by their index in the step: every row runs every layer, but
+        # where one adapter has them all.
+        whole = wants_prompt_logits or (with_lora and self._lone_adapter() is None)
         token_rows = self._to_device(np.asarray(cu[1:], dtype=np.int64)[sample_rows] - 1)
         if not whole and len(sample_rows) < cu[-1]:  # only these rows leave
             meta.output_rows = token_rows
