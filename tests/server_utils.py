@@ -145,6 +145,15 @@ def templated_server(
     return ServerProcess([*flags, *args], env=env).wait_ready()
 
 
+def role_template_server(
+    tmp_path_factory: Any, model: str, *args: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """``model`` served with :data:`ROLE_TEMPLATE` as its chat template and ``args``."""
+    return templated_server(
+        tmp_path_factory.mktemp("template"), model, ROLE_TEMPLATE, *args, env=env
+    )
+
+
 def request(
     url: str,
     method: str = "GET",

@@ -226,13 +226,24 @@ def test_a_merged_layer_needs_every_shard_quantized_alike(second):
     assert layer.packed is not None and layer.packed_quantized is None
 
 
-@pytest.mark.parametrize("panels", ["float32", "bfloat16", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize(
+    "panels",
+    [
+        "float32",
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skipif(
+                not packed_gemm.bf16_available(), reason="this CPU lacks AVX512-BF16"
+            ),
+        ),
+        "Q4_1",
+        "Q8_0",
+    ],
+)
 def test_gated_products_are_the_gate_and_up_products_before_the_activation(panels):
     """A gated weight's panels, multiplied as a plain weight, give the gate and up products
     (what an adapter's term is added to before silu(gate) * up), in place again, for every
     panel type; None where the size does not split into whole vectors."""
-    if panels == "bfloat16" and not packed_gemm.bf16_available():
-        pytest.skip("bfloat16 panels need AVX512-BF16")
     generator = torch.Generator().manual_seed(7)
     size, in_features = 1536 // 4, 576
     weight = torch.randn(2 * size, in_features, generator=generator)

@@ -18,7 +18,7 @@ from server_utils import (
     ServerProcess,
     metrics,
     request,
-    templated_server,
+    role_template_server,
     wait_until_idle,
 )
 
@@ -29,10 +29,9 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    srv = templated_server(
-        tmp_path_factory.mktemp("template"),
+    srv = role_template_server(
+        tmp_path_factory,
         tiny_model_dir("llama"),
-        ROLE_TEMPLATE,
         "--max-model-len", "256",
         "--kv-cache-memory", "0.05",
         "--enable-tokenizer-info-endpoint",

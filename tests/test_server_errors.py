@@ -11,7 +11,7 @@ import threading
 
 import openai
 import pytest
-from server_utils import MODEL_NAME, ROLE_TEMPLATE, request, templated_server, wait_until_idle
+from server_utils import MODEL_NAME, request, role_template_server, wait_until_idle
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -22,10 +22,9 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    srv = templated_server(
-        tmp_path_factory.mktemp("template"),
+    srv = role_template_server(
+        tmp_path_factory,
         tiny_model_dir("llama"),
-        ROLE_TEMPLATE,
         "--max-model-len", str(MAX_LEN),
         "--kv-cache-memory", "0.25",
         "--max-request-body-bytes", str(BODY_LIMIT),
