@@ -47,6 +47,7 @@ class ResponsesRequest(RequestBody):
     include: list[str] | None = None
     top_logprobs: int | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra, as on chat
+    ignore_eos: bool = False  # vLLM's extra, as on chat
 
     @property
     def wants_logprobs(self) -> bool:
@@ -88,6 +89,7 @@ class ResponsesRequest(RequestBody):
             logprobs=self.wants_logprobs,
             top_logprobs=self.top_logprobs if self.wants_logprobs else None,
             user=self.user,
+            ignore_eos=self.ignore_eos,
         )
 
     def input_messages(self) -> list[dict[str, Any]]:
