@@ -265,7 +265,7 @@ def test_previous_response_id_continues_a_stored_conversation(client):
         ({"tools": [WEATHER]}, "tools"),  # tool_choice auto needs --enable-auto-tool-choice
         ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tools"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "background"),  # background needs store
         ({"truncation": "auto"}, "truncation"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": [1]}]}, "input"),

@@ -167,6 +167,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         finally:
             if stats_task is not None:
                 stats_task.cancel()
+            await responses.background.shutdown()  # nobody waits on them: stop them now
             if not await engine.wait_idle(timeout=5.0):
                 logger.warning("%d request(s) still running at shutdown", engine.num_in_flight())
             engine.shutdown()
@@ -230,12 +231,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return await responses.create(req, raw)
 
     @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str) -> dict[str, Any]:
-        return responses.retrieve(response_id)
+    async def retrieve_response(
+        response_id: str, stream: bool = False, starting_after: int | None = None
+    ) -> Response:
+        return responses.retrieve(response_id, stream, starting_after)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> dict[str, Any]:
+        return await responses.cancel(response_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict[str, Any]:
-        return responses.delete(response_id)
+        return await responses.delete(response_id)
 
     @app.post("/v1/embeddings")
     async def create_embedding(req: EmbeddingRequest, raw: Request) -> Response:

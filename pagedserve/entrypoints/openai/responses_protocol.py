@@ -6,8 +6,8 @@ the chat's ``max_tokens`` and ``text.format`` its ``response_format``. Function 
 tools (``{type, name, parameters}`` nested as ``{type, function: {...}}``), earlier
 ``function_call`` items an assistant message's ``tool_calls`` and ``function_call_output`` items
 tool messages. What the translation cannot honour (other tools, images and files, a stored
-conversation to continue, background runs, automatic truncation) is a 400 naming the field,
-never ignored.
+conversation to continue, automatic truncation) is a 400 naming the field, never ignored.
+``background`` runs are served by ``background_responses``; they need ``store``.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class ResponsesRequest(RequestBody):
     def chat_request(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
         """The chat request that answers this one after the conversation ``history`` (the
         stored turns ``previous_response_id`` continues); a 400 for what it cannot carry."""
-        if self.background:
-            raise bad_request("background responses are not supported", param="background")
+        if self.background and self.store is False:
+            raise bad_request("background can only be used when store is true", param="background")
         if self.truncation not in (None, "disabled"):
             raise bad_request("only truncation 'disabled' is supported", param="truncation")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []

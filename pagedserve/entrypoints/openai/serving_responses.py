@@ -7,7 +7,8 @@ or streamed as OpenAI's typed events, from ``response.created`` to ``response.co
 with tools the answer is read back into a message and ``function_call`` items once it is whole
 (as chat's ``required`` calls are), and their events go out then. Finished responses are
 stored (unless ``store`` is false) for ``previous_response_id``, ``GET`` and ``DELETE``; see
-``response_store``.
+``response_store``. A ``background`` response is written by a task in the server while the
+client polls, streams or cancels it; see ``background_responses``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import EngineError, RequestStream
+from pagedserve.entrypoints.openai.background_responses import (
+    RUNNING,
+    BackgroundResponses,
+    not_found,
+)
 from pagedserve.entrypoints.openai.errors import APIError, bad_request
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.response_store import ResponseStore
@@ -47,6 +53,7 @@ class ServingResponses:
     def __init__(self, chat: ServingChat) -> None:
         self.chat = chat
         self.store = ResponseStore()
+        self.background = BackgroundResponses(self.store)
 
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         s = self.chat.s
@@ -58,6 +65,11 @@ class ServingResponses:
                     f"Previous response with id '{req.previous_response_id}' not found.",
                     param="previous_response_id",
                     code="previous_response_not_found",
+                )
+            if self.store.get(req.previous_response_id)["status"] in RUNNING:
+                raise bad_request(
+                    f"Previous response with id '{req.previous_response_id}' is still running.",
+                    param="previous_response_id",
                 )
             history = stored
         chat_req = req.chat_request(history)
@@ -72,6 +84,15 @@ class ServingResponses:
             raise
         conversation = history + req.input_messages()
         job = _Job(req, self.chat, chat_req, self._keeper(req, conversation))
+
+        async def submit() -> RequestStream:
+            return (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
+
+        if req.background:
+            queued, log = self.background.start(job, conversation, submit, bool(req.stream))
+            if log is None:
+                return JSONResponse(queued)
+            return SSEResponse(log.read(), lambda: None)  # leaving it leaves the response running
         if req.stream:
             stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
             return SSEResponse(job.events(stream), stream.abort)
@@ -92,17 +113,28 @@ class ServingResponses:
             return lambda _: None
         return lambda response: self.store.save(response, conversation)
 
-    def retrieve(self, response_id: str) -> dict[str, Any]:
-        """``GET /v1/responses/{id}``: a stored response."""
+    def retrieve(
+        self, response_id: str, stream: bool = False, starting_after: int | None = None
+    ) -> Response:
+        """``GET /v1/responses/{id}``: a stored response, or with ``stream`` the events of a
+        streamed background one (after ``starting_after``)."""
+        if stream:
+            return SSEResponse(self.background.events(response_id, starting_after), lambda: None)
         response = self.store.get(response_id)
         if response is None:
-            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id")
-        return response
+            raise not_found(response_id)
+        return JSONResponse(response)
 
-    def delete(self, response_id: str) -> dict[str, Any]:
-        """``DELETE /v1/responses/{id}``."""
-        if not self.store.delete(response_id):
-            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id")
+    async def cancel(self, response_id: str) -> dict[str, Any]:
+        """``POST /v1/responses/{id}/cancel``."""
+        return await self.background.cancel(response_id)
+
+    async def delete(self, response_id: str) -> dict[str, Any]:
+        """``DELETE /v1/responses/{id}``; a background response still running is stopped."""
+        if self.store.get(response_id) is None:
+            raise not_found(response_id)
+        await self.background.forget(response_id)
+        self.store.delete(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
@@ -161,12 +193,15 @@ class _Job:
         return items
 
     def response(
-        self, out: RequestOutput | None, output: list[dict[str, Any]] | None = None
+        self,
+        out: RequestOutput | None,
+        output: list[dict[str, Any]] | None = None,
+        pending: str = "in_progress",
     ) -> dict[str, Any]:
-        """The ``response`` object: in progress (no output yet), or finished with ``out``'s
+        """The ``response`` object: ``pending`` (no output yet), or finished with ``out``'s
         (whose output items ``output`` already holds, if they were written before)."""
         req = self.req
-        status, usage, incomplete = "in_progress", None, None
+        status, usage, incomplete = pending, None, None
         if out is not None:
             (c,) = out.outputs
             status = "incomplete" if c.finish_reason == "length" else "completed"
@@ -202,6 +237,7 @@ class _Job:
             "output": output or [],
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
+            "background": req.background is True,
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
@@ -234,8 +270,8 @@ class _Job:
             "content": [_text_part(text, logprobs)],
         }
 
-    async def events(self, stream: RequestStream) -> AsyncIterator[bytes]:
-        """OpenAI's stream of typed events."""
+    async def events(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
+        """OpenAI's stream of typed events (a background response's is created queued)."""
         numbers = itertools.count()
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -243,7 +279,8 @@ class _Job:
             body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
             return f"event: {kind}\ndata: {body}\n\n".encode()
 
-        yield event("response.created", response=self.response(None))
+        pending = "queued" if self.req.background else "in_progress"
+        yield event("response.created", response=self.response(None, pending=pending))
         yield event("response.in_progress", response=self.response(None))
         # A plain text answer streams; tool calls and a reasoning model's items go out whole.
         streaming = self.tool_mode is None and self.chat.s.reasoning is None
