@@ -6,41 +6,69 @@ Models such as DeepSeek-R1 and its distills, QwQ and Qwen3 think between ``<thin
 - ``deepseek_r1``: the chat template opens ``<think>`` itself, so the answer starts inside it
   (a leading ``<think>`` is dropped) and everything up to ``</think>`` is reasoning; an answer
   cut before ``</think>`` is all reasoning;
-- ``qwen3``: only an answer that opens with ``<think>`` thinks (Qwen3 with thinking turned off
-  does not); without it the whole answer is content.
+- ``qwen3``: an answer thinks from its first token when its prompt ends inside an open
+  ``<think>`` (Qwen3-2507's thinking template opens it unseen), or from a ``<think>`` it opens
+  with itself; otherwise (thinking turned off, whose template closes ``<think>`` in the prompt,
+  or a model that does not think) the whole answer is content, a stray ``</think>`` included.
 
-While an answer streams, text that may be the start of a tag is held back until it is decided.
+Only the first thinking section is reasoning: from the first ``</think>`` on, the answer is
+content. The split is decided before the answer's first token (by the prompt and the parser) or
+by its first characters, so an answer streamed piece by piece splits as it does whole; while it
+streams, text that may be the start of a tag is held back until it is decided.
+
+vLLM 0.32's qwen3 parser starts every answer in its thinking unless the request's
+``chat_template_kwargs`` set ``enable_thinking: false``; its streaming parsers may seed that
+state from the prompt's end (``adjust_initial_state_from_prompt``). Here the prompt's end
+decides, which agrees with vLLM for Qwen3's templates (thinking on, off, and 2507's) and keeps
+the answers of a model that never thinks as content rather than reasoning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 START, END = "<think>", "</think>"
 
 
+class Thinking(Enum):
+    """Where an answer's thinking starts: nowhere, at its first token, or after the ``<think>``
+    it opens with."""
+
+    NONE = "none"
+    FROM_START = "from_start"
+    OPENED = "opened"
+
+
 @dataclass(frozen=True)
 class ReasoningParser:
-    thinks_from_start: bool  # the template opened <think>: reasoning until </think>
-    # An answer that did not open <think> may still close one its template opened unseen.
-    ends_unopened: bool = True
+    thinks_from_start: bool  # the template always opens <think>: reasoning until </think>
+    # A prompt that ends inside an open <think> starts the answer thinking.
+    follows_prompt: bool = True
 
-    def split(self, text: str, final: bool) -> tuple[str, str]:
-        """(reasoning, content) of an answer so far; ``final``: the answer is whole."""
+    def thinking(self, text: str, final: bool, prompt_thinks: bool) -> Thinking | None:
+        """How the answer so far thinks; None while its first characters may still open
+        ``<think>``. ``prompt_thinks``: its prompt ends inside an open ``<think>``."""
         body = text.lstrip()
         if body.startswith(START):
-            body, thinking = body[len(START) :], True
-        elif not final and START.startswith(body):
-            return "", ""  # may still open with <think>
-        else:
-            body, thinking = text, self.thinks_from_start
-            if not thinking and not self.ends_unopened:
-                return "", text
+            return Thinking.OPENED
+        if not final and START.startswith(body):
+            return None
+        if self.thinks_from_start or (self.follows_prompt and prompt_thinks):
+            return Thinking.FROM_START
+        return Thinking.NONE
+
+    def split(self, text: str, final: bool, prompt_thinks: bool = False) -> tuple[str, str]:
+        """(reasoning, content) of an answer so far; ``final``: the answer is whole."""
+        thinking = self.thinking(text, final, prompt_thinks)
+        if thinking is None:
+            return "", ""
+        if thinking is Thinking.NONE:
+            return "", text
+        body = text.lstrip()[len(START) :] if thinking is Thinking.OPENED else text
         end = body.find(END)
         if end >= 0:
             return body[:end], body[end + len(END) :]
-        if not thinking:
-            return "", text
         if not final:
             body = body[: len(body) - _partial_tag(body, END)]
         return body, ""
@@ -54,13 +82,12 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-# Thinks only where the answer opens <think> itself (what qwen3 expects of every answer).
-OPENS_ITSELF = ReasoningParser(thinks_from_start=False)
 # An answer a grammar holds from its first token: it thinks only if it opens with <think>;
-# else it is all content, a "</think>" in one of its JSON strings included.
-HELD_BY_GRAMMAR = ReasoningParser(thinks_from_start=False, ends_unopened=False)
+# else it is all content, whatever the prompt opened, a "</think>" in one of its JSON strings
+# included.
+HELD_BY_GRAMMAR = ReasoningParser(thinks_from_start=False, follows_prompt=False)
 
 REASONING_PARSERS = {
     "deepseek_r1": ReasoningParser(thinks_from_start=True),
-    "qwen3": OPENS_ITSELF,
+    "qwen3": ReasoningParser(thinks_from_start=False),
 }

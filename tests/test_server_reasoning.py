@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from server_utils import MODEL_NAME, packaged_server
+from server_utils import MODEL_NAME, packaged_server, templated_server
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 THINKING = {"structured_outputs": {"regex": "<think>[a-z ]{3,30}</think>[A-Za-z ]{3,30}"}}
@@ -16,6 +16,28 @@ THINKING = {"structured_outputs": {"regex": "<think>[a-z ]{3,30}</think>[A-Za-z 
 @pytest.fixture(scope="module")
 def client():
     srv = packaged_server("--reasoning-parser", "deepseek_r1")
+    yield srv.client()
+    srv.close()
+
+
+# Qwen3-2507's way: the template opens <think> for the answer, which only closes it (a line of
+# its own, so that SmolLM2's tokenizer writes <think> as it writes it alone).
+OPENS_THINK = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>\n<think>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen3_client(tmp_path_factory, tiny_model_dir):
+    srv = templated_server(
+        tmp_path_factory.mktemp("template"),
+        tiny_model_dir("qwen3"),
+        OPENS_THINK,
+        "--reasoning-parser", "qwen3",
+        "--max-model-len", "256",
+        "--kv-cache-memory", "0.25",
+    )  # fmt: skip
     yield srv.client()
     srv.close()
 
@@ -96,13 +118,24 @@ def test_a_grammar_that_does_not_open_think_leaves_the_answer_as_content(client)
         assert not message.model_extra.get("reasoning_content")
 
 
-def test_usage_counts_the_reasoning_tokens(client):
-    """vLLM's completion_tokens_details.reasoning_tokens: the answer's tokens between the
-    markers."""
-    r = thinking_chat(client, logprobs=True)
+@pytest.mark.parametrize(
+    "regex",
+    [
+        THINKING["structured_outputs"]["regex"],
+        "\n<think>[a-z ]{3,30}</think>[A-Za-z ]{3,30}",
+        "<think>[a-z ]{3,20}</think>[A-Za-z ]{3,20}<think>[a-z ]{3,20}</think>[A-Za-z ]{3,20}",
+    ],
+    ids=["opened", "after_a_newline", "two_sections"],
+)
+def test_usage_counts_the_reasoning_tokens(client, regex):
+    """vLLM's completion_tokens_details.reasoning_tokens: the answer's tokens that went to
+    reasoning_content, markers excluded (an answer opening with "\n<think>" counted none)."""
+    r = thinking_chat(client, logprobs=True, extra_body={"structured_outputs": {"regex": regex}})
     tokens = [t.token for t in r.choices[0].logprobs.content]
     reasoning = r.choices[0].message.model_extra["reasoning_content"]
-    opened = next(i for i in range(len(tokens)) if "".join(tokens[:i]) == "<think>")
+    text = "".join(tokens)
+    opening = text[: text.index("<think>") + len("<think>")]
+    opened = next(i for i in range(len(tokens)) if "".join(tokens[:i]) == opening)
     thought = next(j for j in range(opened, len(tokens)) if "".join(tokens[opened:j]) == reasoning)
     assert r.usage.completion_tokens_details.reasoning_tokens == thought - opened > 0
     plain = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5)
@@ -165,3 +198,28 @@ def test_a_think_tag_in_a_forced_calls_json_is_no_end_of_thinking(client, tool_c
     streamed = "".join(d.tool_calls[0].function.arguments or "" for d in deltas if d.tool_calls
                        and d.tool_calls[0].index == 0)  # fmt: skip
     assert streamed == call.function.arguments
+
+
+def test_qwen3_after_a_prompt_that_opened_think_streams_as_whole(qwen3_client):
+    """A template that opened <think> (Qwen3-2507's): the answer thinks from its first token
+    until the </think> it writes (here forced by a budget), whole and streamed alike; the
+    stream sent the thinking as content, since the answer had not opened <think> itself."""
+    args = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 12, "temperature": 0,
+            "extra_body": {"thinking_token_budget": 3}}  # fmt: skip
+    r = qwen3_client.chat.completions.create(**args)
+    message = r.choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert reasoning and message.content and "</think>" not in message.content
+    chunks = list(qwen3_client.chat.completions.create(**args, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed_reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+    streamed_content = "".join(d.content or "" for d in deltas)
+    assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
+    # cut while thinking: all reasoning, in chat and in the Responses API
+    cut = qwen3_client.chat.completions.create(**{**args, "extra_body": {}}).choices[0].message
+    assert cut.content is None and cut.model_extra["reasoning_content"]
+    responses = qwen3_client.responses.create(
+        model=MODEL_NAME, input=CHAT[0]["content"], max_output_tokens=12, temperature=0
+    )
+    assert [item.type for item in responses.output] == ["reasoning", "message"]
+    assert responses.output[0].content[0].text == cut.model_extra["reasoning_content"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from pagedserve.reasoning_parsers import Thinking
 from pagedserve.sample.sampler import Sampler, SamplingRow
 from pagedserve.sample.thinking_budget import (
     ThinkingMarkers,
@@ -71,20 +72,36 @@ def test_an_answer_a_grammar_holds_thinks_only_where_it_opens_with_the_marker():
     assert forced(tracker, [1, 2]) == 3  # it opens with the marker: it thinks
     tracker = ThinkingTracker(markers, 0, prompt_token_ids=[1, 2, 7], constrained=True)
     assert forced(tracker, [5, 6, 1, 2]) is None  # a marker inside it (in a JSON string)
-    assert count_reasoning_tokens(markers, [7], [5, 6, 3, 4], constrained=True) == 0
-    assert count_reasoning_tokens(markers, [7], [5, 1, 2, 6, 3, 4], constrained=True) == 0
-    assert count_reasoning_tokens(markers, [7], [1, 2, 6, 3, 4], constrained=True) == 1
 
 
-def test_reasoning_tokens_leave_the_markers_out():
-    opens = ThinkingMarkers(START, END, from_start=False)
-    assert count_reasoning_tokens(opens, [7], [1, 2, 5, 6, 3, 4, 8, 9]) == 2
-    assert count_reasoning_tokens(opens, [7], [8, 9]) == 0
-    assert count_reasoning_tokens(opens, [7], [1, 2, 5, 6, 7]) == 3  # cut while thinking
-    assert count_reasoning_tokens(opens, [7], [1, 2, 5, 3, 4, 8, 1, 2, 6, 3, 4]) == 2
-    from_start = ThinkingMarkers(START, END, from_start=True)
-    assert count_reasoning_tokens(from_start, [7], [5, 6, 3, 4, 8]) == 2
-    assert count_reasoning_tokens(from_start, [7], [1, 2, 5, 6, 3, 4, 8]) == 2
+@pytest.mark.parametrize(
+    ("thinking", "tokens", "expected"),
+    [
+        (Thinking.OPENED, [1, 2, 5, 6, 3, 4, 8, 9], 2),
+        (Thinking.OPENED, [9, 1, 2, 5, 3, 4], 1),  # whitespace before the marker
+        (Thinking.OPENED, [1, 2, 5, 6, 7], 3),  # cut while thinking
+        (Thinking.NONE, [8, 9, 1, 2, 5, 3, 4], 0),  # a marker within the content
+        (Thinking.FROM_START, [5, 6, 3, 4, 8], 2),
+        (Thinking.FROM_START, [5, 1, 2, 6, 3, 4], 4),  # a start marker inside the reasoning
+    ],
+)
+def test_reasoning_tokens_leave_the_markers_out(thinking, tokens, expected):
+    markers = ThinkingMarkers(START, END, from_start=False)
+    assert count_reasoning_tokens(markers, tokens, thinking) == expected
+
+
+@pytest.mark.parametrize(
+    ("thinking", "tokens"),
+    [
+        (Thinking.OPENED, [1, 2, 5, 3, 4, 8, 1, 2, 6, 6, 3, 4, 9]),
+        (Thinking.FROM_START, [5, 3, 4, 8, 1, 2, 6, 6, 3, 4, 9]),
+    ],
+)
+def test_only_the_first_thinking_section_is_reasoning(thinking, tokens):
+    """The split gives reasoning_content the first section only (the text after the first
+    </think> is content): a later section's tokens were counted as reasoning too."""
+    markers = ThinkingMarkers(START, END, from_start=False)
+    assert count_reasoning_tokens(markers, tokens, thinking) == 1
 
 
 def test_a_forked_sequence_keeps_its_own_count():

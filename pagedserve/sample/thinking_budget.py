@@ -1,5 +1,6 @@
-"""A reasoning model's thinking, followed token by token: held to a budget (vLLM's
-``thinking_token_budget``) and counted (``completion_tokens_details.reasoning_tokens``).
+"""A reasoning model's thinking, followed token by token and held to a budget (vLLM's
+``thinking_token_budget``); and counted once the answer is whole
+(``completion_tokens_details.reasoning_tokens``).
 
 A reasoning model thinks between its parser's markers (``<think>`` ... ``</think>``). A sequence
 thinks from the start of its answer when its prompt ends inside an open thinking section (a
@@ -13,6 +14,10 @@ it. With a budget of N, once a section holds N tokens the end marker is forced, 
 (a marker the model has begun is finished, not restarted), and the model answers; a section that
 starts again gets the budget again.
 
+The count is of the tokens that the answer's reasoning holds, as the reasoning parser split its
+text: its first thinking section only, markers excluded (a later section is content, and so are
+its tokens).
+
 Markers are matched as token sequences: exact for the reasoning models whose markers are single
 added tokens (Qwen3, QwQ, DeepSeek-R1 and its distills).
 """
@@ -23,7 +28,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from pagedserve.reasoning_parsers import END, REASONING_PARSERS, START, ReasoningParser
+from pagedserve.reasoning_parsers import END, REASONING_PARSERS, START, ReasoningParser, Thinking
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,20 @@ class ThinkingMarkers:
 
         return cls(ids(START), ids(END), parser.thinks_from_start)
 
+    def open_at_end(self, prompt_token_ids: list[int]) -> bool:
+        """Whether a prompt ends inside an open thinking section (a template that opened
+        ``<think>`` for the answer)."""
+        return _last(prompt_token_ids, self.start) > _last(prompt_token_ids, self.end)
+
+
+def _first(tokens: list[int], marker: tuple[int, ...], begin: int = 0) -> int:
+    """Where the first occurrence of ``marker`` in ``tokens[begin:]`` starts (-1 if none)."""
+    n = len(marker)
+    for start in range(begin, len(tokens) - n + 1):
+        if tuple(tokens[start : start + n]) == marker:
+            return start
+    return -1
+
 
 def _last(tokens: list[int], marker: tuple[int, ...]) -> int:
     """Where the last occurrence of ``marker`` in ``tokens`` ends (-1 if none)."""
@@ -53,8 +72,7 @@ def _last(tokens: list[int], marker: tuple[int, ...]) -> int:
 
 class ThinkingTracker:
     """One sequence's thinking: fed its answer's tokens as they come (:meth:`advance`), it says
-    which token a budget forces next (:meth:`forced_token`) and counts the answer's thinking
-    tokens, markers excluded (``reasoning_tokens``)."""
+    which token a budget forces next (:meth:`forced_token`)."""
 
     def __init__(
         self,
@@ -68,7 +86,6 @@ class ThinkingTracker:
         self.markers = markers
         self.constrained = constrained
         self.budget = budget
-        self.reasoning_tokens = 0
         self._seen = 0  # answer tokens fed so far
         self._tail: list[int] = []  # the last tokens, as long as the longer marker
         self._keep = max(len(markers.start), len(markers.end))
@@ -88,14 +105,9 @@ class ThinkingTracker:
             self._tail = [*self._tail, token][-self._keep :]
             if self.thinking:
                 self.spent += 1
-                self.reasoning_tokens += 1
             if self._ends_with(end):
-                if self.thinking:  # the marker's tokens were counted as thought
-                    self.reasoning_tokens -= len(end)
                 self.thinking, self.spent = False, 0
             elif self._ends_with(start) and (not self.constrained or self._seen == len(start)):
-                if self.thinking:  # a section opened again (or a leading marker of deepseek_r1)
-                    self.reasoning_tokens = max(0, self.reasoning_tokens - len(start))
                 self.thinking, self.spent = True, 0
 
     def forced_token(self) -> int | None:
@@ -146,12 +158,16 @@ def thinking_tracker(
 
 
 def count_reasoning_tokens(
-    markers: ThinkingMarkers,
-    prompt_token_ids: list[int],
-    output_token_ids: list[int],
-    constrained: bool = False,
+    markers: ThinkingMarkers, output_token_ids: list[int], thinking: Thinking
 ) -> int:
-    """The answer's thinking tokens, markers excluded (``constrained``: a grammar held it)."""
-    tracker = ThinkingTracker(markers, None, prompt_token_ids, constrained)
-    tracker.advance(output_token_ids)
-    return tracker.reasoning_tokens
+    """The answer's tokens that its reasoning holds, as the reasoning parser split its text
+    (``thinking``, :meth:`ReasoningParser.thinking` of the whole answer): from its first token,
+    or after the start marker it opened with, up to its first end marker (or its end)."""
+    if thinking is Thinking.NONE:
+        return 0
+    begin = 0
+    if thinking is Thinking.OPENED:
+        opened = _first(output_token_ids, markers.start)
+        begin = opened + len(markers.start) if opened >= 0 else 0
+    end = _first(output_token_ids, markers.end, begin)
+    return (len(output_token_ids) if end < 0 else end) - begin

@@ -14,7 +14,6 @@ from pagedserve.entrypoints.openai.serving_base import new_id
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.tool_calls import final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.sample.thinking_budget import count_reasoning_tokens
 
 
 class Answer:
@@ -35,7 +34,7 @@ class Answer:
     def message(self, out: RequestOutput) -> dict[str, Any]:
         """The finished ``message`` object."""
         (c,) = out.outputs
-        blocks, tool_used = self.blocks(c)
+        blocks, tool_used = self.blocks(c, self.chat.prompt_thinks(out.prompt_token_ids))
         stop_reason, stop_sequence = self.stop_reason(c, tool_used)
         return {
             **self.head(),
@@ -48,10 +47,11 @@ class Answer:
     def head(self) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model}
 
-    def blocks(self, c: CompletionOutput) -> tuple[list[dict[str, Any]], bool]:
-        """(the content blocks of a finished answer, whether it calls a tool). A call whose
-        input is not a JSON object (cut by ``max_tokens``) stays text, not a call to run."""
-        reasoning, text = self.chat.split(self.chat_req, c.text, final=True)
+    def blocks(self, c: CompletionOutput, prompt_thinks: bool) -> tuple[list[dict[str, Any]], bool]:
+        """(the content blocks of a finished answer, whether it calls a tool; ``prompt_thinks``:
+        its prompt ends inside an open ``<think>``). A call whose input is not a JSON object
+        (cut by ``max_tokens``) stays text, not a call to run."""
+        reasoning, text = self.chat.split(self.chat_req, c.text, True, prompt_thinks)
         blocks = [self.thinking_block(reasoning)] if reasoning else []
         mode = self.chat_req.tool_mode
         if mode is None:
@@ -101,9 +101,9 @@ class Answer:
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": cached,
         }
-        markers = self.chat.s.thinking
-        if markers is not None:
-            thinking = count_reasoning_tokens(markers, out.prompt_token_ids, c.token_ids)
+        prompt_thinks = self.chat.prompt_thinks(out.prompt_token_ids)
+        thinking = self.chat.reasoning_tokens(self.chat_req, c, prompt_thinks)
+        if thinking is not None:
             usage["output_tokens_details"] = {"thinking_tokens": thinking}
         return usage
 

@@ -110,13 +110,15 @@ async def events(answer: Answer, stream: RequestStream) -> AsyncIterator[bytes]:
         async for out in stream:
             c = out.outputs[0]
             if final is None:
+                prompt_thinks = chat.prompt_thinks(out.prompt_token_ids)
                 yield _message_start(answer, out)
                 yield event("ping")
             final = out
             if c.finish_reason == "error":
                 yield error_event("invalid_request_error", _GRAMMAR_LIMIT)
                 return
-            reasoning, text = chat.split(chat_req, c.text, final=c.finish_reason is not None)
+            finished = c.finish_reason is not None
+            reasoning, text = chat.split(chat_req, c.text, finished, prompt_thinks)
             new_reasoning = (reasoning or "")[reasoning_sent:]
             reasoning_sent += len(new_reasoning)
             new_text, text_sent = text[text_sent:], len(text)

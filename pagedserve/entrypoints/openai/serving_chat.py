@@ -30,8 +30,8 @@ from pagedserve.entrypoints.openai.streams import (
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR
-from pagedserve.sample.thinking_budget import ThinkingMarkers, count_reasoning_tokens
+from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR, ReasoningParser
+from pagedserve.sample.thinking_budget import count_reasoning_tokens
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -91,12 +91,13 @@ class ServingChat:
         hidden = self.hides_reasoning(req)
         echoed = self.echoed(req)
         choices = []
+        prompt_thinks = self.prompt_thinks(out.prompt_token_ids)
         for c in sorted(out.outputs, key=lambda c: c.index):
             logprobs = None
             if top_logprobs is not None and not hidden:
                 entries = self.logprob_entries(req, c, 0, len(c.token_ids), top_logprobs)
                 logprobs = {"content": entries}
-            reasoning, text = self.split(req, c.text, final=True)
+            reasoning, text = self.split(req, c.text, True, prompt_thinks)
             message: dict[str, Any] = {"role": self.role(req), "content": text, "refusal": None}
             if reasoning is not None:
                 shown = None if hidden else (reasoning or None)
@@ -123,7 +124,7 @@ class ServingChat:
             "created": created,
             "model": self.s.reported_model(req.model),
             "choices": choices,
-            "usage": _usage(out, self.s.thinking, req.constrained),
+            "usage": self.usage(req, out),
             "system_fingerprint": None,
             "prompt_logprobs": prompt_logprobs_json(out, req.returned_prompt_logprobs),
         }
@@ -187,12 +188,15 @@ class ServingChat:
         final: RequestOutput | None = None
         try:
             async for out in stream:
+                if final is None:
+                    prompt_thinks = self.prompt_thinks(out.prompt_token_ids)
                 final = out
                 for c in out.outputs:
                     i = c.index
                     if done[i]:
                         continue
-                    reasoning, text = self.split(req, c.text, final=c.finish_reason is not None)
+                    finished = c.finish_reason is not None
+                    reasoning, text = self.split(req, c.text, finished, prompt_thinks)
                     new_reasoning = (reasoning or "")[reasoning_pos[i] :]
                     new_text = text[text_pos[i] :]
                     num_tokens = len(c.token_ids)
@@ -233,9 +237,7 @@ class ServingChat:
             yield SSE_DONE
             return
         if include_usage and final is not None:
-            yield sse(
-                {**head, "choices": [], "usage": _usage(final, self.s.thinking, req.constrained)}
-            )
+            yield sse({**head, "choices": [], "usage": self.usage(req, final)})
         yield SSE_DONE
 
     def role(self, req: ChatCompletionRequest) -> str:
@@ -259,15 +261,56 @@ class ServingChat:
             return self.s.parser_call_id()
         return new_id("chatcmpl-tool")
 
-    def split(self, req: ChatCompletionRequest, text: str, final: bool) -> tuple[str | None, str]:
+    def split(
+        self, req: ChatCompletionRequest, text: str, final: bool, prompt_thinks: bool
+    ) -> tuple[str | None, str]:
         """(reasoning, content) of an answer so far, with the server's reasoning parser; without
-        one, (None, text). A grammar that held the answer from its first token let it think
-        only where the answer opens with ``<think>`` (a template that opened it saw no thinking
-        from a JSON schema, and a ``</think>`` in a JSON string is no end of thinking)."""
-        parser = self.s.reasoning
+        one, (None, text). ``prompt_thinks``: the answer's prompt ends inside an open
+        ``<think>`` (:meth:`prompt_thinks`). A grammar that held the answer from its first token
+        let it think only where the answer opens with ``<think>`` (a template that opened it saw
+        no thinking from a JSON schema, and a ``</think>`` in a JSON string is no end of
+        thinking)."""
+        parser = self.parser(req)
         if parser is None:
             return None, text
-        return (HELD_BY_GRAMMAR if req.constrained else parser).split(text, final)
+        return parser.split(text, final, prompt_thinks)
+
+    def parser(self, req: ChatCompletionRequest) -> ReasoningParser | None:
+        """The reasoning parser that splits ``req``'s answers (see :meth:`split`)."""
+        if self.s.reasoning is None:
+            return None
+        return HELD_BY_GRAMMAR if req.constrained else self.s.reasoning
+
+    def reasoning_tokens(
+        self, req: ChatCompletionRequest, c: CompletionOutput, prompt_thinks: bool
+    ) -> int | None:
+        """The tokens of a whole answer that :meth:`split` gave its reasoning (usage's
+        ``reasoning_tokens``); None without a reasoning parser."""
+        parser, markers = self.parser(req), self.s.thinking
+        if parser is None or markers is None:
+            return None
+        thinking = parser.thinking(c.text, True, prompt_thinks)
+        assert thinking is not None  # a whole answer's is decided
+        return count_reasoning_tokens(markers, c.token_ids, thinking)
+
+    def usage(self, req: ChatCompletionRequest, out: RequestOutput) -> dict[str, Any]:
+        """The answer's usage; with a reasoning parser, as vLLM's, its reasoning tokens too."""
+        usage = usage_dict(
+            len(out.prompt_token_ids),
+            sum(len(c.token_ids) for c in out.outputs),
+            out.num_cached_tokens or 0,
+        )
+        if self.s.reasoning is not None:
+            prompt_thinks = self.prompt_thinks(out.prompt_token_ids)
+            reasoning = sum(self.reasoning_tokens(req, c, prompt_thinks) or 0 for c in out.outputs)
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return usage
+
+    def prompt_thinks(self, prompt_token_ids: list[int]) -> bool:
+        """Whether a prompt ends inside an open thinking section (a chat template, as
+        Qwen3-2507's, that opened ``<think>`` for the answer)."""
+        markers = self.s.thinking
+        return markers is not None and markers.open_at_end(prompt_token_ids)
 
     def hides_reasoning(self, req: ChatCompletionRequest) -> bool:
         """``include_reasoning: false`` on a server with a reasoning parser: the reasoning is
@@ -310,21 +353,3 @@ class ServingChat:
 def _reasoning(text: str | None) -> dict[str, str | None]:
     """A message's (or delta's) reasoning, under vLLM's newer name and its older one."""
     return {"reasoning": text, "reasoning_content": text}
-
-
-def _usage(
-    out: RequestOutput, thinking: ThinkingMarkers | None, constrained: bool
-) -> dict[str, Any]:
-    """The answer's usage; with a reasoning parser, as vLLM's, its thinking tokens too."""
-    usage = usage_dict(
-        len(out.prompt_token_ids),
-        sum(len(c.token_ids) for c in out.outputs),
-        out.num_cached_tokens or 0,
-    )
-    if thinking is not None:
-        reasoning = sum(
-            count_reasoning_tokens(thinking, out.prompt_token_ids, c.token_ids, constrained)
-            for c in out.outputs
-        )
-        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-    return usage

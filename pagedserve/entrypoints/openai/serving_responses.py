@@ -43,7 +43,6 @@ from pagedserve.entrypoints.openai.streams import (
 )
 from pagedserve.entrypoints.openai.tool_calls import final_answer
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.sample.thinking_budget import count_reasoning_tokens
 
 # The chat fields a 400 may name, and the Responses fields the client sent them as.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
@@ -158,18 +157,19 @@ class _Job:
         self.item_id = new_id("msg", "_")
         self.created = int(time.time())
 
-    def output(self, c: CompletionOutput) -> list[dict[str, Any]]:
+    def output(self, out: RequestOutput) -> list[dict[str, Any]]:
         """The output items of a finished answer: a reasoning model's thinking as a reasoning
         item (with the server's reasoning parser), then its text as a message, or with tools
         the message (if any text) and one ``function_call`` item per call. In an answer cut by
         ``max_output_tokens`` the last item, the one cut, is ``incomplete``, as OpenAI's."""
-        items = self._items(c)
+        (c,) = out.outputs
+        items = self._items(c, self.chat.prompt_thinks(out.prompt_token_ids))
         if items and c.finish_reason == "length":
             items[-1] = {**items[-1], "status": "incomplete"}
         return items
 
-    def _items(self, c: CompletionOutput) -> list[dict[str, Any]]:
-        reasoning, text = self.chat.split(self.chat_req, c.text, final=True)
+    def _items(self, c: CompletionOutput, prompt_thinks: bool) -> list[dict[str, Any]]:
+        reasoning, text = self.chat.split(self.chat_req, c.text, True, prompt_thinks)
         items = [_reasoning_item(reasoning)] if reasoning else []
         if self.tool_mode is None:
             logprobs = self.logprobs(c, 0, len(c.token_ids))
@@ -208,15 +208,9 @@ class _Job:
             if status == "incomplete":
                 incomplete = {"reason": "max_output_tokens"}
             if output is None:
-                output = self.output(c)
-            thinking = self.chat.s.thinking
-            reasoning_tokens = (
-                count_reasoning_tokens(
-                    thinking, out.prompt_token_ids, c.token_ids, self.chat_req.constrained
-                )
-                if thinking is not None
-                else 0
-            )
+                output = self.output(out)
+            prompt_thinks = self.chat.prompt_thinks(out.prompt_token_ids)
+            reasoning_tokens = self.chat.reasoning_tokens(self.chat_req, c, prompt_thinks) or 0
             usage = {
                 "input_tokens": len(out.prompt_token_ids),
                 "input_tokens_details": {"cached_tokens": out.num_cached_tokens or 0},
@@ -305,7 +299,7 @@ class _Job:
             yield event("error", code="server_error", message=str(exc), param=None)
             return
         assert final is not None
-        output = self.output(final.outputs[0])
+        output = self.output(final)
         for index, item in enumerate(output):
             if not streaming:
                 added = {**item, "status": "in_progress"}
