@@ -1,4 +1,5 @@
-"""Per-request use of the block pool: prefix lookup, slot allocation, copy-on-write, freeing."""
+"""Per-request use of the block pool: prefix lookup, slot allocation, copy-on-write, freeing,
+and the release of blocks a sliding window has passed."""
 
 from __future__ import annotations
 
@@ -13,12 +14,29 @@ class KVCacheManager:
     scheduled: the model writes a step's K/V before any attention of that step reads it, so even a
     request admitted in the same step can share them. A request taken out of the step before it
     runs takes them out again (:meth:`drop_unwritten`).
+
+    With a ``sliding_window`` W on every attention layer (Mistral v0.1), a position older than
+    the last W of the next token to compute is never attended again: the blocks all of whose
+    positions are that old go back to the pool as the request moves on (vLLM's sliding-window
+    manager does the same), so a request holds about W / block_size blocks however long it
+    grows. Their places in its block table point at the null block, which is never handed
+    out and stays zero: a kernel that reads a masked position there reads finite zeros. A
+    given-back block keeps its prefix-cache entry until it is handed out again.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        sliding_window: int | None = None,
+    ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.sliding_window = sliding_window
+        # The null block is the cache's last; the pool hands out the others.
+        self.null_block = num_blocks - 1 if sliding_window else None
+        self.pool = BlockPool(num_blocks - 1 if sliding_window else num_blocks, enable_caching)
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the runner, then cleared
 
     def blocks_needed(self, num_tokens: int) -> int:
@@ -92,11 +110,13 @@ class KVCacheManager:
         ``num_computed_tokens`` must already count them.
         """
         hits = hits or []
+        self._release_passed(request)
         if not self.can_allocate(request, num_new_tokens, hits):
             return False
         if hits:
             self.pool.touch(hits)
             request.block_ids = list(hits)
+            self._release_passed(request)
         if self._write_block_is_shared(request):
             i = request.num_computed_tokens // self.block_size
             (new_block,) = self.pool.allocate(1)
@@ -110,17 +130,35 @@ class KVCacheManager:
             self._cache_full_blocks(request, request.num_computed_tokens + num_new_tokens)
         return True
 
+    def _release_passed(self, request: Request) -> None:
+        """Give back the blocks before the sliding window of the request's next token (at
+        position ``num_computed_tokens``, which sees that position and the W - 1 before it)."""
+        if self.sliding_window is None:
+            return
+        start = request.num_released_blocks
+        passed = (request.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        passed = min(passed, len(request.block_ids))  # none yet: a new request's hits
+        if passed <= start:
+            return
+        self.pool.free(request.block_ids[start:passed][::-1])
+        request.block_ids[start:passed] = [self.null_block] * (passed - start)
+        request.num_released_blocks = passed
+
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         num_full = min(num_tokens, request.num_tokens) // self.block_size
         hashes = self._hashes(request, num_full)
-        for block_id, block_hash in zip(request.block_ids[:num_full], hashes, strict=True):
+        start = request.num_released_blocks
+        for block_id, block_hash in zip(
+            request.block_ids[start:num_full], hashes[start:], strict=True
+        ):
             self.pool.cache(block_id, block_hash)
 
     def fork(self, parent: Request, child: Request) -> None:
         """Let ``child`` share all of ``parent``'s blocks (copy-on-write on the partial one)."""
         child.block_ids = list(parent.block_ids)
         child.block_hashes = list(parent.block_hashes)
-        self.pool.touch(child.block_ids)
+        child.num_released_blocks = parent.num_released_blocks
+        self.pool.touch(child.block_ids[child.num_released_blocks :])
 
     def drop_unwritten(self, request: Request) -> None:
         """Take out of the prefix cache the blocks that were registered for tokens this step
@@ -131,8 +169,9 @@ class KVCacheManager:
             self.pool.uncache(block_id)
 
     def free(self, request: Request) -> None:
-        self.pool.free(request.block_ids[::-1])
+        self.pool.free(request.block_ids[request.num_released_blocks :][::-1])
         request.block_ids = []
+        request.num_released_blocks = 0
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

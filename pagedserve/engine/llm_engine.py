@@ -46,7 +46,7 @@ from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.ngram import NgramSpeculator
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.cpu_malloc import keep_freed_memory_in_heap
-from pagedserve.worker.kv_cache import KVCache
+from pagedserve.worker.kv_cache import KVCache, shared_sliding_window, tokens_held
 from pagedserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -147,8 +147,13 @@ class LLMEngine:
             gpu_memory_utilization=config.gpu_memory_utilization,
         )
         num_blocks = kv_cache.num_blocks
-        capacity = num_blocks * config.block_size
-        if capacity < self.max_model_len:
+        whole = encoder or not config.enable_chunked_prefill  # every prompt in one step
+        window = None if whole else shared_sliding_window(self.model)
+        # One block is the null block that passed places of block tables point to.
+        capacity = (num_blocks - (window is not None)) * config.block_size
+        budget = config.max_num_batched_tokens
+        longest_step = budget + budget // 16  # a prompt's short tail runs with its last chunk
+        if capacity < tokens_held(self.max_model_len, window, longest_step, config.block_size):
             logger.warning(
                 "the KV cache holds %d tokens, fewer than the context length %d: "
                 "lowering max_model_len to %d",
@@ -167,9 +172,7 @@ class LLMEngine:
             config.enforce_eager,
         )
         caching = config.enable_prefix_caching and not encoder
-        self.kv = KVCacheManager(num_blocks, config.block_size, caching)
-        budget = config.max_num_batched_tokens
-        whole = encoder or not config.enable_chunked_prefill  # every prompt in one step
+        self.kv = KVCacheManager(num_blocks, config.block_size, caching, window)
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,

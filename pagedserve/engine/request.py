@@ -81,6 +81,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.block_ids: list[int] = []
+        # Leading blocks a sliding window has passed, given back (their ids now the null block)
+        self.num_released_blocks = 0
         self.block_hashes: list[bytes] = []  # hashes of this sequence's full blocks, in order
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

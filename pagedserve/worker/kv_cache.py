@@ -6,6 +6,9 @@ import logging
 from typing import Any
 
 import torch
+from torch import nn
+
+from pagedserve.model.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,22 @@ def num_blocks_for_budget(
         budget_bytes = int(budget_gib * GIB)
     num_blocks = budget_bytes // max(1, bytes_per_token * block_size)  # 0 bytes: an encoder
     return int(max(1, min(num_blocks, -(-max_useful_tokens // block_size) + 1)))
+
+
+def shared_sliding_window(model: nn.Module) -> int | None:
+    """The sliding window of every attention layer, where all have the same one (then the
+    blocks that a request's window has passed can go back to the pool); None otherwise."""
+    windows = {m.sliding_window for m in model.modules() if isinstance(m, Attention)}
+    return windows.pop() if len(windows) == 1 else None
+
+
+def tokens_held(max_model_len: int, window: int | None, step_tokens: int, block_size: int) -> int:
+    """The most tokens' blocks one request holds at once: its whole context, or with a
+    sliding window whose passed blocks are given back, the window and the most tokens a step
+    gives it (each end possibly in a partly used block)."""
+    if window is None:
+        return max_model_len
+    return min(max_model_len, window + step_tokens + 2 * block_size)
 
 
 class KVCache:
