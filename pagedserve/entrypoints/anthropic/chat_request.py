@@ -2,7 +2,9 @@
 
 ``system`` becomes a leading system message; each message's blocks become chat messages: text
 blocks the message's text parts, an assistant's ``tool_use`` blocks its ``tool_calls`` (the
-input as JSON arguments), a user's ``tool_result`` blocks ``tool`` messages ahead of its text.
+input as JSON arguments), a user's ``tool_result`` blocks ``tool`` messages ahead of its text
+(the text of a result with ``is_error`` begins ``Error:``, so that the model reads that its call
+failed; vLLM drops the flag).
 Earlier ``thinking`` blocks are left out of the prompt (chat templates drop past reasoning too).
 A conversation that ends with an assistant's text is a prefill: the answer continues it, as
 Anthropic's API does. Tools become chat function tools and ``tool_choice`` chat's (``any`` is
@@ -31,6 +33,7 @@ from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 
 MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
+TOOL_ERROR = "Error:"  # begins the text of a tool_result with is_error
 
 
 def chat_request(
@@ -150,6 +153,8 @@ def _tool_message(block: ContentBlock, where: str) -> dict[str, Any]:
         raise bad_request(f"{where}: a tool_result block needs a tool_use_id")
     content = block.content
     text = _texts(content, f"{where}: tool_result") if isinstance(content, list) else content
+    if block.is_error:
+        text = f"{TOOL_ERROR} {text}" if text else TOOL_ERROR
     return {"role": "tool", "tool_call_id": block.tool_use_id, "content": text or ""}
 
 

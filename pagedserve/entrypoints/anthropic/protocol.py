@@ -24,6 +24,7 @@ class ContentBlock(OpenAIModel):
     input: dict[str, Any] | None = None  # tool_use
     tool_use_id: str | None = None  # tool_result
     content: str | list[ContentBlock] | None = None  # tool_result
+    is_error: bool | None = None  # tool_result: the call failed
 
 
 class Message(OpenAIModel):
