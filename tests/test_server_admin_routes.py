@@ -203,6 +203,7 @@ def test_chat_batch_errors(server):
 
 
 LONG = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 200, "ignore_eos": True}
+RESPONSE = {"model": MODEL_NAME, "input": "Hello", "max_output_tokens": 5}
 POOL = ThreadPoolExecutor(4)
 
 
@@ -287,13 +288,16 @@ def test_pause_abort_ends_requests_with_finish_reason_abort(server):
     assert post(server, "/pause?mode=keep", None)[0] == 200
     held = POOL.submit(post, server, "/v1/chat/completions", {**LONG, "max_tokens": 5})
     held_stream = POOL.submit(chat_stream, server, {**LONG, "max_tokens": 5})
-    until_waiting(server, 2)
+    held_response = POOL.submit(post, server, "/v1/responses", RESPONSE)
+    until_waiting(server, 3)
     assert post(server, "/pause", None) == (200, {"status": "paused"})  # mode abort
     status, answer = held.result(timeout=60)
     assert status == 200, answer
     assert answer["choices"][0]["finish_reason"] == "abort"
     assert answer["choices"][0]["message"]["content"] == ""
     assert held_stream.result(timeout=60)[-1]["choices"][0]["finish_reason"] == "abort"
+    status, response = held_response.result(timeout=60)
+    assert status == 200 and response["status"] == "cancelled", response
     # Frozen before the abort, unless it had already finished.
     finish = [c["choices"][0]["finish_reason"] for c in running.result(timeout=60)]
     assert finish[-1] in ("abort", "length")

@@ -46,6 +46,9 @@ from pagedserve.outputs import CompletionOutput, RequestOutput
 
 # The chat fields a 400 may name, and the Responses fields the client sent them as.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
+# A response's status by its answer's finish reason (others: completed); the server's own abort
+# (a /pause, a shutdown) cancels it, as vLLM has it.
+FINISH_STATUS = {"length": "incomplete", "abort": "cancelled"}
 
 
 class ServingResponses:
@@ -204,7 +207,7 @@ class _Job:
         status, usage, incomplete = pending, None, None
         if out is not None:
             (c,) = out.outputs
-            status = "incomplete" if c.finish_reason == "length" else "completed"
+            status = FINISH_STATUS.get(c.finish_reason or "", "completed")
             if status == "incomplete":
                 incomplete = {"reason": "max_output_tokens"}
             if output is None:
@@ -313,7 +316,9 @@ class _Job:
             yield event("response.output_item.done", output_index=index, item=item)
         done = self.response(final, output)
         self.keep(done)
-        yield event(f"response.{done['status']}", response=done)
+        # OpenAI's stream has no cancelled event: vLLM ends a cancelled one as completed.
+        ending = "completed" if done["status"] == "cancelled" else done["status"]
+        yield event(f"response.{ending}", response=done)
 
 
 def _item_events(
