@@ -114,14 +114,28 @@ def test_system_as_text_blocks_with_cache_control(client, prompt):
 
 def test_a_system_turn_in_the_messages(client, prompt):
     """Anthropic's roles are user and assistant, but vLLM takes a system turn too (agents send
-    inline reminders): it is a system message. Where the template refuses it, or it holds
-    other than text, the answer is a 400 in Anthropic's schema, not a 500."""
+    inline reminders): it is a system message, which joins the leading one where the template
+    (this one) allows a system message only first. One that holds other than text is a 400 in
+    Anthropic's schema, not a 500."""
     leading = [{"role": "system", "content": "Be brief."}, QUESTION]
     assert prompt(leading) == prompt([QUESTION], system="Be brief.")
     assert answer(client, leading) == answer(client, [QUESTION], system="Be brief.")
     inline = [QUESTION, {"role": "assistant", "content": "Which unit?"},
               {"role": "system", "content": "Use Celsius."}, QUESTION]  # fmt: skip
-    assert "System message must be at the beginning" in bad_request(client, inline)["message"]
+    assert prompt(inline, system="Be brief.").startswith(
+        "<system>Be brief.\nUse Celsius.<user>What is the weather in Paris?<assistant>Which unit?"
+        "<user>What"
+    )
+    assert answer(client, inline)
     image = [{"role": "system", "content": [IMAGE]}, QUESTION]
     error = bad_request(client, image)
     assert "'image'" in error["message"] and "messages[0]" in error["message"]
+
+
+def test_claude_codes_billing_header_is_left_out(prompt):
+    """Its per-request hash, first in the prompt, would leave nothing for the prefix cache."""
+    header = {"type": "text", "text": "x-anthropic-billing-header: cc_version=1.0; cch=a1b2c;"}
+    system = [header, {"type": "text", "text": "Be brief."}]
+    assert prompt([QUESTION], system=system) == prompt([QUESTION], system="Be brief.")
+    reminder = {"role": "system", "content": [header]}
+    assert prompt([QUESTION, reminder, QUESTION]) == prompt([QUESTION, QUESTION])

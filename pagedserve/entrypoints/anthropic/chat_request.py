@@ -1,6 +1,9 @@
 """A Messages API request as the chat request that serves it.
 
-``system`` becomes a leading system message; each message's blocks become chat messages: text
+``system`` becomes a leading system message, less Claude Code's ``x-anthropic-billing-header``
+block (its per-request hash would defeat the prefix cache; vLLM drops it too). A system turn
+inside ``messages`` (agents' reminders) stays where it is, or, where the chat template allows a
+system message only first, joins the leading one, as vLLM does. Each message's blocks become chat messages: text
 blocks the message's text parts, an assistant's ``tool_use`` blocks its ``tool_calls`` (the
 input as JSON arguments), a user's ``tool_result`` blocks ``tool`` messages ahead of its text
 (the text of a result with ``is_error`` begins ``Error:``, so that the model reads that its call
@@ -34,15 +37,27 @@ from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 
 MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
 TOOL_ERROR = "Error:"  # begins the text of a tool_result with is_error
+BILLING_HEADER = "x-anthropic-billing-header"
 
 
 def chat_request(
-    req: CountTokensRequest, reasoning_parser: bool, max_model_len: int
+    req: CountTokensRequest,
+    reasoning_parser: bool,
+    max_model_len: int,
+    merge_inline_system: bool = False,
 ) -> ChatCompletionRequest:
     """The chat request answering ``req`` on a server with (or without) a reasoning parser and
-    a context of ``max_model_len`` tokens; a 400 for what it cannot carry."""
-    messages = _system(req.system)
+    a context of ``max_model_len`` tokens, with the system turns of ``messages`` merged into
+    the leading system message or not; a 400 for what it cannot carry."""
+    parts = [_system_text(req.system, "system")]
+    if merge_inline_system:
+        inline = [(i, m) for i, m in enumerate(req.messages) if m.role == "system"]
+        parts += [_system_text(m.content, f"messages[{i}]") for i, m in inline]
+    text = "\n".join(part for part in parts if part)
+    messages = [{"role": "system", "content": text}] if text else []
     for i, message in enumerate(req.messages):
+        if message.role == "system" and merge_inline_system:
+            continue
         messages.extend(_chat_messages(message, i))
     prefill = bool(messages) and messages[-1]["role"] == "assistant"
     prefill = prefill and not messages[-1].get("tool_calls")
@@ -88,12 +103,11 @@ def _generation_fields(req: MessagesRequest, max_model_len: int) -> dict[str, An
     }
 
 
-def _system(system: str | list[ContentBlock] | None) -> list[dict[str, Any]]:
-    """``system`` as the leading system message (none when it is empty)."""
-    if system is None:
-        return []
-    text = system if isinstance(system, str) else _texts(system, "system")
-    return [{"role": "system", "content": text}] if text else []
+def _system_text(system: str | list[ContentBlock] | None, where: str) -> str:
+    """The text of a system prompt or turn, less a billing-header block."""
+    if system is None or isinstance(system, str):
+        return "" if system is None or system.startswith(BILLING_HEADER) else system
+    return _texts([b for b in system if not (b.text or "").startswith(BILLING_HEADER)], where)
 
 
 def _texts(blocks: list[ContentBlock], where: str) -> str:
@@ -107,10 +121,11 @@ def _texts(blocks: list[ContentBlock], where: str) -> str:
 def _chat_messages(message: Message, index: int) -> list[dict[str, Any]]:
     """One message as chat messages: a user's tool results come first, as ``tool`` messages."""
     role, where = message.role, f"messages[{index}]"
+    if role == "system":
+        text = _system_text(message.content, where)
+        return [{"role": role, "content": text}] if text else []
     if isinstance(message.content, str):
         return [{"role": role, "content": message.content}]
-    if role == "system":
-        return [{"role": role, "content": _texts(message.content, where)}]
     parts: list[dict[str, str]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []

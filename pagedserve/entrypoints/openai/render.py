@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pagedserve.entrypoints.anthropic.chat_request import chat_request
 from pagedserve.entrypoints.anthropic.protocol import MessagesRequest
+from pagedserve.entrypoints.anthropic.serving import ServingMessages
 from pagedserve.entrypoints.openai.errors import APIError, bad_request
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -78,7 +78,7 @@ def add_render_routes(
     if not enabled:
         _add_disabled_routes(app)
         return
-    s = chat.s
+    messages = ServingMessages(chat)
 
     def client_id(prefix: str, raw: Request, given: str | None) -> str:
         return new_id(prefix, given=raw.headers.get("x-request-id") or given)
@@ -104,9 +104,7 @@ def add_render_routes(
 
     @app.post("/v1/messages/render")
     async def render_messages(req: MessagesRequest, raw: Request) -> JSONResponse:
-        s.check_model(req.model)
-        chat_req = chat_request(req, s.reasoning is not None, s.max_model_len)
-        return JSONResponse(await render_chat(chat_req, raw))
+        return JSONResponse(await render_chat(messages.chat_request(req), raw))
 
 
 def _add_disabled_routes(app: FastAPI) -> None:
