@@ -103,7 +103,7 @@ async def events(answer: Answer, stream: RequestStream) -> AsyncIterator[bytes]:
     chat, chat_req = answer.chat, answer.chat_req
     blocks = _Blocks(answer.show_thinking)
     mode = chat_req.tool_mode
-    calls = ToolCallDeltas(mode, answer.call_id) if mode is not None else None
+    calls = ToolCallDeltas(mode, answer.call_id, chat_req.tools) if mode is not None else None
     reasoning_sent = text_sent = 0
     final: RequestOutput | None = None
     try:

@@ -104,7 +104,9 @@ class ServingChat:
                 message.update(content=text or None, **_reasoning(shown))
             finish_reason = c.finish_reason
             if tool_mode is not None:
-                fields, finish_reason = final_answer(text, tool_mode, finish_reason, self.call_id)
+                fields, finish_reason = final_answer(
+                    text, tool_mode, finish_reason, self.call_id, req.tools
+                )
                 message.update(fields)
             if echoed:
                 message["content"] = echoed + (message["content"] or "")
@@ -178,7 +180,9 @@ class ServingChat:
         if hidden:
             top_logprobs = None
         tool_deltas = (
-            [ToolCallDeltas(tool_mode, self.call_id) for _ in range(n)] if tool_mode else None
+            [ToolCallDeltas(tool_mode, self.call_id, req.tools) for _ in range(n)]
+            if tool_mode
+            else None
         )
         text_pos = [0] * n
         reasoning_pos = [0] * n

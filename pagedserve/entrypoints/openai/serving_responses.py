@@ -178,7 +178,9 @@ class _Job:
             logprobs = self.logprobs(c, 0, len(c.token_ids))
             return [*items, self.message(text, "completed", logprobs)]
         call_id = self.chat.s.parser_call_id or (lambda: new_id("call", "_"))
-        fields, _ = final_answer(text, self.tool_mode, c.finish_reason, call_id)
+        fields, _ = final_answer(
+            text, self.tool_mode, c.finish_reason, call_id, self.chat_req.tools
+        )
         if fields.get("content"):
             items.append(self.message(fields["content"], "completed"))
         for call in fields.get("tool_calls") or []:

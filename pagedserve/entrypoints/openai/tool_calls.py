@@ -146,9 +146,14 @@ def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 
 
 def final_answer(
-    text: str, mode: tuple[str, str], finish_reason: str | None, new_id: Callable[[], str]
+    text: str,
+    mode: tuple[str, str],
+    finish_reason: str | None,
+    new_id: Callable[[], str],
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
-    """The message fields (``content``, ``tool_calls``) and finish reason of a finished answer.
+    """The message fields (``content``, ``tool_calls``) and finish reason of a finished answer
+    (``tools``: the request's, which some ``auto`` parsers read argument types from).
 
     A named call keeps its arguments text as it is, whole or not, as vLLM does, and so does a
     ``required`` answer cut short by ``max_tokens`` (its last call's arguments unfinished); one
@@ -157,7 +162,7 @@ def final_answer(
     if kind == NAMED:
         return {"content": None, "tool_calls": [tool_call(new_id(), name, text)]}, finish_reason
     if kind == AUTO:
-        content, calls = TOOL_PARSERS[name]().split(text, final=True)
+        content, calls = TOOL_PARSERS[name](tools).split(text, final=True)
         if not calls:
             return {"content": text}, finish_reason
         message = {
@@ -188,11 +193,16 @@ class ToolCallDeltas:
     each call goes out whole as soon as the parser sees it complete.
     """
 
-    def __init__(self, mode: tuple[str, str], new_id: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        mode: tuple[str, str],
+        new_id: Callable[[], str],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.mode = mode
         self.new_id = new_id
         self.call_id: str | None = None
-        self.parser = TOOL_PARSERS[mode[1]]() if mode[0] == AUTO else None
+        self.parser = TOOL_PARSERS[mode[1]](tools) if mode[0] == AUTO else None
         self.content_sent = 0
         self.calls_sent = 0
         self.required = RequiredCallsReader() if mode[0] == REQUIRED else None

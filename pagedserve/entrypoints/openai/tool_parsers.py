@@ -19,6 +19,10 @@ text that may still turn into a call) and once on the whole answer.
 - ``pythonic`` (Llama 3.2 and 4, some Gemma 3 and other templates): an answer that is a Python
   list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
   ``ast`` (literals only, nothing is evaluated).
+- ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``; see
+  :mod:`.tool_parsers_json_lists`.
+
+The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
 """
 
 from __future__ import annotations
@@ -28,42 +32,9 @@ import json
 import random
 import re
 import string
-from collections.abc import Callable
-from typing import Any
 
-Call = tuple[str, str]  # (function name, arguments as a JSON text)
-
-
-class ToolParser:
-    """Splits generated text into ``(content, calls)``."""
-
-    # The calls are marked by special tokens, which the text must keep to be read.
-    keeps_special_tokens = False
-    # Ids of the calls it reads (None: the server's own); see mistral.
-    new_call_id: Callable[[], str] | None = None
-
-    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
-        """The content and the complete calls in ``text``. While not ``final``, both only grow
-        from one call to the next as ``text`` grows."""
-        raise NotImplementedError
-
-
-def _call(obj: Any, arguments_key: str) -> Call | None:
-    """``(name, arguments JSON)`` of a decoded call object, None if it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    arguments = obj.get(arguments_key, {})
-    if not isinstance(arguments, dict):
-        return None
-    return obj["name"], json.dumps(arguments, ensure_ascii=False)
-
-
-def _held_back(text: str, marker: str) -> int:
-    """How many characters at the end of ``text`` could be the start of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
+from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, call_of, held_back
+from pagedserve.entrypoints.openai.tool_parsers_json_lists import Phi4MiniJsonParser
 
 
 class HermesParser(ToolParser):
@@ -73,7 +44,7 @@ class HermesParser(ToolParser):
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         start = text.find(self.START)
         if start < 0:
-            return (text if final else text[: len(text) - _held_back(text, self.START)]), []
+            return (text if final else text[: len(text) - held_back(text, self.START)]), []
         bodies = self._BLOCK.findall(text, start)
         if final:
             unclosed = text.rfind(self.START)
@@ -82,7 +53,7 @@ class HermesParser(ToolParser):
         calls = []
         for body in bodies:
             try:
-                call = _call(json.loads(body), "arguments")
+                call = call_of(json.loads(body), "arguments")
             except json.JSONDecodeError:
                 call = None
             if call is not None:
@@ -116,7 +87,7 @@ class Llama3JsonParser(ToolParser):
             except json.JSONDecodeError:
                 return []
             key = "parameters" if isinstance(obj, dict) and "parameters" in obj else "arguments"
-            call = _call(obj, key)
+            call = call_of(obj, key)
             if call is None:
                 return []
             calls.append(call)
@@ -137,7 +108,7 @@ class MistralParser(ToolParser):
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         start = text.find(self.TAG)
         if start < 0:
-            return (text if final else text[: len(text) - _held_back(text, self.TAG)]), []
+            return (text if final else text[: len(text) - held_back(text, self.TAG)]), []
         if not final:
             return text[:start], []  # calls are read once the answer is whole
         body = text[start:]
@@ -151,7 +122,7 @@ class MistralParser(ToolParser):
             return []
         calls = []
         for obj in decoded if isinstance(decoded, list) else [decoded]:
-            call = _call(obj, "arguments")
+            call = call_of(obj, "arguments")
             if call is None:
                 return []
             calls.append(call)
@@ -207,5 +178,6 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
+    "phi4_mini_json": Phi4MiniJsonParser,
     "pythonic": PythonicParser,
 }

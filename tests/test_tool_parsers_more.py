@@ -1,0 +1,108 @@
+"""The tool-call parsers of Phi-4-mini, xLAM, FunctionGemma and Qwen3-Coder (tool_choice
+"auto"): whole answers, and streams cut at every character giving the same answer."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from pagedserve.entrypoints.openai.tool_calls import AUTO, ToolCallDeltas, final_answer
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
+
+def _ids():
+    counter = itertools.count()
+    return lambda: f"call-{next(counter)}"
+
+
+def answer(text: str, parser: str, tools: list[dict[str, Any]] | None = None):
+    """``(content, [(name, arguments)], finish_reason)`` of a whole answer."""
+    message, finish = final_answer(text, (AUTO, parser), "stop", _ids(), tools)
+    return message["content"], names_and_arguments(message.get("tool_calls", [])), finish
+
+
+def streamed(text: str, parser: str, tools: list[dict[str, Any]] | None = None):
+    """The same, streamed one character at a time."""
+    deltas = ToolCallDeltas((AUTO, parser), _ids(), tools)
+    content, calls, finish = "", [], None
+    for end in range(1, len(text) + 1):
+        delta, finish = deltas.next("", text[:end], "stop" if end == len(text) else None)
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            assert call["index"] == len(calls)
+            calls.append(call)
+    return content or None, names_and_arguments(calls), finish
+
+
+def names_and_arguments(calls) -> list[tuple[str, Any]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def assert_contract(text: str, parser: str, tools: list[dict[str, Any]] | None = None) -> None:
+    """Cut at every character, the parser's content and calls only grow, and end as the
+    whole answer's."""
+    parse = TOOL_PARSERS[parser](tools)
+    content, calls = "", []
+    for end in range(len(text) + 1):
+        now_content, now_calls = parse.split(text[:end], end == len(text))
+        assert now_content.startswith(content) and now_calls[: len(calls)] == calls, text[:end]
+        content, calls = now_content, now_calls
+    assert (content, calls) == TOOL_PARSERS[parser](tools).split(text, True)
+
+
+def assert_read(text: str, parser: str, content, calls, tools=None) -> None:
+    assert_contract(text, parser, tools)
+    finish = "tool_calls" if calls else "stop"
+    assert answer(text, parser, tools) == (content, calls, finish)
+    assert streamed(text, parser, tools) == (content, calls, finish)
+
+
+PARIS = ("get_weather", {"city": "Paris"})
+TIME = ("get_time", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (
+            'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "get_time", "parameters": {}}]',
+            None,
+            [PARIS, TIME],
+        ),
+        (
+            'Sure. functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+            "Sure. ",
+            [PARIS],
+        ),
+        (  # a list in the arguments (vLLM's reading stops at its "]")
+            'functools[{"name": "get_weather", "arguments": {"days": [1, 2]}}]',
+            None,
+            [("get_weather", {"days": [1, 2]})],
+        ),
+    ],
+)
+def test_phi4_mini_json_reads_its_calls(text, content, calls):
+    assert_read(text, "phi4_mini_json", content, calls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "import functools\nfunctools.reduce(add, xs)",
+        'functools[{"name": "get_weather"}]',  # neither arguments nor parameters
+        'functools[{"name": "get_weather", "arguments": {"city": ',  # cut short
+        "functools[]",
+    ],
+)
+def test_phi4_mini_json_without_whole_calls_is_content(text):
+    assert_read(text, "phi4_mini_json", text, [])
+
+
+def test_phi4_mini_json_holds_back_what_may_start_a_call_then_releases_it():
+    deltas = ToolCallDeltas((AUTO, "phi4_mini_json"), _ids())
+    assert deltas.next("", "Use functools", None) == ({"content": "Use "}, None)
+    assert deltas.next("", "Use functools.", None) == ({"content": "functools."}, None)
