@@ -131,3 +131,25 @@ def test_parallel_samples_share_and_free_blocks(mistral, keeping_every_block):
     expected = keeping_every_block[0].outputs[0].token_ids[:60]
     assert [o.token_ids for o in out.outputs] == [expected] * 3
     assert engine.kv.pool.num_free_blocks == engine.num_blocks
+
+
+def test_a_cached_prefix_that_fills_the_pool_is_admitted(mistral):
+    """A 97-token prompt whose first 96 tokens are cached in all 24 blocks of the pool: the hits
+    the window has passed go back at once, so it runs (it waited forever with the pool free), and
+    answers as an engine without the prefix cache does."""
+    prompt = torch.randint(3, 49152, (96,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = _llm(mistral, 25)
+    engine = llm.llm_engine
+    _generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=1))
+    engine.add_request("again", [*prompt, 5], params)
+    outputs = []
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        outputs += [out for out in engine.step() if out.finished]
+    (out,) = outputs
+    assert out.num_cached_tokens == 96
+    expected = _generate(_llm(mistral, 25, enable_prefix_caching=False), [[*prompt, 5]], params)
+    assert out.outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert engine.kv.pool.num_free_blocks == engine.num_blocks

@@ -82,8 +82,12 @@ class KVCacheManager:
         return hits
 
     def can_allocate(self, request: Request, num_new_tokens: int, hits: list[int]) -> bool:
+        """Whether the blocks for ``num_new_tokens`` more tokens fit. Of free ``hits`` only those
+        inside the sliding window count: the ones it has passed go back as soon as they are taken
+        (a prompt whose cached prefix alone fills the pool would otherwise wait forever)."""
         needed = self._num_new_blocks(request, num_new_tokens, len(hits))
-        evictable_hits = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        kept = hits[self._num_passed(request.num_computed_tokens, len(hits)) :]
+        evictable_hits = sum(1 for b in kept if self.pool.ref_counts[b] == 0)
         return needed + evictable_hits <= self.pool.num_free_blocks
 
     def _num_new_blocks(self, request: Request, num_new_tokens: int, num_hit_blocks: int) -> int:
@@ -136,13 +140,20 @@ class KVCacheManager:
         if self.sliding_window is None:
             return
         start = request.num_released_blocks
-        passed = (request.num_computed_tokens - self.sliding_window + 1) // self.block_size
-        passed = min(passed, len(request.block_ids))  # none yet: a new request's hits
+        passed = self._num_passed(request.num_computed_tokens, len(request.block_ids))
         if passed <= start:
             return
         self.pool.free(request.block_ids[start:passed][::-1])
         request.block_ids[start:passed] = [self.null_block] * (passed - start)
         request.num_released_blocks = passed
+
+    def _num_passed(self, num_computed_tokens: int, num_blocks: int) -> int:
+        """How many of a request's first ``num_blocks`` blocks lie wholly before the sliding
+        window of its next token (at position ``num_computed_tokens``); 0 without a window."""
+        if self.sliding_window is None:
+            return 0
+        passed = (num_computed_tokens - self.sliding_window + 1) // self.block_size
+        return max(0, min(passed, num_blocks))
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         num_full = min(num_tokens, request.num_tokens) // self.block_size
