@@ -29,6 +29,10 @@ ANSWERS = {
         'Let me check. functools[{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}]'
     ),
+    "xlam": (
+        'Let me check. ```json\n[{"name": "get_weather", "arguments": {"city": "Paris", '
+        '"days": 2}}]\n```'
+    ),
 }
 
 

@@ -106,3 +106,63 @@ def test_phi4_mini_json_holds_back_what_may_start_a_call_then_releases_it():
     deltas = ToolCallDeltas((AUTO, "phi4_mini_json"), _ids())
     assert deltas.next("", "Use functools", None) == ({"content": "Use "}, None)
     assert deltas.next("", "Use functools.", None) == ({"content": "functools."}, None)
+
+
+XLAM_CALLS = (
+    '[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+    '{"name": "get_time", "arguments": {}}]'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (XLAM_CALLS, None, [PARIS, TIME]),
+        (f"\n{XLAM_CALLS}\n", None, [PARIS, TIME]),
+        (f"Here:\n```json\n{XLAM_CALLS}\n```\nDone.", "Here:\n\nDone.", [PARIS, TIME]),
+        (f"```\n{XLAM_CALLS}```", None, [PARIS, TIME]),
+        (f"<think>Two calls.</think>\n{XLAM_CALLS}", "<think>Two calls.</think>\n", [PARIS, TIME]),
+        (f"Checking. [TOOL_CALLS] {XLAM_CALLS}\nMore.", "Checking. \nMore.", [PARIS, TIME]),
+        (f"<tool_call>{XLAM_CALLS}</tool_call>", None, [PARIS, TIME]),
+        (  # arguments as a JSON text; items that are no call are left out, as in vLLM
+            '[{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}, {"x": 1}]',
+            None,
+            [PARIS],
+        ),
+        (  # a code block first is content, and the search goes on
+            f"```python\nprint([1])\n```\n```json\n{XLAM_CALLS}\n```",
+            "```python\nprint([1])\n```\n",
+            [PARIS, TIME],
+        ),
+    ],
+)
+def test_xlam_reads_each_of_its_formats(text, content, calls):
+    assert_read(text, "xlam", content, calls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "It is sunny in Paris.",
+        "[1, 2, 3]",
+        "Plain [link](https://example.com) text",
+        "```python\nprint([1])\n```",
+        '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>',  # one object, no list
+        '[{"name": "get_weather", "arguments": {"city": ',  # cut short
+        f"```json\n{XLAM_CALLS}",  # the fence never closes
+    ],
+)
+def test_xlam_without_a_list_of_calls_is_content(text):
+    assert_read(text, "xlam", text, [])
+
+
+def test_xlam_holds_back_what_may_start_a_call_then_releases_it():
+    deltas = ToolCallDeltas((AUTO, "xlam"), _ids())
+    assert deltas.next("", "Look ``", None) == ({"content": "Look "}, None)
+    assert deltas.next("", "Look ```js", None) == ({}, None)
+    assert deltas.next("", "Look ```jsx", None) == ({"content": "```jsx"}, None)
+    assert deltas.next("", "Look ```jsx [TOOL_", None) == ({"content": " "}, None)
+    assert deltas.next("", "Look ```jsx [TOOL_CALLS] no", None) == (
+        {"content": "[TOOL_CALLS] no"},
+        None,
+    )

@@ -19,7 +19,9 @@ text that may still turn into a call) and once on the whole answer.
 - ``pythonic`` (Llama 3.2 and 4, some Gemma 3 and other templates): an answer that is a Python
   list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
   ``ast`` (literals only, nothing is evaluated).
-- ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``; see
+- ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``, and
+  ``xlam`` (Salesforce's xLAM): a JSON list of calls, bare, after ``</think>``, in a
+  ```` ```json ```` fence, after ``[TOOL_CALLS]`` or in ``<tool_call>``; see
   :mod:`.tool_parsers_json_lists`.
 
 The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
@@ -34,7 +36,7 @@ import re
 import string
 
 from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, call_of, held_back
-from pagedserve.entrypoints.openai.tool_parsers_json_lists import Phi4MiniJsonParser
+from pagedserve.entrypoints.openai.tool_parsers_json_lists import Phi4MiniJsonParser, XlamParser
 
 
 class HermesParser(ToolParser):
@@ -180,4 +182,5 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "mistral": MistralParser,
     "phi4_mini_json": Phi4MiniJsonParser,
     "pythonic": PythonicParser,
+    "xlam": XlamParser,
 }
