@@ -33,6 +33,10 @@ ANSWERS = {
         'Let me check. ```json\n[{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}]\n```'
     ),
+    "functiongemma": (
+        "Let me check. <start_function_call>call:get_weather{city:<escape>Paris<escape>,"
+        "days:<escape>2<escape>}<end_function_call>"
+    ),
 }
 
 

@@ -166,3 +166,56 @@ def test_xlam_holds_back_what_may_start_a_call_then_releases_it():
         {"content": "[TOOL_CALLS] no"},
         None,
     )
+
+
+def _gemma_call(name: str, body: str) -> str:
+    return f"<start_function_call>call:{name}{{{body}}}<end_function_call>"
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (
+            _gemma_call("get_weather", "city:<escape>Paris<escape>,days:<escape>2<escape>")
+            + _gemma_call("get_time", ""),
+            None,
+            [("get_weather", {"city": "Paris", "days": 2}), TIME],
+        ),
+        (  # braces and commas inside <escape> are text
+            "Sure. " + _gemma_call("get_weather", "city:<escape>Paris, {France}<escape>"),
+            "Sure. ",
+            [("get_weather", {"city": "Paris, {France}"})],
+        ),
+        (  # values that are JSON are read as JSON, as in vLLM
+            _gemma_call("get_weather", "days:<escape>[1, 2]<escape>,metric:<escape>true<escape>"),
+            None,
+            [("get_weather", {"days": [1, 2], "metric": True})],
+        ),
+        (  # the answer ended inside its last call
+            "<start_function_call>call:get_weather{city:<escape>Paris<escape>",
+            None,
+            [PARIS],
+        ),
+    ],
+)
+def test_functiongemma_reads_its_calls(text, content, calls):
+    assert_read(text, "functiongemma", content, calls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "It is sunny {in} Paris: call:me",
+        "<start_function_call>not a call<end_function_call>",
+        "Hello <start_function",
+    ],
+)
+def test_functiongemma_without_calls_is_content(text):
+    assert_read(text, "functiongemma", text, [])
+
+
+def test_functiongemma_holds_back_a_partial_marker_and_keeps_special_tokens():
+    deltas = ToolCallDeltas((AUTO, "functiongemma"), _ids())
+    assert deltas.next("", "Hi <start_fun", None) == ({"content": "Hi "}, None)
+    assert deltas.next("", "Hi <start_fun>", None) == ({"content": "<start_fun>"}, None)
+    assert TOOL_PARSERS["functiongemma"].keeps_special_tokens

@@ -23,6 +23,8 @@ text that may still turn into a call) and once on the whole answer.
   ``xlam`` (Salesforce's xLAM): a JSON list of calls, bare, after ``</think>``, in a
   ```` ```json ```` fence, after ``[TOOL_CALLS]`` or in ``<tool_call>``; see
   :mod:`.tool_parsers_json_lists`.
+- ``functiongemma`` (FunctionGemma): ``<start_function_call>call:NAME{key:<escape>value<escape>}
+  <end_function_call>``; see :mod:`.tool_parsers_functiongemma`.
 
 The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
 """
@@ -36,6 +38,7 @@ import re
 import string
 
 from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, call_of, held_back
+from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
 from pagedserve.entrypoints.openai.tool_parsers_json_lists import Phi4MiniJsonParser, XlamParser
 
 
@@ -177,6 +180,7 @@ class PythonicParser(ToolParser):
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "functiongemma": FunctionGemmaParser,
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
