@@ -37,6 +37,10 @@ ANSWERS = {
         "Let me check. <start_function_call>call:get_weather{city:<escape>Paris<escape>,"
         "days:<escape>2<escape>}<end_function_call>"
     ),
+    "qwen3_coder": (
+        "Let me check. <tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+        "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
+    ),
 }
 
 

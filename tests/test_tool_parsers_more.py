@@ -219,3 +219,90 @@ def test_functiongemma_holds_back_a_partial_marker_and_keeps_special_tokens():
     assert deltas.next("", "Hi <start_fun", None) == ({"content": "Hi "}, None)
     assert deltas.next("", "Hi <start_fun>", None) == ({"content": "<start_fun>"}, None)
     assert TOOL_PARSERS["functiongemma"].keeps_special_tokens
+
+
+QWEN_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                    "scale": {"type": ["number", "null"]},
+                    "tags": {"type": "array"},
+                    "unit": {"enum": ["c", "f"]},
+                },
+            },
+        },
+    }
+]
+
+
+def _qwen_call(name: str, **parameters: str) -> str:
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in parameters.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+@pytest.mark.parametrize("parser", ["qwen3_coder", "qwen3_xml"])
+def test_qwen3_xml_reads_calls_typed_by_the_tool_schemas(parser):
+    text = "Let me check.\n" + _qwen_call(
+        "get_weather",
+        city="Paris\nFrance",
+        days="2",
+        metric="true",
+        scale="3.0",
+        tags='[1, "a"]',
+        unit="c",
+        extra="5",  # not in the schema: stays text
+    )
+    arguments = {
+        "city": "Paris\nFrance",
+        "days": 2,
+        "metric": True,
+        "scale": 3,
+        "tags": [1, "a"],
+        "unit": "c",
+        "extra": "5",
+    }
+    calls = [("get_weather", arguments), TIME]
+    assert_read(text + "\n" + _qwen_call("get_time"), parser, "Let me check.\n", calls, QWEN_TOOLS)
+
+
+@pytest.mark.parametrize(
+    ("text", "calls"),
+    [
+        (
+            _qwen_call("get_weather", days="2", scale="null"),
+            [("get_weather", {"days": "2", "scale": "null"})],
+        ),
+        (  # no <tool_call> block, parameters closed by the next one
+            "<function=get_time><parameter=a>1<parameter=b>x</parameter></function>",
+            [("get_time", {"a": "1", "b": "x"})],
+        ),
+        (  # the answer ended inside a call: its closed parameters
+            "<tool_call>\n<function=get_time>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\nx",
+            [("get_time", {"a": "1"})],
+        ),
+    ],
+)
+def test_qwen3_xml_without_a_schema_keeps_text(text, calls):
+    assert_read(text, "qwen3_coder", None, calls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["It is <b>sunny</b>.", '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'],
+)
+def test_qwen3_xml_without_calls_is_content(text):
+    assert_read(text, "qwen3_coder", text, [], QWEN_TOOLS)
+
+
+def test_qwen3_xml_holds_back_a_partial_marker():
+    deltas = ToolCallDeltas((AUTO, "qwen3_coder"), _ids(), QWEN_TOOLS)
+    assert deltas.next("", "Hi <tool_c", None) == ({"content": "Hi "}, None)
+    assert deltas.next("", "Hi <tool_cap", None) == ({"content": "<tool_cap"}, None)
+    assert deltas.next("", "Hi <tool_cap <function", None) == ({"content": " "}, None)

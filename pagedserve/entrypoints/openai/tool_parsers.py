@@ -25,6 +25,9 @@ text that may still turn into a call) and once on the whole answer.
   :mod:`.tool_parsers_json_lists`.
 - ``functiongemma`` (FunctionGemma): ``<start_function_call>call:NAME{key:<escape>value<escape>}
   <end_function_call>``; see :mod:`.tool_parsers_functiongemma`.
+- ``qwen3_coder`` and ``qwen3_xml`` (Qwen3-Coder): ``<tool_call><function=NAME><parameter=KEY>
+  VALUE</parameter></function></tool_call>``, values typed by the request's tool schemas; see
+  :mod:`.tool_parsers_qwen3_xml`.
 
 The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
 """
@@ -40,6 +43,7 @@ import string
 from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, call_of, held_back
 from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
 from pagedserve.entrypoints.openai.tool_parsers_json_lists import Phi4MiniJsonParser, XlamParser
+from pagedserve.entrypoints.openai.tool_parsers_qwen3_xml import Qwen3XmlParser
 
 
 class HermesParser(ToolParser):
@@ -186,5 +190,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "mistral": MistralParser,
     "phi4_mini_json": Phi4MiniJsonParser,
     "pythonic": PythonicParser,
+    "qwen3_coder": Qwen3XmlParser,
+    "qwen3_xml": Qwen3XmlParser,
     "xlam": XlamParser,
 }
