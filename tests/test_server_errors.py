@@ -87,6 +87,9 @@ DEEP: list = []
 for _ in range(600):  # deeper than transformers' walk over a template's inputs can recurse
     DEEP = [DEEP]
 BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+DEEP_SCHEMA: dict = {"type": "integer"}
+for _ in range(600):  # deeper than a walk over the schema in Python can recurse
+    DEEP_SCHEMA = {"type": "array", "items": DEEP_SCHEMA}
 
 
 @pytest.mark.parametrize(
@@ -171,6 +174,10 @@ BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type":
         ({"chat_template": "{{ messages }}"}, "chat_template"),  # untrusted by default
         ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template"),
         ({"chat_template_kwargs": {"deep": DEEP}}, "messages"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": DEEP_SCHEMA}}},
+            "response_format",
+        ),
         ({"use_beam_search": True, "n": 2, "length_penalty": float("nan")}, "length_penalty"),
         ({"seed": 2**63}, "seed"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -206,6 +213,7 @@ def test_chat_bad_values_are_400(server, change, param):
             "response_format",
         ),
         ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"structured_outputs": {"json": DEEP_SCHEMA}}, "structured_outputs"),
         ({"prompt": "\ud800"}, "prompt"),
         # together they leave no token to write: bad_words bans the one allowed token
         ({"allowed_token_ids": [33662], "bad_words": ["hello"]}, None),

@@ -101,6 +101,8 @@ def grammar_of(params: StructuredOutputsParams, special: frozenset[str] | None =
     return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
 
 
+# llguidance reads no schema nested past about 124 levels (its JSON reader stops at 128).
+MAX_SCHEMA_NESTING = 128
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "anyOf", "oneOf", "allOf",
                "not", "if", "then", "else", "additionalProperties", "unevaluatedProperties")  # fmt: skip
@@ -117,7 +119,14 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
 
     A schema that builds objects by composition (``allOf``, or ``$ref`` beside ``properties``)
     is left open: each part closed on its own would refuse the other parts' keys. So is an
-    object whose ``required`` keys are not all among its ``properties``."""
+    object whose ``required`` keys are not all among its ``properties``.
+
+    ``ValueError`` for a schema nested deeper than the grammar engine reads (the walks here
+    recurse, and would overflow Python's stack first)."""
+    if _nesting(schema) > MAX_SCHEMA_NESTING:
+        raise ValueError(
+            f"a JSON schema nested more than {MAX_SCHEMA_NESTING} levels deep is not supported"
+        )
     if _composes(schema):
         return schema
 
@@ -145,6 +154,20 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
         return out
 
     return walk(schema)
+
+
+def _nesting(node: Any) -> int:
+    """How deep JSON objects and arrays nest in ``node`` (without recursion), counted up to
+    one past :data:`MAX_SCHEMA_NESTING`."""
+    deepest, todo = 0, [(node, 1)]
+    while todo and deepest <= MAX_SCHEMA_NESTING:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _composes(node: Any) -> bool:
