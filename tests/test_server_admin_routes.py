@@ -202,6 +202,17 @@ def test_chat_batch_errors(server):
     assert post(server, "/v1/chat/completions/batch", ok, headers={})[0] == 401
 
 
+def test_chat_batch_reads_its_flags_as_chat_does(server):
+    """stream "false", n "1" and use_beam_search "false" are what chat reads them as (off, one),
+    not a refusal because the raw value was truthy."""
+    flags = {"stream": "false", "n": "1", "use_beam_search": "false", "tool_choice": None}
+    body = {"model": MODEL_NAME, "messages": [CHAT], "max_tokens": 2, **flags}
+    assert post(server, "/v1/chat/completions", {**body, "messages": CHAT})[0] == 200
+    status, answer = post(server, "/v1/chat/completions/batch", body)
+    assert status == 200, answer
+    assert len(answer["choices"]) == 1
+
+
 LONG = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 200, "ignore_eos": True}
 RESPONSE = {"model": MODEL_NAME, "input": "Hello", "max_output_tokens": 5}
 POOL = ThreadPoolExecutor(4)

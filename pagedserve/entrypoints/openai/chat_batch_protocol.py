@@ -21,25 +21,27 @@ class BatchChatCompletionRequest(BaseModel):
     messages: list[Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
 
     def chat_requests(self) -> list[ChatCompletionRequest]:
-        """One chat request per conversation; a 400 for what a batch does not take."""
+        """One chat request per conversation; a 400 for what a batch does not take, judged on
+        the fields as chat reads them (``"stream": "false"`` is no stream)."""
         shared = dict(self.model_extra or {})
         shared.setdefault("tool_choice", "none")
-        refused = {
-            "stream": "Batch chat completions do not support streaming.",
-            "use_beam_search": "Batch chat completions do not support beam search.",
-        }
-        for name, message in refused.items():
-            if shared.get(name):
-                raise bad_request(message, param=name)
-        if shared.get("n") not in (None, 1):
+        requests = [
+            _chat_request(shared, conversation, i) for i, conversation in enumerate(self.messages)
+        ]
+        first = requests[0]
+        if first.stream:
+            raise bad_request("Batch chat completions do not support streaming.", param="stream")
+        if first.use_beam_search:
+            raise bad_request(
+                "Batch chat completions do not support beam search.", param="use_beam_search"
+            )
+        if first.n > 1:
             raise bad_request("Batch chat completions do not support `n > 1`.", param="n")
-        if shared["tool_choice"] not in (None, "none"):
+        if first.tool_choice not in (None, "none"):
             raise bad_request(
                 'Batch chat completions take only tool_choice "none".', param="tool_choice"
             )
-        return [
-            _chat_request(shared, conversation, i) for i, conversation in enumerate(self.messages)
-        ]
+        return requests
 
 
 def _chat_request(shared: dict[str, Any], conversation: list[Any], i: int) -> ChatCompletionRequest:
