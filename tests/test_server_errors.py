@@ -244,6 +244,14 @@ def test_malformed_json_is_400(server):
             assert_error(body)
 
 
+def test_a_bad_query_parameter_is_named_as_the_parameter(server):
+    url = f"{server.url}/v1/responses/resp_x?stream=true&starting_after=abc"
+    status, body = request(url, headers=AUTH)
+    assert status == 400
+    assert_error(body, "starting_after")
+    assert body["error"]["message"].startswith("starting_after: ")
+
+
 def test_unknown_fields_are_ignored_with_a_warning(server):
     body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2, "max_token": 5, "best_of": 3}
     status, answer = post(server, "/v1/completions", body)

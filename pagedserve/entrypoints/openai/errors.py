@@ -81,12 +81,17 @@ def from_value_error(exc: ValueError, known_params: set[str] | None = None) -> A
     return bad_request(message, param=param)
 
 
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc[:1] and loc[0] in _LOCATIONS:  # where FastAPI read it; the parameter comes next
+        loc = loc[1:]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if not loc and first.get("type") == "missing":
