@@ -139,3 +139,13 @@ def test_claude_codes_billing_header_is_left_out(prompt):
     assert prompt([QUESTION], system=system) == prompt([QUESTION], system="Be brief.")
     reminder = {"role": "system", "content": [header]}
     assert prompt([QUESTION, reminder, QUESTION]) == prompt([QUESTION, QUESTION])
+
+
+def test_a_text_block_without_text_is_refused(client):
+    """Anthropic's API refuses it; it was read as empty text."""
+    for text in ({}, {"text": None}):
+        block = {"type": "text", **text}
+        error = bad_request(client, [{"role": "user", "content": [block]}])
+        assert error["message"].startswith("messages.0.content")
+    error = bad_request(client, [QUESTION], system=[{"type": "text", "text": None}])
+    assert error["message"].startswith("system")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pagedserve.entrypoints.openai.protocol import OpenAIModel, RequestBody, StructuredOutputs
 
@@ -25,6 +25,12 @@ class ContentBlock(OpenAIModel):
     tool_use_id: str | None = None  # tool_result
     content: str | list[ContentBlock] | None = None  # tool_result
     is_error: bool | None = None  # tool_result: the call failed
+
+    @model_validator(mode="after")
+    def _text_has_text(self) -> ContentBlock:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text block needs its text, a string")
+        return self
 
 
 class Message(OpenAIModel):
