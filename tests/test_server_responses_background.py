@@ -1,6 +1,7 @@
 """Background responses (``background: true``) of the Responses API, end to end: a real
 ``pagedserve serve`` process on the packaged SmolLM2, driven by the official ``openai`` client.
-The POST answers at once; the answer is polled, streamed again, cancelled or deleted."""
+The POST answers at once; the answer is polled, streamed again, cancelled or deleted. The
+server and client are conftest's."""
 
 from __future__ import annotations
 
@@ -13,18 +14,6 @@ from server_utils import MODEL_NAME, metrics, packaged_server, request, wait_unt
 QUESTION = "What is the capital of France?"
 LONG = 1800  # output tokens (with ignore_eos): still running when the test cancels it
 RUNNING = ("queued", "in_progress")
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = packaged_server()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
 
 
 def greedy(client, **kwargs):
