@@ -153,3 +153,23 @@ def test_a_cached_prefix_that_fills_the_pool_is_admitted(mistral):
     expected = _generate(_llm(mistral, 25, enable_prefix_caching=False), [[*prompt, 5]], params)
     assert out.outputs[0].token_ids == expected[0].outputs[0].token_ids
     assert engine.kv.pool.num_free_blocks == engine.num_blocks
+
+
+def test_without_chunked_prefill_decodes_give_back(mistral, keeping_every_block):
+    """A prompt that runs whole needs all its blocks in that step; its decodes then give back
+    what the window has passed."""
+    llm = _llm(mistral, 400, enable_chunked_prefill=False)
+    engine = llm.llm_engine
+    assert engine.kv.sliding_window == 8
+    outputs = _generate(llm, _prompts())
+    for ours, theirs in zip(outputs, keeping_every_block, strict=True):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+    prompt = _prompts()[0][::-1]  # not in the prefix cache
+    engine.add_request("long", prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    held = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        held += [len(r.block_ids) - r.num_released_blocks for r in engine.scheduler.running]
+    assert held[0] == -(-len(prompt) // BLOCK)  # the whole prompt's
+    assert max(held[1:]) <= (8 + 1) // BLOCK + 2
+    assert engine.kv.pool.num_free_blocks == engine.num_blocks

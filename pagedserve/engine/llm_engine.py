@@ -148,11 +148,12 @@ class LLMEngine:
         )
         num_blocks = kv_cache.num_blocks
         whole = encoder or not config.enable_chunked_prefill  # every prompt in one step
-        window = None if whole else shared_sliding_window(self.model)
+        window = None if encoder else shared_sliding_window(self.model)
         # One block is the null block that passed places of block tables point to.
         capacity = (num_blocks - (window is not None)) * config.block_size
         budget = config.max_num_batched_tokens
-        longest_step = budget + budget // 16  # a prompt's short tail runs with its last chunk
+        # A prompt runs whole, or its short tail with its last chunk (see Scheduler._chunk).
+        longest_step = self.max_model_len if whole else budget + budget // 16
         if capacity < tokens_held(self.max_model_len, window, longest_step, config.block_size):
             logger.warning(
                 "the KV cache holds %d tokens, fewer than the context length %d: "
