@@ -9,6 +9,7 @@ from tiny_models import tiny_hf_model
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine import llm_engine
+from pagedserve.engine.request import Request
 from pagedserve.model.loader import load_model
 from pagedserve.worker.kv_cache import shared_sliding_window
 
@@ -173,3 +174,25 @@ def test_without_chunked_prefill_decodes_give_back(mistral, keeping_every_block)
     assert held[0] == -(-len(prompt) // BLOCK)  # the whole prompt's
     assert max(held[1:]) <= (8 + 1) // BLOCK + 2
     assert engine.kv.pool.num_free_blocks == engine.num_blocks
+
+
+def test_a_prefix_hits_while_its_window_is_cached(mistral):
+    """Only the blocks the window of the next token reads need be cached, as in vLLM: a prompt
+    whose first blocks were evicted (given back first, so handed out first) still hits."""
+    generator = torch.Generator().manual_seed(7)
+    prompt, other = (torch.randint(3, 49152, (n,), generator=generator).tolist() for n in (60, 40))
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    llm = _llm(mistral, 25)
+    pool = llm.llm_engine.kv.pool
+    _generate(llm, [prompt], greedy)
+    _generate(llm, [other], greedy)  # the pool's unused blocks, then some of the prompt's first
+    probe = Request("probe", prompt + [5], greedy, None, None)  # type: ignore[arg-type]
+    hits = llm.llm_engine.kv.find_cached_prefix(probe)
+    assert len(hits) == 15 and hits[0] == llm.llm_engine.kv.null_block
+    assert None in [pool.lookup(h) for h in probe.block_hashes]  # one of its first blocks is gone
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    again = _generate(llm, [prompt + [5]], params)[0]
+    assert again.num_cached_tokens == 60
+    expected = _generate(_llm(mistral, 25, enable_prefix_caching=False), [prompt + [5]], params)
+    assert again.outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert pool.num_free_blocks == pool.num_blocks

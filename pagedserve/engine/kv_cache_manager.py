@@ -60,7 +60,9 @@ class KVCacheManager:
         return hashes[:num_full_blocks]
 
     def find_cached_prefix(self, request: Request) -> list[int]:
-        """The longest chain of cached blocks that starts the request's tokens.
+        """The longest chain of cached blocks that starts the request's tokens. With a sliding
+        window, only the blocks the window of the token after the prefix reads need be cached:
+        those before it come back as the null block (see :meth:`_window_hits`).
 
         Stops one token short of the end, so the last token is always computed and gives logits.
         A request that wants prompt logprobs needs logits at every prompt position, and one
@@ -73,6 +75,10 @@ class KVCacheManager:
         ):
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if self.sliding_window is not None:
+            return self._window_hits(
+                [self.pool.lookup(h) for h in self._hashes(request, max_blocks)]
+            )
         hits: list[int] = []
         for block_hash in self._hashes(request, max_blocks):
             block_id = self.pool.lookup(block_hash)
@@ -80,6 +86,22 @@ class KVCacheManager:
                 break
             hits.append(block_id)
         return hits
+
+    def _window_hits(self, found: list[int | None]) -> list[int]:
+        """The longest prefix of ``found`` (each full block's cached block, or None) whose blocks
+        that the window of the token after it reads are all cached: null blocks for the ones
+        the window has passed, then those (vLLM's sliding-window hits, which let a long
+        conversation hit after its first blocks were evicted)."""
+        runs, run = [], 0  # cached blocks in a row, ending at each block
+        for block_id in found:
+            run = run + 1 if block_id is not None else 0
+            runs.append(run)
+        for length in range(len(found), 0, -1):
+            passed = self._num_passed(length * self.block_size, length)
+            if runs[length - 1] >= length - passed:
+                kept = [b for b in found[passed:length] if b is not None]
+                return [self.null_block] * passed + kept
+        return []
 
     def can_allocate(self, request: Request, num_new_tokens: int, hits: list[int]) -> bool:
         """Whether the blocks for ``num_new_tokens`` more tokens fit. Of free ``hits`` only those
@@ -118,9 +140,10 @@ class KVCacheManager:
         if not self.can_allocate(request, num_new_tokens, hits):
             return False
         if hits:
-            self.pool.touch(hits)
-            request.block_ids = list(hits)
-            self._release_passed(request)
+            passed = self._num_passed(request.num_computed_tokens, len(hits))
+            self.pool.touch(hits[passed:])
+            request.block_ids = [self.null_block] * passed + hits[passed:]
+            request.num_released_blocks = passed
         if self._write_block_is_shared(request):
             i = request.num_computed_tokens // self.block_size
             (new_block,) = self.pool.allocate(1)
