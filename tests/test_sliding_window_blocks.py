@@ -69,6 +69,14 @@ def test_only_a_window_on_every_layer_counts(tiny_model_dir):
     }
 
 
+def test_the_context_is_cut_to_the_cache_only_without_a_window(tiny_model_dir, mistral):
+    """A cache of 25 blocks (100 tokens) holds a window of 8 and a step of 16, but not a whole
+    context of 256."""
+    assert _llm(tiny_model_dir("llama"), 25).llm_engine.max_model_len == 25 * BLOCK
+    assert _llm(mistral, 25).llm_engine.max_model_len == 256
+    assert _llm(mistral, 8).llm_engine.max_model_len == 7 * BLOCK  # 7 + the null block
+
+
 def test_outputs_match_an_engine_that_keeps_every_block(mistral, keeping_every_block):
     llm = _llm(mistral, 400)
     assert llm.llm_engine.kv.sliding_window == 8

@@ -46,7 +46,7 @@ from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.ngram import NgramSpeculator
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.cpu_malloc import keep_freed_memory_in_heap
-from pagedserve.worker.kv_cache import KVCache, shared_sliding_window, tokens_held
+from pagedserve.worker.kv_cache import KVCache, fitted_context, shared_sliding_window
 from pagedserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -149,20 +149,12 @@ class LLMEngine:
         num_blocks = kv_cache.num_blocks
         whole = encoder or not config.enable_chunked_prefill  # every prompt in one step
         window = None if encoder else shared_sliding_window(self.model)
-        # One block is the null block that passed places of block tables point to.
-        capacity = (num_blocks - (window is not None)) * config.block_size
         budget = config.max_num_batched_tokens
         # A prompt runs whole, or its short tail with its last chunk (see Scheduler._chunk).
         longest_step = self.max_model_len if whole else budget + budget // 16
-        if capacity < tokens_held(self.max_model_len, window, longest_step, config.block_size):
-            logger.warning(
-                "the KV cache holds %d tokens, fewer than the context length %d: "
-                "lowering max_model_len to %d",
-                capacity,
-                self.max_model_len,
-                capacity,
-            )
-            self.max_model_len = capacity
+        self.max_model_len = fitted_context(
+            self.max_model_len, num_blocks, config.block_size, window, longest_step
+        )
         self.loras = LoRAManager(self.model, config.max_lora_rank) if config.enable_lora else None
         self.runner = ModelRunner(
             self.model,

@@ -78,13 +78,27 @@ def shared_sliding_window(model: nn.Module) -> int | None:
     return windows.pop() if len(windows) == 1 else None
 
 
-def tokens_held(max_model_len: int, window: int | None, step_tokens: int, block_size: int) -> int:
-    """The most tokens' blocks one request holds at once: its whole context, or with a
-    sliding window whose passed blocks are given back, the window and the most tokens a step
-    gives it (each end possibly in a partly used block)."""
-    if window is None:
+def fitted_context(
+    max_model_len: int, num_blocks: int, block_size: int, window: int | None, step_tokens: int
+) -> int:
+    """``max_model_len``, or what the cache holds where one request could need more at once.
+
+    A request holds its whole context's blocks, or with a sliding ``window`` whose passed
+    blocks are given back, the window's and those of the most tokens a step gives it
+    (``step_tokens``; each end possibly in a partly used block). One block is then the null
+    block that the passed places of block tables point to."""
+    capacity = (num_blocks - (window is not None)) * block_size
+    held = max_model_len if window is None else window + step_tokens + 2 * block_size
+    if capacity >= min(held, max_model_len):
         return max_model_len
-    return min(max_model_len, window + step_tokens + 2 * block_size)
+    logger.warning(
+        "the KV cache holds %d tokens, fewer than the context length %d: "
+        "lowering max_model_len to %d",
+        capacity,
+        max_model_len,
+        capacity,
+    )
+    return capacity
 
 
 class KVCache:
