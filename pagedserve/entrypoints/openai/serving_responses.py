@@ -96,11 +96,11 @@ class ServingResponses:
                 return JSONResponse(queued)
             return SSEResponse(log.read(), lambda: None)  # leaving it leaves the response running
         if req.stream:
-            stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
+            stream = await submit()
             return SSEResponse(job.events(stream), stream.abort)
 
         async def run() -> Response:
-            stream = (await s.submit_all(job.id, [prompt_ids], [params], chat_req))[0]
+            stream = await submit()
             body = job.response(await last_output(stream))
             job.keep(body)
             return JSONResponse(body)
