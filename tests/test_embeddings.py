@@ -277,6 +277,16 @@ def test_an_embedding_server_scores_by_cosine(server):
     status, ranked = post(server, {"query": texts[0], "documents": texts[1:]}, "/v1/rerank")
     assert status == 200
     assert ranked["results"][0]["index"] == max((1, 0), key=lambda i: want[i + 1])
+    # -1 keeps as many tokens as the context holds: all of these.
+    status, whole = post(
+        server, {"text_1": texts[0], "text_2": texts, "truncate_prompt_tokens": -1}, "/score"
+    )
+    assert status == 200, whole
+    assert whole["data"] == scored["data"] and whole["usage"] == scored["usage"]
+    for keep in (0, -2, 257):
+        body = {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": keep}
+        status, error = post(server, body, "/score")
+        assert status == 400 and error["error"]["param"] == "truncate_prompt_tokens", error
 
 
 def test_bench_serve_measures_an_embedding_server(server, smollm2_tokenizer):

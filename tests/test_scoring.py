@@ -15,6 +15,7 @@ from pagedserve.entrypoints.scoring import pair_token_ids
 
 QUERY = "where is the cat"
 DOCUMENTS = ["the cat sat on the mat", "a dog", "what is this fish", "the mat"]
+TRUNCATE = "truncate_prompt_tokens"
 
 
 @pytest.fixture(scope="module", params=["bert", "xlm_roberta", "modernbert"])
@@ -135,6 +136,14 @@ def test_score_and_rerank_endpoints(server):
         ("/score", {"text_1": "a", "text_2": "b", "model": "other"}, 404, "model"),
         ("/rerank", {"query": "a", "documents": []}, 400, "documents"),
         ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, 400, "top_n"),
+        ("/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": -2}, 400, TRUNCATE),
+        ("/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 0}, 400, TRUNCATE),
+        (
+            "/rerank",
+            {"query": "a", "documents": ["b"], "truncate_prompt_tokens": 129},
+            400,
+            TRUNCATE,
+        ),
         ("/classify", {"input": []}, 400, "input"),
         ("/v1/embeddings", {"input": "a cat"}, 400, "model"),
         ("/v1/completions", {"prompt": "a cat"}, 400, None),
@@ -147,6 +156,16 @@ def test_bad_score_requests(server, path, body, status, param):
     # A long pair is fine when truncated to the context.
     truncated = {"text_1": "a", "text_2": "the " * 200, "truncate_prompt_tokens": 64}
     assert post(server, "/score", truncated)[0] == 200
+
+
+def test_score_truncation_to_the_context(server):
+    """``truncate_prompt_tokens: -1`` cuts each pair to the context length (128 here)."""
+    body = {"text_1": "a", "text_2": "the " * 200, "truncate_prompt_tokens": -1}
+    status, scored = post(server, "/score", body)
+    assert status == 200, scored
+    assert scored["usage"]["prompt_tokens"] == 128
+    status, ranked = post(server, "/rerank", {"query": "a", "documents": ["the " * 200], **body})
+    assert status == 200 and ranked["usage"]["total_tokens"] == 128, ranked
 
 
 def test_only_classifiers_classify(tiny_model_dir):

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_v
 
 from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.inert_fields import ChatInertFields, CompletionInertFields
+from pagedserve.entrypoints.openai.prompt_text import PromptTextField
+from pagedserve.entrypoints.openai.stream_interval import StreamIntervalField
 from pagedserve.entrypoints.openai.structured_outputs_protocol import (
     ResponseFormat,
     StructuredOutputs,
@@ -126,7 +129,7 @@ class RequestBody(OpenAIModel):
         return data
 
 
-class SamplingFields(RequestBody):
+class SamplingFields(RequestBody, StreamIntervalField):
     """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
 
     @model_validator(mode="before")
@@ -320,16 +323,24 @@ def truncated(
     """A prompt's last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``, a left truncation;
     -1: as many as the context holds), its first with ``side`` ``"right"``, or all of them when
     ``keep`` is None."""
+    keep = truncation_length(keep, max_model_len)
     if keep is None:
         return ids
-    given, keep = keep, max_model_len if keep == -1 else keep
-    if not 1 <= keep <= max_model_len:
-        raise bad_request(
-            f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (the context "
-            f"length), got {given}",
-            param="truncate_prompt_tokens",
-        )
     return ids[:keep] if side == "right" else ids[-keep:]
+
+
+def truncation_length(keep: int | None, max_model_len: int) -> int | None:
+    """How many tokens ``truncate_prompt_tokens`` keeps (-1: the context length); a 400 for a
+    value outside -1 and [1, max_model_len]."""
+    if keep is None or 1 <= keep <= max_model_len:
+        return keep
+    if keep == -1:
+        return max_model_len
+    raise bad_request(
+        f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (the context "
+        f"length), got {keep}",
+        param="truncate_prompt_tokens",
+    )
 
 
 def _unset(value: Any, default: Any) -> bool:
@@ -352,7 +363,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         ) from exc
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatInertFields, PromptTextField):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -446,7 +457,7 @@ class ChatCompletionRequest(SamplingFields):
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, CompletionInertFields):
     prompt: Prompt
     max_tokens: int | None = 16
     logprobs: int | None = None

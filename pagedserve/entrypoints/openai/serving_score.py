@@ -16,7 +16,7 @@ from pagedserve.entrypoints.openai.embeddings_protocol import (
     ScoreRequest,
 )
 from pagedserve.entrypoints.openai.errors import bad_request
-from pagedserve.entrypoints.openai.protocol import truncated
+from pagedserve.entrypoints.openai.protocol import truncated, truncation_length
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing, new_id
 from pagedserve.entrypoints.openai.streams import cancel_on_disconnect, last_output
 from pagedserve.entrypoints.scoring import cosine, pair_token_ids, score_pairs
@@ -148,14 +148,14 @@ class ServingScore:
             )
         cross = s.engine.is_classifier
         if cross:
-            inputs = [
-                pair_token_ids(s.tokenizer, a, b, req.truncate_prompt_tokens) for a, b in pairs
-            ]
+            keep = truncation_length(req.truncate_prompt_tokens, s.max_model_len)
+            inputs = [pair_token_ids(s.tokenizer, a, b, keep) for a, b in pairs]
         else:
             texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each embedded once
-            inputs = [await s.tokenize(text, True) for text in texts]
-            if req.truncate_prompt_tokens is not None:
-                inputs = [ids[-req.truncate_prompt_tokens :] for ids in inputs]
+            inputs = [
+                truncated(await s.tokenize(text, True), req.truncate_prompt_tokens, s.max_model_len)
+                for text in texts
+            ]
         vectors = await self._pooled(inputs, req)
         num_tokens = sum(map(len, inputs))
         if cross:
