@@ -4,6 +4,7 @@ none gives each the answer of the base model with that adapter merged into its w
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from server_utils import MODEL_NAME, ServerProcess, request
@@ -184,3 +185,27 @@ def test_served_adapters(server, tiny_model_dir, adapters):
     assert status == 404 and answer["error"]["param"] == "model"
     assert post("/v1/unload_lora_adapter", {"lora_name": "a2"})[0] == 404
     assert served_ids(client, "a1") == expected["a1"]  # the other adapter is still served
+
+
+def test_runtime_loads_at_once_and_empty_names(server, adapters):
+    """Loads of one name sent at once: one succeeds and the others find the name taken (they
+    all loaded it before, and the engine's adapter and the served one could differ); an empty
+    name or path is a 400, as in vLLM."""
+
+    def load(body):
+        return request(server.url + "/v1/load_lora_adapter", "POST", body)
+
+    bodies = [{"lora_name": "same", "lora_path": adapters[f"a{1 + i % 2}"][0]} for i in range(6)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        statuses = sorted(status for status, _ in pool.map(load, bodies))
+    assert statuses == [200] + [400] * 5
+    assert request(server.url + "/v1/unload_lora_adapter", "POST", {"lora_name": "same"})[0] == 200
+    for body in (
+        {"lora_name": "", "lora_path": adapters["a2"][0]},
+        {"lora_name": "x", "lora_path": ""},
+    ):
+        status, answer = load(body)
+        assert status == 400 and "must be provided" in answer["error"]["message"], answer
+    status, answer = load({"lora_name": MODEL_NAME, "lora_path": adapters["a2"][0]})
+    assert status == 400 and "base model" in answer["error"]["message"], answer
+    assert "" not in {m.id for m in server.client().models.list().data}

@@ -5,6 +5,7 @@ they read adapter directories from the server's disk, so they are off by default
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 
@@ -35,28 +36,43 @@ class UnloadLoRAAdapterRequest(RequestBody):
 
 def add_lora_routes(app: FastAPI, serving: OpenAIServing) -> None:
     ids = itertools.count(len(serving.lora_modules) + 1)
+    # One load or unload at a time: each checks the served names, then waits for the engine,
+    # and two loads of one name would both pass the check.
+    lock = asyncio.Lock()
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> PlainTextResponse:
         name = req.lora_name
-        if name in serving.lora_modules or name in serving.served_model_names:
-            raise bad_request(f"The lora adapter '{name}' has already been loaded.", "lora_name")
-        lora = LoRARequest(name, next(ids), req.lora_path)
-        try:
-            await serving.engine.call(lambda engine: engine.loras.slot(lora))
-        except ValueError as exc:
-            raise bad_request(str(exc), "lora_path") from exc
-        serving.lora_modules[name] = lora
+        if not name or not req.lora_path:
+            raise bad_request("Both 'lora_name' and 'lora_path' must be provided.", "lora_name")
+        if name in serving.served_model_names:
+            raise bad_request(
+                f"The lora adapter '{name}' conflicts with a served base model.", "lora_name"
+            )
+        async with lock:
+            if name in serving.lora_modules:
+                raise bad_request(
+                    f"The lora adapter '{name}' has already been loaded.", "lora_name"
+                )
+            lora = LoRARequest(name, next(ids), req.lora_path)
+            try:
+                await serving.engine.call(lambda engine: engine.loras.slot(lora))
+            except ValueError as exc:
+                raise bad_request(str(exc), "lora_path") from exc
+            serving.lora_modules[name] = lora
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         name = req.lora_name
-        if name not in serving.lora_modules:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
-        try:
-            await serving.engine.call(lambda engine: engine.remove_lora(name))
-        except ValueError as exc:
-            raise bad_request(str(exc), "lora_name") from exc
-        del serving.lora_modules[name]
+        async with lock:
+            if name not in serving.lora_modules:
+                raise APIError(
+                    404, f"The lora adapter '{name}' cannot be found.", param="lora_name"
+                )
+            try:
+                await serving.engine.call(lambda engine: engine.remove_lora(name))
+            except ValueError as exc:
+                raise bad_request(str(exc), "lora_name") from exc
+            del serving.lora_modules[name]
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
