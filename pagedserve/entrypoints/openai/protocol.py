@@ -65,6 +65,8 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning: str | None = None  # an assistant's earlier thinking, which templates may show
+    reasoning_content: str | None = None  # the same under its older name
 
 
 @cache

@@ -416,6 +416,9 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
         out["tool_call_id"] = message.tool_call_id
     if message.tool_calls:
         out["tool_calls"] = [_template_call(call, index) for call in message.tool_calls]
+    reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+    if message.role == "assistant" and reasoning is not None:  # under both names, as vLLM
+        out["reasoning"] = out["reasoning_content"] = reasoning
     return out
 
 

@@ -22,6 +22,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     usage_dict,
     usage_so_far,
 )
+from pagedserve.entrypoints.openai.stream_interval import StreamGate
 from pagedserve.entrypoints.openai.streams import (
     SSE_DONE,
     SSEResponse,
@@ -47,6 +48,7 @@ class ServingChat:
         req.resolve_tools(s.tool_parser)
         req.refuse_unsupported()
         text = s.render_chat(req, req.tools)
+        req.keep_prompt_text(text)
         prompt_ids = req.truncated(await s.tokenize(text, req.add_special_tokens), s.max_model_len)
         params = s.sampling_params(
             req,
@@ -132,7 +134,7 @@ class ServingChat:
         }
         if req.return_token_ids:
             body["prompt_token_ids"] = out.prompt_token_ids
-        return body
+        return {**body, **req.prompt_text_field()}
 
     async def _stream(
         self,
@@ -160,6 +162,7 @@ class ServingChat:
 
         for i in range(n):
             first = {"prompt_token_ids": prompt_ids} if req.return_token_ids and i == 0 else {}
+            first.update(req.prompt_text_field() if i == 0 else {})
             yield chunk(
                 {
                     "index": i,
@@ -190,11 +193,14 @@ class ServingChat:
         ids_sent = [0] * n  # token ids sent, for return_token_ids
         done = [False] * n
         final: RequestOutput | None = None
+        gate = StreamGate(req.stream_interval)
         try:
             async for out in stream:
                 if final is None:
                     prompt_thinks = self.prompt_thinks(out.prompt_token_ids)
                 final = out
+                if not gate.passes(out):
+                    continue
                 for c in out.outputs:
                     i = c.index
                     if done[i]:

@@ -22,6 +22,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     usage_dict,
     usage_so_far,
 )
+from pagedserve.entrypoints.openai.stream_interval import StreamGate
 from pagedserve.entrypoints.openai.streams import (
     SSE_DONE,
     SSEResponse,
@@ -176,9 +177,12 @@ class _Job:
         started = [False] * total
         done = [False] * total
         finals: list[RequestOutput | None] = [None] * len(streams)
+        gate = StreamGate(req.stream_interval)
         try:
             async for p, out in merged(streams):
                 finals[p] = out
+                if not gate.passes(out, p):
+                    continue
                 for c in out.outputs:
                     i = p * n + c.index
                     if done[i]:

@@ -1,0 +1,26 @@
+"""vLLM's ``return_prompt_text`` on chat: the answer carries ``prompt_text``, the prompt exactly
+as the chat template wrote it (what the model read, before tokenizing), to inspect a template's
+work; a stream sends it in its first chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, PrivateAttr
+
+
+class PromptTextField(BaseModel):
+    """The request field, and the rendered prompt kept for the answer when it is asked for."""
+
+    return_prompt_text: bool | None = None
+
+    _prompt_text: str | None = PrivateAttr(default=None)
+
+    def keep_prompt_text(self, text: str) -> None:
+        """Remember the rendered prompt, when the answer is to carry it."""
+        if self.return_prompt_text:
+            self._prompt_text = text
+
+    def prompt_text_field(self) -> dict[str, Any]:
+        """``{"prompt_text": ...}`` for an answer (or a stream's first chunk) that carries it."""
+        return {} if self._prompt_text is None else {"prompt_text": self._prompt_text}

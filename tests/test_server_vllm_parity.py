@@ -1,0 +1,198 @@
+"""vLLM 0.32's request fields on /v1/chat/completions and /v1/completions, end to end through the
+``openai`` client's ``extra_body``: the ones honoured here (``stream_interval``,
+``return_prompt_text``, an assistant message's earlier ``reasoning``, the sampling extras), the
+ones accepted as the no-ops they are on a server like this one, and the ones refused with a 400
+naming them because this server cannot do what they ask."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from server_utils import CHAT, MODEL_NAME, greedy_chat, greedy_completion, request, templated_server
+
+from pagedserve.entrypoints.openai.stream_interval import StreamGate
+from pagedserve.outputs import CompletionOutput, RequestOutput
+
+# Writes each message as <role>content, and an assistant's earlier thinking under both names.
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>"
+    "{% if m.reasoning is defined %}[{{ m.reasoning }}|{{ m.reasoning_content }}]{% endif %}"
+    "{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+INERT = {
+    "watermarking": True,
+    "session_id": "session-1",
+    "vllm_xargs": {"label": "a", "weights": [1, 2.5, "x"]},
+    "routed_experts_prompt_start": 2,
+    "return_token_offsets": True,
+    "mm_payload": "none",
+    "return_mm_kwargs": False,
+    "kv_transfer_params": {},
+    "ec_transfer_params": None,
+    "logprob_token_ids": [],
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    srv = templated_server(
+        tmp_path_factory.mktemp("template"), tiny_model_dir("llama"), TEMPLATE, "--dtype", "float32"
+    )
+    yield srv
+    srv.close()
+
+
+def test_inert_fields_change_nothing(client):
+    """What vLLM too ignores on a server with no watermark, KV events, extensions or media: the
+    answer is the one without them."""
+    plain = greedy_completion(client, max_tokens=8, extra_body={"ignore_eos": True})
+    given = greedy_completion(client, max_tokens=8, extra_body={**INERT, "ignore_eos": True})
+    assert given.choices[0].text == plain.choices[0].text
+    media = {"media_io_kwargs": {"image": {"size": 1}}, "mm_processor_kwargs": {"crop": True}}
+    plain = greedy_chat(client, max_tokens=8, extra_body={"ignore_eos": True})
+    given = greedy_chat(client, max_tokens=8, extra_body={**INERT, **media, "ignore_eos": True})
+    assert given.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("kv_transfer_params", {"do_remote_decode": True}),
+        ("ec_transfer_params", {"do_remote_encode": True}),
+        ("logprob_token_ids", [1, 2]),
+        ("stream_interval", 0),
+        ("routed_experts_prompt_start", -1),
+        ("vllm_xargs", {"nested": {"no": 1}}),
+    ],
+)
+def test_what_cannot_run_is_refused(client, field, value):
+    """A 400 naming the field, on both endpoints, where this server cannot do what it asks."""
+    extra = {"extra_body": {field: value}}
+    with pytest.raises(openai.BadRequestError) as chat_error:
+        greedy_chat(client, max_tokens=2, logprobs=True, **extra)
+    with pytest.raises(openai.BadRequestError) as completion_error:
+        greedy_completion(client, max_tokens=2, logprobs=1, **extra)
+    for error in (chat_error.value, completion_error.value):
+        assert error.body["param"] == field and field in error.body["message"]
+
+
+def test_prompt_embeds_is_refused(server):
+    """Embeddings in place of a prompt: a 400 naming ``prompt_embeds``, not one about the
+    missing ``prompt``."""
+    for body in ({"prompt_embeds": "AAAA"}, {"prompt": "Hi", "prompt_embeds": ["AAAA"]}):
+        status, answer = request(
+            server.url + "/v1/completions", "POST", {"model": MODEL_NAME, **body}
+        )
+        assert status == 400 and answer["error"]["param"] == "prompt_embeds"
+
+
+def _output(*choices: tuple[int, str | None]) -> RequestOutput:
+    """An engine output whose choice ``i`` has ``choices[i]`` (tokens so far, finish reason)."""
+    outputs = [
+        CompletionOutput(i, "", list(range(n)), None, None, finish)
+        for i, (n, finish) in enumerate(choices)
+    ]
+    return RequestOutput("r", None, [0], outputs, all(f for _, f in choices))
+
+
+def test_stream_gate():
+    """Which outputs become chunks: a prompt's first, one where a choice has ``interval`` tokens
+    more than last sent, one where a choice finishes; each prompt of a request on its own."""
+    gate = StreamGate(3)
+    steps = [(1, None), (2, None), (3, None), (4, None), (5, None), (6, None), (7, "length")]
+    assert [gate.passes(_output(step)) for step in steps] == [1, 0, 0, 1, 0, 0, 1]
+    gate = StreamGate(2)
+    sent = [
+        gate.passes(_output((1, None), (1, None))),
+        gate.passes(_output((1, None), (1, None)), prompt=1),  # another prompt's first
+        gate.passes(_output((2, None), (2, None))),
+        gate.passes(_output((3, None), (2, "stop"))),  # a choice finishes
+        gate.passes(_output((4, None), (2, "stop"))),
+        gate.passes(_output((5, None), (2, "stop"))),
+    ]
+    assert sent == [True, True, False, True, False, True]
+    assert all(StreamGate(None).passes(_output((n, None))) for n in range(1, 4))
+
+
+def _token_counts(chunks) -> list[int]:
+    return [len(c.choices[0].model_extra["token_ids"]) for c in chunks]
+
+
+def test_stream_interval(client):
+    """Over HTTP: chunks of at least ``stream_interval`` tokens but for the first and the last
+    (a chunk may hold more: outputs a slow reader missed come together); the text is the whole
+    answer's."""
+    extra = {"stream_interval": 4, "ignore_eos": True, "return_token_ids": True}
+    whole = greedy_completion(client, max_tokens=10, extra_body={"ignore_eos": True})
+    chunks = list(greedy_completion(client, max_tokens=10, stream=True, extra_body=extra))
+    counts = _token_counts([c for c in chunks if c.choices])
+    assert sum(counts) == 10 and len(counts) <= 4 and all(n >= 4 for n in counts[1:-1])
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    whole = greedy_chat(client, max_tokens=10, extra_body={"ignore_eos": True})
+    chunks = list(greedy_chat(client, max_tokens=10, stream=True, extra_body=extra))
+    counts = _token_counts(
+        [c for c in chunks if c.choices and "token_ids" in c.choices[0].model_extra]
+    )
+    assert sum(counts) == 10 and len(counts) <= 4 and all(n >= 4 for n in counts[1:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+
+
+def test_return_prompt_text(server, client):
+    """``prompt_text``: the prompt as the chat template wrote it, the text of the prompt's
+    tokens; in a stream, in the first chunk only."""
+    extra = {"return_prompt_text": True, "return_token_ids": True}
+    chat = greedy_chat(client, max_tokens=2, extra_body=extra)
+    text = chat.model_extra["prompt_text"]
+    assert text == f"<user>{CHAT[0]['content']}<assistant>"
+    _, tokenized = request(
+        server.url + "/tokenize", "POST", {"prompt": text, "add_special_tokens": False}
+    )
+    assert tokenized["tokens"] == chat.model_extra["prompt_token_ids"]
+    assert "prompt_text" not in greedy_chat(client, max_tokens=2).model_extra
+    chunks = list(greedy_chat(client, max_tokens=4, stream=True, extra_body=extra))
+    assert chunks[0].model_extra["prompt_text"] == text
+    assert all("prompt_text" not in c.model_extra for c in chunks[1:])
+
+
+def test_earlier_reasoning_reaches_the_template(client):
+    """An assistant message's ``reasoning`` (or its older name ``reasoning_content``) reaches the
+    chat template under both names, as vLLM hands it over; another role's is not passed on."""
+    messages = [
+        {"role": "user", "content": "Hi", "reasoning": "not mine"},
+        {"role": "assistant", "content": "Blue.", "reasoning_content": "think A"},
+        {"role": "assistant", "content": "Red.", "reasoning": "think B"},
+        {"role": "user", "content": "More?"},
+    ]
+    chat = greedy_chat(
+        client, messages=messages, max_tokens=1, extra_body={"return_prompt_text": True}
+    )
+    assert chat.model_extra["prompt_text"] == (
+        "<user>Hi<assistant>[think A|think A]Blue.<assistant>[think B|think B]Red."
+        "<user>More?<assistant>"
+    )
+
+
+def test_sampling_extras_are_honoured(client):
+    """vLLM's sampling extras reach the sampler: ``allowed_token_ids`` bounds every token,
+    ``logit_bias`` moves the choice, ``min_tokens`` holds a stop token back."""
+    ids = {"return_token_ids": True, "ignore_eos": True}
+    plain = greedy_completion(client, max_tokens=6, extra_body=ids).choices[0]
+    generated = plain.model_extra["token_ids"]
+    allowed = [generated[0] + 1, generated[0] + 7, 300]
+    bounded = greedy_completion(
+        client, max_tokens=6, extra_body={**ids, "allowed_token_ids": allowed}
+    ).choices[0]
+    assert set(bounded.model_extra["token_ids"]) <= set(allowed)
+    favoured = 301
+    biased = greedy_completion(
+        client, max_tokens=4, logit_bias={str(favoured): 100}, extra_body=ids
+    ).choices[0]
+    assert biased.model_extra["token_ids"] == [favoured] * 4
+    stop = {"return_token_ids": True, "stop_token_ids": [generated[0]]}
+    stopped = greedy_completion(client, max_tokens=6, extra_body=stop).choices[0]
+    assert stopped.finish_reason == "stop" and len(stopped.model_extra["token_ids"]) == 1
+    held = greedy_completion(client, max_tokens=6, extra_body={**stop, "min_tokens": 4}).choices[0]
+    assert len(held.model_extra["token_ids"]) >= 4
+    assert generated[0] not in held.model_extra["token_ids"][:4]
