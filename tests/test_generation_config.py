@@ -86,6 +86,21 @@ def test_request_values_beat_the_defaults():
     assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 0.5, 0)
 
 
+def test_penalty_defaults(tmp_path):
+    """vLLM takes presence_penalty and frequency_penalty from the generation config too (Qwen's
+    recommend a presence penalty); a request's own value, 0 included, beats them."""
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.25}
+    (tmp_path / "generation_config.json").write_text(json.dumps(penalties))
+    assert load_generation_config(str(tmp_path)).sampling_defaults == penalties
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    left_out = ChatCompletionRequest.model_validate(chat).sampling_params(4, None, None, penalties)
+    assert (left_out.presence_penalty, left_out.frequency_penalty) == (1.5, 0.25)
+    given = ChatCompletionRequest.model_validate({**chat, "presence_penalty": 0})
+    assert given.sampling_params(4, None, None, penalties).presence_penalty == 0
+    plain = ChatCompletionRequest.model_validate(chat).sampling_params(4, None, None)
+    assert (plain.presence_penalty, plain.frequency_penalty) == (0.0, 0.0)
+
+
 def test_served_defaults(tiny_model_dir, tmp_path):
     """A chat that names neither temperature nor max_tokens is greedy and 3 tokens long."""
     path = _with_generation_config(tiny_model_dir, tmp_path, temperature=0.0, max_new_tokens=3)

@@ -184,3 +184,19 @@ def test_a_line_that_fails_inside_the_server_fails_alone(tmp_path, llama, monkey
     bad, good = run(tmp_path, llama, lines)
     assert bad["response"]["status_code"] == 500 and bad["error"]["type"] == "server_error"
     assert good["response"]["status_code"] == 200
+
+
+def test_malformed_lines_fail_alone(tmp_path, llama):
+    """Lines no JSON parser reads (nested past Python's recursion limit, or not UTF-8) are 400s
+    of their own; the other lines are answered."""
+    good = batch_line("good", "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 1})
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    source.write_bytes(f"{deep}\n".encode() + b'{"custom_id": "\xff\xfe"}\n' + good.encode())
+    argv = ["run-batch", "-i", str(source), "-o", str(target), llama, "--served-model-name", NAME]
+    assert main([*argv, "--dtype", "float32", "--log-level", "WARNING"]) == 0
+    results = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["response"]["status_code"] for r in results] == [400, 400, 200]
+    assert "nested too deeply" in results[0]["error"]["message"]
+    assert "UTF-8" in results[1]["error"]["message"]
+    assert results[2]["custom_id"] == "good" and results[2]["error"] is None

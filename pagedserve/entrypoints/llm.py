@@ -50,7 +50,7 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """``SamplingParams()`` with the model's generation-config defaults (temperature, top_p,
-        top_k, min_p, repetition_penalty, max_tokens), as vLLM's; what ``generate`` and ``chat``
+        top_k, min_p, the three penalties, max_tokens), as vLLM's; what ``generate`` and ``chat``
         use when given no sampling params."""
         return SamplingParams(**self.llm_engine.generation_config.sampling_defaults)
 

@@ -143,8 +143,8 @@ class SamplingFields(RequestBody, StreamIntervalField):
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -264,8 +264,8 @@ class SamplingFields(RequestBody, StreamIntervalField):
             top_p=given("top_p", 1.0),
             top_k=given("top_k", 0),
             min_p=given("min_p", 0.0),
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=given("presence_penalty", 0.0),
+            frequency_penalty=given("frequency_penalty", 0.0),
             repetition_penalty=given("repetition_penalty", 1.0),
             seed=self.seed,
             stop=self.stop,

@@ -40,12 +40,18 @@ class BatchLineError(ValueError):
         self.custom_id = custom_id
 
 
-def parse_line(line: str) -> tuple[str | None, str, bytes]:
+def parse_line(line: bytes | str) -> tuple[str | None, str, bytes]:
     """(custom_id, url, JSON body) of one input line."""
     try:
-        item = json.loads(line)
+        text = line.decode() if isinstance(line, bytes) else line
+    except UnicodeDecodeError as exc:
+        raise BatchLineError(f"the line is not UTF-8 text: {exc}") from exc
+    try:
+        item = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BatchLineError(f"the line is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BatchLineError("the line is nested too deeply to read as JSON") from exc
     if not isinstance(item, dict):
         raise BatchLineError("the line must be a JSON object")
     custom_id = item.get("custom_id")
@@ -132,7 +138,7 @@ def output_line(custom_id: str | None, status: int, body: Any) -> dict[str, Any]
     }
 
 
-async def answer(app: ASGIApp, line: str) -> dict[str, Any]:
+async def answer(app: ASGIApp, line: bytes) -> dict[str, Any]:
     """The output line for one input line."""
     try:
         custom_id, url, body = parse_line(line)
@@ -146,16 +152,17 @@ async def answer(app: ASGIApp, line: str) -> dict[str, Any]:
     return output_line(custom_id, status, parsed)
 
 
-async def input_lines(source: str) -> AsyncIterator[str]:
-    """The non-blank lines of a local file or of an http(s) URL's body."""
+async def input_lines(source: str) -> AsyncIterator[bytes]:
+    """The non-blank lines of a local file or of an http(s) URL's body, undecoded: a line that is
+    not UTF-8 fails alone."""
     if source.startswith(("http://", "https://")):
         async with aiohttp.ClientSession() as session, session.get(source) as resp:
             resp.raise_for_status()
             async for raw in resp.content:
                 if raw.strip():
-                    yield raw.decode()
+                    yield raw
         return
-    with open(source, encoding="utf-8") as f:
+    with open(source, "rb") as f:
         for line in f:
             if line.strip():
                 yield line
@@ -188,7 +195,7 @@ async def run_batch(
     failed = 0
     bar = tqdm(total=total, desc="run-batch", unit="req", mininterval=2)
 
-    async def one(index: int, line: str) -> None:
+    async def one(index: int, line: bytes) -> None:
         nonlocal failed
         try:
             result = await answer(app, line)
@@ -217,7 +224,7 @@ async def _run(engine: AsyncEngine, settings: ServerSettings, source: str, targe
     max_in_flight = 2 * engine.engine.config.max_num_seqs
     total = None
     if not source.startswith(("http://", "https://")):
-        with open(source, encoding="utf-8") as f:
+        with open(source, "rb") as f:
             total = sum(1 for line in f if line.strip())
     try:
         async with app.router.lifespan_context(app):
