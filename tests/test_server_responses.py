@@ -214,6 +214,21 @@ def test_function_calls_and_their_outputs(client):
     assert events[-2].item.arguments == events[3].delta == call.arguments
 
 
+def test_echoed_output_items_are_input(client):
+    """What clients send back from earlier outputs: a reasoning item (left out, as a stored
+    response's reasoning is) and a function call output given as text parts."""
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather"}
+    call["arguments"] = '{"city": "Paris"}'
+    result = {"type": "function_call_output", "call_id": "call_1", "output": '{"temp_c": 21}'}
+    plain = [{"role": "user", "content": "What is the weather in Paris?"}, call, result]
+    parts = [{"type": "input_text", "text": '{"temp_c": '}, {"type": "input_text", "text": "21}"}]
+    echoed = [*plain[:1], {"type": "reasoning", "id": "rs_1", "summary": []}, call]
+    echoed.append({**result, "output": parts})
+    want = greedy_response(client, input=plain, tools=[WEATHER], tool_choice="none")
+    got = greedy_response(client, input=echoed, tools=[WEATHER], tool_choice="none")
+    assert got.status == "completed" and got.output_text == want.output_text
+
+
 def test_previous_response_id_continues_a_stored_conversation(client):
     first = greedy_response(client, instructions="Answer in one word.")
     assert first.store is True
@@ -270,6 +285,11 @@ def test_previous_response_id_continues_a_stored_conversation(client):
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": [1]}]}, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
+        ({"input": [{"role": None, "content": "hi"}]}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": None}]}]}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input"),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),  # no output
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": {}}]}, "input"),
         ({"input": []}, "input"),
         ({"text": {"format": {"type": "xml"}}}, "text"),
         ({"max_output_tokens": 0}, "max_output_tokens"),

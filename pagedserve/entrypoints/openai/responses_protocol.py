@@ -113,10 +113,14 @@ class ResponsesRequest(RequestBody):
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
-                output = item.get("output")
+                if "output" not in item:
+                    raise bad_request("a function_call_output needs its output", param="input")
+                output = _text(item["output"])
                 messages.append(
                     {"role": "tool", "tool_call_id": item.get("call_id"), "content": output}
                 )
+            elif kind == "reasoning":
+                continue  # earlier turns' reasoning is left out, as chat templates drop it
             else:
                 messages.append(_message(item))
         return messages
@@ -169,15 +173,24 @@ def _message(item: dict[str, Any]) -> dict[str, str]:
             f"input items of type {kind!r} are not supported; send messages with a role",
             param="input",
         )
-    content = item.get("content")
+    if not isinstance(item["role"], str):
+        raise bad_request("a message's role must be a string", param="input")
+    return {"role": item["role"], "content": _text(item.get("content"))}
+
+
+def _text(content: Any) -> str:
+    """A message's content or a function call's output, a string or a list of text parts, as
+    one string."""
     if isinstance(content, list):
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise bad_request(f"only text content is supported, got {kind!r}", param="input")
-            parts.append(str(part.get("text", "")))
+            if not isinstance(part.get("text"), str):
+                raise bad_request("a text content part needs its text (a string)", param="input")
+            parts.append(part["text"])
         content = "".join(parts)
     if not isinstance(content, str):
         raise bad_request("a message's content must be text", param="input")
-    return {"role": str(item["role"]), "content": content}
+    return content
