@@ -19,7 +19,7 @@ class ServingTokenize:
         if req.messages is not None and req.prompt is not None:
             raise bad_request("give either prompt or messages, not both", param="messages")
         if req.messages is not None:
-            text = s.render_chat(req)
+            text = s.render_chat(req, req.tools)
             add_special = False if req.add_special_tokens is None else req.add_special_tokens
         elif req.prompt is not None:
             text = req.prompt

@@ -20,6 +20,7 @@ class TokenizeRequest(RequestBody):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: what the chat template lists
     return_token_strs: bool = False
 
 
