@@ -72,6 +72,24 @@ def test_the_calls_the_model_writes_come_back_as_tool_calls(server):
     wait_until_idle(server.url)
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call(server):
+    """As vLLM answers it: of the calls an ``auto`` answer writes, only the first comes back
+    (whole or streamed); by default all of them do."""
+    second = '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    both = CALL_TEXT + second
+    calls = chat(server, both).choices[0].message.tool_calls
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+    r = chat(server, both, parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert r.choices[0].finish_reason == "tool_calls"
+    streamed = {}
+    for chunk in chat(server, both, stream=True, parallel_tool_calls=False):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            streamed[d.index] = json.loads(d.function.arguments)
+    assert streamed == {0: {"city": "Paris"}}
+
+
 def test_an_answer_without_calls_stays_text(server):
     r = chat(server, "It is sunny <in> Paris.")
     assert r.choices[0].finish_reason == "stop"

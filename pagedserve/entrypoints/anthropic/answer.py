@@ -56,7 +56,10 @@ class Answer:
         mode = self.chat_req.tool_mode
         if mode is None:
             return blocks + ([text_block(text)] if text else []), False
-        fields, _ = final_answer(text, mode, c.finish_reason, self.call_id, self.chat_req.tools)
+        parallel = self.chat_req.parallel_tool_calls is not False
+        fields, _ = final_answer(
+            text, mode, c.finish_reason, self.call_id, self.chat_req.tools, parallel
+        )
         if fields.get("content"):
             blocks.append(text_block(fields["content"]))
         tool_used = False

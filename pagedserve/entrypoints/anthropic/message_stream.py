@@ -103,7 +103,8 @@ async def events(answer: Answer, stream: RequestStream) -> AsyncIterator[bytes]:
     chat, chat_req = answer.chat, answer.chat_req
     blocks = _Blocks(answer.show_thinking)
     mode = chat_req.tool_mode
-    calls = ToolCallDeltas(mode, answer.call_id, chat_req.tools) if mode is not None else None
+    parallel = chat_req.parallel_tool_calls is not False
+    calls = ToolCallDeltas(mode, answer.call_id, chat_req.tools, parallel) if mode else None
     reasoning_sent = text_sent = 0
     final: RequestOutput | None = None
     try:

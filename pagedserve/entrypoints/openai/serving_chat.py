@@ -90,6 +90,7 @@ class ServingChat:
         top_logprobs: int | None,
     ) -> dict[str, Any]:
         tool_mode = req.tool_mode
+        parallel = req.parallel_tool_calls is not False
         hidden = self.hides_reasoning(req)
         echoed = self.echoed(req)
         choices = []
@@ -107,7 +108,7 @@ class ServingChat:
             finish_reason = c.finish_reason
             if tool_mode is not None:
                 fields, finish_reason = final_answer(
-                    text, tool_mode, finish_reason, self.call_id, req.tools
+                    text, tool_mode, finish_reason, self.call_id, req.tools, parallel
                 )
                 message.update(fields)
             if echoed:
@@ -182,8 +183,9 @@ class ServingChat:
         hidden = self.hides_reasoning(req)
         if hidden:
             top_logprobs = None
+        parallel = req.parallel_tool_calls is not False
         tool_deltas = (
-            [ToolCallDeltas(tool_mode, self.call_id, req.tools) for _ in range(n)]
+            [ToolCallDeltas(tool_mode, self.call_id, req.tools, parallel) for _ in range(n)]
             if tool_mode
             else None
         )

@@ -178,8 +178,9 @@ class _Job:
             logprobs = self.logprobs(c, 0, len(c.token_ids))
             return [*items, self.message(text, "completed", logprobs)]
         call_id = self.chat.s.parser_call_id or (lambda: new_id("call", "_"))
+        parallel = self.chat_req.parallel_tool_calls is not False
         fields, _ = final_answer(
-            text, self.tool_mode, c.finish_reason, call_id, self.chat_req.tools
+            text, self.tool_mode, c.finish_reason, call_id, self.chat_req.tools, parallel
         )
         if fields.get("content"):
             items.append(self.message(fields["content"], "completed"))

@@ -13,7 +13,8 @@ needed:
 
 ``auto`` (the default when tools are given) lets the model answer freely; a parser of its own
 tool-call format (:mod:`.tool_parsers`, chosen with ``--tool-call-parser``) reads the calls it
-chose to make, which go back with ``finish_reason`` ``tool_calls``.
+chose to make, which go back with ``finish_reason`` ``tool_calls``; with ``parallel_tool_calls``
+false only the first of them, as vLLM answers (nothing holds the model to one call there).
 """
 
 from __future__ import annotations
@@ -151,9 +152,11 @@ def final_answer(
     finish_reason: str | None,
     new_id: Callable[[], str],
     tools: list[dict[str, Any]] | None = None,
+    parallel: bool = True,
 ) -> tuple[dict[str, Any], str | None]:
     """The message fields (``content``, ``tool_calls``) and finish reason of a finished answer
-    (``tools``: the request's, which some ``auto`` parsers read argument types from).
+    (``tools``: the request's, which some ``auto`` parsers read argument types from;
+    ``parallel``: false keeps an ``auto`` answer's first call only).
 
     A named call keeps its arguments text as it is, whole or not, as vLLM does, and so does a
     ``required`` answer cut short by ``max_tokens`` (its last call's arguments unfinished); one
@@ -163,6 +166,7 @@ def final_answer(
         return {"content": None, "tool_calls": [tool_call(new_id(), name, text)]}, finish_reason
     if kind == AUTO:
         content, calls = TOOL_PARSERS[name](tools).split(text, final=True)
+        calls = calls if parallel else calls[:1]
         if not calls:
             return {"content": text}, finish_reason
         message = {
@@ -198,8 +202,10 @@ class ToolCallDeltas:
         mode: tuple[str, str],
         new_id: Callable[[], str],
         tools: list[dict[str, Any]] | None = None,
+        parallel: bool = True,
     ) -> None:
         self.mode = mode
+        self.parallel = parallel  # false: an auto answer's first call only
         self.new_id = new_id
         self.call_id: str | None = None
         self.parser = TOOL_PARSERS[mode[1]](tools) if mode[0] == AUTO else None
@@ -250,6 +256,7 @@ class ToolCallDeltas:
     def _auto(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         assert self.parser is not None
         content, calls = self.parser.split(text, final=finish_reason is not None)
+        calls = calls if self.parallel else calls[:1]
         delta: dict[str, Any] = {}
         if len(content) > self.content_sent:
             delta["content"] = content[self.content_sent :]
