@@ -134,6 +134,33 @@ def test_completion_render_one_entry_per_prompt(server):
     assert rendered[0]["request_id"].startswith("cmpl-")
 
 
+def test_render_token_offsets(server):
+    """vLLM's return_token_offsets: each prompt token's characters in the text it was tokenized
+    from (a chat's as its template wrote it); null unless asked, and for token ids."""
+    asked = {"model": MODEL_NAME, "return_token_offsets": True}
+    status, rendered = post(server, "/v1/chat/completions/render", {**asked, "messages": CHAT})
+    assert status == 200, rendered
+    _assert_offsets(server, "<user>hi<assistant>", rendered)
+    status, plain = post(server, "/v1/chat/completions/render", {"messages": CHAT})
+    assert status == 200 and plain["token_offsets"] is None
+    text = "one two three four"
+    path = "/v1/completions/render"
+    status, rendered = post(server, path, {**asked, "prompt": text})
+    assert status == 200, rendered
+    _assert_offsets(server, text, rendered[0])
+    status, ids = post(server, path, {**asked, "prompt": [5, 6]})
+    assert status == 200 and ids[0]["token_offsets"] is None
+    status, cut = post(server, path, {**asked, "prompt": text, "truncate_prompt_tokens": 2})
+    assert status == 200 and cut[0]["token_offsets"] == rendered[0]["token_offsets"][-2:]
+
+
+def _assert_offsets(server, text, rendered):
+    offsets, ids = rendered["token_offsets"], rendered["token_ids"]
+    assert len(offsets) == len(ids) > 1
+    for (start, end), token in zip(offsets, ids, strict=True):
+        assert text[start:end].strip() == detokenized(server, [token]).strip()
+
+
 def test_messages_render_matches_chat(server):
     body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 7, "system": "be brief"}
     status, rendered = post(server, "/v1/messages/render", body)

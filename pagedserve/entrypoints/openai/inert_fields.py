@@ -39,7 +39,8 @@ class InertFields(BaseModel):
     vllm_xargs: dict[str, XArg] | None = None
     # Which prompt tokens' routed experts to return; MoE expert routing is never returned here.
     routed_experts_prompt_start: int = Field(default=0, ge=0)
-    # Options of the /render endpoints, ignored by vLLM's generation endpoints too.
+    # Options of the /render endpoints, which vLLM's generation endpoints ignore too; the render
+    # endpoints here honour return_token_offsets (render.py), and have no media for the others.
     return_token_offsets: bool | None = False
     mm_payload: Literal["tensors", "none"] = "tensors"
     return_mm_kwargs: bool | None = None

@@ -10,17 +10,23 @@ from pydantic import BaseModel, PrivateAttr
 
 
 class PromptTextField(BaseModel):
-    """The request field, and the rendered prompt kept for the answer when it is asked for."""
+    """The request field, and the rendered prompt kept beside the request (the render endpoint
+    reads it too, for ``return_token_offsets``)."""
 
     return_prompt_text: bool | None = None
 
     _prompt_text: str | None = PrivateAttr(default=None)
 
     def keep_prompt_text(self, text: str) -> None:
-        """Remember the rendered prompt, when the answer is to carry it."""
-        if self.return_prompt_text:
-            self._prompt_text = text
+        self._prompt_text = text
+
+    @property
+    def rendered_prompt(self) -> str | None:
+        """The prompt the chat template wrote, once it has been rendered."""
+        return self._prompt_text
 
     def prompt_text_field(self) -> dict[str, Any]:
-        """``{"prompt_text": ...}`` for an answer (or a stream's first chunk) that carries it."""
-        return {} if self._prompt_text is None else {"prompt_text": self._prompt_text}
+        """``{"prompt_text": ...}`` for an answer (or a stream's first chunk) that asked for it."""
+        if not self.return_prompt_text or self._prompt_text is None:
+            return {}
+        return {"prompt_text": self._prompt_text}

@@ -37,12 +37,17 @@ RENDER_PATHS = (
 
 
 def generate_request(
-    request_id: str, prompt_ids: list[int], params: SamplingParams, req: SamplingFields
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    req: SamplingFields,
+    offsets: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """One prompt to run, in the fields of vLLM's ``GenerateRequest`` that apply here."""
     return {
         "request_id": request_id,
         "token_ids": prompt_ids,
+        "token_offsets": offsets,
         "features": None,
         "sampling_params": sampling_params_json(params),
         "model": req.model,
@@ -51,6 +56,23 @@ def generate_request(
         "cache_salt": req.cache_salt,
         "priority": req.priority,
     }
+
+
+def token_offsets(
+    tokenizer: Any, text: str | None, ids: list[int], req: SamplingFields, add_special: bool
+) -> list[tuple[int, int]] | None:
+    """vLLM's ``return_token_offsets``: each prompt token's (start, end) characters in ``text``,
+    the text it was tokenized from (a chat's as its template wrote it); None unless asked, for a
+    prompt given as token ids, or where the tokenizer has no offsets (as vLLM: a fast one only).
+    A truncated prompt keeps the offsets of the tokens it kept."""
+    if not req.return_token_offsets or text is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    all_ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    start = 0 if req.truncation_side == "right" else len(all_ids) - len(ids)
+    if all_ids[start : start + len(ids)] != ids:
+        return None
+    return [(int(s), int(e)) for s, e in offsets[start : start + len(ids)]]
 
 
 def sampling_params_json(params: SamplingParams) -> dict[str, Any]:
@@ -86,7 +108,10 @@ def add_render_routes(
     async def render_chat(req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
         _refuse_beam_search(req)
         prompt_ids, params = await chat.prepare(req)
-        return generate_request(client_id("chatcmpl", raw, req.request_id), prompt_ids, params, req)
+        text, special = req.rendered_prompt, req.add_special_tokens
+        offsets = token_offsets(chat.s.tokenizer, text, prompt_ids, req, special)
+        rid = client_id("chatcmpl", raw, req.request_id)
+        return generate_request(rid, prompt_ids, params, req, offsets)
 
     @app.post("/v1/chat/completions/render")
     async def render_chat_completion(req: ChatCompletionRequest, raw: Request) -> JSONResponse:
@@ -98,8 +123,15 @@ def add_render_routes(
         req, prompts, _, params = await completion.prepare(req)
         base = client_id("cmpl", raw, req.request_id)
         ids = [base] if len(prompts) == 1 else [f"{base}-{i}" for i in range(len(prompts))]
+        texts = [p if isinstance(p, str) else None for p in req.prompts()]
+        tokenizer, special = completion.s.tokenizer, req.add_special_tokens
+        offsets = [
+            token_offsets(tokenizer, text, kept, req, special)
+            for text, kept in zip(texts, prompts, strict=True)
+        ]
+        runs = zip(ids, prompts, params, strict=True)
         return JSONResponse(
-            [generate_request(*run, req) for run in zip(ids, prompts, params, strict=True)]
+            [generate_request(*run, req, at) for run, at in zip(runs, offsets, strict=True)]
         )
 
     @app.post("/v1/messages/render")
