@@ -199,7 +199,12 @@ def test_runtime_loads_at_once_and_empty_names(server, adapters):
     with ThreadPoolExecutor(len(bodies)) as pool:
         statuses = sorted(status for status, _ in pool.map(load, bodies))
     assert statuses == [200] + [400] * 5
-    assert request(server.url + "/v1/unload_lora_adapter", "POST", {"lora_name": "same"})[0] == 200
+
+    def unload(name):
+        return request(server.url + "/v1/unload_lora_adapter", "POST", {"lora_name": name})[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(unload, ["same"] * 4)) == [200, 404, 404, 404]
     for body in (
         {"lora_name": "", "lora_path": adapters["a2"][0]},
         {"lora_name": "x", "lora_path": ""},
