@@ -187,16 +187,20 @@ def test_a_line_that_fails_inside_the_server_fails_alone(tmp_path, llama, monkey
 
 
 def test_malformed_lines_fail_alone(tmp_path, llama):
-    """Lines no JSON parser reads (nested past Python's recursion limit, or not UTF-8) are 400s
-    of their own; the other lines are answered."""
+    """Lines no JSON parser reads (nested past Python's recursion limit, or not UTF-8) and a
+    background response (whose answer would be lost when the run ends) are 400s of their own;
+    the other lines are answered, the first one after a byte order mark too."""
     good = batch_line("good", "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 1})
+    background = {"model": NAME, "input": "Hi", "background": True}
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     deep = "[" * 100_000 + "]" * 100_000
-    source.write_bytes(f"{deep}\n".encode() + b'{"custom_id": "\xff\xfe"}\n' + good.encode())
+    lines = [f"\ufeff{good}", deep, batch_line("bg", "/v1/responses", background)]
+    source.write_bytes("\n".join(lines).encode() + b'\n{"custom_id": "\xff\xfe"}\n')
     argv = ["run-batch", "-i", str(source), "-o", str(target), llama, "--served-model-name", NAME]
     assert main([*argv, "--dtype", "float32", "--log-level", "WARNING"]) == 0
     results = [json.loads(line) for line in target.read_text().splitlines()]
-    assert [r["response"]["status_code"] for r in results] == [400, 400, 200]
-    assert "nested too deeply" in results[0]["error"]["message"]
-    assert "UTF-8" in results[1]["error"]["message"]
-    assert results[2]["custom_id"] == "good" and results[2]["error"] is None
+    assert [r["response"]["status_code"] for r in results] == [200, 400, 400, 400]
+    assert results[0]["custom_id"] == "good" and results[0]["error"] is None
+    assert "nested too deeply" in results[1]["error"]["message"]
+    assert "background" in results[2]["error"]["message"] and results[2]["custom_id"] == "bg"
+    assert "UTF-8" in results[3]["error"]["message"]

@@ -12,6 +12,7 @@ vLLM's run-batch puts it); it never stops the others.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import os
@@ -68,6 +69,10 @@ def parse_line(line: bytes | str) -> tuple[str | None, str, bytes]:
         raise BatchLineError("body: a JSON object is required", custom_id)
     if body.get("stream"):
         raise BatchLineError("body.stream: a batch request can not stream", custom_id)
+    if body.get("background"):  # its answer would be lost when the run ends
+        raise BatchLineError(
+            "body.background: a batch request can not run in the background", custom_id
+        )
     return custom_id, url, json.dumps(body).encode()
 
 
@@ -153,19 +158,26 @@ async def answer(app: ASGIApp, line: bytes) -> dict[str, Any]:
 
 
 async def input_lines(source: str) -> AsyncIterator[bytes]:
-    """The non-blank lines of a local file or of an http(s) URL's body, undecoded: a line that is
-    not UTF-8 fails alone."""
+    """The non-blank lines of a local file or of an http(s) URL's body, undecoded (a line that is
+    not UTF-8 fails alone), without the byte order mark an editor may have put first."""
+    first = True
+    async for raw in _raw_lines(source):
+        line = raw.removeprefix(codecs.BOM_UTF8) if first else raw
+        first = False
+        if line.strip():
+            yield line
+
+
+async def _raw_lines(source: str) -> AsyncIterator[bytes]:
     if source.startswith(("http://", "https://")):
         async with aiohttp.ClientSession() as session, session.get(source) as resp:
             resp.raise_for_status()
             async for raw in resp.content:
-                if raw.strip():
-                    yield raw
+                yield raw
         return
     with open(source, "rb") as f:
         for line in f:
-            if line.strip():
-                yield line
+            yield line
 
 
 class OrderedWriter:
