@@ -176,7 +176,8 @@ def test_earlier_reasoning_reaches_the_template(client):
 
 def test_sampling_extras_are_honoured(client):
     """vLLM's sampling extras reach the sampler: ``allowed_token_ids`` bounds every token,
-    ``logit_bias`` moves the choice, ``min_tokens`` holds a stop token back."""
+    ``logit_bias`` moves the choice (a bias past 100 counts as 100, as vLLM clamps it),
+    ``min_tokens`` holds a stop token back."""
     ids = {"return_token_ids": True, "ignore_eos": True}
     plain = greedy_completion(client, max_tokens=6, extra_body=ids).choices[0]
     generated = plain.model_extra["token_ids"]
@@ -187,9 +188,12 @@ def test_sampling_extras_are_honoured(client):
     assert set(bounded.model_extra["token_ids"]) <= set(allowed)
     favoured = 301
     biased = greedy_completion(
-        client, max_tokens=4, logit_bias={str(favoured): 100}, extra_body=ids
+        client, max_tokens=4, logit_bias={str(favoured): 1000}, extra_body=ids
     ).choices[0]
     assert biased.model_extra["token_ids"] == [favoured] * 4
+    banned = {str(t): -1000 for t in generated}
+    avoided = greedy_completion(client, max_tokens=6, logit_bias=banned, extra_body=ids)
+    assert not set(avoided.choices[0].model_extra["token_ids"]) & set(generated)
     stop = {"return_token_ids": True, "stop_token_ids": [generated[0]]}
     stopped = greedy_completion(client, max_tokens=6, extra_body=stop).choices[0]
     assert stopped.finish_reason == "stop" and len(stopped.model_extra["token_ids"]) == 1

@@ -355,10 +355,11 @@ def _unset(value: Any, default: Any) -> bool:
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """By token id, each bias clamped to [-100, 100] as vLLM does (-1000 bans a token there)."""
     if not bias:
         return None
     try:
-        return {int(k): float(v) for k, v in bias.items()}
+        return {int(k): min(100.0, max(-100.0, float(v))) for k, v in bias.items()}
     except ValueError as exc:
         raise bad_request(
             "logit_bias keys must be token ids (integers)", param="logit_bias"
