@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 from server_utils import MODEL_NAME, ServerProcess, request
 from tiny_models import write_lora_adapter
 
@@ -214,3 +216,30 @@ def test_runtime_loads_at_once_and_empty_names(server, adapters):
     status, answer = load({"lora_name": MODEL_NAME, "lora_path": adapters["a2"][0]})
     assert status == 400 and "base model" in answer["error"]["message"], answer
     assert "" not in {m.id for m in server.client().models.list().data}
+
+
+def test_malformed_adapters_are_400s(server, adapters, tmp_path):
+    """Adapters whose tensors or config cannot make a LoRA: a 1-D lora_B, rank 0 tensors, a
+    lora_alpha that is not a number."""
+    source = Path(adapters["a2"][0])
+    tensors = load_file(source / "adapter_model.safetensors")
+    config = json.loads((source / "adapter_config.json").read_text())
+    a_name = next(name for name in tensors if ".lora_A." in name)
+    b_name = a_name.replace(".lora_A.", ".lora_B.")
+    cases = {
+        "b_1d": ({**tensors, b_name: tensors[b_name][:, 0]}, config),
+        "rank_0": (
+            {**tensors, a_name: tensors[a_name][:0], b_name: tensors[b_name][:, :0]},
+            config,
+        ),
+        "alpha_text": (tensors, {**config, "lora_alpha": "16"}),
+    }
+    for name, (weights, adapter_config) in cases.items():
+        path = tmp_path / name
+        path.mkdir()
+        contiguous = {key: value.contiguous() for key, value in weights.items()}
+        save_file(contiguous, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps(adapter_config))
+        body = {"lora_name": name, "lora_path": str(path)}
+        status, answer = request(server.url + "/v1/load_lora_adapter", "POST", body)
+        assert status == 400 and answer["error"]["param"] == "lora_path", (name, answer)

@@ -90,15 +90,19 @@ class LoRAManager:
             module_name = name.split(".lora_A.")[0].removeprefix("base_model.model.")
             a = tensors[name]
             b = tensors.get(name.replace(".lora_A.", ".lora_B."))
-            if b is None or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
                 raise ValueError(f"LoRA adapter {path}: {module_name} lacks a matching lora_B")
             rank = a.shape[0]
+            if rank == 0:
+                raise ValueError(f"LoRA adapter {path}: {module_name} has rank 0")
             if rank > self.max_lora_rank:
                 raise ValueError(
                     f"LoRA adapter {path} has rank {rank}, above max_lora_rank "
                     f"{self.max_lora_rank} (--max-lora-rank)"
                 )
             alpha = config.get("lora_alpha", rank)
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+                raise ValueError(f"LoRA adapter {path}: lora_alpha {alpha!r} is not a number")
             scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
             module, start = self._target(module_name, path)
             if a.shape[1] != module.in_features or start + b.shape[0] > module.out_features:
