@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_validator
 
 from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
+from pagedserve.entrypoints.openai.chat_message import ChatMessage
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.inert_fields import ChatInertFields, CompletionInertFields
 from pagedserve.entrypoints.openai.prompt_text import PromptTextField
@@ -52,21 +53,6 @@ class OpenAIModel(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # vLLM's: usage so far in every chunk
-
-
-class ContentPart(OpenAIModel):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(OpenAIModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool message: the call it answers
-    reasoning: str | None = None  # an assistant's earlier thinking, which templates may show
-    reasoning_content: str | None = None  # the same under its older name
 
 
 @cache

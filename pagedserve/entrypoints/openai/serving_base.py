@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -18,8 +17,9 @@ from pagedserve.engine.async_engine import (
     RequestStream,
 )
 from pagedserve.engine.beam_search import request_output, search
+from pagedserve.entrypoints.openai.chat_message import template_message
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
-from pagedserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
+from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.entrypoints.openai.streams import last_output
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.lora.request import LoRARequest
@@ -273,7 +273,7 @@ class OpenAIServing:
                 "set. Refused request with untrusted chat template.",
                 param="chat_template",
             )
-        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        conversation = [template_message(m, i) for i, m in enumerate(messages)]
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 "this model has no chat template; start the server with --chat-template",
@@ -389,52 +389,6 @@ class OpenAIServing:
                 stream.abort()
             raise
         return streams
-
-
-def message_text(message: ChatMessage, index: int) -> str | None:
-    """A message's content as text: its text parts joined by newlines; a 400 for another part."""
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.type != "text" or part.text is None:
-                raise bad_request(
-                    f"messages[{index}]: content part type {part.type!r} is not supported "
-                    "(only 'text')",
-                    param="messages",
-                )
-            texts.append(part.text)
-        content = "\n".join(texts)
-    return content
-
-
-def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": message_text(message, index) or ""}
-    if message.name is not None:
-        out["name"] = message.name
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    if message.tool_calls:
-        out["tool_calls"] = [_template_call(call, index) for call in message.tool_calls]
-    reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
-    if message.role == "assistant" and reasoning is not None:  # under both names, as vLLM
-        out["reasoning"] = out["reasoning_content"] = reasoning
-    return out
-
-
-def _template_call(call: dict[str, Any], index: int) -> dict[str, Any]:
-    """An earlier tool call as chat templates take it: the arguments as an object, not the JSON
-    text the API carries (as vLLM hands them over)."""
-    function = call.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_request(f"messages[{index}]: a tool call needs function.name", "messages")
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass
-    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def usage_so_far(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import EngineError, RequestStream
+from pagedserve.entrypoints.openai.chat_message import message_text
 from pagedserve.entrypoints.openai.errors import error_body
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.serving_base import (
     OpenAIServing,
     by_rank,
     clamp_logprob,
-    message_text,
     new_id,
     prompt_logprobs_json,
     usage_dict,
