@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pagedserve.kernels import elementwise, kv_store
 from pagedserve.kernels.cpu_build import load_kernel
-from pagedserve.model.layers.activation import silu_and_mul
+from pagedserve.model.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -103,6 +103,28 @@ def test_silu_and_mul_extremes_and_batched_input():
     torch.testing.assert_close(
         silu_and_mul(x3), F.silu(x3[..., :8]) * x3[..., 8:], rtol=1e-6, atol=1e-30
     )
+
+
+@pytest.mark.parametrize("rows,d", [(1, 1536), (3, 5), (300, 1536)])
+@torch.inference_mode()
+def test_gelu_tanh_and_mul(rows, d):
+    """Against float64 (PyTorch's float32 value loses ~1e-7 of |gate| where 1 + tanh cancels)."""
+    x = torch.randn(rows, 2 * d, generator=_gen(10)) * 4
+    wide = x.double()
+    expected = F.gelu(wide[:, :d], approximate="tanh") * wide[:, d:]
+    torch.testing.assert_close(gelu_tanh_and_mul(x).double(), expected, rtol=2e-6, atol=1e-9)
+
+
+@torch.inference_mode()
+def test_gelu_tanh_and_mul_extremes():
+    """Far out either way, gelu_tanh(g) is g or 0."""
+    gate = torch.cat(
+        [torch.linspace(-120, 120, 20001), torch.tensor([float("inf"), 0.0, -0.0, 1e20, -1e20])]
+    )
+    up = torch.rand(gate.shape, generator=_gen(11)) + 0.5
+    expected = F.gelu(gate.double(), approximate="tanh") * up.double()
+    got = gelu_tanh_and_mul(torch.cat([gate, up])[None])[0]
+    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-9)
 
 
 def _rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

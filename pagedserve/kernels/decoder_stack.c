@@ -1,4 +1,5 @@
-/* A decode step through all the decoder layers of a Llama-family model in one call, on the CPU.
+/* A decode step through all the decoder layers of a Llama-family or Gemma model in one call, on
+ * the CPU.
  *
  * Through the modules, a decode step makes nine kernel calls per layer from Python, each with
  * its views, checks and ctypes conversions; at one sequence that is as long as the layers'
@@ -16,6 +17,15 @@
  *   x = attn Wo^T; normed, residual = add_rms_norm(x, residual)
  *   act [m, I] = silu(normed Wg^T) * (normed Wu^T);   x = act Wd^T
  * and at the end, out = add_rms_norm(x, residual) with the final norm's weight.
+ *
+ * A Gemma layer (its Layer has attn_out_norm and mlp_out_norm) norms its attention's and its
+ * MLP's outputs before adding them to the residual stream, and its MLP is GeGLU; it runs the
+ * kernels GemmaDecoderLayer runs, in its order (rms_norm and a plain add, not add_rms_norm):
+ *   x = attn Wo^T; residual += rms_norm(x); normed = rms_norm(residual)
+ *   act [m, I] = gelu_tanh(normed Wg^T) * (normed Wu^T);  residual += rms_norm(act Wd^T)
+ *   the next layer's normed (or out) = rms_norm(residual)
+ * Its scores may be soft-capped (Gemma 2), and a sliding layer of Gemma 3 rotates with the
+ * local RoPE table (Layer.rope_table).
  *
  * A step whose sequences run with LoRA adapters (row_slot: each row's adapter, an index into
  * the projections' adapter tables, or -1 for none) adds each row's term (x A^T) B^T to each
@@ -37,6 +47,7 @@ typedef void (*gemm_quant_fn)(float *, const float *, const void *, const float 
 typedef void (*rms_norm_fn)(float *, const float *, const float *, int64_t, int64_t, float);
 typedef void (*add_rms_norm_fn)(float *, float *, const float *, const float *, const float *,
                                 int64_t, int64_t, float);
+typedef void (*gelu_and_mul_fn)(float *, const float *, int64_t, int64_t);
 typedef void (*rotary_fn)(float *, const float *, const float *, const float *, int64_t, int64_t,
                           int64_t, int64_t, int64_t, int64_t);
 typedef void (*write_kv_fn)(void *, void *, const float *, const float *, const int64_t *,
@@ -51,6 +62,7 @@ typedef struct {
     gemm_quant_fn gemm_quant;
     rms_norm_fn rms_norm;
     add_rms_norm_fn add_rms_norm;
+    gelu_and_mul_fn gelu_and_mul; /* Gemma's GeGLU activation */
     rotary_fn rotary;
     write_kv_fn write_kv;
     attention_fn attention;
@@ -58,6 +70,7 @@ typedef struct {
     int64_t quant_max_rows; /* steps of at most this many rows use the quantized panels */
     int64_t gate_width;     /* gate (and up) features in a gated panel: the vector width */
     float eps, scale;
+    float softcap; /* scores become softcap * tanh(score / softcap) (Gemma 2); 0: none */
     const float *final_norm;
 } Stack;
 
@@ -74,12 +87,16 @@ typedef struct {
     const int64_t *lora_rank;
 } Projection;
 
+/* post_norm: the norm before the MLP (Gemma's pre_feedforward_layernorm). A Gemma layer also
+ * has the norms of its attention's and its MLP's outputs (NULL: a Llama-family layer). */
 typedef struct {
     const float *input_norm, *post_norm;
     const float *q_norm, *k_norm; /* per-head norms' weights [D]; NULL: none */
     Projection qkv, o, gate_up, down;
     void *k_cache, *v_cache;
-    int64_t window; /* the layer's sliding window; 0: none */
+    int64_t window;     /* the layer's sliding window; 0: none */
+    int64_t rope_table; /* which of the step's RoPE tables rotates its heads */
+    const float *attn_out_norm, *mlp_out_norm;
 } Layer;
 
 /* y [m, n] = x [m, k] W^T (+ b), through the panels Linear.forward would pick. */
@@ -134,6 +151,47 @@ static void gate_up_with_lora(const Stack *s, const Projection *w, const int32_t
         }
 }
 
+/* residual [n] += x [n], as torch's add does it (one rounding per element). */
+static void add_to(float *residual, const float *x, int64_t n)
+{
+    #pragma omp simd
+    for (int64_t j = 0; j < n; j++) residual[j] += x[j];
+}
+
+/* A Llama-family layer from its attention's output projection x [m, H] on, ending with the
+ * next layer's input norm (the last layer: the final norm) of the residual stream in next. */
+static void llama_tail(const Stack *s, const Layer *L, const int32_t *row_slot, float *next,
+                       const float *next_norm, float *normed, float *residual, float *x,
+                       float *act, float *pre, int64_t m)
+{
+    const int64_t H = s->hidden, I = s->intermediate;
+    s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
+    if (row_slot && L->gate_up.lora_a)
+        gate_up_with_lora(s, &L->gate_up, row_slot, act, pre, normed, m);
+    else
+        project(s, &L->gate_up, act, normed, m, I, H, 1);
+    project(s, &L->down, x, act, m, H, I, 0);
+    if (row_slot) add_lora(&L->down, row_slot, x, act, m, H, I);
+    s->add_rms_norm(next, residual, x, residual, next_norm, m, H, s->eps);
+}
+
+/* The same for a Gemma layer (see the top of this file); no adapters (decoder_stack.py). */
+static void gemma_tail(const Stack *s, const Layer *L, float *next, const float *next_norm,
+                       float *normed, float *residual, float *x, float *act, float *pre,
+                       int64_t m)
+{
+    const int64_t H = s->hidden, I = s->intermediate;
+    s->rms_norm(normed, x, L->attn_out_norm, m, H, s->eps);
+    add_to(residual, normed, m * H);
+    s->rms_norm(x, residual, L->post_norm, m, H, s->eps);
+    project(s, &L->gate_up, pre, x, m, 2 * I, H, 0);
+    s->gelu_and_mul(act, pre, m, I);
+    project(s, &L->down, normed, act, m, H, I, 0);
+    s->rms_norm(x, normed, L->mlp_out_norm, m, H, s->eps);
+    add_to(residual, x, m * H);
+    s->rms_norm(next, residual, next_norm, m, H, s->eps);
+}
+
 /* Floats of scratch that decoder_stack_decode needs for m rows. */
 int64_t decoder_stack_scratch(const Stack *s, int64_t m)
 {
@@ -143,9 +201,10 @@ int64_t decoder_stack_scratch(const Stack *s, int64_t m)
 
 /* The step's m sequences (one new token each) through every layer: hidden [m, H] holds their
  * embeddings and is overwritten by the residual stream; out [m, H] = the final norm's output.
- * rope [m, D]: each row's cos (first D / 2) and sin (last D / 2); slots [m]: where each new K/V
- * goes; block_tables [m, max_blocks] and seq_lens [m] as for paged_decode_attention; row_slot
- * [m]: each row's adapter (see Projection; -1: none), NULL: no row has one. */
+ * rope [tables, m, D]: per RoPE table (Layer.rope_table), each row's cos (first D / 2) and sin
+ * (last D / 2); slots [m]: where each new K/V goes; block_tables [m, max_blocks] and seq_lens
+ * [m] as for paged_decode_attention; row_slot [m]: each row's adapter (see Projection; -1:
+ * none), NULL: no row has one. */
 void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layers, int64_t m,
                           float *hidden, float *out, const float *rope, const int64_t *slots,
                           const int32_t *block_tables, int64_t max_blocks,
@@ -155,12 +214,12 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
     const int64_t q = s->num_heads * D, kv = s->num_kv_heads * D;
     float *normed = scratch, *x = normed + m * H, *qkv = x + m * H;
     float *qk = qkv + m * (q + 2 * kv), *attn = qk + m * (q + kv), *act = attn + m * q;
-    float *pre = act + m * s->intermediate; /* the gate/up products, with an adapter */
+    float *pre = act + m * s->intermediate; /* the gate/up products (adapters; Gemma) */
     float *residual = hidden;
     s->rms_norm(normed, hidden, layers[0].input_norm, m, H, s->eps);
     for (int64_t l = 0; l < num_layers; l++) {
         const Layer *L = layers + l;
-        if (l > 0) s->add_rms_norm(normed, residual, x, residual, L->input_norm, m, H, s->eps);
+        const float *table = rope + L->rope_table * m * D;
         project(s, &L->qkv, qkv, normed, m, q + 2 * kv, H, 0);
         if (row_slot) add_lora(&L->qkv, row_slot, qkv, normed, m, q + 2 * kv, H);
         if (L->q_norm)
@@ -169,21 +228,20 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
                 s->rms_norm(row, row, L->q_norm, s->num_heads, D, s->eps);
                 s->rms_norm(row + q, row + q, L->k_norm, s->num_kv_heads, D, s->eps);
             }
-        s->rotary(qk, qkv, rope, rope + D / 2, m, heads, D, q + 2 * kv, D, D);
+        s->rotary(qk, qkv, table, table + D / 2, m, heads, D, q + 2 * kv, D, D);
         s->write_kv(L->k_cache, L->v_cache, qk + q, qkv + q + kv, slots, m, kv, q + kv,
                     q + 2 * kv);
         s->attention(attn, qk, L->k_cache, L->v_cache, block_tables, seq_lens, m,
                      s->num_heads, s->num_kv_heads, D, s->block_size, max_blocks, s->scale,
-                     q + kv, L->window, 0.f);
+                     q + kv, L->window, s->softcap);
         project(s, &L->o, x, attn, m, H, q, 0);
         if (row_slot) add_lora(&L->o, row_slot, x, attn, m, H, q);
-        s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
-        if (row_slot && L->gate_up.lora_a)
-            gate_up_with_lora(s, &L->gate_up, row_slot, act, pre, normed, m);
+        const int last = l == num_layers - 1;
+        float *next = last ? out : normed;
+        const float *next_norm = last ? s->final_norm : L[1].input_norm;
+        if (L->mlp_out_norm)
+            gemma_tail(s, L, next, next_norm, normed, residual, x, act, pre, m);
         else
-            project(s, &L->gate_up, act, normed, m, s->intermediate, H, 1);
-        project(s, &L->down, x, act, m, H, s->intermediate, 0);
-        if (row_slot) add_lora(&L->down, row_slot, x, act, m, H, s->intermediate);
+            llama_tail(s, L, row_slot, next, next_norm, normed, residual, x, act, pre, m);
     }
-    s->add_rms_norm(out, residual, x, residual, s->final_norm, m, H, s->eps);
 }

@@ -1,4 +1,5 @@
-"""Python face of ``decoder_stack.c``: a decode step through every decoder layer in one C call.
+"""Python face of ``decoder_stack.c``: a decode step through every decoder layer in one C call
+(Llama-family and Gemma 2 / 3 layers).
 
 The driver calls the other C kernels (packed GEMM, norms, rotary, K/V store, decode attention)
 through their entry points, taken here from the very builds that the modules call, so its
@@ -32,6 +33,7 @@ class _Stack(ctypes.Structure):
         ("gemm_quant", _ptr),
         ("rms_norm", _ptr),
         ("add_rms_norm", _ptr),
+        ("gelu_and_mul", _ptr),
         ("rotary", _ptr),
         ("write_kv", _ptr),
         ("attention", _ptr),
@@ -40,6 +42,7 @@ class _Stack(ctypes.Structure):
         ("gate_width", _i64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
+        ("softcap", ctypes.c_float),
         ("final_norm", _ptr),
     ]
 
@@ -70,6 +73,9 @@ class _Layer(ctypes.Structure):
         ("k_cache", _ptr),
         ("v_cache", _ptr),
         ("window", _i64),
+        ("rope_table", _i64),
+        ("attn_out_norm", _ptr),
+        ("mlp_out_norm", _ptr),
     ]
 
 
@@ -103,9 +109,12 @@ class Projection:
 
 @dataclass
 class Layer:
-    """One decoder layer: its two norms' weights, its per-head q and k norms' (Qwen3; else
-    None), its projections (q/k/v stacked; gate/up stacked and packed gated), its K/V pools and
-    its sliding window (None: none)."""
+    """One decoder layer: its two norms' weights (the input's and the MLP's input's), its
+    per-head q and k norms' (Qwen3, Gemma 3; else None), its projections (q/k/v stacked;
+    gate/up stacked, packed gated but for Gemma), its K/V pools, its sliding window (None:
+    none), the RoPE table it rotates with (an index into :meth:`DecoderStack.decode`'s ``rope``)
+    and, for a Gemma layer, the norms of its attention's and its MLP's outputs (with them, its
+    MLP is GeGLU and its gate/up packed plain)."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -118,6 +127,9 @@ class Layer:
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     window: int | None = None  # the layer's sliding window
+    rope_table: int = 0
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
 
 
 def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
@@ -153,6 +165,9 @@ def _layer_struct(layer: Layer) -> _Layer:
         _pointer(layer.k_cache),
         _pointer(layer.v_cache),
         layer.window or 0,
+        layer.rope_table,
+        _pointer(layer.attn_out_norm),
+        _pointer(layer.mlp_out_norm),
     )
 
 
@@ -225,12 +240,15 @@ class DecoderStack:
         eps: float,
         scale: float,
         quant_max_rows: int,
+        softcap: float | None = None,
     ) -> DecoderStack | None:
         """The stack of ``layers`` (``shapes``: hidden, num_heads, num_kv_heads, head_dim,
-        intermediate, block_size), or None when a kernel it needs is not built here."""
+        intermediate, block_size; ``softcap``: the scores' soft cap, Gemma 2's), or None when a
+        kernel it needs is not built here."""
         kv_dtype = layers[0].k_cache.dtype
         queries = torch.empty(0, 1, shapes["head_dim"])
-        if _lib() is None or not paged_decode_attention.supports(queries, layers[0].k_cache):
+        cache = layers[0].k_cache
+        if _lib() is None or not paged_decode_attention.supports(queries, cache, softcap):
             return None
         gemm, norms = packed_gemm._lib(), elementwise._lib()
         kv, attention = kv_store._lib(kv_dtype), paged_decode_attention._lib(kv_dtype)
@@ -240,6 +258,7 @@ class DecoderStack:
             "gemm_quant": _address(gemm, "packed_gemm_quant"),
             "rms_norm": _address(norms, "rms_norm_f32"),
             "add_rms_norm": _address(norms, "add_rms_norm_f32"),
+            "gelu_and_mul": _address(norms, "gelu_tanh_and_mul_f32"),
             "rotary": _address(norms, "rotary_f32"),
             "write_kv": _address(kv, "write_kv"),
             "attention": _address(attention, "paged_decode_attention"),
@@ -253,6 +272,7 @@ class DecoderStack:
             gate_width=gemm.packed_gemm_panel_width(True),
             eps=eps,
             scale=scale,
+            softcap=softcap or 0.0,
             final_norm=final_norm.data_ptr(),
         )
         structs = (_Layer * len(layers))(*(_layer_struct(layer) for layer in layers))
@@ -268,8 +288,8 @@ class DecoderStack:
         adapters: tuple[WithAdapters, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One decode step of ``m`` sequences: ``hidden [m, H]``, their token embeddings (used,
-        and overwritten, as the residual stream), ``rope [m, D]`` the cos and sin halves at
-        their positions, ``slots [m]`` int64, ``block_tables [m, max_blocks]`` and ``seq_lens
+        and overwritten, as the residual stream), ``rope [tables, m, D]`` the cos and sin
+        halves at their positions per RoPE table (see :attr:`Layer.rope_table`), ``slots [m]`` int64, ``block_tables [m, max_blocks]`` and ``seq_lens
         [m]`` int32, all contiguous float32 / integer CPU tensors; with ``adapters``, the
         structures of the step's adapters and each row's slot among them (int32 ``[m]``, -1:
         none). Returns the final norm's output ``[m, H]``."""

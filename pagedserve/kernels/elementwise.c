@@ -1,8 +1,8 @@
 /* The per-layer elementwise ops of a Llama decoder layer, float32, for CPUs.
  *
  * Each op is one pass over its rows instead of the several aten ops (and temporaries) of the
- * PyTorch code: RMSNorm (optionally fused with the residual add before it), SiLU-and-mul over
- * the fused gate/up output, and the "rotate half" rotary embedding of the q/k heads. Rows are
+ * PyTorch code: RMSNorm (optionally fused with the residual add before it), SiLU-and-mul (and
+ * Gemma's GELU-and-mul) over the fused gate/up output, and the "rotate half" rotary embedding of the q/k heads. Rows are
  * split over OpenMP threads only when there is enough work to pay for waking them. Built with
  * the project's default flags (no -ffast-math): the exp below is written to vectorise as is.
  */
@@ -67,6 +67,24 @@ void silu_and_mul_f32(float *out, const float *x, int64_t rows, int64_t d)
         float *o = out + i * d;
         #pragma omp simd
         for (int64_t j = 0; j < d; j++) o[j] = gate[j] / (1.f + exp_f32(-gate[j])) * up[j];
+    }
+}
+
+/* x [rows, 2 * d] = (gate, up) side by side -> out [rows, d] = gelu_tanh(gate) * up (Gemma's
+ * GeGLU). gelu_tanh(g) = g / 2 (1 + tanh(u)), u = sqrt(2 / pi) (g + 0.044715 g^3), computed as
+ * g sigmoid(2u) = g / (1 + e^-2u): the same value without the cancellation of 1 + tanh(u) for
+ * negative g. */
+void gelu_tanh_and_mul_f32(float *out, const float *x, int64_t rows, int64_t d)
+{
+    #pragma omp parallel for if(rows * 2 * d > PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *gate = x + i * 2 * d, *up = gate + d;
+        float *o = out + i * d;
+        #pragma omp simd
+        for (int64_t j = 0; j < d; j++) {
+            const float g = gate[j], u2 = 1.5957691216057308f * (g + 0.044715f * g * g * g);
+            o[j] = g / (1.f + exp_f32(-u2)) * up[j];
+        }
     }
 }
 

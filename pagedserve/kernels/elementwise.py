@@ -1,4 +1,5 @@
-"""Python face of the C elementwise kernels (RMSNorm, SiLU-and-mul, rotary; float32, CPU).
+"""Python face of the C elementwise kernels (RMSNorm, SiLU- and GELU-and-mul, rotary; float32,
+CPU).
 
 :func:`supports` says whether a call may take the C path: the kernels exist, every tensor is a
 float32 CPU tensor, and no autograd graph is being recorded (the kernels write through raw
@@ -23,6 +24,7 @@ _SIGNATURES = {
     "rms_norm_f32": ([_ptr] * 3 + [_i64] * 2 + [_f32], None),
     "add_rms_norm_f32": ([_ptr] * 5 + [_i64] * 2 + [_f32], None),
     "silu_and_mul_f32": ([_ptr] * 2 + [_i64] * 2, None),
+    "gelu_tanh_and_mul_f32": ([_ptr] * 2 + [_i64] * 2, None),
     "rotary_f32": ([_ptr] * 4 + [_i64] * 6, None),
 }
 
@@ -92,6 +94,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     out = x.new_empty((*x.shape[:-1], d))
     _lib().silu_and_mul_f32(out.data_ptr(), x.data_ptr(), _rows(x), d)
+    return out
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 2 * d]`` (gate, up) -> ``[..., d]`` = ``gelu(gate, approximate="tanh") * up``."""
+    x = x.contiguous()
+    d = x.shape[-1] // 2
+    out = x.new_empty((*x.shape[:-1], d))
+    _lib().gelu_tanh_and_mul_f32(out.data_ptr(), x.data_ptr(), _rows(x), d)
     return out
 
 

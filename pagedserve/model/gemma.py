@@ -24,9 +24,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.model.layers.activation import gelu_tanh_and_mul
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.embedding import Embedding
 from pagedserve.model.layers.linear import Linear, MergedLinear
@@ -76,7 +76,8 @@ class GemmaAttention(LlamaAttention):
 
 
 class GeGLU(nn.Module):
-    """``down(gelu_tanh(gate(x)) * up(x))``, gate and up in one GEMM."""
+    """``down(gelu_tanh(gate(x)) * up(x))``, gate and up in one GEMM, the activation in one C pass
+    (float32 on the CPU; the decode stack of :mod:`pagedserve.worker.cpu_decode` calls it too)."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -90,8 +91,7 @@ class GeGLU(nn.Module):
         self.down_proj = Linear(size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
 
 
 class GemmaDecoderLayer(nn.Module):

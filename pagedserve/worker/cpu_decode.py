@@ -3,8 +3,10 @@
 The CPU counterpart of :mod:`pagedserve.worker.decode_graphs`: a step in which every request
 decodes one token runs the same kernels as the modules, in the same order, but from the C driver
 of :mod:`pagedserve.kernels.decoder_stack` instead of nine Python-wrapped calls per layer. At one
-sequence that halves the step (SmolLM2-135M: 3.7 against 7.1 ms). The embedding, the RoPE table
-lookup and the lm head stay in PyTorch, one call each.
+sequence that halves the step (SmolLM2-135M: 3.7 against 7.1 ms). The embedding (Gemma's scaled
+by sqrt(hidden)), the RoPE tables' lookup (Gemma 3: the global and the local one) and the lm head
+stay in PyTorch, one call each. Gemma 2 and 3 layers go through the driver too, with their four
+norms, GeGLU, soft-capped scores (Gemma 2) and a RoPE table per layer type.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from pagedserve.kernels.decoder_stack import (
     gate_width,
     gated_order,
 )
+from pagedserve.model.gemma import GemmaDecoderLayer
 from pagedserve.model.layers.attention import AttentionMetadata
-from pagedserve.model.layers.linear import Linear, quantized_max_rows
+from pagedserve.model.layers.linear import GateUpSilu, Linear, quantized_max_rows
+from pagedserve.model.layers.norm import GemmaRMSNorm, RMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+DecoderLayer = LlamaDecoderLayer | GemmaDecoderLayer
 
 
 def _projection(linear: Linear) -> Projection | None:
@@ -34,14 +41,28 @@ def _projection(linear: Linear) -> Projection | None:
     return Projection(linear.packed, linear.packed_quantized, bias)
 
 
-def _layer(layer: LlamaDecoderLayer) -> Layer | None:
+def _weight(norm: RMSNorm | GemmaRMSNorm) -> torch.Tensor:
+    """The vector a norm's C kernel multiplies by: Gemma's is ``1 + weight`` in float32 (the
+    one :meth:`GemmaRMSNorm.prepare` keeps, else the one its forward computes)."""
+    if isinstance(norm, GemmaRMSNorm):
+        return norm.scale if norm.scale is not None else 1.0 + norm.weight.detach().float()
+    return norm.weight.detach()
+
+
+def _layer(layer: DecoderLayer) -> Layer | None:
     """The layer for the driver; None where a module would not take the C path."""
     attn, mlp = layer.self_attn, layer.mlp
     projections = [
         _projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     ]
-    norms = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
-    head_norms = [None if n is None else n.weight.detach() for n in (attn.q_norm, attn.k_norm)]
+    gemma = isinstance(layer, GemmaDecoderLayer)
+    if gemma:  # the input's and the MLP's input's norms, then the outputs' (see Layer)
+        ordered = [layer.input_layernorm, layer.pre_feedforward_layernorm]
+        ordered += [layer.post_attention_layernorm, layer.post_feedforward_layernorm]
+    else:
+        ordered = [layer.input_layernorm, layer.post_attention_layernorm]
+    norms = [_weight(n) for n in ordered]
+    head_norms = [None if n is None else _weight(n) for n in (attn.q_norm, attn.k_norm)]
     pools = (attn.attn.k_cache, attn.attn.v_cache)
     if None in projections or pools[0] is None or pools[1] is None:
         return None
@@ -49,21 +70,41 @@ def _layer(layer: LlamaDecoderLayer) -> Layer | None:
     if attn.attn.backend != "fast" or not elementwise.supports(*norms, *present):
         return None
     qkv, o, gate_up, down = projections
-    return Layer(*norms, *head_norms, qkv, o, gate_up, down, *pools, attn.attn.sliding_window)
+    fields = Layer(*norms[:2], *head_norms, qkv, o, gate_up, down, *pools, attn.attn.sliding_window)
+    if gemma:
+        fields.rope_table = int(layer.sliding)  # GemmaModel's local table
+        fields.attn_out_norm, fields.mlp_out_norm = norms[2:]
+    return fields
+
+
+def _rope_tables(inner: nn.Module) -> list[RotaryEmbedding]:
+    """The RoPE tables that :attr:`Layer.rope_table` indexes (Gemma: the global, then the local
+    one)."""
+    if isinstance(inner.layers[0], GemmaDecoderLayer):
+        return [inner.rotary_emb, inner.rotary_emb_local]
+    return [inner.rotary_emb]
 
 
 class CpuDecodeStack:
-    """A Llama-family model's pure-decode steps through :class:`DecoderStack`; build it with
-    :meth:`build` once the KV pools are assigned to the attention layers."""
+    """A Llama-family or Gemma model's pure-decode steps through :class:`DecoderStack`; build it
+    with :meth:`build` once the KV pools are assigned to the attention layers."""
 
     def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
         self.model = model
         self.stack = stack
+        inner = model.model
+        gemma = isinstance(inner.layers[0], GemmaDecoderLayer)
+        self._embed_scale = inner.embed_scale if gemma else None
+        self._ropes = _rope_tables(inner)
         self._terms: dict[int, list[tuple[Term | None, ...]]] = {}  # by adapter id (never reused)
         self._built: dict[tuple[int, ...], WithAdapters] = {}  # by the step's adapters
         mlps = [layer.mlp.gate_up_proj for layer in model.model.layers]
-        # The driver adds an adapter's gate/up term in the gated panels' column order.
-        self.takes_adapters = all(m.bias is None and m.size % gate_width() == 0 for m in mlps)
+        # The driver adds an adapter's gate/up term in the gated panels' column order (Gemma's
+        # GeGLU: steps with adapters run module by module).
+        self.takes_adapters = all(
+            isinstance(m, GateUpSilu) and m.bias is None and m.size % gate_width() == 0
+            for m in mlps
+        )
 
     @classmethod
     def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
@@ -72,28 +113,32 @@ class CpuDecodeStack:
         attention backend, or a kernel not built here."""
         if not isinstance(model, LlamaForCausalLM):
             return None
-        if not all(type(layer) is LlamaDecoderLayer for layer in model.model.layers):
-            return None  # another layer layout (Gemma 3)
+        kinds = {type(layer) for layer in model.model.layers}
+        if len(kinds) != 1 or kinds.pop() not in (LlamaDecoderLayer, GemmaDecoderLayer):
+            return None  # another layer layout
         inner = model.model
         layers = [_layer(layer) for layer in inner.layers]
-        norms = [inner.norm]
-        for layer in inner.layers:
-            norms += [layer.input_layernorm, layer.post_attention_layernorm]
-            norms += [n for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n is not None]
-        final_norm = inner.norm.weight.detach()
+        norms = [m for m in inner.modules() if isinstance(m, (RMSNorm, GemmaRMSNorm))]
+        final_norm = _weight(inner.norm)
         if None in layers or len({n.eps for n in norms}) != 1:
             return None
-        if not elementwise.supports(final_norm, inner.rotary_emb.cos_sin):
+        tables = [rope.cos_sin for rope in _rope_tables(inner)]
+        if not elementwise.supports(final_norm, *tables):
             return None
         attention = inner.layers[0].self_attn
         if attention.rotary_dim != attention.head_dim:
             return None  # the driver rotates whole heads
+        scoring = {
+            (layer.self_attn.attn.scale, layer.self_attn.attn.softcap) for layer in inner.layers
+        }
+        if len(scoring) != 1:
+            return None
         shapes = {
             "hidden": model.config.hidden_size,
             "num_heads": attention.num_heads,
             "num_kv_heads": attention.num_kv_heads,
             "head_dim": attention.head_dim,
-            "intermediate": inner.layers[0].mlp.gate_up_proj.size,
+            "intermediate": inner.layers[0].mlp.down_proj.in_features,
             "block_size": block_size,
         }
         stack = DecoderStack.create(
@@ -103,6 +148,7 @@ class CpuDecodeStack:
             inner.norm.eps,
             attention.attn.scale,
             quantized_max_rows(layers[0].qkv.panels),
+            attention.attn.softcap,
         )
         return None if stack is None else cls(model, stack)
 
@@ -153,9 +199,13 @@ class CpuDecodeStack:
     ) -> torch.Tensor:
         """The step's final hidden states ``[B, H]``, as ``model(input_ids, positions, meta)``
         returns them (with the terms of the step's ``adapters``, see :meth:`adapters`)."""
-        inner = self.model.model
-        hidden = inner.embed_tokens(input_ids)
-        rope = inner.rotary_emb.cos_sin[positions]
+        hidden = self.model.model.embed_tokens(input_ids)
+        if self._embed_scale is not None:
+            hidden = hidden * self._embed_scale  # as GemmaModel.forward scales it
+        if len(self._ropes) == 1:
+            rope = self._ropes[0].cos_sin[positions]
+        else:
+            rope = torch.cat([r.cos_sin[positions] for r in self._ropes])
         return self.stack.decode(
             hidden, rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, adapters
         )

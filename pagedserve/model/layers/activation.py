@@ -14,3 +14,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return elementwise.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` (GeGLU) where the input is ``[..., 2 * d]`` = gate and up side by
+    side."""
+    if elementwise.supports(x):
+        return elementwise.gelu_tanh_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -1,0 +1,170 @@
+"""Gemma 2 and Gemma 3 decode steps go through the CPU's one-call decode stack
+(:mod:`pagedserve.worker.cpu_decode`) and equal the module-by-module forward's to the last bit:
+every step's logits, and greedy generations with their logprobs, across sliding windows, K/V pool
+dtypes, bfloat16 and quantized panels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from tiny_models import _SIZES, tiny_hf_model, write_tiny_gguf, write_tiny_model
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.kernels import packed_gemm
+from pagedserve.worker.cpu_decode import CpuDecodeStack
+
+# Prompts of 2 to 29 tokens with budgets that end them at different steps: batches that shrink,
+# sequences of different lengths, all past the sliding layers' window of 8 positions.
+PROMPTS = [[3 + (7 * i + j) % 900 for j in range(2 + 3 * i % 28)] for i in range(12)]
+MAX_TOKENS = [4 + 5 * i % 17 for i in range(12)]
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory, smollm2_tokenizer):
+    """``gemma_dir(kind)``: ``gemma3`` (a sliding first layer, two RoPE bases, q/k norms),
+    ``gemma3_gguf`` (six layers, five sliding) or ``gemma2_wide`` (Gemma 2 with heads of 128,
+    which the soft-capped decode kernel takes; tests/tiny_models.py's ``gemma2`` has 32)."""
+    made: dict[str, str] = {}
+
+    def make(kind: str) -> str:
+        if kind not in made:
+            path = tmp_path_factory.mktemp(f"stack_{kind}")
+            if kind == "gemma2_wide":
+                _tiny_gemma2_wide().save_pretrained(path)
+                smollm2_tokenizer.save_pretrained(path)
+            else:
+                write_tiny_model(path, kind, smollm2_tokenizer)
+            made[kind] = str(path)
+        return made[kind]
+
+    return make
+
+
+def _tiny_gemma2_wide() -> Gemma2ForCausalLM:
+    config = Gemma2Config(
+        **{**_SIZES, "num_hidden_layers": 3},
+        head_dim=128,
+        query_pre_attn_scalar=24,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.1 * torch.randn_like(param))  # Gemma's norms: 1 + weight, around 1
+    return model
+
+
+def _llm(model: str, enforce_eager: bool, **engine_args) -> LLM:
+    engine_args.setdefault("dtype", "float32")
+    return LLM(
+        model,
+        device="cpu",
+        kv_cache_memory=0.02,
+        max_num_seqs=16,
+        enforce_eager=enforce_eager,
+        **engine_args,
+    )
+
+
+def _generate(llm: LLM) -> list:
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3) for n in MAX_TOKENS
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [
+        (c.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
+        for c in (o.outputs[0] for o in outputs)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "kv_cache_dtype"),
+    [
+        ("gemma3", "auto"),
+        ("gemma3_gguf", "auto"),
+        ("gemma2_wide", "auto"),
+        ("gemma3", "float16"),
+        ("gemma2_wide", "bfloat16"),
+    ],
+)
+def test_every_step_equals_the_modules(kind, kv_cache_dtype, gemma_dir, monkeypatch):
+    """Each step through the stack: the module-by-module forward runs it first (writing the same
+    K/V), and the two steps' logits are equal, batches of several lengths past the window."""
+    steps: list[tuple[int, int, bool]] = []
+    run = CpuDecodeStack.run
+
+    def checking(self, input_ids, positions, meta, *adapters):
+        want = self.model.compute_logits(self.model(input_ids, positions, meta))
+        hidden = run(self, input_ids, positions, meta, *adapters)
+        got = self.model.compute_logits(hidden)
+        steps.append((len(input_ids), meta.max_seq_len, torch.equal(got, want)))
+        return hidden
+
+    monkeypatch.setattr(CpuDecodeStack, "run", checking)
+    llm = _llm(gemma_dir(kind), False, kv_cache_dtype=kv_cache_dtype)
+    assert llm.llm_engine.runner.cpu_stack is not None
+    _generate(llm)
+    assert len(steps) > 10
+    assert max(rows for rows, _, _ in steps) > 4 and max(n for _, n, _ in steps) > 3 * WINDOW
+    assert all(equal for _, _, equal in steps)
+
+
+@pytest.mark.parametrize(
+    ("kind", "engine_args"),
+    [
+        ("gemma3", {}),
+        ("gemma2_wide", {"kv_cache_dtype": "float16"}),
+        *(
+            [("gemma3_gguf", {"dtype": "bfloat16"}), ("gemma2_wide", {"dtype": "bfloat16"})]
+            if packed_gemm.bf16_available()
+            else []
+        ),
+    ],
+)
+def test_generations_equal_the_modules(kind, engine_args, gemma_dir, monkeypatch):
+    """Greedy generations with their top logprobs: through the stack as with ``enforce_eager``
+    (float32 or bfloat16 panels, 16-bit K/V pools)."""
+    runs = []
+    run = CpuDecodeStack.run
+
+    def counting(self, *args):
+        runs.append(1)
+        return run(self, *args)
+
+    monkeypatch.setattr(CpuDecodeStack, "run", counting)
+    want = _generate(_llm(gemma_dir(kind), True, **engine_args))
+    assert not runs
+    got = _generate(_llm(gemma_dir(kind), False, **engine_args))
+    assert len(runs) > 10
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float32", *(["bfloat16"] if packed_gemm.bf16_available() else [])]
+)
+def test_quantized_gemma3_equals_the_modules(dtype, tmp_path, monkeypatch):
+    """A Q4_1 GGUF of Gemma 3: few-sequence steps multiply with its blocks, in the stack as in
+    the modules."""
+    path = str(
+        write_tiny_gguf(
+            tiny_hf_model("gemma3_gguf"), tmp_path / "tiny.gguf", Q.Q4_1, with_tokenizer=True
+        )
+    )
+    want = _generate(_llm(path, True, dtype=dtype))
+    llm = _llm(path, False, dtype=dtype)
+    assert llm.llm_engine.runner.cpu_stack is not None
+    assert _generate(llm) == want
+
+
+def test_gemma2_heads_the_capped_kernel_lacks(tiny_model_dir):
+    """Gemma 2 soft-caps its scores, which the C decode kernel does at heads of 128 and 256 only:
+    with heads of 32 its steps (like its modules' attention) stay in PyTorch."""
+    llm = _llm(tiny_model_dir("gemma2"), False)
+    assert llm.llm_engine.runner.cpu_stack is None
