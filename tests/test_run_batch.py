@@ -150,6 +150,17 @@ def test_urls_in_and_out(llama):
     assert len(texts) == 1 and all(r["error"] is None for r in results)
 
 
+def test_the_model_may_be_given_as_vllms_model_flag(tmp_path, llama):
+    """``--model`` as vLLM's run-batch takes it (it once matched ``--model-impl`` as an
+    abbreviation in serve, and nothing in run-batch)."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(batch_line("a", "/v1/completions", {"prompt": "Hi", "max_tokens": 1}))
+    argv = ["run-batch", "-i", str(source), "-o", str(target), "--model", llama]
+    assert main([*argv, "--dtype", "float32", "--log-level", "WARNING"]) == 0
+    (result,) = [json.loads(line) for line in target.read_text().splitlines()]
+    assert result["response"]["body"]["model"] == llama
+
+
 def test_a_missing_input_file_stops_before_loading(tmp_path, llama):
     argv = ["run-batch", "-i", str(tmp_path / "nowhere.jsonl"), "-o", str(tmp_path / "o"), llama]
     with pytest.raises(SystemExit, match="nowhere.jsonl: no such file"):

@@ -226,6 +226,7 @@ def test_https_keys_request_ids_and_quiet_endpoints(tmp_path, tiny_model_dir):
         (["--tokenizer-mode", "mistral"], "'mistral' is not supported for --tokenizer-mode"),
         (["--config", "/nowhere.yaml"], "--config /nowhere.yaml"),
         (["--metrics-prefix", "1x"], "not starting with a digit"),
+        (["--model", "other"], "the model is given twice: model and --model other"),
     ],
 )
 def test_vllm_flags_that_would_change_the_answers_are_refused(flags, says):

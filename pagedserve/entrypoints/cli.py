@@ -18,6 +18,7 @@ from pagedserve.entrypoints.engine_options import (
     json_object,
     load_engine,
     lora_module,
+    take_model_option,
 )
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.entrypoints.vllm_flags import add_vllm_flags, ssl_settings
@@ -477,7 +478,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = with_config_file(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    take_model_option(args, parser)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -21,6 +21,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "(default: the packaged SmolLM2-135M-Instruct)",
     )
     g = parser.add_argument_group("engine")
+    # vLLM's spelling; its own dest, as a positional with nargs="?" would overwrite a shared one.
+    # Without it, argparse read --model as an abbreviation of --model-impl.
+    g.add_argument(
+        "--model", dest="model_option", metavar="MODEL", help="the model, as vLLM names it"
+    )
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     g.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
     g.add_argument(
@@ -271,3 +276,13 @@ def load_engine(args: argparse.Namespace, chat_template: str | None) -> Any:
         str(engine.kv_cache_dtype).removeprefix("torch."),
     )
     return engine
+
+
+def take_model_option(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--model`` given: it is the model (an error if the positional argument names another)."""
+    given = getattr(args, "model_option", None)
+    if given is None:
+        return
+    if args.model is not None and args.model != given:
+        parser.error(f"the model is given twice: {args.model} and --model {given}")
+    args.model = given
