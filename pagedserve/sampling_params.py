@@ -7,6 +7,8 @@ from typing import Any
 
 from pagedserve.sample.repetition import RepetitionDetectionParams
 
+MAX_LOGPROB_TOKEN_IDS = 128  # the most tokens logprob_token_ids may name, as vLLM's limit
+
 
 @dataclass
 class StructuredOutputsParams:
@@ -94,6 +96,9 @@ class SamplingParams:
     thinking_token_budget: int | None = None
     # Stop an answer that ends in a repeated pattern (finish_reason "repetition"); None: off
     repetition_detection: RepetitionDetectionParams | None = None
+    # At each sampled position, the logprobs of these tokens in place of the best ``logprobs``
+    # ones (vLLM's, for scoring a fixed set of labels); implies logprobs
+    logprob_token_ids: list[int] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
     # The token sequences of bad_words, set by the engine (it has the tokenizer) on admission.
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False)
@@ -111,6 +116,8 @@ class SamplingParams:
             self.top_k = 0
         if self.thinking_token_budget == -1:
             self.thinking_token_budget = None
+        if self.logprob_token_ids is not None and self.logprobs is None:
+            self.logprobs = 0
         self._validate()
 
     def _validate(self) -> None:
@@ -162,6 +169,16 @@ class SamplingParams:
             or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
         ):
             fail("bad_words", "must be non-empty strings")
+        listed = self.logprob_token_ids
+        if listed is not None and (
+            not isinstance(listed, list)
+            or not 1 <= len(listed) <= MAX_LOGPROB_TOKEN_IDS
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in listed)
+        ):
+            fail(
+                "logprob_token_ids",
+                f"must be a list of 1 to {MAX_LOGPROB_TOKEN_IDS} token ids",
+            )
         budget = self.thinking_token_budget
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, int) or budget < 0

@@ -375,6 +375,35 @@ def test_logprobs_are_raw_top_n_sorted_with_rank():
     assert again[2] is not None and again[2].top == [(int(raw[2].argmax()), again[2].logprob)]
 
 
+def test_logprob_token_ids_replace_the_best_with_the_listed():
+    """vLLM's logprob_token_ids: the listed tokens' raw logprobs and true ranks, in their order,
+    instead of the top-N (and with logprobs implied); the sampled token's entry is unchanged, and
+    so are the other rows'."""
+    torch.manual_seed(6)
+    logits = torch.randn(3, 50)
+    listed = [7, 2, 41]
+    rows = [
+        make_row(temperature=0, logprob_token_ids=listed),
+        make_row(temperature=0, logprobs=3),
+        make_row(temperature=0, logprobs=3, logprob_token_ids=[int(logits[2].argmin())]),
+    ]
+    assert rows[0].params.logprobs == 0
+    out = Sampler(50, {EOS})(logits.clone(), rows)
+    raw = torch.log_softmax(logits, dim=-1)
+    first = out.logprobs[0]
+    assert first is not None and first.token_id == int(logits[0].argmax()) and first.rank == 1
+    assert [t for t, _ in first.top] == listed
+    assert [lp for _, lp in first.top] == pytest.approx(raw[0, listed].tolist())
+    assert first.top_ranks == [int((raw[0] > raw[0, t]).sum()) + 1 for t in listed]
+    assert out.logprobs[1] is not None and len(out.logprobs[1].top) == 3
+    assert out.logprobs[1].top_ranks is None
+    assert out.logprobs[2] is not None and out.logprobs[2].top_ranks == [50]
+    with pytest.raises(ValueError, match="logprob_token_ids"):
+        SamplingParams(logprob_token_ids=[])
+    with pytest.raises(ValueError, match="logprob_token_ids"):
+        SamplingParams(logprob_token_ids=list(range(129)))
+
+
 def test_all_greedy_fast_path_and_padded_vocab():
     logits = torch.randn(6, 12)
     logits[:, 10:] = 100.0  # padding columns beyond the vocabulary are never sampled

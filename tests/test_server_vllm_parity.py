@@ -30,7 +30,7 @@ INERT = {
     "return_mm_kwargs": False,
     "kv_transfer_params": {},
     "ec_transfer_params": None,
-    "logprob_token_ids": [],
+    "logprob_token_ids": [],  # an empty list: not given
 }
 
 
@@ -60,7 +60,6 @@ def test_inert_fields_change_nothing(client):
     [
         ("kv_transfer_params", {"do_remote_decode": True}),
         ("ec_transfer_params", {"do_remote_encode": True}),
-        ("logprob_token_ids", [1, 2]),
         ("stream_interval", 0),
         ("routed_experts_prompt_start", -1),
         ("vllm_xargs", {"nested": {"no": 1}}),
@@ -75,6 +74,50 @@ def test_what_cannot_run_is_refused(client, field, value):
         greedy_completion(client, max_tokens=2, logprobs=1, **extra)
     for error in (chat_error.value, completion_error.value):
         assert error.body["param"] == field and field in error.body["message"]
+
+
+def test_logprob_token_ids(client):
+    """At each position the listed tokens' logprobs (and the sampled one's) in place of the best
+    ones: the same values the best ones have where they are the same tokens."""
+    as_ids = {"return_tokens_as_token_ids": True}
+    best = greedy_chat(client, max_tokens=3, logprobs=True, top_logprobs=3, extra_body=as_ids)
+    first = best.choices[0].logprobs.content[0]
+    top = {t.token: t.logprob for t in first.top_logprobs}
+    listed = [int(t.removeprefix("token_id:")) for t in top][1:] + [300]
+    extra = {**as_ids, "logprob_token_ids": listed}
+    chat = greedy_chat(client, max_tokens=3, logprobs=True, extra_body=extra)
+    assert chat.choices[0].message.content == best.choices[0].message.content
+    for entry in chat.choices[0].logprobs.content:
+        shown = [t.token for t in entry.top_logprobs]
+        assert shown[0] == entry.token and set(shown[1:]) <= {f"token_id:{t}" for t in listed}
+        assert set(shown) >= {f"token_id:{t}" for t in listed}
+    shown = {t.token: t.logprob for t in chat.choices[0].logprobs.content[0].top_logprobs}
+    for token in list(top)[1:]:
+        assert shown[token] == pytest.approx(top[token], abs=1e-4)
+    assert shown["token_id:300"] <= min(top.values())
+    completion = greedy_completion(client, max_tokens=3, logprobs=0, extra_body=extra)
+    for token, alternatives in zip(
+        completion.choices[0].logprobs.tokens,
+        completion.choices[0].logprobs.top_logprobs,
+        strict=True,
+    ):
+        assert set(alternatives) == {token} | {f"token_id:{t}" for t in listed}
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"logprob_token_ids": [1]}, "needs logprobs"),
+        ({"logprob_token_ids": [1], "logprobs": True, "use_beam_search": True}, "beam"),
+        ({"logprob_token_ids": [10**7], "logprobs": True}, "vocabulary"),
+        ({"logprob_token_ids": list(range(129)), "logprobs": True}, "1 to 128"),
+    ],
+)
+def test_logprob_token_ids_errors(server, extra, why):
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2, **extra}
+    status, answer = request(server.url + "/v1/chat/completions", "POST", body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == "logprob_token_ids" and why in answer["error"]["message"]
 
 
 def test_prompt_embeds_is_refused(server):

@@ -148,7 +148,8 @@ def logprob_dict(
 ) -> dict[int, Logprob]:
     """The chosen token first, then the top-N by rank (vLLM's layout)."""
     out = {token_id: Logprob(entry.logprob, entry.rank, decode(token_id))}
-    for rank, (tid, lp) in enumerate(entry.top, start=1):
+    ranks = entry.top_ranks or range(1, len(entry.top) + 1)
+    for rank, (tid, lp) in zip(ranks, entry.top, strict=True):
         if tid not in out:
             out[tid] = Logprob(lp, rank, decode(tid))
     return out

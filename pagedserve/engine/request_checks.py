@@ -52,6 +52,7 @@ def check_prompt(
     for name, ids in (
         ("allowed_token_ids", params.allowed_token_ids or []),
         ("logit_bias", list(params.logit_bias or {})),
+        ("logprob_token_ids", params.logprob_token_ids or []),
     ):
         if any(not 0 <= t < vocab_size for t in ids):
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size})")

@@ -37,6 +37,9 @@ class LogprobsEntry:
     logprob: float  # its log-probability
     rank: int  # 1-based rank of the token in the distribution
     top: list[tuple[int, float]]  # the N most likely (token_id, logprob), best first
+    # With logprob_token_ids, ``top`` holds those tokens, in their order, and these are their
+    # ranks; None: ``top``'s ranks are its positions
+    top_ranks: list[int] | None = None
 
 
 @dataclass
@@ -92,8 +95,11 @@ class Sampler:
                 tokens if index is None else tokens[index],
                 [meta.num_logprobs[i] for i in wanted],
             )
-            for i, entry in zip(wanted, entries, strict=True):
-                logprobs[i] = entry
+            for k, (i, entry) in enumerate(zip(wanted, entries, strict=True)):
+                listed = rows[i].params.logprob_token_ids
+                logprobs[i] = (
+                    entry if listed is None else with_listed(raw_logprobs[k], entry, listed)
+                )
         if stuck is not None:
             tokens = tokens.masked_fill(stuck, NO_TOKEN)
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
@@ -227,6 +233,15 @@ def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, tor
     high = cdf.gather(1, index)
     low = torch.where(index > 0, cdf.gather(1, (index - 1).clamp_(min=0)), 0.0)
     return index, (point - low) / (high - low)
+
+
+def with_listed(logprobs: torch.Tensor, entry: LogprobsEntry, listed: list[int]) -> LogprobsEntry:
+    """``entry`` with the logprobs and ranks of the ``listed`` tokens (``logprob_token_ids``) in
+    place of the best ones; ``logprobs``: the row's, [V]."""
+    values = logprobs[torch.tensor(listed, device=logprobs.device)]
+    ranks = (logprobs.unsqueeze(0) > values.unsqueeze(1)).sum(dim=-1) + 1
+    top = list(zip(listed, values.tolist(), strict=True))
+    return LogprobsEntry(entry.token_id, entry.logprob, entry.rank, top, ranks.tolist())
 
 
 def gather_logprobs(

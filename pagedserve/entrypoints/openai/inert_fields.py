@@ -6,8 +6,8 @@ vLLM accepts each of these on /v1/chat/completions and /v1/completions. Here eac
   watermark configured, no KV events published, no custom logits processors, no multimodal
   model, not a render endpoint), so a client that always sends it keeps working; or
 * refused with a 400 naming it, where vLLM would act on it and this server cannot (disaggregated
-  prefill and encoder-cache transfer, prompt embeddings, logprobs of chosen token ids): a client
-  must not believe its prefill was handed over, or its embeddings read, when they were not.
+  prefill and encoder-cache transfer, prompt embeddings): a client must not believe its prefill
+  was handed over, or its embeddings read, when they were not.
 
 Their types are checked as vLLM checks them, so a malformed value is a 400 either way.
 """
@@ -48,12 +48,9 @@ class InertFields(BaseModel):
     # request's cache. This server has none, so a non-empty value is refused.
     kv_transfer_params: dict[str, Any] | None = None
     ec_transfer_params: dict[str, Any] | None = None
-    # The logprobs of these tokens at each position instead of the best ones; the sampler here
-    # returns only the best ones (logprobs / top_logprobs), so a non-empty list is refused.
-    logprob_token_ids: list[int] | None = None
 
     @model_validator(mode="after")
-    def _refuse_what_cannot_run(self) -> InertFields:
+    def _refuse_transfers(self) -> InertFields:
         for name in ("kv_transfer_params", "ec_transfer_params"):
             if getattr(self, name):
                 raise bad_request(
@@ -61,12 +58,6 @@ class InertFields(BaseModel):
                     "disaggregated serving, so it can neither send nor receive a request's cache",
                     param=name,
                 )
-        if self.logprob_token_ids:
-            raise bad_request(
-                "logprob_token_ids is not supported: this server returns the logprobs of the most "
-                "likely tokens only (logprobs, top_logprobs)",
-                param="logprob_token_ids",
-            )
         if self.watermarking:
             _warn_no_watermark()
         return self

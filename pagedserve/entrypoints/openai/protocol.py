@@ -21,6 +21,7 @@ from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from pagedserve.entrypoints.openai.chat_message import ChatMessage
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.inert_fields import ChatInertFields, CompletionInertFields
+from pagedserve.entrypoints.openai.logprob_token_ids import LogprobTokenIdsField
 from pagedserve.entrypoints.openai.prompt_text import PromptTextField
 from pagedserve.entrypoints.openai.stream_interval import StreamIntervalField
 from pagedserve.entrypoints.openai.structured_outputs_protocol import (
@@ -117,7 +118,7 @@ class RequestBody(OpenAIModel):
         return data
 
 
-class SamplingFields(RequestBody, StreamIntervalField):
+class SamplingFields(RequestBody, StreamIntervalField, LogprobTokenIdsField):
     """The sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
 
     @model_validator(mode="before")
@@ -270,6 +271,7 @@ class SamplingFields(RequestBody, StreamIntervalField):
             structured_outputs=self.structured_output_params(),
             thinking_token_budget=self.thinking_token_budget,
             repetition_detection=self.repetition_detection,
+            logprob_token_ids=self.logprob_token_ids or None,
         )
 
     def structured_output_params(self) -> StructuredOutputsParams | None:

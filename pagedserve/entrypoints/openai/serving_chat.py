@@ -343,7 +343,10 @@ class ServingChat:
         ):
             chosen = alternatives.get(token_id)
             text = label(chosen, token_id)
-            best = sorted(alternatives.items(), key=by_rank)[:top] if top else []
+            if req.logprob_token_ids:  # the sampled token and the listed ones, as vLLM
+                best = list(alternatives.items())
+            else:
+                best = sorted(alternatives.items(), key=by_rank)[:top] if top else []
             entries.append(
                 {
                     "token": text,
