@@ -331,6 +331,34 @@ def test_pooling_endpoint_answers_the_embeddings(server):
         assert status == 400 and error["error"]["param"] == param, error
 
 
+def test_base64_in_vllms_embed_dtype_and_endianness(server):
+    """vLLM's ``embed_dtype`` and ``endianness`` set how base64 embeddings are written."""
+    status, floats = post(server, {"input": PROMPTS[0]})
+    assert status == 200
+    want = torch.tensor(floats["data"][0]["embedding"])
+    for dtype, endianness in [
+        ("float32", "native"),
+        ("float16", "big"),
+        ("bfloat16", "little"),
+        ("fp8_e4m3", "big"),
+        ("fp8_e5m2", "native"),
+    ]:
+        body = {"input": PROMPTS[0], "encoding_format": "base64", "embed_dtype": dtype}
+        status, encoded = post(server, {**body, "endianness": endianness})
+        assert status == 200, encoded
+        raw = np.frombuffer(base64.b64decode(encoded["data"][0]["embedding"]), dtype=np.uint8)
+        torch_dtype = getattr(torch, dtype.replace("fp8_", "float8_").replace("e4m3", "e4m3fn"))
+        width = torch_dtype.itemsize
+        if endianness == "big" and width > 1:
+            raw = raw.reshape(-1, width)[:, ::-1].reshape(-1).copy()
+        got = torch.from_numpy(raw.copy()).view(torch_dtype).float()
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want.to(torch_dtype).float(), atol=0, rtol=0)
+    for field, value in (("embed_dtype", "int8"), ("endianness", "middle")):
+        status, error = post(server, {"input": "hi", "encoding_format": "base64", field: value})
+        assert status == 400 and error["error"]["param"] == field, error
+
+
 def test_truncation_side_right_keeps_the_first_tokens(server):
     ids = list(range(100, 140))
     body = {"input": ids, "truncate_prompt_tokens": 3, "truncation_side": "right"}

@@ -17,6 +17,8 @@ class EmbeddingRequest(RequestBody):
     dimensions: int | None = None
     user: str | None = None
     # vLLM extras
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
+    endianness: Literal["native", "big", "little"] = "native"  # with embed_dtype: base64's bytes
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = False
     continue_final_message: bool = False

@@ -3,16 +3,18 @@ and vLLM's POST /pooling, the same inputs answered with the model's pooled outpu
 
 Served by a pooling engine (``--runner pooling``, or a sentence-transformers model directory);
 a generating one answers with a 400, as vLLM's does. ``encoding_format: "base64"`` (what the
-``openai`` client asks for by default) sends each embedding's float32 bytes, little-endian.
+``openai`` client asks for by default) sends each embedding's float32 bytes in this machine's
+byte order, or those of vLLM's ``embed_dtype`` and ``endianness``.
 """
 
 from __future__ import annotations
 
 import base64
+import sys
 import time
 from typing import Any
 
-import numpy as np
+import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -149,8 +151,7 @@ class ServingEmbedding:
         for i, out in enumerate(outputs):
             values: list[float] | str = out.outputs.embedding
             if req.encoding_format == "base64":
-                raw = np.asarray(values, dtype="<f4").tobytes()
-                values = base64.b64encode(raw).decode("ascii")
+                values = base64_embedding(values, req.embed_dtype, req.endianness)
             data.append({"object": kind, key: values, "index": i})
         num_tokens = sum(len(out.prompt_token_ids) for out in outputs)
         return {
@@ -161,3 +162,22 @@ class ServingEmbedding:
             "data": data,
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         }
+
+
+_EMBED_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def base64_embedding(values: list[float], embed_dtype: str, endianness: str) -> str:
+    """An embedding's bytes in vLLM's ``embed_dtype`` (``endianness``: the byte order of each
+    value, ``native`` this machine's), base64-encoded."""
+    dtype = _EMBED_DTYPES[embed_dtype]
+    raw = torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.uint8).numpy()
+    if endianness not in ("native", sys.byteorder) and dtype.itemsize > 1:
+        raw = raw.reshape(-1, dtype.itemsize)[:, ::-1]
+    return base64.b64encode(raw.tobytes()).decode("ascii")
