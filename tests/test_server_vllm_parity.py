@@ -109,13 +109,18 @@ def test_logprob_token_ids(client):
     [
         ({"logprob_token_ids": [1]}, "needs logprobs"),
         ({"logprob_token_ids": [1], "logprobs": True, "use_beam_search": True}, "beam"),
+        ({"logprob_token_ids": [1], "logprobs": 1, "echo": True, "max_tokens": 0}, "echo"),
         ({"logprob_token_ids": [10**7], "logprobs": True}, "vocabulary"),
         ({"logprob_token_ids": list(range(129)), "logprobs": True}, "1 to 128"),
     ],
 )
 def test_logprob_token_ids_errors(server, extra, why):
-    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2, **extra}
-    status, answer = request(server.url + "/v1/chat/completions", "POST", body)
+    """A 400 naming the field (the echo case on completions, the others on chat)."""
+    if "echo" in extra:
+        path, body = "/v1/completions", {"prompt": "Hi", **extra}
+    else:
+        path, body = "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, **extra}
+    status, answer = request(server.url + path, "POST", {"model": MODEL_NAME, **body})
     assert status == 400, answer
     assert answer["error"]["param"] == "logprob_token_ids" and why in answer["error"]["message"]
 

@@ -1,7 +1,8 @@
 """vLLM's ``logprob_token_ids``: at each generated position, the logprobs of these tokens (and of
 the one sampled) in place of the most likely ones, for scoring a fixed set of labels without
 asking for the whole vocabulary. It needs logprobs asked for (``logprobs: true`` on chat, a
-number on completions), and beam search, which ranks the model's own best tokens, refuses it."""
+number on completions); beam search, which ranks the model's own best tokens, and an echo that
+generates nothing (``max_tokens: 0``) refuse it, as in vLLM."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ class LogprobTokenIdsField(BaseModel):
         if getattr(self, "use_beam_search", False):
             raise bad_request(
                 "logprob_token_ids is not supported with use_beam_search",
+                param="logprob_token_ids",
+            )
+        if getattr(self, "echo", False) and getattr(self, "max_tokens", None) == 0:
+            raise bad_request(
+                "logprob_token_ids is not supported with echo and max_tokens 0: no token is "
+                "generated to score",
                 param="logprob_token_ids",
             )
         logprobs = getattr(self, "logprobs", None)
