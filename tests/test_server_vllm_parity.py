@@ -6,11 +6,16 @@ naming them because this server cannot do what they ask."""
 
 from __future__ import annotations
 
+import math
+
 import openai
 import pytest
 from server_utils import CHAT, MODEL_NAME, greedy_chat, greedy_completion, request, templated_server
 
+from pagedserve.entrypoints.openai.errors import APIError
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.stream_interval import StreamGate
+from pagedserve.entrypoints.openai.whole_vocabulary import resolve_whole_vocabulary
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 # Writes each message as <role>content, and an assistant's earlier thinking under both names.
@@ -37,8 +42,12 @@ INERT = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     srv = templated_server(
-        tmp_path_factory.mktemp("template"), tiny_model_dir("llama"), TEMPLATE, "--dtype", "float32"
-    )
+        tmp_path_factory.mktemp("template"),
+        tiny_model_dir("llama"),
+        TEMPLATE,
+        "--dtype", "float32",
+        "--max-logprobs", "-1",
+    )  # fmt: skip
     yield srv
     srv.close()
 
@@ -123,6 +132,36 @@ def test_logprob_token_ids_errors(server, extra, why):
     status, answer = request(server.url + path, "POST", {"model": MODEL_NAME, **body})
     assert status == 400, answer
     assert answer["error"]["param"] == "logprob_token_ids" and why in answer["error"]["message"]
+
+
+def test_minus_one_is_the_whole_vocabulary(client):
+    """vLLM's -1 for top_logprobs, logprobs and prompt_logprobs, on a server started with
+    --max-logprobs -1: every token's logprob, which together make the whole distribution."""
+    chat = greedy_chat(client, max_tokens=1, logprobs=True, top_logprobs=-1)
+    alternatives = chat.choices[0].logprobs.content[0].top_logprobs
+    assert len(alternatives) > 1000
+    assert sum(math.exp(a.logprob) for a in alternatives) == pytest.approx(1.0, abs=1e-3)
+    extra = {"prompt_logprobs": -1, "return_tokens_as_token_ids": True}  # keys unique by id
+    completion = greedy_completion(
+        client, prompt=[5, 6], max_tokens=1, logprobs=-1, extra_body=extra
+    )
+    (top,) = completion.choices[0].logprobs.top_logprobs
+    assert len(top) > 1000
+    assert sum(math.exp(v) for v in top.values()) == pytest.approx(1.0, abs=1e-3)
+    prompt_entries = completion.choices[0].model_extra["prompt_logprobs"]
+    assert prompt_entries[0] is None and len(prompt_entries[1]) == len(alternatives)
+
+
+def test_minus_one_needs_the_server_flag():
+    """Where the server returns fewer alternatives, -1 is a 400 that names the field."""
+    req = ChatCompletionRequest.model_validate(
+        {"messages": CHAT, "logprobs": True, "top_logprobs": -1}
+    )
+    with pytest.raises(APIError) as error:
+        resolve_whole_vocabulary(req, 1000, 20)
+    assert error.value.param == "top_logprobs" and "--max-logprobs -1" in error.value.message
+    resolve_whole_vocabulary(req, 1000, 1024)
+    assert req.top_logprobs == 1024
 
 
 def test_prompt_embeds_is_refused(server):

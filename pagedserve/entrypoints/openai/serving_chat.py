@@ -30,6 +30,7 @@ from pagedserve.entrypoints.openai.streams import (
     sse,
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
+from pagedserve.entrypoints.openai.whole_vocabulary import resolve_whole_vocabulary
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR, ReasoningParser
 from pagedserve.sample.thinking_budget import count_reasoning_tokens
@@ -47,6 +48,7 @@ class ServingChat:
         s.check_model(req.model)
         req.resolve_tools(s.tool_parser)
         req.refuse_unsupported()
+        resolve_whole_vocabulary(req, s.vocab_size, s.max_logprobs)
         text = s.render_chat(req, req.tools)
         req.keep_prompt_text(text)
         prompt_ids = req.truncated(await s.tokenize(text, req.add_special_tokens), s.max_model_len)

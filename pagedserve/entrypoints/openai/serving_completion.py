@@ -30,6 +30,7 @@ from pagedserve.entrypoints.openai.streams import (
     merged,
     sse,
 )
+from pagedserve.entrypoints.openai.whole_vocabulary import resolve_whole_vocabulary
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from pagedserve.sampling_params import SamplingParams
 
@@ -47,6 +48,7 @@ class ServingCompletion:
         s = self.s
         s.check_model(req.model)
         req.refuse_unsupported()
+        resolve_whole_vocabulary(req, s.vocab_size, s.max_logprobs)
         prompt_ids: list[list[int]] = []
         prompt_texts: list[str | None] = []
         for prompt in req.prompts():
