@@ -164,6 +164,24 @@ def test_minus_one_needs_the_server_flag():
     assert req.top_logprobs == 1024
 
 
+def test_priority_header(server):
+    """vLLM's X-Vllm-Priority header stands for the body's priority: on this first-come server
+    a non-zero one is refused as the field would be; one that is not an integer is ignored."""
+    for path, body in (
+        ("/v1/chat/completions", {"messages": CHAT}),
+        ("/v1/completions", {"prompt": "Hi"}),
+    ):
+        body = {"model": MODEL_NAME, "max_tokens": 2, **body}
+        status, answer = request(server.url + path, "POST", body, {"X-Vllm-Priority": "5"})
+        assert status == 400 and answer["error"]["param"] == "priority"
+        status, _ = request(server.url + path, "POST", body, {"X-Vllm-Priority": "high"})
+        assert status == 200
+        status, _ = request(
+            server.url + path, "POST", {**body, "priority": 3}, {"X-Vllm-Priority": "0"}
+        )
+        assert status == 200
+
+
 def test_prompt_embeds_is_refused(server):
     """Embeddings in place of a prompt: a 400 naming ``prompt_embeds``, not one about the
     missing ``prompt``."""

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
@@ -38,6 +38,15 @@ def new_id(prefix: str, sep: str = "-", given: str | None = None) -> str:
     Responses API's objects, as OpenAI writes them; ``given``: the client's id instead of a
     random one (as vLLM: an ``X-Request-Id`` header, else the body's ``request_id``)."""
     return f"{prefix}{sep}{given or uuid.uuid4().hex}"
+
+
+def header_priority(headers: Mapping[str, str], given: int) -> int:
+    """The request's priority: vLLM's ``X-Vllm-Priority`` header (a router's) over the body's
+    ``priority``; a header that is not an integer is ignored, as vLLM ignores it."""
+    try:
+        return int(headers["x-vllm-priority"])
+    except (KeyError, ValueError):
+        return given
 
 
 class ChatFields(Protocol):

@@ -17,6 +17,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     OpenAIServing,
     by_rank,
     clamp_logprob,
+    header_priority,
     new_id,
     prompt_logprobs_json,
     usage_dict,
@@ -66,6 +67,7 @@ class ServingChat:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         s = self.s
         prompt_ids, params = await self.prepare(req)
+        req.priority = header_priority(raw.headers, req.priority)
         top_logprobs = req.num_logprobs
         request_id = new_id("chatcmpl", given=raw.headers.get("x-request-id") or req.request_id)
         engine_id = new_id("chatcmpl")  # unique in the engine, whatever request_id a client repeats

@@ -16,6 +16,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     OpenAIServing,
     by_rank,
     clamp_logprob,
+    header_priority,
     new_id,
     prompt_logprobs_json,
     top_alternatives,
@@ -86,6 +87,7 @@ class ServingCompletion:
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         s = self.s
         req, prompt_ids, prompt_texts, params = await self.prepare(req)
+        req.priority = header_priority(raw.headers, req.priority)
         request_id = new_id("cmpl", given=raw.headers.get("x-request-id") or req.request_id)
         engine_id = new_id("cmpl")  # unique in the engine, whatever request_id a client repeats
         created = int(time.time())
