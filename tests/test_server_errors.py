@@ -383,10 +383,19 @@ def test_max_tokens_past_the_context_is_cut_to_what_the_prompt_leaves(server, cl
     assert answer["choices"][0]["finish_reason"] == "length"
 
 
-def test_max_tokens_defaults_to_the_rest_of_the_context(client):
+def test_max_tokens_null_is_the_default(client):
+    """As vLLM 0.32 (and OpenAI's completions): a null max_tokens is the default 16 on
+    completions; on chat, the rest of the context."""
     prompt = "one two three four " * (MAX_LEN // 8)
+    extra = {"ignore_eos": True}
     r = client.completions.create(
-        model=MODEL_NAME, prompt=prompt, max_tokens=None, extra_body={"ignore_eos": True}
+        model=MODEL_NAME, prompt=prompt, max_tokens=None, extra_body=extra
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 16
+    messages = [{"role": "user", "content": prompt}]
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=None, extra_body=extra
     )
     assert r.choices[0].finish_reason == "length"
     assert r.usage.total_tokens == MAX_LEN

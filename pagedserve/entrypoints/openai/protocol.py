@@ -459,7 +459,7 @@ class CompletionRequest(SamplingFields, CompletionInertFields):
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return 16 if self.max_tokens is None else self.max_tokens  # null: the default, as vLLM
 
     @property
     def echo_only(self) -> bool:

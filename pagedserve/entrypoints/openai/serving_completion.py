@@ -70,7 +70,7 @@ class ServingCompletion:
         # for more alternatives.
         asked = (req.logprobs if req.echo else None, req.returned_prompt_logprobs)
         prompt_logprobs = max((n for n in asked if n is not None), default=None)
-        max_tokens = req.max_tokens
+        max_tokens = req.requested_max_tokens
         if req.echo_only:
             # The engine samples at least one token: one that always ends by length, dropped
             # from the answer (see _Job._generated).
