@@ -4,15 +4,17 @@ none gives each the answer of the base model with that adapter merged into its w
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from server_utils import MODEL_NAME, ServerProcess, request
+from server_utils import MODEL_NAME, ServerProcess, metrics, request
 from tiny_models import write_lora_adapter
 
 from pagedserve import LLM, LoRARequest, SamplingParams
+from pagedserve.lora.manager import LoRAAdapterUnloadedError
 
 PROMPTS = ["Hello there, how are", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
@@ -116,6 +118,41 @@ def test_adapters_that_cannot_be_served_are_refused(tmp_path, tiny_model_dir, ad
     assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
 
 
+def test_an_unload_keeps_the_adapter_of_requests_already_running(tiny_model_dir, adapters):
+    """Unloading an adapter that requests run with, and loading its name again from another
+    path, as the server's endpoints do: those requests finish on the weights they started
+    with, which go once they end; a request still naming the unloaded adapter is refused
+    rather than loading it again."""
+    base = tiny_model_dir("llama")
+    llm = LLM(base, dtype="float32", enable_lora=True)
+    references = {
+        name: LLM(adapters[name][1], dtype="float32").generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        for name in ("a1", "a2")
+    }
+    # One name from two paths in one batch: the second load leaves the first's requests be.
+    swapped = [LoRARequest("x", 1, adapters["a2"][0]), LoRARequest("x", 2, adapters["a1"][0])]
+    outputs = llm.generate(PROMPTS[:1] * 2, GREEDY, use_tqdm=False, lora_request=swapped)
+    assert_same(outputs, references["a2"] + references["a1"])
+
+    engine = llm.llm_engine
+    old = LoRARequest("a", 1, adapters["a2"][0])
+    engine.add_request("old", PROMPTS[0], GREEDY, lora_request=old)
+    engine.step()
+    assert engine.remove_lora("a")
+    new = LoRARequest("a", 2, adapters["a1"][0])
+    engine.loras.slot(new)
+    engine.add_request("new", PROMPTS[0], GREEDY, lora_request=new)
+    with pytest.raises(LoRAAdapterUnloadedError, match="'a' was unloaded"):
+        engine.add_request("late", PROMPTS[0], GREEDY, lora_request=old)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert_same([outputs["old"], outputs["new"]], references["a2"] + references["a1"])
+    projection = engine.model.model.layers[0].self_attn.qkv_proj
+    current = [engine.loras.loaded[name][1] for name in ("x", "a")]
+    assert sorted(projection.lora.adapters) == current  # the unloaded or replaced ones went
+
+
 # ---- the server ----
 
 
@@ -129,7 +166,7 @@ def server(tiny_model_dir, adapters):
             "--enable-lora",
             "--lora-modules", f"a1={adapters['a1'][0]}",
         ],
-        env={"PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING": "1"},
+        env={"PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING": "1", "PAGEDSERVE_SERVER_DEV_MODE": "1"},
     ).wait_ready()  # fmt: skip
     yield srv
     srv.close()
@@ -243,3 +280,54 @@ def test_malformed_adapters_are_400s(server, adapters, tmp_path):
         body = {"lora_name": name, "lora_path": str(path)}
         status, answer = request(server.url + "/v1/load_lora_adapter", "POST", body)
         assert status == 400 and answer["error"]["param"] == "lora_path", (name, answer)
+
+
+def test_a_request_held_past_an_unload_is_a_404(server, adapters):
+    """A request that named an adapter, held (by a pause) until after that adapter was
+    unloaded and its name loaded again from another path: a 404, never an answer from the
+    unloaded adapter loaded again behind the server's back, nor from the base model; the
+    request that names the new adapter runs with it."""
+    client = server.client()
+    want_a1 = served_ids(client, "a1")
+
+    def post(path, body):
+        return request(server.url + path, "POST", body)
+
+    def complete():
+        body = {"model": "swap", "prompt": PROMPTS, "max_tokens": 12, "temperature": 0}
+        return post("/v1/completions", {**body, "return_token_ids": True})
+
+    def load(name):
+        body = {"lora_name": "swap", "lora_path": adapters[name][0]}
+        return post("/v1/load_lora_adapter", body)[0]
+
+    assert load("a2") == 200
+    assert post("/pause?mode=wait", None)[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            held = pool.submit(complete)
+            until_waiting(server, 1)
+            assert post("/v1/unload_lora_adapter", {"lora_name": "swap"})[0] == 200
+            assert load("a1") == 200
+            fresh = pool.submit(complete)
+            until_waiting(server, 2)
+        finally:
+            assert post("/resume", None)[0] == 200
+        status, answer = held.result()
+        assert status == 404, answer
+        assert answer["error"]["param"] == "model" and "unloaded" in answer["error"]["message"]
+        status, answer = fresh.result()
+    assert status == 200, answer
+    got = [c["token_ids"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
+    assert got == want_a1
+    models = {m.id: m for m in client.models.list().data}
+    assert models["swap"].root == adapters["a1"][0]
+    assert post("/v1/unload_lora_adapter", {"lora_name": "swap"})[0] == 200
+
+
+def until_waiting(server, count: int) -> None:
+    """Wait until ``count`` requests wait for the resume (sent from other threads)."""
+    deadline = time.monotonic() + 60
+    while metrics(server.url)["pagedserve:num_requests_waiting"] < count:
+        assert time.monotonic() < deadline, "the requests never reached the engine"
+        time.sleep(0.05)

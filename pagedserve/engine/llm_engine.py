@@ -155,7 +155,9 @@ class LLMEngine:
         self.max_model_len = fitted_context(
             self.max_model_len, num_blocks, config.block_size, window, longest_step
         )
-        self.loras = LoRAManager(self.model, config.max_lora_rank) if config.enable_lora else None
+        self.loras: LoRAManager | None = None
+        if config.enable_lora:  # an adapter stays loaded while a live request runs with it
+            self.loras = LoRAManager(self.model, config.max_lora_rank, self._lora_ids_in_use)
         self.runner = ModelRunner(
             self.model,
             kv_cache,
@@ -284,18 +286,12 @@ class LLMEngine:
         return self.loras.slot(lora_request)
 
     def remove_lora(self, name: str) -> bool:
-        """Unload the adapter loaded as ``name``; False if there is none, a ``ValueError``
-        while requests run with it."""
-        known = self.loras.loaded.get(name) if self.loras is not None else None
-        if known is None:
-            return False
-        queued = (*self.scheduler.running, *self.scheduler.waiting)
-        users = sum(1 for r in queued if r.lora_id == known[1])
-        if users:
-            raise ValueError(
-                f"LoRA adapter {name!r} is in use by {users} request(s); unload it once they finish"
-            )
-        return self.loras.remove(name)
+        """Unload the adapter loaded as ``name``; False if there is none. Requests running with
+        it finish on it; later ones that name it are refused (``LoRAAdapterUnloadedError``)."""
+        return self.loras is not None and self.loras.remove(name)
+
+    def _lora_ids_in_use(self) -> set[int]:
+        return {group.sequences[0].request.lora_id for group in self.groups.values()}
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now and free their blocks; unknown ids are ignored."""
@@ -310,6 +306,8 @@ class LLMEngine:
             for seq in group.sequences:
                 if not seq.request.is_finished:
                     self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+        if self.loras is not None:
+            self.loras.release()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups or self._embedding_requests)
@@ -450,6 +448,8 @@ class LLMEngine:
             outputs.append(
                 self.outputs.make_output(group, group.sequences[0].request.num_cached_tokens)
             )
+        if self.loras is not None:
+            self.loras.release()  # the weights of unloaded adapters whose last request ended
         return outputs
 
     def get_stats(self) -> EngineStats:

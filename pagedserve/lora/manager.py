@@ -5,6 +5,12 @@ An adapter directory holds ``adapter_config.json`` (``r``, ``lora_alpha``, ``use
 ``lora_B`` ``[out, r]`` per targeted projection, named after the base model's modules
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). Each loaded adapter gets an
 id that is never reused, so a request's prefix-cache salt can name it.
+
+An adapter unloaded (the server's ``/v1/unload_lora_adapter``) or replaced (its name loaded from
+another path) while requests run with it is retired: its weights stay, under its id, until the
+last of those requests ends, so none of them ever runs on other weights. A request that names an
+unloaded adapter's ``LoRARequest`` afterwards (resolved before the unload, added after it) is
+refused, never served by loading the adapter again behind the server's back.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -26,29 +33,50 @@ from pagedserve.model.llama import STACKED
 _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "alpha_pattern", "layer_replication")
 
 
-class LoRAManager:
-    """The adapters a model serves; ``slot(request)`` loads one on first use."""
+class LoRAAdapterUnloadedError(ValueError):
+    """A request names an adapter that was unloaded after the request was routed to it."""
 
-    def __init__(self, model: nn.Module, max_lora_rank: int) -> None:
+    def __init__(self, lora_name: str) -> None:
+        super().__init__(
+            f"The LoRA adapter '{lora_name}' was unloaded before this request could start; "
+            "send the request again for the adapter now served under that name, if any."
+        )
+
+
+class LoRAManager:
+    """The adapters a model serves; ``slot(request)`` loads one on first use.
+
+    ``in_use()`` gives the ids of the adapters that live requests run with: the retired ones
+    among them keep their weights."""
+
+    def __init__(
+        self, model: nn.Module, max_lora_rank: int, in_use: Callable[[], Collection[int]]
+    ) -> None:
         self.model = model
         self.max_lora_rank = max_lora_rank
+        self.in_use = in_use
         self.state = LoRAState()
         for module in model.modules():
             if isinstance(module, Linear):
                 module.lora = LoRAWeights(self.state)
         model.lora_state = self.state
         self.loaded: dict[str, tuple[LoRARequest, int]] = {}  # name -> (request, id)
+        self.retired: set[int] = set()  # ids of adapters unloaded or replaced, still in use
+        self.unloaded: set[LoRARequest] = set()  # refused from now on
         self._ids = itertools.count(1)
 
     def slot(self, request: LoRARequest) -> int:
         """The id of the loaded adapter ``request`` names, loading it the first time; a
-        ``ValueError`` for an adapter that cannot be served."""
+        ``ValueError`` for an adapter that cannot be served (``LoRAAdapterUnloadedError``: one
+        unloaded since)."""
+        if request in self.unloaded:
+            raise LoRAAdapterUnloadedError(request.lora_name)
         known = self.loaded.get(request.lora_name)
         if known is not None and known[0].lora_path == request.lora_path:
             return known[1]
-        if known is not None:
-            self.remove(request.lora_name)
         pairs = self._read(Path(request.lora_path))
+        if known is not None:
+            self._retire(request.lora_name)
         adapter = next(self._ids)
         for module, module_pairs in pairs.items():
             module.lora.adapters[adapter] = Stacked.of(module_pairs, module.out_features)
@@ -56,14 +84,31 @@ class LoRAManager:
         return adapter
 
     def remove(self, name: str) -> bool:
-        """Unload the adapter named ``name``; False if none is."""
-        known = self.loaded.pop(name, None)
+        """Unload the adapter named ``name`` (its weights once no request runs with it, and
+        later requests naming it are refused); False if none is loaded."""
+        known = self.loaded.get(name)
         if known is None:
             return False
+        self.unloaded.add(known[0])
+        self._retire(name)
+        return True
+
+    def release(self) -> None:
+        """Free the weights of the retired adapters that no live request runs with."""
+        if not self.retired:
+            return
+        unused = self.retired.difference(self.in_use())
+        if not unused:
+            return
+        self.retired -= unused
         for module in self.model.modules():
             if isinstance(module, Linear):
-                module.lora.adapters.pop(known[1], None)
-        return True
+                for adapter in unused:
+                    module.lora.adapters.pop(adapter, None)
+
+    def _retire(self, name: str) -> None:
+        self.retired.add(self.loaded.pop(name)[1])
+        self.release()
 
     def _read(self, path: Path) -> dict[Linear, list[Pair]]:
         config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"

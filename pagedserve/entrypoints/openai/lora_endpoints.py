@@ -70,9 +70,8 @@ def add_lora_routes(app: FastAPI, serving: OpenAIServing) -> None:
                 raise APIError(
                     404, f"The lora adapter '{name}' cannot be found.", param="lora_name"
                 )
-            try:
-                await serving.engine.call(lambda engine: engine.remove_lora(name))
-            except ValueError as exc:
-                raise bad_request(str(exc), "lora_name") from exc
+            # Requests already running with it finish on it; the ones routed to it but not yet
+            # started are refused with a 404 (see LoRAManager), as the name now is.
+            await serving.engine.call(lambda engine: engine.remove_lora(name))
             del serving.lora_modules[name]
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -22,6 +22,7 @@ from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_val
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.entrypoints.openai.streams import last_output
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from pagedserve.lora.manager import LoRAAdapterUnloadedError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.reasoning_parsers import REASONING_PARSERS
@@ -361,6 +362,8 @@ class OpenAIServing:
                 lora_request,
                 client_id,
             )
+        except LoRAAdapterUnloadedError as exc:  # unloaded since the request was routed to it
+            raise APIError(404, str(exc), param="model", code="model_not_found") from exc
         except ValueError as exc:
             raise from_value_error(exc, SAMPLING_PARAM_NAMES) from exc
         except EngineDeadError as exc:
