@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -88,22 +89,23 @@ def add_rms_norm(
     return out, residual
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``[..., 2 * d]`` (gate, up) -> ``[..., d]`` = ``silu(gate) * up``."""
+def _gated(x: torch.Tensor, kernel: Callable[..., None]) -> torch.Tensor:
+    """``[..., 2 * d]`` (gate, up) -> ``[..., d]`` through a gated-activation kernel."""
     x = x.contiguous()
     d = x.shape[-1] // 2
     out = x.new_empty((*x.shape[:-1], d))
-    _lib().silu_and_mul_f32(out.data_ptr(), x.data_ptr(), _rows(x), d)
+    kernel(out.data_ptr(), x.data_ptr(), _rows(x), d)
     return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 2 * d]`` (gate, up) -> ``[..., d]`` = ``silu(gate) * up``."""
+    return _gated(x, _lib().silu_and_mul_f32)
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``[..., 2 * d]`` (gate, up) -> ``[..., d]`` = ``gelu(gate, approximate="tanh") * up``."""
-    x = x.contiguous()
-    d = x.shape[-1] // 2
-    out = x.new_empty((*x.shape[:-1], d))
-    _lib().gelu_tanh_and_mul_f32(out.data_ptr(), x.data_ptr(), _rows(x), d)
-    return out
+    return _gated(x, _lib().gelu_tanh_and_mul_f32)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
