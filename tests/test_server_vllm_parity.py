@@ -182,6 +182,32 @@ def test_priority_header(server):
         assert status == 200
 
 
+@pytest.mark.parametrize("salt", ["", "s" * 129, "user@example", "a/b", "a\\b", "a\x00b"], ids=repr)
+def test_cache_salt_outside_the_rule_is_refused(client, salt):
+    """vLLM's rule for ``cache_salt`` (1 to 128 characters, no '@', '/', '\\' or NUL): a salt
+    outside it is a 400 naming it on chat, completions and the Responses API."""
+    extra = {"extra_body": {"cache_salt": salt}}
+    errors = []
+    for call in (
+        lambda: greedy_chat(client, max_tokens=2, **extra),
+        lambda: greedy_completion(client, max_tokens=2, **extra),
+        lambda: client.responses.create(model=MODEL_NAME, input="Hi", max_output_tokens=2, **extra),
+    ):
+        with pytest.raises(openai.BadRequestError) as error:
+            call()
+        errors.append(error.value)
+    assert all(error.body["param"] == "cache_salt" for error in errors)
+
+
+def test_cache_salt_within_the_rule_is_served(client):
+    """The longest salt allowed, of characters other than the forbidden ones, is served."""
+    extra = {"extra_body": {"cache_salt": "k-ÿ:é" + "s" * 123}}
+    assert greedy_chat(client, max_tokens=2, **extra).choices[0].message.content is not None
+    assert greedy_completion(client, max_tokens=2, **extra).choices[0].text is not None
+    answer = client.responses.create(model=MODEL_NAME, input="Hi", max_output_tokens=2, **extra)
+    assert answer.status in ("completed", "incomplete")
+
+
 def test_prompt_embeds_is_refused(server):
     """Embeddings in place of a prompt: a 400 naming ``prompt_embeds``, not one about the
     missing ``prompt``."""

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_validator
 
 from pagedserve.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
+from pagedserve.entrypoints.openai.cache_salt import check_cache_salt
 from pagedserve.entrypoints.openai.chat_message import ChatMessage
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.inert_fields import ChatInertFields, CompletionInertFields
@@ -281,8 +282,7 @@ class SamplingFields(RequestBody, StreamIntervalField, LogprobTokenIdsField):
         """A 400 for what the engine cannot honour yet, rather than output that silently ignores
         it (a client that asks for JSON must not be handed free text); checked first, before any
         tokenizing."""
-        if self.cache_salt is not None and not self.cache_salt:
-            raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
+        check_cache_salt(self.cache_salt)
         if self.use_beam_search:
             self._refuse_beside_beam_search()
         if self.stream and self.prompt_logprobs:

@@ -48,6 +48,7 @@ class ResponsesRequest(RequestBody):
     top_logprobs: int | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra, as on chat
     ignore_eos: bool = False  # vLLM's extra, as on chat
+    cache_salt: str | None = None  # vLLM's extra, as on chat
 
     @property
     def wants_logprobs(self) -> bool:
@@ -90,6 +91,7 @@ class ResponsesRequest(RequestBody):
             top_logprobs=self.top_logprobs if self.wants_logprobs else None,
             user=self.user,
             ignore_eos=self.ignore_eos,
+            cache_salt=self.cache_salt,
         )
 
     def input_messages(self) -> list[dict[str, Any]]:
