@@ -208,6 +208,26 @@ def test_cache_salt_within_the_rule_is_served(client):
     assert answer.status in ("completed", "incomplete")
 
 
+@pytest.mark.parametrize("choice", [None, "none", "auto", "required"])
+def test_empty_tools_are_refused_on_chat(client, choice):
+    """``tools: []`` on chat is a 400 naming ``tools``, whatever ``tool_choice`` says, as in
+    vLLM (and OpenAI)."""
+    extra = {} if choice is None else {"tool_choice": choice}
+    with pytest.raises(openai.BadRequestError) as error:
+        greedy_chat(client, max_tokens=2, tools=[], **extra)
+    assert error.value.body["param"] == "tools"
+
+
+def test_empty_tools_elsewhere_are_no_tools(server, client):
+    """Where vLLM takes ``tools: []`` as no tools, so does this server: the Messages API and the
+    Responses API."""
+    body = {"model": MODEL_NAME, "max_tokens": 2, "tools": [], "messages": CHAT}
+    status, answer = request(server.url + "/v1/messages", "POST", body)
+    assert status == 200, answer
+    answer = client.responses.create(model=MODEL_NAME, input="Hi", max_output_tokens=2, tools=[])
+    assert answer.status in ("completed", "incomplete")
+
+
 def test_prompt_embeds_is_refused(server):
     """Embeddings in place of a prompt: a 400 naming ``prompt_embeds``, not one about the
     missing ``prompt``."""

@@ -71,18 +71,21 @@ def chat_request(
         "thinking_token_budget": _thinking_budget(req, reasoning_parser),
         "response_format": _response_format(req),
     }
-    if req.tools is not None:
-        fields["tools"] = [_chat_tool(tool) for tool in req.tools]
     if req.tool_choice is not None:
         fields.update(_chat_tool_choice(req.tool_choice))
     if isinstance(req, MessagesRequest):
         fields.update(_generation_fields(req, max_model_len))
     try:
-        return ChatCompletionRequest(**fields)
+        chat = ChatCompletionRequest(**fields)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]) or "body"
         raise bad_request(f"{where}: {error['msg']}") from exc
+    # Set after the chat body's checks: an empty list of tools is no tools here, as in vLLM's
+    # Messages API, where chat's body refuses it.
+    if req.tools is not None:
+        chat.tools = [_chat_tool(tool) for tool in req.tools]
+    return chat
 
 
 def _generation_fields(req: MessagesRequest, max_model_len: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pagedserve.entrypoints.openai.tool_calls import (
     AUTO,
     forced_schema,
     refuse_beside_forced_calls,
+    refuse_empty_tools,
     tool_mode,
 )
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -378,6 +379,11 @@ class ChatCompletionRequest(SamplingFields, ChatInertFields, PromptTextField):
     echo: bool = False  # the answer starts with the last message, when it has the answer's role
 
     _tool_mode: tuple[str, str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_empty_tools(cls, data: Any) -> Any:
+        return refuse_empty_tools(data)
 
     def resolve_tools(self, auto_parser: str | None) -> None:
         """Settle what ``tool_choice`` asks for (see ``tool_calls.tool_mode``), on a server whose

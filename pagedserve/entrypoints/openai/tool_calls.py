@@ -39,6 +39,17 @@ def function_of(tool: dict[str, Any]) -> dict[str, Any]:
     return function
 
 
+def refuse_empty_tools(body: Any) -> Any:
+    """A chat body as it came, after a 400 for ``tools: []``, whatever its ``tool_choice`` (as
+    vLLM and OpenAI answer it): a client sends tools, or leaves the field out."""
+    if isinstance(body, dict) and body.get("tools") == []:
+        raise bad_request(
+            "tools must not be an empty list: give at least one tool, or leave tools out",
+            param="tools",
+        )
+    return body
+
+
 def tool_mode(
     tools: list[dict[str, Any]] | None, tool_choice: Any, auto_parser: str | None
 ) -> tuple[str, str] | None:
