@@ -165,13 +165,16 @@ def test_minus_one_needs_the_server_flag():
 
 
 def test_priority_header(server):
-    """vLLM's X-Vllm-Priority header stands for the body's priority: on this first-come server
-    a non-zero one is refused as the field would be; one that is not an integer is ignored."""
+    """vLLM's X-Vllm-Priority header stands for the body's priority on chat, completions and the
+    Responses API: on this first-come server a non-zero one is refused as the field would be
+    (a background response too, at once); one that is not an integer is ignored."""
     for path, body in (
-        ("/v1/chat/completions", {"messages": CHAT}),
-        ("/v1/completions", {"prompt": "Hi"}),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2, "background": True}),
     ):
-        body = {"model": MODEL_NAME, "max_tokens": 2, **body}
+        body = {"model": MODEL_NAME, **body}
         status, answer = request(server.url + path, "POST", body, {"X-Vllm-Priority": "5"})
         assert status == 400 and answer["error"]["param"] == "priority"
         status, _ = request(server.url + path, "POST", body, {"X-Vllm-Priority": "high"})

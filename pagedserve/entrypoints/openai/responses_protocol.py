@@ -49,6 +49,7 @@ class ResponsesRequest(RequestBody):
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra, as on chat
     ignore_eos: bool = False  # vLLM's extra, as on chat
     cache_salt: str | None = None  # vLLM's extra, as on chat
+    priority: int = 0  # vLLM's extra, as on chat; the X-Vllm-Priority header stands over it
 
     @property
     def wants_logprobs(self) -> bool:
@@ -92,6 +93,7 @@ class ResponsesRequest(RequestBody):
             user=self.user,
             ignore_eos=self.ignore_eos,
             cache_salt=self.cache_salt,
+            priority=self.priority,
         )
 
     def input_messages(self) -> list[dict[str, Any]]:

@@ -369,6 +369,15 @@ class OpenAIServing:
         except EngineDeadError as exc:
             raise APIError(503, str(exc)) from exc
 
+    def check_priority(self, priority: int) -> None:
+        """A 400 for a non-zero priority on a server that serves requests in arrival order."""
+        if priority != 0 and self.engine.scheduling_policy != "priority":
+            raise bad_request(
+                "priority needs a server started with --scheduling-policy priority; this one "
+                "serves requests in arrival order",
+                param="priority",
+            )
+
     async def submit_all(
         self,
         base_id: str,
@@ -379,12 +388,7 @@ class OpenAIServing:
     ) -> list[RequestStream]:
         """Submit several prompts (with ``request``'s cache salt and priority) as the answer
         ``client_id``; on a refusal, abort the ones already accepted."""
-        if request.priority != 0 and self.engine.scheduling_policy != "priority":
-            raise bad_request(
-                "priority needs a server started with --scheduling-policy priority; this one "
-                "serves requests in arrival order",
-                param="priority",
-            )
+        self.check_priority(request.priority)
         now = time.time()
         salt, priority = request.cache_salt, request.priority
         self.check_model(request.model)  # an adapter may have been unloaded meanwhile

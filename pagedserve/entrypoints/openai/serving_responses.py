@@ -32,9 +32,7 @@ from pagedserve.entrypoints.openai.errors import APIError, bad_request
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.response_store import ResponseStore
 from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
-from pagedserve.entrypoints.openai.serving_base import (
-    new_id,
-)
+from pagedserve.entrypoints.openai.serving_base import header_priority, new_id
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.streams import (
     SSEResponse,
@@ -75,6 +73,8 @@ class ServingResponses:
                 )
             history = stored
         chat_req = req.chat_request(history)
+        chat_req.priority = header_priority(raw.headers, chat_req.priority)
+        s.check_priority(chat_req.priority)  # a 400 now, not a failed background response
         try:
             prompt_ids, params = await self.chat.prepare(chat_req)
         except APIError as exc:
