@@ -2,7 +2,8 @@
 ``openai`` client's ``extra_body``: the ones honoured here (``stream_interval``,
 ``return_prompt_text``, an assistant message's earlier ``reasoning``, the sampling extras), the
 ones accepted as the no-ops they are on a server like this one, and the ones refused with a 400
-naming them because this server cannot do what they ask."""
+naming them because this server cannot do what they ask. ``cache_salt`` and the
+``X-Vllm-Priority`` header are checked on the Responses and Messages APIs too."""
 
 from __future__ import annotations
 
