@@ -366,3 +366,28 @@ def test_truncation_side_right_keeps_the_first_tokens(server):
     status_first, first = post(server, {"input": ids[:3]})
     assert status == status_first == 200
     assert cut["data"][0]["embedding"] == first["data"][0]["embedding"]
+
+
+@pytest.mark.parametrize("salt", ["", "s" * 129, "user@example", "a/b", "a\\b", "a\x00b"], ids=repr)
+def test_cache_salt_outside_the_rule_is_refused(server, salt):
+    """vLLM holds a pooling request's ``cache_salt`` to chat's rule: a 400 naming it."""
+    for path, body in [
+        ("/v1/embeddings", {"input": "hi"}),
+        ("/pooling", {"input": "hi"}),
+        ("/score", {"text_1": "a", "text_2": "b"}),
+        ("/rerank", {"query": "a", "documents": ["b"]}),
+    ]:
+        status, answer = post(server, {**body, "cache_salt": salt}, path)
+        assert status == 400 and answer["error"]["param"] == "cache_salt", (path, answer)
+
+
+def test_cache_salt_within_the_rule_embeds_as_without(server):
+    """A salt only keeps prefix blocks apart: the embedding is the one without it."""
+    salt = "k-ÿ:é" + "s" * 123
+    status, plain = post(server, {"input": "a salted text"})
+    assert status == 200
+    status, salted = post(server, {"input": "a salted text", "cache_salt": salt})
+    assert status == 200, salted
+    assert salted["data"][0]["embedding"] == pytest.approx(plain["data"][0]["embedding"], abs=1e-6)
+    body = {"text_1": "a", "text_2": "b", "cache_salt": salt}
+    assert post(server, body, "/score")[0] == 200

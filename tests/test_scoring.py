@@ -145,6 +145,8 @@ def test_score_and_rerank_endpoints(server):
             TRUNCATE,
         ),
         ("/classify", {"input": []}, 400, "input"),
+        ("/classify", {"input": ["a"], "cache_salt": "a/b"}, 400, "cache_salt"),
+        ("/rerank", {"query": "a", "documents": ["b"], "cache_salt": "s" * 129}, 400, "cache_salt"),
         ("/v1/embeddings", {"input": "a cat"}, 400, "model"),
         ("/v1/completions", {"prompt": "a cat"}, 400, None),
     ],

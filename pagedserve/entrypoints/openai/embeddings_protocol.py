@@ -1,16 +1,34 @@
 """The bodies of a pooling model's endpoints: ``POST /v1/embeddings`` (OpenAI's fields, vLLM's
 extras, and vLLM's chat form, which embeds a conversation as the chat template writes it), and
-vLLM's ``/score``, ``/rerank`` (Jina's and Cohere's rerank shape) and ``/classify``."""
+vLLM's ``/score``, ``/rerank`` (Jina's and Cohere's rerank shape) and ``/classify``.
+
+Each takes vLLM's ``priority`` and ``cache_salt``; the salt is held to the same rule as on chat
+(see ``cache_salt``) and salts the prompt's cached prefix blocks, as it does for generation."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import model_validator
+
+from pagedserve.entrypoints.openai.cache_salt import check_cache_salt
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.protocol import ChatMessage, Prompt, RequestBody
 
 
-class EmbeddingRequest(RequestBody):
+class PoolingFields(RequestBody):
+    """vLLM's extras that every pooling body takes."""
+
+    priority: int = 0
+    cache_salt: str | None = None
+
+    @model_validator(mode="after")
+    def _check_cache_salt(self) -> PoolingFields:
+        check_cache_salt(self.cache_salt)
+        return self
+
+
+class EmbeddingRequest(PoolingFields):
     model: str | None = None
     input: Prompt | None = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -28,8 +46,6 @@ class EmbeddingRequest(RequestBody):
     truncate_prompt_tokens: int | None = None
     truncation_side: Literal["left", "right"] | None = None
     normalize: bool | None = None
-    priority: int = 0
-    cache_salt: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
         """``input`` as a list of strings or token-id lists, one per embedding."""
@@ -52,18 +68,16 @@ class PoolingRequest(EmbeddingRequest):
     task: str | None = None
 
 
-class ScoreRequest(RequestBody):
+class ScoreRequest(PoolingFields):
     """vLLM's ``/score``: ``text_1`` (one text, or one per ``text_2`` text) against ``text_2``."""
 
     model: str | None = None
     text_1: str | list[str]
     text_2: str | list[str]
     truncate_prompt_tokens: int | None = None
-    priority: int = 0
-    cache_salt: str | None = None
 
 
-class RerankRequest(RequestBody):
+class RerankRequest(PoolingFields):
     """``/rerank``: the ``documents`` by relevance to ``query``, best first, ``top_n`` of them."""
 
     model: str | None = None
@@ -71,15 +85,11 @@ class RerankRequest(RequestBody):
     documents: list[str]
     top_n: int | None = None  # None or 0: all
     truncate_prompt_tokens: int | None = None
-    priority: int = 0
-    cache_salt: str | None = None
 
 
-class ClassifyRequest(RequestBody):
+class ClassifyRequest(PoolingFields):
     """vLLM's ``/classify``: each input's class probabilities."""
 
     model: str | None = None
     input: str | list[str]
     truncate_prompt_tokens: int | None = None
-    priority: int = 0
-    cache_salt: str | None = None
