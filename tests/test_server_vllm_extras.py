@@ -248,3 +248,35 @@ def test_chat_echo_repeats_the_message_it_continues(client):
         fresh.choices[0].message.content
         == greedy_chat(client, max_tokens=4).choices[0].message.content
     )
+
+
+def test_chat_echo_returns_the_prompt_logprobs(client):
+    """As vLLM 0.32: chat's echo returns the whole prompt's logprobs at the top (the first token
+    null), with top_logprobs alternatives (the prompt token alone by default) unless
+    prompt_logprobs says otherwise; the choice's logprobs stay the generated tokens'. A stream
+    carries none."""
+    partial = [{"role": "user", "content": "What is 2 + 2?"},
+               {"role": "assistant", "content": "The answer is"}]  # fmt: skip
+    extra = {"echo": True, "add_generation_prompt": False, "continue_final_message": True}
+    asked = greedy_chat(client, messages=partial, max_tokens=3, logprobs=True, top_logprobs=2,
+                        extra_body={**extra, "return_token_ids": True})  # fmt: skip
+    ids, entries = asked.model_extra["prompt_token_ids"], asked.model_extra["prompt_logprobs"]
+    assert len(entries) == len(ids) == asked.usage.prompt_tokens and entries[0] is None
+    assert all(str(t) in e and 1 <= len(e) <= 3 for t, e in zip(ids[1:], entries[1:], strict=True))
+    assert len(asked.choices[0].logprobs.content) == asked.usage.completion_tokens
+    explicit = greedy_chat(client, messages=partial, max_tokens=3,
+                           extra_body={**extra, "echo": False, "prompt_logprobs": 2})  # fmt: skip
+    assert explicit.model_extra["prompt_logprobs"] == entries
+    plain = greedy_chat(client, messages=partial, max_tokens=3, extra_body=extra)
+    own = [e and {str(t): e[str(t)]} for t, e in zip(ids, entries, strict=True)]
+    assert plain.model_extra["prompt_logprobs"] == own and plain.choices[0].logprobs is None
+    fresh = greedy_chat(client, max_tokens=3, extra_body={"echo": True})
+    assert len(fresh.model_extra["prompt_logprobs"]) == fresh.usage.prompt_tokens
+    overridden = greedy_chat(client, messages=partial, max_tokens=3, logprobs=True,
+                             top_logprobs=2, extra_body={**extra, "prompt_logprobs": 0})  # fmt: skip
+    assert overridden.model_extra["prompt_logprobs"] == own
+    chunks = list(greedy_chat(client, messages=partial, max_tokens=3, stream=True,
+                              logprobs=True, top_logprobs=2, extra_body=extra))  # fmt: skip
+    assert all(c.model_extra.get("prompt_logprobs") is None for c in chunks)
+    assert chunks[1].choices[0].delta.content == "The answer is"
+    assert chunks[1].choices[0].logprobs is None

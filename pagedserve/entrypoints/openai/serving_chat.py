@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.engine.async_engine import EngineError, RequestStream
 from pagedserve.entrypoints.openai.chat_message import message_text
+from pagedserve.entrypoints.openai.chat_prompt_logprobs import chat_prompt_logprobs
 from pagedserve.entrypoints.openai.errors import error_body
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.serving_base import (
@@ -58,7 +59,7 @@ class ServingChat:
             req.requested_max_tokens,
             len(prompt_ids),
             req.num_logprobs,
-            req.returned_prompt_logprobs,
+            chat_prompt_logprobs(req),
             prompt_param="messages",
             logprobs_param="top_logprobs",
         )
@@ -135,7 +136,7 @@ class ServingChat:
             "choices": choices,
             "usage": self.usage(req, out),
             "system_fingerprint": None,
-            "prompt_logprobs": prompt_logprobs_json(out, req.returned_prompt_logprobs),
+            "prompt_logprobs": prompt_logprobs_json(out, chat_prompt_logprobs(req)),
         }
         if req.return_token_ids:
             body["prompt_token_ids"] = out.prompt_token_ids
