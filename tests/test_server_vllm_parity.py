@@ -11,10 +11,15 @@ import math
 
 import openai
 import pytest
+from pydantic import ValidationError
 from server_utils import CHAT, MODEL_NAME, greedy_chat, greedy_completion, request, templated_server
 
+from pagedserve.entrypoints.openai.embeddings_protocol import EmbeddingRequest, ScoreRequest
 from pagedserve.entrypoints.openai.errors import APIError
-from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.priority import MAX_PRIORITY, MIN_PRIORITY
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
+from pagedserve.entrypoints.openai.serving_base import header_priority
 from pagedserve.entrypoints.openai.stream_interval import StreamGate
 from pagedserve.entrypoints.openai.whole_vocabulary import resolve_whole_vocabulary
 from pagedserve.outputs import CompletionOutput, RequestOutput
@@ -184,6 +189,40 @@ def test_priority_header(server):
             server.url + path, "POST", {**body, "priority": 3}, {"X-Vllm-Priority": "0"}
         )
         assert status == 200
+
+
+@pytest.mark.parametrize("priority", [MAX_PRIORITY + 1, MIN_PRIORITY - 1, 10**40])
+def test_priority_outside_64_bits_is_refused(server, priority):
+    """vLLM holds ``priority`` to a signed 64-bit integer: beyond it, in the body or the
+    X-Vllm-Priority header, a 400 naming ``priority`` and the bound, not the first-come 400."""
+    bound = str(MAX_PRIORITY if priority > 0 else MIN_PRIORITY)
+    for path, body in (
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2, "background": True}),
+    ):
+        body = {"model": MODEL_NAME, **body}
+        for sent, headers in (
+            ({**body, "priority": priority}, None),
+            (body, {"X-Vllm-Priority": str(priority)}),
+        ):
+            status, answer = request(server.url + path, "POST", sent, headers)
+            assert status == 400 and answer["error"]["param"] == "priority", (path, answer)
+            assert bound in answer["error"]["message"]
+
+
+def test_priority_at_the_64_bit_bounds_is_taken():
+    """The bounds themselves are valid priorities (for a server started with priority
+    scheduling), in the body and in the header."""
+    for priority in (MIN_PRIORITY, MAX_PRIORITY):
+        assert ChatCompletionRequest(messages=CHAT, priority=priority).priority == priority
+        assert CompletionRequest(prompt="Hi", priority=priority).priority == priority
+        assert ResponsesRequest(input="Hi", priority=priority).priority == priority
+        assert header_priority({"x-vllm-priority": str(priority)}, 0) == priority
+        assert ScoreRequest(text_1="a", text_2="b", priority=priority).priority == priority
+    with pytest.raises(ValidationError):  # the pooling bodies are bounded as vLLM's are
+        EmbeddingRequest(input="a", priority=MAX_PRIORITY + 1)
 
 
 @pytest.mark.parametrize("salt", ["", "s" * 129, "user@example", "a/b", "a\\b", "a\x00b"], ids=repr)

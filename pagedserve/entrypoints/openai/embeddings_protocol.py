@@ -13,13 +13,14 @@ from pydantic import model_validator
 
 from pagedserve.entrypoints.openai.cache_salt import check_cache_salt
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.priority import Priority
 from pagedserve.entrypoints.openai.protocol import ChatMessage, Prompt, RequestBody
 
 
 class PoolingFields(RequestBody):
     """vLLM's extras that every pooling body takes."""
 
-    priority: int = 0
+    priority: Priority = 0
     cache_salt: str | None = None
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from pagedserve.entrypoints.openai.chat_message import ChatMessage
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.inert_fields import ChatInertFields, CompletionInertFields
 from pagedserve.entrypoints.openai.logprob_token_ids import LogprobTokenIdsField
+from pagedserve.entrypoints.openai.priority import Priority
 from pagedserve.entrypoints.openai.prompt_text import PromptTextField
 from pagedserve.entrypoints.openai.stream_interval import StreamIntervalField
 from pagedserve.entrypoints.openai.structured_outputs_protocol import (
@@ -161,7 +162,7 @@ class SamplingFields(RequestBody, StreamIntervalField, LogprobTokenIdsField):
     request_id: str | None = None  # the answer's id is the endpoint's prefix and this
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    priority: int = 0
+    priority: Priority = 0
     bad_words: list[str] | None = None
     cache_salt: str | None = None
     thinking_token_budget: int | None = None  # needs --reasoning-parser; -1: no limit

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.priority import Priority
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     RequestBody,
@@ -49,7 +50,7 @@ class ResponsesRequest(RequestBody):
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra, as on chat
     ignore_eos: bool = False  # vLLM's extra, as on chat
     cache_salt: str | None = None  # vLLM's extra, as on chat
-    priority: int = 0  # vLLM's extra, as on chat; the X-Vllm-Priority header stands over it
+    priority: Priority = 0  # vLLM's extra, as on chat; the X-Vllm-Priority header stands over it
 
     @property
     def wants_logprobs(self) -> bool:

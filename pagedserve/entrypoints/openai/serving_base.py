@@ -19,6 +19,7 @@ from pagedserve.engine.async_engine import (
 from pagedserve.engine.beam_search import request_output, search
 from pagedserve.entrypoints.openai.chat_message import template_message
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, from_value_error
+from pagedserve.entrypoints.openai.priority import check_priority_range
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.entrypoints.openai.streams import last_output
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -43,11 +44,13 @@ def new_id(prefix: str, sep: str = "-", given: str | None = None) -> str:
 
 def header_priority(headers: Mapping[str, str], given: int) -> int:
     """The request's priority: vLLM's ``X-Vllm-Priority`` header (a router's) over the body's
-    ``priority``; a header that is not an integer is ignored, as vLLM ignores it."""
+    ``priority``; a header that is not an integer is ignored, as vLLM ignores it, and one outside
+    the 64-bit range is the body field's 400."""
     try:
-        return int(headers["x-vllm-priority"])
+        value = int(headers["x-vllm-priority"])
     except (KeyError, ValueError):
         return given
+    return check_priority_range(value)
 
 
 class ChatFields(Protocol):
