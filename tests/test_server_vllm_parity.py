@@ -170,16 +170,20 @@ def test_minus_one_needs_the_server_flag():
     assert req.top_logprobs == 1024
 
 
+# A small request on each endpoint that takes a priority (a background response too).
+PRIORITY_REQUESTS = (
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 2, "background": True}),
+)
+
+
 def test_priority_header(server):
     """vLLM's X-Vllm-Priority header stands for the body's priority on chat, completions and the
     Responses API: on this first-come server a non-zero one is refused as the field would be
     (a background response too, at once); one that is not an integer is ignored."""
-    for path, body in (
-        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
-        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
-        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
-        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2, "background": True}),
-    ):
+    for path, body in PRIORITY_REQUESTS:
         body = {"model": MODEL_NAME, **body}
         status, answer = request(server.url + path, "POST", body, {"X-Vllm-Priority": "5"})
         assert status == 400 and answer["error"]["param"] == "priority"
@@ -196,12 +200,7 @@ def test_priority_outside_64_bits_is_refused(server, priority):
     """vLLM holds ``priority`` to a signed 64-bit integer: beyond it, in the body or the
     X-Vllm-Priority header, a 400 naming ``priority`` and the bound, not the first-come 400."""
     bound = str(MAX_PRIORITY if priority > 0 else MIN_PRIORITY)
-    for path, body in (
-        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
-        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
-        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
-        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2, "background": True}),
-    ):
+    for path, body in PRIORITY_REQUESTS:
         body = {"model": MODEL_NAME, **body}
         for sent, headers in (
             ({**body, "priority": priority}, None),
