@@ -7,6 +7,11 @@ candidates extend it; those that end with an eos token are set aside as finished
 ``beam_width`` best of the rest by cumulative logprob live on. After ``max_tokens`` steps, or
 when no beam is left, the ``beam_width`` best of all finished and live beams are the answer,
 ranked by ``cumulative_logprob / generated_length ** length_penalty`` (the eos not counted).
+
+The eos is the only thing that ends a beam (vLLM's beam search honours no stop strings or stop
+token ids; the server refuses them). As in vLLM's served beam search, a finished beam's text
+never shows its eos, and its token ids (and so its completion token count) keep the eos only with
+``include_stop_str_in_output``; its ``stop_reason`` is that eos token.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class BeamSearchParams:
     ignore_eos: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # a finished beam's token ids keep its eos
 
     def __post_init__(self) -> None:
         if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
@@ -115,20 +121,22 @@ def request_output(
     prompt_token_ids: list[int],
     beams: Sequence[Beam],
     tokenizer: Any,
-    skip_special_tokens: bool,
+    params: BeamSearchParams,
 ) -> RequestOutput:
     """The beams as a finished request's output, one completion each, best first."""
     outputs = []
     for i, beam in enumerate(beams):
         text_tokens = beam.tokens[:-1] if beam.finished else beam.tokens
+        kept = beam.tokens if params.include_stop_str_in_output else text_tokens
         outputs.append(
             CompletionOutput(
                 index=i,
-                text=tokenizer.decode(text_tokens, skip_special_tokens=skip_special_tokens),
-                token_ids=list(beam.tokens),
+                text=tokenizer.decode(text_tokens, skip_special_tokens=params.skip_special_tokens),
+                token_ids=list(kept),
                 cumulative_logprob=beam.cumulative_logprob,
                 logprobs=None,
                 finish_reason="stop" if beam.finished else "length",
+                stop_reason=beam.tokens[-1] if beam.finished else None,
             )
         )
     return RequestOutput(request_id, prompt, prompt_token_ids, outputs, finished=True)

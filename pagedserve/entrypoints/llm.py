@@ -282,7 +282,7 @@ class LLM:
                 token_ids[i],
                 results[i],
                 engine.tokenizer,
-                params.skip_special_tokens,
+                params,
             )
             for i, prompt in enumerate(prompts)
         ]

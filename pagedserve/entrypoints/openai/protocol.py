@@ -213,6 +213,7 @@ class SamplingFields(RequestBody, StreamIntervalField, LogprobTokenIdsField):
             ignore_eos=params.ignore_eos,
             length_penalty=self.length_penalty,
             skip_special_tokens=params.skip_special_tokens,
+            include_stop_str_in_output=params.include_stop_str_in_output,
         )
 
     def stream_usage(self, forced: bool) -> tuple[bool, bool]:

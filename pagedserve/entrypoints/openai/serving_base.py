@@ -244,9 +244,7 @@ class OpenAIServing:
             except StopIteration as done:
                 beams = done.value
                 break
-        return request_output(
-            request_id, None, prompt_ids, beams, self.tokenizer, beam.skip_special_tokens
-        )
+        return request_output(request_id, None, prompt_ids, beams, self.tokenizer, beam)
 
     # ---- prompts ----
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
