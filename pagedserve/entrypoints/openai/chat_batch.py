@@ -2,11 +2,15 @@
 together, answered as one chat completion whose choice ``i`` answers conversation ``i``.
 
 Each conversation is prepared, run and written as chat does it (its template, checks, reasoning
-split, logprobs); the usage is the sum of the conversations'."""
+split, logprobs); the usage is the sum of the conversations'. As vLLM's, the answer carries no
+prompt logprobs, so none are asked of the engine (an ``echo`` or a ``prompt_logprobs`` would):
+they would cost a logits row per prompt token and keep the prompts out of the prefix cache. The
+values are still checked, as chat checks them."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI
@@ -35,7 +39,7 @@ def add_chat_batch_route(app: FastAPI, chat: ServingChat) -> None:
 
         async def run() -> Response:
             prompts = [prompt_ids for prompt_ids, _ in prepared]
-            params = [p for _, p in prepared]
+            params = [replace(p, prompt_logprobs=None) for _, p in prepared]
             finals = await s.final_outputs(engine_id, prompts, params, first, request_id)
             answers = [
                 chat._response(single, request_id, created, final, single.num_logprobs)
