@@ -27,11 +27,18 @@ def score_pairs(data_1: str | list[str], data_2: str | list[str]) -> list[tuple[
 
 
 def pair_token_ids(tokenizer: Any, first: str, second: str, max_length: int | None) -> list[int]:
-    """A cross-encoder's input for a pair, cut to ``max_length`` tokens (the longer text loses
-    tokens first) when given."""
+    """A cross-encoder's input for a pair, cut to ``max_length`` tokens when given: the longer
+    text loses tokens first. Below the pair's special tokens (transformers then cuts nothing),
+    the whole encoding is cut to ``max_length`` from the tokenizer's truncation side, as vLLM
+    0.32 cuts it: a pair cut to 1 token is its ``[CLS]`` alone."""
     if max_length is None:
         return tokenizer(first, second)["input_ids"]
-    return tokenizer(first, second, truncation=True, max_length=max_length)["input_ids"]
+    if max_length < 1:
+        raise ValueError("truncate_prompt_tokens must be >= 1")
+    if max_length >= tokenizer.num_special_tokens_to_add(pair=True):
+        return tokenizer(first, second, truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(first, second)["input_ids"]
+    return ids[-max_length:] if tokenizer.truncation_side == "left" else ids[:max_length]
 
 
 def cosine(u: list[float], v: list[float]) -> float:
