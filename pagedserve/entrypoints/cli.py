@@ -264,13 +264,17 @@ def run_run_batch(args: argparse.Namespace) -> int:
 
 
 def _serving_engine(args: argparse.Namespace, chat_template: str | None, loras: list) -> Any:
-    """The engine, with the ``--lora-modules`` adapters loaded (a bad one stops the start)."""
+    """The engine, with the ``--lora-modules`` adapters loaded (a bad one stops the start); its
+    requests run only with the adapters the server loads (see ``lora.manager``)."""
     engine = load_engine(args, chat_template)
+    if engine.loras is None:
+        return engine
     for lora in loras:
         try:
-            engine.loras.slot(lora)
+            engine.loras.load(lora)
         except ValueError as exc:
             raise SystemExit(f"error: --lora-modules {lora.lora_name}: {exc}") from exc
+    engine.loras.loads_on_use = False
     return engine
 
 

@@ -11,6 +11,17 @@ another path) while requests run with it is retired: its weights stay, under its
 last of those requests ends, so none of them ever runs on other weights. A request that names an
 unloaded adapter's ``LoRARequest`` afterwards (resolved before the unload, added after it) is
 refused, never served by loading the adapter again behind the server's back.
+
+Offline (``LLM``, ``AsyncLLM``) a request's adapter loads the first time one names it, as in
+vLLM, and the last ``MAX_UNLOADED`` unloaded requests are remembered to be refused. A program
+holds its ``LoRARequest`` objects as long as it likes, so no memory covers them all; one
+forgotten loads its adapter again on its next use, as vLLM does after any unload, and so still
+runs with the weights it names, never another adapter's. A server loads its adapters itself
+(``load``) and sets ``loads_on_use`` False, and then keeps nothing of an unload: a request runs
+only with the very ``LoRARequest`` loaded under its name now. Each one the server hands out is
+loaded, under an id never given before, ahead of any request that carries it, so a request whose
+adapter is not the one loaded under its name was routed before an unload, however late it comes
+(a pause holds requests for as long as it lasts), and it is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from pagedserve.model.layers.linear import Linear, MergedLinear
 from pagedserve.model.llama import STACKED
 
 _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "alpha_pattern", "layer_replication")
+MAX_UNLOADED = 1024  # offline: the unloaded requests refused (see the module's docstring)
 
 
 class LoRAAdapterUnloadedError(ValueError):
@@ -62,21 +74,35 @@ class LoRAManager:
         model.lora_state = self.state
         self.loaded: dict[str, tuple[LoRARequest, int]] = {}  # name -> (request, id)
         self.retired: set[int] = set()  # ids of adapters unloaded or replaced, still in use
-        self.unloaded: set[LoRARequest] = set()  # refused from now on
+        # Offline: the last MAX_UNLOADED unloaded requests, oldest first, refused.
+        self.unloaded: dict[LoRARequest, None] = {}
+        # False on a server: a request runs only with the adapter loaded under its name now.
+        self.loads_on_use = True
         self._ids = itertools.count(1)
 
     def slot(self, request: LoRARequest) -> int:
-        """The id of the loaded adapter ``request`` names, loading it the first time; a
+        """The id of the loaded adapter ``request`` names, loading it the first time offline; a
         ``ValueError`` for an adapter that cannot be served (``LoRAAdapterUnloadedError``: one
         unloaded since)."""
+        known = self.loaded.get(request.lora_name)
+        if not self.loads_on_use:
+            if known is None or known[0] != request:
+                raise LoRAAdapterUnloadedError(request.lora_name)
+            return known[1]
         if request in self.unloaded:
             raise LoRAAdapterUnloadedError(request.lora_name)
-        known = self.loaded.get(request.lora_name)
         if known is not None and known[0].lora_path == request.lora_path:
             return known[1]
+        return self.load(request)
+
+    def load(self, request: LoRARequest) -> int:
+        """Load the adapter ``request`` names under its name, in place of the one loaded under
+        it if any (a server's ``--lora-modules`` and ``/v1/load_lora_adapter``); its id, or a
+        ``ValueError`` for an adapter that cannot be served."""
         pairs = self._read(Path(request.lora_path))
-        if known is not None:
+        if request.lora_name in self.loaded:
             self._retire(request.lora_name)
+        self.unloaded.pop(request, None)
         adapter = next(self._ids)
         for module, module_pairs in pairs.items():
             module.lora.adapters[adapter] = Stacked.of(module_pairs, module.out_features)
@@ -89,7 +115,10 @@ class LoRAManager:
         known = self.loaded.get(name)
         if known is None:
             return False
-        self.unloaded.add(known[0])
+        if self.loads_on_use:
+            self.unloaded[known[0]] = None
+            while len(self.unloaded) > MAX_UNLOADED:
+                del self.unloaded[next(iter(self.unloaded))]
         self._retire(name)
         return True
 

@@ -56,7 +56,7 @@ def add_lora_routes(app: FastAPI, serving: OpenAIServing) -> None:
                 )
             lora = LoRARequest(name, next(ids), req.lora_path)
             try:
-                await serving.engine.call(lambda engine: engine.loras.slot(lora))
+                await serving.engine.call(lambda engine: engine.loras.load(lora))
             except ValueError as exc:
                 raise bad_request(str(exc), "lora_path") from exc
             serving.lora_modules[name] = lora
