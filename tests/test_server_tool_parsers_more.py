@@ -29,6 +29,14 @@ ANSWERS = {
         'Let me check. functools[{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}]'
     ),
+    "granite": (
+        'Let me check. <|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris", '
+        '"days": 2}}]'
+    ),
+    "granite4": (
+        'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", '
+        '"days": 2}}</tool_call>'
+    ),
     "xlam": (
         'Let me check. ```json\n[{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}]\n```'

@@ -63,8 +63,9 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         choices=sorted(TOOL_PARSERS),
         default=None,
         help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json "
-        "(Llama 3.1/3.2 JSON), mistral (Mistral's [TOOL_CALLS]) or pythonic (Llama 3.2/4 "
-        "Python-style call lists)",
+        "(Llama 3.1/3.2 JSON), mistral (Mistral's [TOOL_CALLS]), pythonic (Llama 3.2/4 "
+        "Python-style call lists), granite (Granite 3.0/3.1), granite4 (Granite 4), and the "
+        "others listed",
     )
     g.add_argument(
         "--reasoning-parser",

@@ -8,6 +8,10 @@ text that may still turn into a call) and once on the whole answer.
 
 - ``hermes`` (Hermes 2/3, Qwen2.5, Qwen3): ``<tool_call>{"name": ..., "arguments": {...}}
   </tool_call>`` blocks after optional content.
+- ``granite4`` (IBM Granite 4): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+  blocks, one call each; the text around and between them is content. The tags are special
+  tokens in some Granite 4 tokenizers, so requests that may call keep special tokens. As in vLLM,
+  an answer with a block that is not a call, or that ends inside one, is all content.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is one or more
   ``{"name": ..., "parameters": {...}}`` objects (separated by ``;``), optionally after
   ``<|python_tag|>``.
@@ -19,7 +23,8 @@ text that may still turn into a call) and once on the whole answer.
 - ``pythonic`` (Llama 3.2 and 4, some Gemma 3 and other templates): an answer that is a Python
   list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
   ``ast`` (literals only, nothing is evaluated).
-- ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``, and
+- ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``,
+  ``granite`` (Granite 3.0/3.1): ``<|tool_call|>[{"name": ..., "arguments": {...}}, ...]``, and
   ``xlam`` (Salesforce's xLAM): a JSON list of calls, bare, after ``</think>``, in a
   ```` ```json ```` fence, after ``[TOOL_CALLS]`` or in ``<tool_call>``; see
   :mod:`.tool_parsers_json_lists`.
@@ -40,9 +45,19 @@ import random
 import re
 import string
 
-from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, call_of, held_back
+from pagedserve.entrypoints.openai.tool_parser_base import (
+    Call,
+    ToolParser,
+    call_of,
+    held_back,
+    unblanked,
+)
 from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
-from pagedserve.entrypoints.openai.tool_parsers_json_lists import Phi4MiniJsonParser, XlamParser
+from pagedserve.entrypoints.openai.tool_parsers_json_lists import (
+    GraniteParser,
+    Phi4MiniJsonParser,
+    XlamParser,
+)
 from pagedserve.entrypoints.openai.tool_parsers_qwen3_xml import Qwen3XmlParser
 
 
@@ -70,6 +85,43 @@ class HermesParser(ToolParser):
             elif final:
                 return text, []  # a malformed call: the answer stays text, as vLLM keeps it
         return text[:start], calls
+
+
+class Granite4Parser(ToolParser):
+    START, END = HermesParser.START, HermesParser.END
+    keeps_special_tokens = True
+
+    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
+        content, calls, pos = "", [], 0
+        while True:
+            start = text.find(self.START, pos)
+            if start < 0:
+                rest = text[pos:]
+                if not final:
+                    rest = rest[: len(rest) - held_back(rest, self.START)]
+                return unblanked(content + rest), calls
+            content += text[pos:start]
+            end = text.find(self.END, start)
+            call = None if end < 0 else self._call(text[start + len(self.START) : end])
+            if call is None:
+                if final:
+                    return text, []  # a block that is no call, or is cut short: all text
+                return unblanked(content), calls  # read once it is whole
+            calls.append(call)
+            pos = end + len(self.END)
+
+    @staticmethod
+    def _call(body: str) -> Call | None:
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return None
+        arguments = obj.get("arguments")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        return (obj["name"], arguments) if isinstance(arguments, str) else None
 
 
 class Llama3JsonParser(ToolParser):
@@ -185,6 +237,8 @@ class PythonicParser(ToolParser):
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "functiongemma": FunctionGemmaParser,
+    "granite": GraniteParser,
+    "granite4": Granite4Parser,
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,

@@ -2,6 +2,10 @@
 
 - ``phi4_mini_json`` (Phi-4-mini-instruct): ``functools[{"name": ..., "arguments": {...}},
   ...]`` after optional content (``parameters`` is read where ``arguments`` is missing).
+- ``granite`` (IBM Granite 3.0 and 3.1): ``<|tool_call|>`` (3.0, a special token, so requests
+  that may call keep special tokens in their text) or ``<tool_call>`` (3.1), then a JSON list of
+  ``{"name": ..., "arguments": {...}}`` (``arguments`` may be left out); the text before and
+  after the list is content.
 - ``xlam`` (Salesforce's xLAM, Llama and Qwen based): the answer is a JSON list of calls (or
   one after ``</think>``), or the list stands in a ```` ```json ```` fence, after
   ``[TOOL_CALLS]`` (to the end of its line) or in a ``<tool_call>`` block; the text around it is
@@ -9,7 +13,8 @@
 
 As in vLLM, only the first list that reads as calls is taken. Unlike vLLM, whose phi4_mini_json
 stops the list at its first ``]``, a list is read as JSON (so arguments may hold lists), and the
-content is the text before (and for xlam after) the calls as written, not stripped.
+content is the text before (and for granite and xlam after) the calls as written, not stripped
+(vLLM strips granite's).
 """
 
 from __future__ import annotations
@@ -20,35 +25,63 @@ from typing import Any
 from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, held_back, unblanked
 
 
-class Phi4MiniJsonParser(ToolParser):
-    MARKER = "functools["
+class MarkedJsonListParser(ToolParser):
+    """A JSON list of calls after the first of ``MARKERS`` in the answer (only whitespace
+    between them), read as soon as the list is whole; the text before it is content, and
+    where ``TAIL_IS_CONTENT`` the text after it too."""
+
+    MARKERS: tuple[str, ...] = ()
+    TAIL_IS_CONTENT = False
+    ARGUMENTS_OPTIONAL = False  # a call without arguments takes none ({})
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
-        start = text.find(self.MARKER)
-        if start < 0:
+        found = [(text.find(m), m) for m in self.MARKERS]
+        found = [(at, m) for at, m in found if at >= 0]
+        if not found:
             if final:
                 return text, []
-            return unblanked(text[: len(text) - held_back(text, self.MARKER)]), []
-        calls = self._calls(text[start + len(self.MARKER) - 1 :])
-        if calls:  # read as soon as the list is whole
-            return unblanked(text[:start]), calls
+            hold = max(held_back(text, m) for m in self.MARKERS)
+            return unblanked(text[: len(text) - hold]), []
+        start, marker = min(found)
+        after = start + len(marker)
+        if marker.endswith("["):  # the marker opens the list itself
+            after -= 1
+        calls, end = self._calls(text, after + len(text[after:]) - len(text[after:].lstrip()))
+        if calls:
+            tail = text[end:] if self.TAIL_IS_CONTENT else ""
+            return unblanked(text[:start] + tail), calls
         return (text, []) if final else (unblanked(text[:start]), [])
 
-    @staticmethod
-    def _calls(body: str) -> list[Call]:
+    def _calls(self, text: str, pos: int) -> tuple[list[Call], int]:
+        """The calls of the list at ``pos`` and where it ends; none if it is not (yet) one."""
         try:
-            decoded, _ = json.JSONDecoder().raw_decode(body)
+            decoded, end = json.JSONDecoder().raw_decode(text, pos)
         except json.JSONDecodeError:
-            return []
+            return [], pos
+        if not isinstance(decoded, list):
+            return [], pos
         calls = []
         for obj in decoded:
             if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-                return []
+                return [], pos
             arguments = obj["arguments"] if "arguments" in obj else obj.get("parameters")
+            if arguments is None and self.ARGUMENTS_OPTIONAL:
+                arguments = {}
             if not isinstance(arguments, dict):
-                return []
+                return [], pos
             calls.append((obj["name"], json.dumps(arguments, ensure_ascii=False)))
-        return calls
+        return calls, end
+
+
+class Phi4MiniJsonParser(MarkedJsonListParser):
+    MARKERS = ("functools[",)
+
+
+class GraniteParser(MarkedJsonListParser):
+    MARKERS = ("<|tool_call|>", "<tool_call>")  # Granite 3.0's special token, 3.1's text
+    TAIL_IS_CONTENT = True
+    ARGUMENTS_OPTIONAL = True
+    keeps_special_tokens = True
 
 
 _WAIT = None  # a block that may still become calls
