@@ -9,31 +9,38 @@ Models such as DeepSeek-R1 and its distills, QwQ and Qwen3 think between ``<thin
 - ``qwen3``: an answer thinks from its first token when its prompt ends inside an open
   ``<think>`` (Qwen3-2507's thinking template opens it unseen), or from a ``<think>`` it opens
   with itself; otherwise (thinking turned off, whose template closes ``<think>`` in the prompt,
-  or a model that does not think) the whole answer is content, a stray ``</think>`` included.
+  or a model that does not think) the whole answer is content, a stray ``</think>`` included;
+- ``granite`` (Granite 3.2 with ``thinking`` on): the answer thinks when it opens with ``Here is
+  my thought process:`` (or ``Here's``) until ``Here is my response:`` (or ``Here's``), plain
+  text that the template's system prompt asks for.
 
-Only the first thinking section is reasoning: from the first ``</think>`` on, the answer is
-content. The split is decided before the answer's first token (by the prompt and the parser) or
-by its first characters, so an answer streamed piece by piece splits as it does whole; while it
-streams, text that may be the start of a tag is held back until it is decided.
+Only the first thinking section is reasoning: from its end marker on, the answer is content.
+The split is decided before the answer's first token (by the prompt and the parser) or by its
+first characters, so an answer streamed piece by piece splits as it does whole; while it
+streams, text that may be the start of a marker (one split across pieces) is held back until it
+is decided.
 
 vLLM 0.32's qwen3 parser starts every answer in its thinking unless the request's
 ``chat_template_kwargs`` set ``enable_thinking: false``; its streaming parsers may seed that
 state from the prompt's end (``adjust_initial_state_from_prompt``). Here the prompt's end
 decides, which agrees with vLLM for Qwen3's templates (thinking on, off, and 2507's) and keeps
-the answers of a model that never thinks as content rather than reasoning.
+the answers of a model that never thinks as content rather than reasoning. vLLM's granite
+parser splits a whole answer that never ends its thinking as all content, and streams it as
+reasoning; here it is reasoning both ways. vLLM's granite parser also finds the markers
+anywhere in a whole answer (dropping the text before them); here the answer opens with them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 START, END = "<think>", "</think>"
 
 
 class Thinking(Enum):
-    """Where an answer's thinking starts: nowhere, at its first token, or after the ``<think>``
-    it opens with."""
+    """Where an answer's thinking starts: nowhere, at its first token, or after the start
+    marker it opens with."""
 
     NONE = "none"
     FROM_START = "from_start"
@@ -42,17 +49,21 @@ class Thinking(Enum):
 
 @dataclass(frozen=True)
 class ReasoningParser:
-    thinks_from_start: bool  # the template always opens <think>: reasoning until </think>
-    # A prompt that ends inside an open <think> starts the answer thinking.
+    thinks_from_start: bool  # the template always opens thinking: reasoning until its end
+    # A prompt that ends inside an open thinking section starts the answer thinking.
     follows_prompt: bool = True
+    # The markers that open and end thinking, each in the spellings the model writes; the
+    # first is the one the engine matches in tokens and forces (a thinking budget).
+    starts: tuple[str, ...] = (START,)
+    ends: tuple[str, ...] = (END,)
 
     def thinking(self, text: str, final: bool, prompt_thinks: bool) -> Thinking | None:
         """How the answer so far thinks; None while its first characters may still open
-        ``<think>``. ``prompt_thinks``: its prompt ends inside an open ``<think>``."""
+        thinking. ``prompt_thinks``: its prompt ends inside an open thinking section."""
         body = text.lstrip()
-        if body.startswith(START):
+        if self._opening(body):
             return Thinking.OPENED
-        if not final and START.startswith(body):
+        if not final and any(start.startswith(body) for start in self.starts):
             return None
         if self.thinks_from_start or (self.follows_prompt and prompt_thinks):
             return Thinking.FROM_START
@@ -65,13 +76,28 @@ class ReasoningParser:
             return "", ""
         if thinking is Thinking.NONE:
             return "", text
-        body = text.lstrip()[len(START) :] if thinking is Thinking.OPENED else text
-        end = body.find(END)
-        if end >= 0:
-            return body[:end], body[end + len(END) :]
+        body = text
+        if thinking is Thinking.OPENED:
+            body = text.lstrip()
+            body = body[len(self._opening(body)) :]
+        found = [(body.find(end), end) for end in self.ends]
+        found = [(at, end) for at, end in found if at >= 0]
+        if found:
+            at, end = min(found)
+            return body[:at], body[at + len(end) :]
         if not final:
-            body = body[: len(body) - _partial_tag(body, END)]
+            body = body[: len(body) - max(_partial_tag(body, end) for end in self.ends)]
         return body, ""
+
+    def held_by_grammar(self) -> ReasoningParser:
+        """This parser for an answer a grammar holds from its first token: it thinks only if it
+        opens with a start marker; else it is all content, whatever the prompt opened, an end
+        marker in one of its JSON strings included."""
+        return replace(self, thinks_from_start=False, follows_prompt=False)
+
+    def _opening(self, body: str) -> str:
+        """The start marker ``body`` opens with ("" if none)."""
+        return next((start for start in self.starts if body.startswith(start)), "")
 
 
 def _partial_tag(text: str, tag: str) -> int:
@@ -82,12 +108,15 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-# An answer a grammar holds from its first token: it thinks only if it opens with <think>;
-# else it is all content, whatever the prompt opened, a "</think>" in one of its JSON strings
-# included.
-HELD_BY_GRAMMAR = ReasoningParser(thinks_from_start=False, follows_prompt=False)
+HELD_BY_GRAMMAR = ReasoningParser(thinks_from_start=True).held_by_grammar()
 
 REASONING_PARSERS = {
     "deepseek_r1": ReasoningParser(thinks_from_start=True),
+    "granite": ReasoningParser(
+        thinks_from_start=False,
+        follows_prompt=False,  # its system prompt names both markers, as text
+        starts=("Here is my thought process:", "Here's my thought process:"),
+        ends=("Here is my response:", "Here's my response:"),
+    ),
     "qwen3": ReasoningParser(thinks_from_start=False),
 }

@@ -19,7 +19,9 @@ text: its first thinking section only, markers excluded (a later section is cont
 its tokens).
 
 Markers are matched as token sequences: exact for the reasoning models whose markers are single
-added tokens (Qwen3, QwQ, DeepSeek-R1 and its distills).
+added tokens (Qwen3, QwQ, DeepSeek-R1 and its distills); for markers written as plain text
+(Granite's ``Here is my response:``) only where the model tokenizes
+them as they tokenize alone, and only in their first spelling.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from pagedserve.reasoning_parsers import END, REASONING_PARSERS, START, ReasoningParser, Thinking
+from pagedserve.reasoning_parsers import REASONING_PARSERS, ReasoningParser, Thinking
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class ThinkingMarkers:
         def ids(text: str) -> tuple[int, ...]:
             return tuple(tokenizer.encode(text, add_special_tokens=False))
 
-        return cls(ids(START), ids(END), parser.thinks_from_start)
+        return cls(ids(parser.starts[0]), ids(parser.ends[0]), parser.thinks_from_start)
 
     def open_at_end(self, prompt_token_ids: list[int]) -> bool:
         """Whether a prompt ends inside an open thinking section (a template that opened

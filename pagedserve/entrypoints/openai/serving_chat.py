@@ -34,7 +34,7 @@ from pagedserve.entrypoints.openai.streams import (
 from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
 from pagedserve.entrypoints.openai.whole_vocabulary import resolve_whole_vocabulary
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR, ReasoningParser
+from pagedserve.reasoning_parsers import ReasoningParser
 from pagedserve.sample.thinking_budget import count_reasoning_tokens
 from pagedserve.sampling_params import SamplingParams
 
@@ -296,7 +296,7 @@ class ServingChat:
         """The reasoning parser that splits ``req``'s answers (see :meth:`split`)."""
         if self.s.reasoning is None:
             return None
-        return HELD_BY_GRAMMAR if req.constrained else self.s.reasoning
+        return self.s.reasoning.held_by_grammar() if req.constrained else self.s.reasoning
 
     def reasoning_tokens(
         self, req: ChatCompletionRequest, c: CompletionOutput, prompt_thinks: bool

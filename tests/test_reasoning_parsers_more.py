@@ -1,0 +1,103 @@
+"""The reasoning parsers with markers other than Qwen's and DeepSeek's ``<think>``: Granite 3.2's
+text markers (``granite``); whole, and streamed with the text split at every position (a marker
+split across two deltas)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pagedserve.entrypoints.cli import build_parser
+from pagedserve.reasoning_parsers import REASONING_PARSERS
+
+GRANITE = REASONING_PARSERS["granite"]
+
+THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "expected"),
+    [
+        (GRANITE, f"{THOUGHT}\nAdd them.\n\n{RESPONSE}\n4", ("\nAdd them.\n\n", "\n4")),
+        (GRANITE, "Here's my thought process: a Here's my response: b", (" a ", " b")),
+        (GRANITE, f"{THOUGHT} a Here's my response: b", (" a ", " b")),  # spellings mixed
+        (GRANITE, f"\n{THOUGHT}a{RESPONSE}b", ("a", "b")),
+        (GRANITE, f"{THOUGHT} cut short", (" cut short", "")),
+        (GRANITE, "Just 4.", ("", "Just 4.")),  # thinking off: no markers
+        (GRANITE, f"Well. {THOUGHT} a {RESPONSE} b", ("", f"Well. {THOUGHT} a {RESPONSE} b")),
+        (GRANITE, f"a {RESPONSE} b", ("", f"a {RESPONSE} b")),  # never opened its thinking
+    ],
+)
+def test_whole_answers(parser, text, expected):
+    assert parser.split(text, final=True) == expected
+
+
+def _sent(parser, pieces: list[str]) -> tuple[str, str]:
+    """What a client receives of an answer streamed in ``pieces``: each split's new reasoning
+    and content, added up; what was sent is never taken back."""
+    reasoning = content = text = ""
+    for k, piece in enumerate(pieces):
+        text += piece
+        r, c = parser.split(text, final=k == len(pieces) - 1)
+        assert r.startswith(reasoning) and c.startswith(content), (pieces, r, c)
+        reasoning, content = r, c
+    return reasoning, content
+
+
+CASES = [
+    (GRANITE, f"{THOUGHT}\nAdd them: 2 and 2. Here it is.\n{RESPONSE}\nHere is 4."),
+    (GRANITE, "Here's my thought process: a Here's my response: b"),
+    (GRANITE, "Here is what I think: 4."),  # opens like the marker, then is not it
+    (GRANITE, f"{THOUGHT} cut short, Here is my resp"),
+]
+
+
+@pytest.mark.parametrize(("parser", "text"), CASES)
+def test_streamed_split_at_every_position_adds_up_to_the_whole(parser, text):
+    whole = parser.split(text, final=True)
+    for cut in range(1, len(text)):
+        assert _sent(parser, [text[:cut], text[cut:]]) == whole, cut
+    assert _sent(parser, list(text)) == whole
+
+
+@pytest.mark.parametrize(("parser", "text"), CASES)
+def test_no_part_of_an_end_marker_is_sent_as_reasoning(parser, text):
+    """While streaming, an end marker's first characters are held back until they are
+    decided (they may be the marker, or reasoning)."""
+    for end in range(1, len(text)):
+        reasoning, _ = parser.split(text[:end], final=False)
+        for marker in parser.ends:
+            assert not any(reasoning.endswith(marker[:k]) for k in range(1, len(marker)))
+
+
+def test_granite_holds_an_opening_that_may_be_its_marker():
+    assert GRANITE.split("Here is my", final=False) == ("", "")
+    assert GRANITE.split("Here is my answer", final=False) == ("", "Here is my answer")
+    assert GRANITE.split(f"{THOUGHT} a Here is my re", final=False) == (" a ", "")
+
+
+def test_thinking_a_grammar_holds_opens_with_its_marker():
+    granite = GRANITE.held_by_grammar()
+    assert granite.split(f"{THOUGHT}a{RESPONSE}b", final=True) == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("flag", "names"),
+    [
+        ("--reasoning-parser", ["granite"]),
+        ("--tool-call-parser", ["granite", "granite4"]),
+    ],
+)
+def test_serve_lists_vllm_s_parser_names(flag, names, capsys):
+    """vLLM's names, in ``serve --help`` and in the error for a name it does not know."""
+    serve = build_parser(["serve"])
+    with pytest.raises(SystemExit):
+        serve.parse_args(["serve", "--help"])
+    usage = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        serve.parse_args(["serve", "model", flag, "nope"])
+    error = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in error
+    for name in names:
+        assert f"'{name}'" in error and re.search(rf"{flag} \{{[^}}]*\b{name}\b", usage)
