@@ -6,10 +6,14 @@ Models such as DeepSeek-R1 and its distills, QwQ and Qwen3 think between ``<thin
 - ``deepseek_r1``: the chat template opens ``<think>`` itself, so the answer starts inside it
   (a leading ``<think>`` is dropped) and everything up to ``</think>`` is reasoning; an answer
   cut before ``</think>`` is all reasoning;
+- ``olmo3`` (OLMo 3 Think): read as ``deepseek_r1`` (its ``<think>`` is plain text, and its
+  template may open it for the answer);
 - ``qwen3``: an answer thinks from its first token when its prompt ends inside an open
   ``<think>`` (Qwen3-2507's thinking template opens it unseen), or from a ``<think>`` it opens
   with itself; otherwise (thinking turned off, whose template closes ``<think>`` in the prompt,
   or a model that does not think) the whole answer is content, a stray ``</think>`` included;
+- ``mistral`` (Magistral): as ``qwen3``, with the markers ``[THINK]`` and ``[/THINK]``, special
+  tokens of Magistral's tokenizers, which the answer's text therefore keeps;
 - ``granite`` (Granite 3.2 with ``thinking`` on): the answer thinks when it opens with ``Here is
   my thought process:`` (or ``Here's``) until ``Here is my response:`` (or ``Here's``), plain
   text that the template's system prompt asks for.
@@ -24,9 +28,9 @@ vLLM 0.32's qwen3 parser starts every answer in its thinking unless the request'
 ``chat_template_kwargs`` set ``enable_thinking: false``; its streaming parsers may seed that
 state from the prompt's end (``adjust_initial_state_from_prompt``). Here the prompt's end
 decides, which agrees with vLLM for Qwen3's templates (thinking on, off, and 2507's) and keeps
-the answers of a model that never thinks as content rather than reasoning. vLLM's granite
-parser splits a whole answer that never ends its thinking as all content, and streams it as
-reasoning; here it is reasoning both ways. vLLM's granite parser also finds the markers
+the answers of a model that never thinks as content rather than reasoning. vLLM's olmo3 and
+granite parsers split a whole answer that never ends its thinking as all content, and stream
+it as reasoning; here it is reasoning both ways. vLLM's granite parser also finds the markers
 anywhere in a whole answer (dropping the text before them); here the answer opens with them.
 """
 
@@ -56,6 +60,8 @@ class ReasoningParser:
     # first is the one the engine matches in tokens and forces (a thinking budget).
     starts: tuple[str, ...] = (START,)
     ends: tuple[str, ...] = (END,)
+    # The markers are special tokens, which the answer's text must keep to be split.
+    keeps_special_tokens: bool = False
 
     def thinking(self, text: str, final: bool, prompt_thinks: bool) -> Thinking | None:
         """How the answer so far thinks; None while its first characters may still open
@@ -118,5 +124,9 @@ REASONING_PARSERS = {
         starts=("Here is my thought process:", "Here's my thought process:"),
         ends=("Here is my response:", "Here's my response:"),
     ),
+    "mistral": ReasoningParser(
+        thinks_from_start=False, starts=("[THINK]",), ends=("[/THINK]",), keeps_special_tokens=True
+    ),
+    "olmo3": ReasoningParser(thinks_from_start=True),
     "qwen3": ReasoningParser(thinks_from_start=False),
 }

@@ -1,6 +1,6 @@
 """The reasoning parsers with markers other than Qwen's and DeepSeek's ``<think>``: Granite 3.2's
-text markers (``granite``); whole, and streamed with the text split at every position (a marker
-split across two deltas)."""
+text markers (``granite``), Magistral's ``[THINK]`` (``mistral``), and OLMo 3 (``olmo3``); whole,
+and streamed with the text split at every position (a marker split across two deltas)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pagedserve.entrypoints.cli import build_parser
 from pagedserve.reasoning_parsers import REASONING_PARSERS
 
 GRANITE = REASONING_PARSERS["granite"]
+MISTRAL = REASONING_PARSERS["mistral"]
+OLMO3 = REASONING_PARSERS["olmo3"]
 
 THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
 
@@ -27,6 +29,13 @@ THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
         (GRANITE, "Just 4.", ("", "Just 4.")),  # thinking off: no markers
         (GRANITE, f"Well. {THOUGHT} a {RESPONSE} b", ("", f"Well. {THOUGHT} a {RESPONSE} b")),
         (GRANITE, f"a {RESPONSE} b", ("", f"a {RESPONSE} b")),  # never opened its thinking
+        (MISTRAL, "[THINK]2+2[/THINK]4", ("2+2", "4")),
+        (MISTRAL, "[THINK]still", ("still", "")),
+        (MISTRAL, "4", ("", "4")),
+        (MISTRAL, "<think>a</think>b", ("", "<think>a</think>b")),
+        (OLMO3, "<think>a</think>b", ("a", "b")),
+        (OLMO3, "a</think>b", ("a", "b")),  # its template opened <think>
+        (OLMO3, "no end yet", ("no end yet", "")),
     ],
 )
 def test_whole_answers(parser, text, expected):
@@ -50,6 +59,10 @@ CASES = [
     (GRANITE, "Here's my thought process: a Here's my response: b"),
     (GRANITE, "Here is what I think: 4."),  # opens like the marker, then is not it
     (GRANITE, f"{THOUGHT} cut short, Here is my resp"),
+    (MISTRAL, "[THINK]2+2 is [not 5][/THINK]4 [ok]"),
+    (MISTRAL, "[THIS] is no thinking"),
+    (OLMO3, "<think>a < b</think>so b"),
+    (OLMO3, "a</thin"),
 ]
 
 
@@ -78,14 +91,21 @@ def test_granite_holds_an_opening_that_may_be_its_marker():
 
 
 def test_thinking_a_grammar_holds_opens_with_its_marker():
+    held = OLMO3.held_by_grammar()
+    assert held.split('{"a": "x</think>y"}', final=True, prompt_thinks=True)[0] == ""
     granite = GRANITE.held_by_grammar()
     assert granite.split(f"{THOUGHT}a{RESPONSE}b", final=True) == ("a", "b")
+
+
+def test_only_mistral_needs_the_special_tokens_kept():
+    assert MISTRAL.keeps_special_tokens
+    assert not any(p.keeps_special_tokens for p in (GRANITE, OLMO3))
 
 
 @pytest.mark.parametrize(
     ("flag", "names"),
     [
-        ("--reasoning-parser", ["granite"]),
+        ("--reasoning-parser", ["granite", "mistral", "olmo3"]),
         ("--tool-call-parser", ["granite", "granite4"]),
     ],
 )

@@ -1,10 +1,11 @@
-"""``--reasoning-parser`` granite on a running server, alone and beside its family's
-``--tool-call-parser``: the thinking reaches the openai client as ``reasoning_content`` (and the
-Responses API's reasoning item), the answer as ``content`` or ``tool_calls``, whole and streamed
-alike.
+"""``--reasoning-parser`` granite, mistral and olmo3 on a running server, alone and beside their
+family's ``--tool-call-parser``: the thinking reaches the openai client as ``reasoning_content``
+(and the Responses API's reasoning item), the answer as ``content`` or ``tool_calls``, whole and
+streamed alike.
 
 A tiny random model thinks nothing of its own accord, so a constraint holds each answer to the
-text its model family writes."""
+text its model family writes: a regex, or (for Magistral, whose ``[THINK]``, ``[/THINK]`` and
+``[TOOL_CALLS]`` are special tokens, which no regex writes) a grammar naming those tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import json
 import re
 
 import pytest
+import torch
 from server_utils import MODEL_NAME, ServerProcess, wait_until_idle
+from tiny_models import tiny_config
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -57,6 +61,7 @@ def calls_of(message) -> list[tuple[str, str]]:
     [
         ("granite", f"{THOUGHT}[a-z ]{{3,30}}{RESPONSE}[A-Za-z ]{{3,30}}"),
         ("granite", f"Here's my thought process:[a-z ]{{3,30}}{RESPONSE}[A-Za-z ]{{3,30}}"),
+        ("olmo3", "<think>[a-z ]{3,30}</think>[A-Za-z ]{3,30}"),
     ],
 )
 def test_text_markers_split_thinking_from_the_answer(parser, regex, tiny_model_dir):
@@ -101,3 +106,56 @@ def test_granite_thinks_then_calls_a_tool(tiny_model_dir):
         assert streamed == (" ask for it ", None, [call])
     finally:
         server.close()
+
+
+MAGISTRAL_TOKENS = ["[THINK]", "[/THINK]", "[TOOL_CALLS]"]
+
+
+@pytest.fixture(scope="module")
+def magistral_like(tmp_path_factory, tiny_model_dir):
+    """A tiny model whose tokenizer has Magistral's special tokens, and their ids."""
+    path = tmp_path_factory.mktemp("magistral")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    tokenizer.add_tokens(MAGISTRAL_TOKENS, special_tokens=True)
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer) + 62  # room for the new tokens
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in MAGISTRAL_TOKENS]
+    flags = ["--reasoning-parser", "mistral", "--enable-auto-tool-choice"]
+    server = serve(str(path), *flags, "--tool-call-parser", "mistral")
+    yield server, dict(zip(("think", "end", "calls"), ids, strict=True))
+    server.close()
+
+
+def test_magistral_s_special_thinking_tokens_are_read(magistral_like):
+    """[THINK] and [/THINK] are special tokens, which the answer's text keeps to be split."""
+    server, ids = magistral_like
+    grammar = f"start: <[{ids['think']}]> /[a-z ]{{3,30}}/ <[{ids['end']}]> /[A-Za-z ]{{3,30}}/"
+    whole, streamed = ask(server, {"grammar": grammar}, logprobs=True)
+    message = whole.choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert reasoning and message.content and "THINK" not in reasoning + message.content
+    assert streamed == (reasoning, message.content, [])
+    tokens = [t.token for t in whole.choices[0].logprobs.content]
+    thought = tokens.index("[/THINK]") - tokens.index("[THINK]") - 1  # single special tokens
+    assert whole.usage.completion_tokens_details.reasoning_tokens == thought > 0
+    plain = ask(server, {"regex": "[A-Za-z ]{3,30}"})[0].choices[0].message
+    assert plain.content and not plain.model_extra.get("reasoning_content")
+
+
+def test_magistral_thinks_then_calls_a_tool(magistral_like):
+    server, ids = magistral_like
+    grammar = (
+        f'start: <[{ids["think"]}]> "ask for it" <[{ids["end"]}]> <[{ids["calls"]}]> '
+        f"{json.dumps(CALL)}"
+    )
+    whole, streamed = ask(server, {"grammar": grammar}, tools=[WEATHER])
+    choice = whole.choices[0]
+    message = choice.message
+    assert choice.finish_reason == "tool_calls"
+    assert message.model_extra["reasoning_content"] == "ask for it"
+    (call,) = calls_of(message)
+    assert call[0] == "get_weather" and json.loads(call[1]) == {"city": "Paris"}
+    assert streamed == ("ask for it", None, [call])

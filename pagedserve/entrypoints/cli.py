@@ -73,8 +73,8 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="split a reasoning model's <think> text into reasoning_content, count its "
         "reasoning_tokens and hold it to a request's thinking_token_budget: deepseek_r1 "
-        "(DeepSeek-R1 and its distills, QwQ), qwen3 or granite (Granite 3.2's 'Here is my "
-        "thought process:')",
+        "(DeepSeek-R1 and its distills, QwQ), qwen3, olmo3 (OLMo 3 Think), mistral "
+        "(Magistral's [THINK]) or granite (Granite 3.2's 'Here is my thought process:')",
     )
     g.add_argument(
         "--lora-modules",

@@ -19,8 +19,8 @@ text: its first thinking section only, markers excluded (a later section is cont
 its tokens).
 
 Markers are matched as token sequences: exact for the reasoning models whose markers are single
-added tokens (Qwen3, QwQ, DeepSeek-R1 and its distills); for markers written as plain text
-(Granite's ``Here is my response:``) only where the model tokenizes
+added tokens (Qwen3, QwQ, DeepSeek-R1 and its distills, Magistral); for markers written as plain
+text (OLMo 3's ``</think>``, Granite's ``Here is my response:``) only where the model tokenizes
 them as they tokenize alone, and only in their first spelling.
 """
 

@@ -49,6 +49,8 @@ class ServingChat:
         s = self.s
         s.check_model(req.model)
         req.resolve_tools(s.tool_parser)
+        if s.reasoning is not None and s.reasoning.keeps_special_tokens:
+            req.skip_special_tokens = False  # the thinking is marked by special tokens
         req.refuse_unsupported()
         resolve_whole_vocabulary(req, s.vocab_size, s.max_logprobs)
         text = s.render_chat(req, req.tools)
