@@ -114,8 +114,6 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-HELD_BY_GRAMMAR = ReasoningParser(thinks_from_start=True).held_by_grammar()
-
 REASONING_PARSERS = {
     "deepseek_r1": ReasoningParser(thinks_from_start=True),
     "granite": ReasoningParser(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.reasoning_parsers import HELD_BY_GRAMMAR, REASONING_PARSERS
+from pagedserve.reasoning_parsers import REASONING_PARSERS
 
 R1 = REASONING_PARSERS["deepseek_r1"]
 QWEN3 = REASONING_PARSERS["qwen3"]
+HELD_BY_GRAMMAR = R1.held_by_grammar()  # an answer a grammar holds from its first token
 
 
 @pytest.mark.parametrize(
