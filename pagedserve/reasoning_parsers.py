@@ -13,7 +13,8 @@ Models such as DeepSeek-R1 and its distills, QwQ and Qwen3 think between ``<thin
   with itself; otherwise (thinking turned off, whose template closes ``<think>`` in the prompt,
   or a model that does not think) the whole answer is content, a stray ``</think>`` included;
 - ``mistral`` (Magistral): as ``qwen3``, with the markers ``[THINK]`` and ``[/THINK]``, special
-  tokens of Magistral's tokenizers, which the answer's text therefore keeps;
+  tokens of Magistral's tokenizers, which the answer's text therefore keeps; a ``[TOOL_CALLS]``
+  written while thinking ends it too (as in vLLM), and stays for the tool parser to read;
 - ``granite`` (Granite 3.2 with ``thinking`` on): the answer thinks when it opens with ``Here is
   my thought process:`` (or ``Here's``) until ``Here is my response:`` (or ``Here's``), plain
   text that the template's system prompt asks for.
@@ -60,6 +61,9 @@ class ReasoningParser:
     # first is the one the engine matches in tokens and forces (a thinking budget).
     starts: tuple[str, ...] = (START,)
     ends: tuple[str, ...] = (END,)
+    # Markers that end thinking and begin the content, which keeps them (a tool call written
+    # while thinking, as Magistral may write its [TOOL_CALLS]).
+    content_opens: tuple[str, ...] = ()
     # The markers are special tokens, which the answer's text must keep to be split.
     keeps_special_tokens: bool = False
 
@@ -86,13 +90,15 @@ class ReasoningParser:
         if thinking is Thinking.OPENED:
             body = text.lstrip()
             body = body[len(self._opening(body)) :]
-        found = [(body.find(end), end) for end in self.ends]
-        found = [(at, end) for at, end in found if at >= 0]
+        found = [(body.find(end), len(end)) for end in self.ends]
+        found += [(body.find(opens), 0) for opens in self.content_opens]
+        found = [(at, size) for at, size in found if at >= 0]
         if found:
-            at, end = min(found)
-            return body[:at], body[at + len(end) :]
+            at, size = min(found)
+            return body[:at], body[at + size :]
         if not final:
-            body = body[: len(body) - max(_partial_tag(body, end) for end in self.ends)]
+            markers = self.ends + self.content_opens
+            body = body[: len(body) - max(_partial_tag(body, m) for m in markers)]
         return body, ""
 
     def held_by_grammar(self) -> ReasoningParser:
@@ -123,7 +129,11 @@ REASONING_PARSERS = {
         ends=("Here is my response:", "Here's my response:"),
     ),
     "mistral": ReasoningParser(
-        thinks_from_start=False, starts=("[THINK]",), ends=("[/THINK]",), keeps_special_tokens=True
+        thinks_from_start=False,
+        starts=("[THINK]",),
+        ends=("[/THINK]",),
+        content_opens=("[TOOL_CALLS]",),
+        keeps_special_tokens=True,
     ),
     "olmo3": ReasoningParser(thinks_from_start=True),
     "qwen3": ReasoningParser(thinks_from_start=False),

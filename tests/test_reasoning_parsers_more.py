@@ -9,7 +9,12 @@ import re
 import pytest
 
 from pagedserve.entrypoints.cli import build_parser
-from pagedserve.reasoning_parsers import REASONING_PARSERS
+from pagedserve.reasoning_parsers import REASONING_PARSERS, Thinking
+from pagedserve.sample.thinking_budget import (
+    ThinkingMarkers,
+    ThinkingTracker,
+    count_reasoning_tokens,
+)
 
 GRANITE = REASONING_PARSERS["granite"]
 MISTRAL = REASONING_PARSERS["mistral"]
@@ -33,6 +38,8 @@ THOUGHT, RESPONSE = "Here is my thought process:", "Here is my response:"
         (MISTRAL, "[THINK]still", ("still", "")),
         (MISTRAL, "4", ("", "4")),
         (MISTRAL, "<think>a</think>b", ("", "<think>a</think>b")),
+        (MISTRAL, "[THINK]plan[TOOL_CALLS]get[ARGS]{}", ("plan", "[TOOL_CALLS]get[ARGS]{}")),
+        (MISTRAL, "[THINK]a[/THINK]b[TOOL_CALLS]c", ("a", "b[TOOL_CALLS]c")),
         (OLMO3, "<think>a</think>b", ("a", "b")),
         (OLMO3, "a</think>b", ("a", "b")),  # its template opened <think>
         (OLMO3, "no end yet", ("no end yet", "")),
@@ -61,6 +68,7 @@ CASES = [
     (GRANITE, f"{THOUGHT} cut short, Here is my resp"),
     (MISTRAL, "[THINK]2+2 is [not 5][/THINK]4 [ok]"),
     (MISTRAL, "[THIS] is no thinking"),
+    (MISTRAL, "[THINK]plan [T][TOOL_CALLS]get[ARGS]{}"),  # a call written while thinking
     (OLMO3, "<think>a < b</think>so b"),
     (OLMO3, "a</thin"),
 ]
@@ -121,3 +129,19 @@ def test_serve_lists_vllm_s_parser_names(flag, names, capsys):
     assert "invalid choice: 'nope'" in error
     for name in names:
         assert f"'{name}'" in error and re.search(rf"{flag} \{{[^}}]*\b{name}\b", usage)
+
+
+THINK, THINK_END, TOOL_CALLS = (1,), (2,), (3,)  # Magistral's markers, single special tokens
+MAGISTRAL = ThinkingMarkers(THINK, THINK_END, from_start=False, content_opens=(TOOL_CALLS,))
+
+
+def test_a_call_written_while_thinking_ends_it_in_tokens_too():
+    """[TOOL_CALLS] ends Magistral's thinking: its tokens are no reasoning, and a budget does
+    not force [/THINK] into the call."""
+    assert count_reasoning_tokens(MAGISTRAL, [1, 7, 8, 3, 9], Thinking.OPENED) == 2
+    assert count_reasoning_tokens(MAGISTRAL, [1, 7, 2, 3, 9], Thinking.OPENED) == 1
+    tracker = ThinkingTracker(MAGISTRAL, 2, prompt_token_ids=[5])
+    tracker.advance([1, 7, 3])
+    assert tracker.forced_token() is None
+    tracker.advance([1, 7, 3, 9, 9, 9])
+    assert tracker.forced_token() is None

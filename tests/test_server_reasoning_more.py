@@ -145,12 +145,12 @@ def test_magistral_s_special_thinking_tokens_are_read(magistral_like):
     assert plain.content and not plain.model_extra.get("reasoning_content")
 
 
-def test_magistral_thinks_then_calls_a_tool(magistral_like):
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "called_while_thinking"])
+def test_magistral_thinks_then_calls_a_tool(magistral_like, closed):
+    """Its call follows [/THINK], or (as vLLM reads it) ends the thinking itself."""
     server, ids = magistral_like
-    grammar = (
-        f'start: <[{ids["think"]}]> "ask for it" <[{ids["end"]}]> <[{ids["calls"]}]> '
-        f"{json.dumps(CALL)}"
-    )
+    end = f"<[{ids['end']}]>" if closed else ""
+    grammar = f'start: <[{ids["think"]}]> "ask for it" {end} <[{ids["calls"]}]> {json.dumps(CALL)}'
     whole, streamed = ask(server, {"grammar": grammar}, tools=[WEATHER])
     choice = whole.choices[0]
     message = choice.message

@@ -40,13 +40,15 @@ class ThinkingMarkers:
     start: tuple[int, ...]
     end: tuple[int, ...]
     from_start: bool
+    content_opens: tuple[tuple[int, ...], ...] = ()  # they end thinking too (the content's)
 
     @classmethod
     def of(cls, parser: ReasoningParser, tokenizer: Any) -> ThinkingMarkers:
         def ids(text: str) -> tuple[int, ...]:
             return tuple(tokenizer.encode(text, add_special_tokens=False))
 
-        return cls(ids(parser.starts[0]), ids(parser.ends[0]), parser.thinks_from_start)
+        opens = tuple(ids(marker) for marker in parser.content_opens)
+        return cls(ids(parser.starts[0]), ids(parser.ends[0]), parser.thinks_from_start, opens)
 
     def open_at_end(self, prompt_token_ids: list[int]) -> bool:
         """Whether a prompt ends inside an open thinking section (a template that opened
@@ -90,7 +92,7 @@ class ThinkingTracker:
         self.budget = budget
         self._seen = 0  # answer tokens fed so far
         self._tail: list[int] = []  # the last tokens, as long as the longer marker
-        self._keep = max(len(markers.start), len(markers.end))
+        self._keep = max(len(m) for m in (markers.start, markers.end, *markers.content_opens))
         opened = _last(prompt_token_ids, markers.start)
         if constrained:
             self.thinking, self.spent = False, 0
@@ -107,7 +109,7 @@ class ThinkingTracker:
             self._tail = [*self._tail, token][-self._keep :]
             if self.thinking:
                 self.spent += 1
-            if self._ends_with(end):
+            if self._ends_with(end) or any(map(self._ends_with, self.markers.content_opens)):
                 self.thinking, self.spent = False, 0
             elif self._ends_with(start) and (not self.constrained or self._seen == len(start)):
                 self.thinking, self.spent = True, 0
@@ -164,12 +166,14 @@ def count_reasoning_tokens(
 ) -> int:
     """The answer's tokens that its reasoning holds, as the reasoning parser split its text
     (``thinking``, :meth:`ReasoningParser.thinking` of the whole answer): from its first token,
-    or after the start marker it opened with, up to its first end marker (or its end)."""
+    or after the start marker it opened with, up to its first end marker or marker that opens
+    the content (or its end)."""
     if thinking is Thinking.NONE:
         return 0
     begin = 0
     if thinking is Thinking.OPENED:
         opened = _first(output_token_ids, markers.start)
         begin = opened + len(markers.start) if opened >= 0 else 0
-    end = _first(output_token_ids, markers.end, begin)
-    return (len(output_token_ids) if end < 0 else end) - begin
+    ends = [_first(output_token_ids, m, begin) for m in (markers.end, *markers.content_opens)]
+    ends = [end for end in ends if end >= 0]
+    return (min(ends) if ends else len(output_token_ids)) - begin
