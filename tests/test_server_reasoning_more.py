@@ -90,7 +90,8 @@ def test_text_markers_split_thinking_from_the_answer(parser, regex, tiny_model_d
 
 
 def test_granite_thinks_then_calls_a_tool(tiny_model_dir):
-    """Granite 3.2 thinks, then its response is a call: reasoning and tool_calls together."""
+    """Granite 3.2 thinks, then its response is a call: reasoning and tool_calls together, in
+    chat (whole and streamed) and in the Responses API."""
     flags = ["--reasoning-parser", "granite", "--enable-auto-tool-choice"]
     server = serve(tiny_model_dir("llama"), *flags, "--tool-call-parser", "granite")
     try:
@@ -104,6 +105,16 @@ def test_granite_thinks_then_calls_a_tool(tiny_model_dir):
         (call,) = calls_of(message)
         assert call[0] == "get_weather" and json.loads(call[1]) == {"city": "Paris"}
         assert streamed == (" ask for it ", None, [call])
+        r = server.client().responses.create(
+            model=MODEL_NAME,
+            input=CHAT[0]["content"],
+            tools=[{"type": "function", **WEATHER["function"]}],
+            max_output_tokens=80,
+            extra_body={"structured_outputs": {"regex": re.escape(text)}},
+        )
+        reasoning, item = r.output
+        assert (reasoning.type, reasoning.content[0].text) == ("reasoning", " ask for it ")
+        assert (item.type, item.name, item.arguments) == ("function_call", *call)
     finally:
         server.close()
 
