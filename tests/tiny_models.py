@@ -455,11 +455,18 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def write_lora_adapter(
-    path: Path, kind: str, seed: int, rank: int = 4, alpha: float = 8.0, rslora: bool = False
+    path: Path,
+    kind: str,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    rslora: bool = False,
+    model: PreTrainedModel | None = None,
 ) -> PreTrainedModel:
-    """A PEFT LoRA adapter directory for the tiny ``kind`` model, on every projection, with
-    random A and B; returns the base model with the adapter merged in (the reference)."""
-    model = tiny_hf_model(kind)
+    """A PEFT LoRA adapter directory for the tiny ``kind`` model (or for ``model``, given), on
+    every projection, with random A and B; returns the base model with the adapter merged in
+    (the reference)."""
+    model = tiny_hf_model(kind) if model is None else model
     generator = torch.Generator().manual_seed(seed)
     scale = alpha / (rank**0.5 if rslora else rank)
     tensors = {}

@@ -1,5 +1,6 @@
 """Gemma 2 (``Gemma2ForCausalLM``) and Gemma 3's text model (``Gemma3ForCausalLM``: Gemma 3 1B;
-the text half of ``Gemma3ForConditionalGeneration``: 4B, 12B, 27B).
+the text half of ``Gemma3ForConditionalGeneration``: 4B, 12B, 27B), and Gemma 1
+(``GemmaForCausalLM``).
 
 They share the Llama layout's attention, weight loading, packing and tied lm head
 (:mod:`pagedserve.model.llama`). What differs:
@@ -15,11 +16,15 @@ They share the Llama layout's attention, weight loading, packing and tied lm hea
   others with the global base and its scaling;
 - the MLP is GeGLU (tanh-approximated GELU), and logits may be soft-capped
   (``final_logit_softcapping``).
+
+Gemma 1 has the scaled embedding, the ``1 + weight`` norms and GeGLU, but the Llama layer
+otherwise: two norms a layer (the input's and the MLP's input's, the latter named
+``post_attention_layernorm``), scores scaled by ``head_dim ** -0.5``, no caps, no windows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -79,13 +84,12 @@ class GeGLU(nn.Module):
     """``down(gelu_tanh(gate(x)) * up(x))``, gate and up in one GEMM, the activation in one C pass
     (float32 on the CPU; the decode stack of :mod:`pagedserve.worker.cpu_decode` calls it too)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, activation: str) -> None:
+        """``activation``: the config's name for it (Gemma 2 / 3: ``hidden_activation``,
+        Gemma 1: ``hidden_act``), which must be the tanh-approximated GELU."""
         super().__init__()
-        if config.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(
-                f"unsupported hidden_activation {config.hidden_activation!r}; "
-                "supported: gelu_pytorch_tanh"
-            )
+        if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {activation!r}; supported: gelu_pytorch_tanh")
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size])
         self.down_proj = Linear(size, config.hidden_size)
@@ -99,7 +103,7 @@ class GemmaDecoderLayer(nn.Module):
         super().__init__()
         self.sliding = layer_types(config)[index] == SLIDING
         self.self_attn = GemmaAttention(config, window_of(config, self.sliding), qk_norm)
-        self.mlp = GeGLU(config)
+        self.mlp = GeGLU(config, config.hidden_activation)
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
@@ -119,8 +123,37 @@ class GemmaDecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(mlp_out)
 
 
+class Gemma1DecoderLayer(nn.Module):
+    """Gemma 1's layer: the Llama layer's attention, Gemma's norms and GeGLU."""
+
+    sliding = False
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if getattr(config, "use_bidirectional_attention", None):
+            raise ValueError("bidirectional Gemma (use_bidirectional_attention) is not supported")
+        bias = bool(getattr(config, "attention_bias", False))
+        self.self_attn = LlamaAttention(config, bias, bias, qk_norm=False, window=None)
+        self.mlp = GeGLU(config, config.hidden_act)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps)  # the MLP's input norm
+
+    def forward(
+        self, rope: Rope, hidden: torch.Tensor, meta: AttentionMetadata, output_only: bool = False
+    ) -> torch.Tensor:
+        """As :meth:`GemmaDecoderLayer.forward`, without the outputs' norms."""
+        attended = self.self_attn(rope, self.input_layernorm(hidden), meta, output_only)
+        if output_only and meta.output_rows is not None:
+            hidden = hidden.index_select(0, meta.output_rows)
+        hidden = hidden + attended
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
 class GemmaModel(nn.Module):
-    def __init__(self, config: Any, qk_norm: bool) -> None:
+    """The decoder stack of every Gemma; ``make_layer(index)`` builds each layer."""
+
+    def __init__(self, config: Any, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
@@ -131,9 +164,7 @@ class GemmaModel(nn.Module):
         self.rotary_emb_local = RotaryEmbedding(
             head_dim, max_positions, *layer_rope(config, SLIDING)
         )
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, qk_norm) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -153,7 +184,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     qk_norm = False
 
     def build_model(self, config: Any) -> nn.Module:
-        return GemmaModel(config, self.qk_norm)
+        return GemmaModel(config, lambda i: GemmaDecoderLayer(config, i, self.qk_norm))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)
@@ -167,6 +198,14 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         for module in self.modules():
             if isinstance(module, GemmaRMSNorm):
                 module.prepare()
+
+
+class GemmaForCausalLM(Gemma2ForCausalLM):
+    """Gemma 1: Gemma 2's model with the plainer layer (see the module docstring); its config
+    has no soft caps."""
+
+    def build_model(self, config: Any) -> nn.Module:
+        return GemmaModel(config, lambda i: Gemma1DecoderLayer(config))
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):

@@ -167,6 +167,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack; a variant (Granite, OLMo 2) sets its own ``layer_class``, built with
+    the same arguments as :class:`LlamaDecoderLayer`."""
+
+    layer_class: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
@@ -175,7 +180,7 @@ class LlamaModel(nn.Module):
             rotary_dim(head_dim_of(config), scaling), config.max_position_embeddings, theta, scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, biases, qk_norm) for i in range(config.num_hidden_layers)
+            self.layer_class(config, i, biases, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -12,7 +12,13 @@ from pagedserve.model.bert import (
     RobertaForSequenceClassification,
     RobertaModel,
 )
-from pagedserve.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
+from pagedserve.model.gemma import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextOfMultimodal,
+    GemmaForCausalLM,
+)
+from pagedserve.model.granite import GraniteForCausalLM
 from pagedserve.model.llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -22,6 +28,7 @@ from pagedserve.model.llama import (
     Qwen3ForSequenceClassification,
 )
 from pagedserve.model.modernbert import ModernBertForSequenceClassification, ModernBertModel
+from pagedserve.model.olmo2 import Olmo2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -29,9 +36,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": LlamaForCausalLM,  # q/k/v and gate/up stored fused, as ours are
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
+    "GraniteForCausalLM": GraniteForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
     # Decoders saved without their lm head (embedding models such as e5-mistral); they run
     # only as pooling models, their tensor names lacking the ``model.`` prefix.
     "LlamaModel": LlamaForCausalLM,

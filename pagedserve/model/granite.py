@@ -1,0 +1,79 @@
+"""IBM Granite 3.x (``GraniteForCausalLM``): the Llama layout with four scalars from its config.
+
+- ``embedding_multiplier`` scales the token embeddings (not the tied lm head's weight);
+- ``attention_multiplier`` is the scores' scale, in place of ``head_dim ** -0.5``;
+- ``residual_multiplier`` scales each block's output (the attention's, the MLP's) before it
+  is added to the residual stream;
+- the logits are divided by ``logits_scaling``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.model.layers.attention import AttentionMetadata
+from pagedserve.model.layers.embedding import Embedding
+from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, Rope
+
+
+class ScaledEmbedding(Embedding):
+    """``weight[ids] * multiplier``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, multiplier: float) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.multiplier = multiplier
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.multiplier
+
+
+class GraniteDecoderLayer(LlamaDecoderLayer):
+    def __init__(
+        self, config: Any, index: int, biases: tuple[bool, bool, bool], qk_norm: bool
+    ) -> None:
+        super().__init__(config, index, biases, qk_norm)
+        self.self_attn.attn.scale = float(config.attention_multiplier)
+        self.residual_multiplier = float(config.residual_multiplier)
+
+    def forward(
+        self,
+        rope: Rope,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+        output_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`LlamaDecoderLayer.forward`, each block's output scaled before its add."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, meta, output_only) * self.residual_multiplier
+        if output_only and meta.output_rows is not None:
+            residual = residual.index_select(0, meta.output_rows)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden) * self.residual_multiplier, residual
+
+
+class GraniteModel(LlamaModel):
+    layer_class = GraniteDecoderLayer
+
+    def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
+        super().__init__(config, biases, qk_norm)
+        self.embed_tokens = ScaledEmbedding(
+            config.vocab_size, config.hidden_size, float(config.embedding_multiplier)
+        )
+
+
+class GraniteForCausalLM(LlamaForCausalLM):
+    """Granite over the paged KV cache; see the module docstring."""
+
+    def build_model(self, config: Any) -> nn.Module:
+        return GraniteModel(config, self.biases(config), self.qk_norm)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().compute_logits(hidden) / float(self.config.logits_scaling)
