@@ -1,18 +1,19 @@
 """Gemma 1, Granite and OLMo 2 (tests/tiny_dense.py) from their safetensors checkpoints: logits
-equal transformers' in prefill and decode steps, greedy generations through the engine equal
-transformers' ``generate``, and the per-model paths (the CPU decode stack, GGUF, 16-bit) either
-work or refuse clearly."""
+equal transformers' in prefill and decode steps, greedy generations through the engine (and the
+server) equal transformers' ``generate``, and the per-model paths (the CPU decode stack, GGUF,
+16-bit, LoRA, the pooling runner) either work or refuse clearly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from gguf import GGUFWriter
+from server_utils import MODEL_NAME, ServerProcess
 from tiny_dense import DENSE_KINDS, dense_hf_model, write_dense_model
-from tiny_models import DEVICES, PagedRunner
+from tiny_models import DEVICES, PagedRunner, write_lora_adapter
 from transformers import AutoModelForCausalLM
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM, LoRARequest, SamplingParams
 from pagedserve.model.loader import bf16_matmuls_in_float32, load_model
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 
@@ -170,3 +171,56 @@ def test_half_precision_follows_the_reference(kind, dtype, dense_dir):
         theirs = hf(torch.tensor([prompt])).logits[0]
     assert (ours - theirs).abs().max() < 0.1 * theirs.abs().max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_lora_adapters_equal_the_merged_model(kind, tmp_path, dense_dir, hf_model):
+    """An adapter on every projection: greedy tokens of transformers' model with it merged in
+    (Granite scales the adapted projections' outputs by its residual multiplier; OLMo 2 norms
+    the adapted q and k)."""
+    merged = write_lora_adapter(tmp_path / "adapter", kind, 1, model=dense_hf_model(kind))
+    llm = LLM(dense_dir(kind), device="cpu", dtype="float32", enable_lora=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    lora = LoRARequest("adapter", 1, str(tmp_path / "adapter"))
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+    want = [_hf_generate(merged, p) for p in PROMPTS]
+    assert [list(o.outputs[0].token_ids) for o in outputs] == want
+    assert want != [_hf_generate(hf_model(kind), p) for p in PROMPTS]  # the adapter matters
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_pooling_runner_embeds_the_last_hidden_state(kind, dense_dir, hf_model):
+    """``--runner pooling``: the normalised final hidden state of each prompt's last token."""
+    llm = LLM(dense_dir(kind), device="cpu", dtype="float32", runner="pooling")
+    outputs = llm.embed([{"prompt_token_ids": p} for p in PROMPTS], use_tqdm=False)
+    decoder = hf_model(kind).model
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        with torch.inference_mode():
+            hidden = decoder(torch.tensor([prompt])).last_hidden_state[0, -1]
+        want = torch.nn.functional.normalize(hidden, dim=0)
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), want, atol=2e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def granite_server(dense_dir):
+    srv = ServerProcess(
+        [dense_dir("granite"), "--served-model-name", MODEL_NAME, "--dtype", "float32"]
+    ).wait_ready()
+    yield srv
+    srv.close()
+
+
+def test_openai_client_completions_of_granite(granite_server, hf_model, smollm2_tokenizer):
+    """Through the server (the ``openai`` client), a batch of token-id prompts completes as
+    transformers' greedy ``generate`` does, streamed or not."""
+    client = granite_server.client()
+    want = [smollm2_tokenizer.decode(_hf_generate(hf_model("granite"), p)) for p in PROMPTS]
+    args = {"model": MODEL_NAME, "max_tokens": MAX_TOKENS, "temperature": 0}
+    batch = client.completions.create(prompt=PROMPTS, **args, extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == want
+    assert batch.usage.completion_tokens == MAX_TOKENS * len(PROMPTS)
+    stream = client.completions.create(
+        prompt=PROMPTS[0], stream=True, **args, extra_body={"ignore_eos": True}
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == want[0]
