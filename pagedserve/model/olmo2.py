@@ -40,8 +40,7 @@ class Olmo2Attention(LlamaAttention):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q_end, k_end = self.q_size, self.q_size + self.kv_size
-        q = self.q_norm(qkv[:, :q_end].contiguous())
-        k = self.k_norm(qkv[:, q_end:k_end].contiguous())
+        q, k = self.q_norm(qkv[:, :q_end]), self.k_norm(qkv[:, q_end:k_end])
         num_tokens = qkv.shape[0]
         # q and k heads share the rotation, so rotate them in one go.
         qk = torch.cat((q, k), 1).view(num_tokens, self.num_heads + self.num_kv_heads, -1)

@@ -115,7 +115,7 @@ class CpuDecodeStack:
             return None
         kinds = {type(layer) for layer in model.model.layers}
         if len(kinds) != 1 or kinds.pop() not in (LlamaDecoderLayer, GemmaDecoderLayer):
-            return None  # another layer layout
+            return None  # another layer layout (Gemma 1's, Granite's, OLMo 2's)
         inner = model.model
         layers = [_layer(layer) for layer in inner.layers]
         norms = [m for m in inner.modules() if isinstance(m, (RMSNorm, GemmaRMSNorm))]
