@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,10 +61,9 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
 
 
 class GraniteModel(LlamaModel):
-    layer_class = GraniteDecoderLayer
-
     def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
-        super().__init__(config, biases, qk_norm)
+        layer = partial(GraniteDecoderLayer, config, biases=biases, qk_norm=qk_norm)
+        super().__init__(config, biases, qk_norm, layer)
         self.embed_tokens = ScaledEmbedding(
             config.vocab_size, config.hidden_size, float(config.embedding_multiplier)
         )

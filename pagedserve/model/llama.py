@@ -9,7 +9,8 @@ window, and how much of each head rotates (Phi-4-mini: 3/4).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -167,21 +168,24 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack; a variant (Granite, OLMo 2) sets its own ``layer_class``, built with
-    the same arguments as :class:`LlamaDecoderLayer`."""
+    """The decoder stack; ``make_layer(index)`` builds each layer (default: Llama's)."""
 
-    layer_class: type[nn.Module] = LlamaDecoderLayer
-
-    def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        biases: tuple[bool, bool, bool],
+        qk_norm: bool,
+        make_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
+        if make_layer is None:
+            make_layer = partial(LlamaDecoderLayer, config, biases=biases, qk_norm=qk_norm)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         theta, scaling = rope_parameters(config)
         self.rotary_emb = RotaryEmbedding(
             rotary_dim(head_dim_of(config), scaling), config.max_position_embeddings, theta, scaling
         )
-        self.layers = nn.ModuleList(
-            self.layer_class(config, i, biases, qk_norm) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -73,7 +74,9 @@ class Olmo2DecoderLayer(nn.Module):
 
 
 class Olmo2Model(LlamaModel):
-    layer_class = Olmo2DecoderLayer
+    def __init__(self, config: Any, biases: tuple[bool, bool, bool], qk_norm: bool) -> None:
+        layer = partial(Olmo2DecoderLayer, config, biases=biases, qk_norm=qk_norm)
+        super().__init__(config, biases, qk_norm, layer)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
