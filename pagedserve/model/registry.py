@@ -36,12 +36,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": LlamaForCausalLM,  # q/k/v and gate/up stored fused, as ours are
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,  # model/granite.py
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,  # model/olmo2.py
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
-    "GraniteForCausalLM": GraniteForCausalLM,
-    "Olmo2ForCausalLM": Olmo2ForCausalLM,
     # Decoders saved without their lm head (embedding models such as e5-mistral); they run
     # only as pooling models, their tensor names lacking the ``model.`` prefix.
     "LlamaModel": LlamaForCausalLM,
