@@ -14,6 +14,7 @@ from tiny_models import DEVICES, PagedRunner, write_lora_adapter
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, LoRARequest, SamplingParams
+from pagedserve.model.layers.attention import Attention
 from pagedserve.model.loader import bf16_matmuls_in_float32, load_model
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 
@@ -80,11 +81,15 @@ def test_prefill_then_decode_steps_match_transformers(kind, device, dense_dir, h
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["fast", "reference"])
 @pytest.mark.parametrize("kind", DENSE_KINDS)
-def test_chunks_and_last_rows_match_transformers(kind, device, dense_dir, hf_model):
+def test_chunks_and_last_rows_match_transformers(kind, backend, device, dense_dir, hf_model):
     """Chunked prefill mixed with decode-shaped steps, the last layer computing only each
-    chunk's last row (as the engine asks for it)."""
+    chunk's last row (as the engine asks for it), through either attention backend."""
     model = load_model(dense_dir(kind), torch.float32, torch.device(device))
+    for layer in model.modules():
+        if isinstance(layer, Attention):
+            layer.backend = backend
     sizes = [1, 3, 8, 16, 5]
     prompts = _random_prompts()
     outputs = PagedRunner(model).run_chunked(prompts, sizes, output_last=True)
