@@ -5,6 +5,8 @@ server) equal transformers' ``generate``, and the per-model paths (the CPU decod
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from gguf import GGUFWriter
@@ -229,3 +231,17 @@ def test_openai_client_completions_of_granite(granite_server, hf_model, smollm2_
         prompt=PROMPTS[0], stream=True, **args, extra_body={"ignore_eos": True}
     )
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == want[0]
+
+
+def test_gemma_1_configs_of_the_first_release_load(tmp_path, hf_model):
+    """Gemma 1's first checkpoints say ``"hidden_act": "gelu"`` and mean the tanh approximation,
+    as transformers reads it (the activation is taken from the config as transformers leaves
+    it)."""
+    hf_model("gemma").save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    model = load_model(str(tmp_path), torch.float32, torch.device("cpu"))
+    prompt = _random_prompts()[1]
+    ours = PagedRunner(model).step([(0, prompt)])[0]
+    torch.testing.assert_close(ours, _reference(hf_model("gemma"), [prompt])[0], atol=ATOL, rtol=0)
