@@ -31,8 +31,9 @@ from pagedserve.engine.scheduler import Scheduler
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.generation_config import load_generation_config
-from pagedserve.model.loader import load_model
+from pagedserve.model.loader import load_config, load_model
 from pagedserve.model.pooler import load_pooler_config, sentence_transformers_max_length
+from pagedserve.model.registry import check_not_moe
 from pagedserve.model.token_classifier import resolve_token_ids
 from pagedserve.model_path import resolve_model
 from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
@@ -98,6 +99,8 @@ class LLMEngine:
         pooling = self.runner_type == "pooling"
         if pooling and spec is not None:
             raise ValueError("speculative decoding is for generation; a pooling model embeds")
+        if config.enable_lora:
+            check_not_moe(load_config(self.model_name, overrides), "--enable-lora (LoRA adapters)")
         self.model = load_model(self.model_name, self.dtype, self.device, pooling, overrides)
         if getattr(self.model, "is_encoder", False) and not pooling:
             raise ValueError(

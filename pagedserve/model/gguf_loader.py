@@ -39,6 +39,8 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, type[PretrainedConfig]]] = {
     "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig),
 }
 GEMMA = ("gemma2", "gemma3")
+# llama.cpp's names of Mixture-of-Experts architectures (its Mixtral is "llama" with experts).
+MOE_GGUF_ARCHITECTURES = ("qwen2moe", "qwen3moe", "mixtral")
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_BLOCK = {
@@ -88,6 +90,13 @@ def metadata(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 def gguf_architecture(reader: GGUFReader) -> str:
     arch = metadata(reader, "general.architecture")
+    experts = metadata(reader, f"{arch}.expert_count", 0)
+    if experts or arch in MOE_GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF files of Mixture-of-Experts models are not supported (architecture {arch!r}, "
+            f"{experts} experts); serve the model's Hugging Face safetensors checkpoint "
+            "(config.json + *.safetensors) instead"
+        )
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"

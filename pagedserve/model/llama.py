@@ -74,6 +74,12 @@ def window_of(config: Any, sliding: bool) -> int | None:
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 
+def check_silu(config: Any) -> None:
+    """Refuse an MLP activation other than SiLU (the only one the fused gate/up applies)."""
+    if config.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, window: int | None
@@ -120,11 +126,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, bias: bool) -> None:
+    """SwiGLU, ``config.intermediate_size`` wide unless ``size`` says (an MoE's shared expert)."""
+
+    def __init__(self, config: Any, bias: bool, size: int | None = None) -> None:
         super().__init__()
-        if config.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
-        size = config.intermediate_size
+        check_silu(config)
+        size = size or config.intermediate_size
         self.gate_up_proj = GateUpSilu(config.hidden_size, size, bias=bias)
         self.down_proj = Linear(size, config.hidden_size, bias=bias)
 
@@ -133,14 +140,22 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Attention and a feed-forward block, ``mlp``: a :class:`LlamaMLP` unless given (a sparse
+    MoE block, see :mod:`pagedserve.model.moe`)."""
+
     def __init__(
-        self, config: Any, index: int, biases: tuple[bool, bool, bool], qk_norm: bool
+        self,
+        config: Any,
+        index: int,
+        biases: tuple[bool, bool, bool],
+        qk_norm: bool,
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         qkv_bias, o_bias, mlp_bias = biases
         window = sliding_window_of(config, index)
         self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, window)
-        self.mlp = LlamaMLP(config, mlp_bias)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -28,6 +28,7 @@ from pagedserve.model.llama import (
     Qwen3ForSequenceClassification,
 )
 from pagedserve.model.modernbert import ModernBertForSequenceClassification, ModernBertModel
+from pagedserve.model.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from pagedserve.model.olmo2 import Olmo2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -42,6 +43,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
+    # Mixture-of-Experts decoders (model/moe.py).
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     # Decoders saved without their lm head (embedding models such as e5-mistral); they run
     # only as pooling models, their tensor names lacking the ``model.`` prefix.
     "LlamaModel": LlamaForCausalLM,
@@ -92,3 +97,14 @@ def architecture_name(config: Any) -> str:
 def is_headless(config: Any) -> bool:
     """Whether the checkpoint is a bare decoder (``LlamaModel``...) with no lm head."""
     return not architecture_name(config).endswith(("ForCausalLM", "ForConditionalGeneration"))
+
+
+def check_not_moe(config: Any, what: str) -> None:
+    """Refuse ``what`` (a flag, a weight format) for a Mixture-of-Experts architecture, whose
+    experts are stacked tensors rather than the projections that path works on."""
+    name = architecture_name(config)
+    if getattr(MODEL_REGISTRY[name], "is_moe", False):
+        raise ValueError(
+            f"{what} is not supported for Mixture-of-Experts models ({name}); "
+            "serve the model without it"
+        )

@@ -109,10 +109,10 @@ class CpuDecodeStack:
     @classmethod
     def build(cls, model: nn.Module, block_size: int) -> CpuDecodeStack | None:
         """The stack of ``model``, or None where its decode steps cannot take it: another
-        architecture, weights not packed for the C GEMM (not float32 on the CPU), the reference
-        attention backend, or a kernel not built here."""
-        if not isinstance(model, LlamaForCausalLM):
-            return None
+        architecture (a Mixture-of-Experts one too), weights not packed for the C GEMM (not
+        float32 on the CPU), the reference attention backend, or a kernel not built here."""
+        if not isinstance(model, LlamaForCausalLM) or getattr(model, "is_moe", False):
+            return None  # another architecture, or a Mixture-of-Experts one (model/moe.py)
         kinds = {type(layer) for layer in model.model.layers}
         if len(kinds) != 1 or kinds.pop() not in (LlamaDecoderLayer, GemmaDecoderLayer):
             return None  # another layer layout (Gemma 1's, Granite's, OLMo 2's)

@@ -54,12 +54,14 @@ class ModelRunner:
         self.cpu_stack: CpuDecodeStack | None = None
         if device.type == "cpu" and not enforce_eager:
             self.cpu_stack = CpuDecodeStack.build(model, self.block_size)
-        # The reference attention walks per-request Python lists, which a graph cannot replay.
+        # The reference attention walks per-request Python lists, and a Mixture-of-Experts
+        # block picks its experts from the step's data: neither can be replayed from a graph.
         if (
             device.type == "cuda"
             and not enforce_eager
             and layers
             and layers[0].backend != "reference"
+            and not getattr(model, "is_moe", False)
         ):
             self.graphs = DecodeGraphs(
                 model,
