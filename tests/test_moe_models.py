@@ -206,3 +206,18 @@ def test_gguf_of_an_moe_model_is_refused(arch, experts, tmp_path):
     writer.close()
     with pytest.raises(ValueError, match=rf"GGUF files of Mixture-of-Experts .*{arch!r}"):
         load_config(str(path))
+
+
+def test_ngram_speculative_decoding_keeps_greedy_tokens(moe_dir):
+    """Draft checks run several rows of a request in one step through the experts."""
+    pattern = torch.randint(3, 49152, (6,), generator=torch.Generator().manual_seed(7)).tolist()
+    prompts = [{"prompt_token_ids": pattern * 4}, {"prompt_token_ids": _prompts()[2]}]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    plain = LLM(moe_dir("mixtral"), dtype="float32", kv_cache_memory=0.01)
+    spec = LLM(moe_dir("mixtral"), dtype="float32", kv_cache_memory=0.01, speculative_config=ngram)
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == (
+        expected
+    )
+    assert spec.llm_engine.get_stats().spec_decode_num_draft_tokens > 0  # drafts were checked
