@@ -129,6 +129,19 @@ def test_greedy_generation_matches_transformers_generate(kind, moe_dir, hf_model
     assert all(o.num_cached_tokens >= 32 for o in again[:3])
 
 
+def test_unpacked_experts_match_transformers(moe_dir, hf_models, monkeypatch):
+    """Without the C GEMM's panels (a GPU, or ``PAGEDSERVE_DISABLE_PREPACK=1``) the experts
+    multiply through PyTorch, with the same results."""
+    monkeypatch.setenv("PAGEDSERVE_DISABLE_PREPACK", "1")
+    model = load_model(moe_dir("qwen2_moe"), torch.float32, torch.device("cpu"))
+    assert all(not m.packed_gate_up for m in model.modules() if isinstance(m, FusedExperts))
+    prompts = _prompts()
+    outputs = PagedRunner(model).run_chunked(prompts, chunk_sizes=[1, 3, 8, 16, 5])
+    for ours, prompt in zip(outputs, prompts, strict=True):
+        expected = _hf_logits(hf_models("qwen2_moe"), prompt)
+        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("kind", MOE_KINDS)
 def test_decode_stack_declines_moe_models(kind, moe_dir):
     """The C decode stack handles dense Llama layers only; it must never take an MoE model."""
