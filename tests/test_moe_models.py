@@ -190,6 +190,19 @@ def test_bfloat16_experts_stay_close_to_float32(moe_dir):
     assert len(out[0].outputs[0].token_ids) == 6
 
 
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_float16_modules_follow_the_reference(kind, moe_dir, hf_models):
+    """16-bit modules (a GPU's dtypes; float16 here, which no CPU kernel takes) stay close to
+    float32 transformers."""
+    model = load_model(moe_dir(kind), torch.float16, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    prompt = _prompts()[2]
+    ours = PagedRunner(model).step([(0, prompt)])[0]
+    theirs = _hf_logits(hf_models(kind), prompt)
+    assert (ours - theirs).abs().max() < 0.02 * theirs.abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+
+
 def test_pooling_runner_embeds_the_last_token(moe_dir, hf_models):
     """``--runner pooling`` on an MoE causal LM: last-token pooling, normalised, as vLLM's."""
     llm = LLM(moe_dir("mixtral"), dtype="float32", runner="pooling", kv_cache_memory=0.01)
