@@ -219,12 +219,13 @@ def test_lora_is_refused_for_moe(moe_dir):
         LLM(moe_dir("qwen3_moe"), dtype="float32", enable_lora=True)
 
 
-@pytest.mark.parametrize(("arch", "experts"), [("llama", 8), ("qwen3moe", 128)])
+@pytest.mark.parametrize(("arch", "experts"), [("llama", 8), ("qwen3moe", 128), ("qwen2moe", 0)])
 def test_gguf_of_an_moe_model_is_refused(arch, experts, tmp_path):
     path = tmp_path / "moe.gguf"
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(1)
-    writer.add_expert_count(experts)
+    if experts:
+        writer.add_expert_count(experts)
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

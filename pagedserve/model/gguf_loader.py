@@ -92,10 +92,11 @@ def gguf_architecture(reader: GGUFReader) -> str:
     arch = metadata(reader, "general.architecture")
     experts = metadata(reader, f"{arch}.expert_count", 0)
     if experts or arch in MOE_GGUF_ARCHITECTURES:
+        count = f", {experts} experts" if experts else ""
         raise ValueError(
-            f"GGUF files of Mixture-of-Experts models are not supported (architecture {arch!r}, "
-            f"{experts} experts); serve the model's Hugging Face safetensors checkpoint "
-            "(config.json + *.safetensors) instead"
+            f"GGUF files of Mixture-of-Experts models are not supported (architecture {arch!r}"
+            f"{count}); serve the model's Hugging Face safetensors checkpoint (config.json + "
+            "*.safetensors) instead"
         )
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
