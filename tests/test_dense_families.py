@@ -133,17 +133,16 @@ def test_greedy_generations_equal_transformers_generate(kind, dense_dir, hf_mode
 
 
 @pytest.mark.parametrize("kind", DENSE_KINDS)
-def test_the_cpu_decode_stack_declines_them(kind, dense_dir, tiny_model_dir):
-    """The C decode stack runs Llama-family and Gemma 2 / 3 layers only: Gemma 1's GeGLU without
-    the outputs' norms, Granite's residual multiplier and OLMo 2's post-norms and whole-width q/k
-    norms are not in it, so their decode steps run module by module (a tiny Llama, built the
-    same way, does take the stack here)."""
-    for path, takes in ((tiny_model_dir("llama"), True), (dense_dir(kind), False)):
-        model = load_model(path, torch.float32, torch.device("cpu"))
-        PagedRunner(model)  # assigns the KV pools
-        assert (CpuDecodeStack.build(model, block_size=16) is not None) == takes
+def test_the_cpu_decode_stack_takes_gemma_and_granite(kind, dense_dir):
+    """The C decode stack runs Gemma 1's and Granite's layers (their steps through it equal the
+    modules': tests/test_cpu_decode_stack_dense.py), not OLMo 2's post-norms and whole-width
+    q/k norms, whose decode steps run module by module."""
+    takes = kind != "olmo2"
+    model = load_model(dense_dir(kind), torch.float32, torch.device("cpu"))
+    PagedRunner(model)  # assigns the KV pools
+    assert (CpuDecodeStack.build(model, block_size=16) is not None) == takes
     llm = LLM(dense_dir(kind), device="cpu", dtype="float32", kv_cache_memory=0.02)
-    assert llm.llm_engine.runner.cpu_stack is None
+    assert (llm.llm_engine.runner.cpu_stack is not None) == takes
 
 
 @pytest.mark.parametrize("arch", ["gemma", "granite", "olmo2"])

@@ -1,5 +1,5 @@
-/* A decode step through all the decoder layers of a Llama-family or Gemma model in one call, on
- * the CPU.
+/* A decode step through all the decoder layers of a Llama-family, Granite or Gemma model in one
+ * call, on the CPU.
  *
  * Through the modules, a decode step makes nine kernel calls per layer from Python, each with
  * its views, checks and ctypes conversions; at one sequence that is as long as the layers'
@@ -16,15 +16,18 @@
  *   k, v -> the pools at slots                        attn [m, q] = paged decode attention
  *   x = attn Wo^T; normed, residual = add_rms_norm(x, residual)
  *   act [m, I] = silu(normed Wg^T) * (normed Wu^T);   x = act Wd^T
- * and at the end, out = add_rms_norm(x, residual) with the final norm's weight.
+ * and at the end, out = add_rms_norm(x, residual) with the final norm's weight. Granite's
+ * (Stack.residual_scale) multiplies each block's output x by its residual multiplier before the
+ * add_rms_norm that adds it, as GraniteDecoderLayer does.
  *
- * A Gemma layer (its Layer has attn_out_norm and mlp_out_norm) norms its attention's and its
- * MLP's outputs before adding them to the residual stream, and its MLP is GeGLU; it runs the
- * kernels GemmaDecoderLayer runs, in its order (rms_norm and a plain add, not add_rms_norm):
- *   x = attn Wo^T; residual += rms_norm(x); normed = rms_norm(residual)
- *   act [m, I] = gelu_tanh(normed Wg^T) * (normed Wu^T);  residual += rms_norm(act Wd^T)
+ * Gemma's layers (Stack.geglu) run the kernels GemmaDecoderLayer runs, in its order (rms_norm and
+ * a plain add, not add_rms_norm), their MLP GeGLU; Gemma 2 and 3 (their Layer has attn_out_norm
+ * and mlp_out_norm) norm the attention's and the MLP's outputs before adding them to the
+ * residual stream, Gemma 1 adds them as they are (the norms in brackets: Gemma 2 and 3 only):
+ *   x = attn Wo^T; residual += [rms_norm](x); normed = rms_norm(residual)
+ *   act [m, I] = gelu_tanh(normed Wg^T) * (normed Wu^T);  residual += [rms_norm](act Wd^T)
  *   the next layer's normed (or out) = rms_norm(residual)
- * Its scores may be soft-capped (Gemma 2), and a sliding layer of Gemma 3 rotates with the
+ * Their scores may be soft-capped (Gemma 2), and a sliding layer of Gemma 3 rotates with the
  * local RoPE table (Layer.rope_table).
  *
  * A step whose sequences run with LoRA adapters (row_slot: each row's adapter, an index into
@@ -69,8 +72,10 @@ typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
     int64_t quant_max_rows; /* steps of at most this many rows use the quantized panels */
     int64_t gate_width;     /* gate (and up) features in a gated panel: the vector width */
+    int64_t geglu;          /* Gemma's layers (see the top of this file); 0: Llama-family ones */
     float eps, scale;
     float softcap; /* scores become softcap * tanh(score / softcap) (Gemma 2); 0: none */
+    float residual_scale; /* Granite's residual multiplier; 0: none */
     const float *final_norm;
 } Stack;
 
@@ -87,8 +92,8 @@ typedef struct {
     const int64_t *lora_rank;
 } Projection;
 
-/* post_norm: the norm before the MLP (Gemma's pre_feedforward_layernorm). A Gemma layer also
- * has the norms of its attention's and its MLP's outputs (NULL: a Llama-family layer). */
+/* post_norm: the norm before the MLP (Gemma 2's pre_feedforward_layernorm). A Gemma 2 or 3
+ * layer also has the norms of its attention's and its MLP's outputs (NULL: none). */
 typedef struct {
     const float *input_norm, *post_norm;
     const float *q_norm, *k_norm; /* per-head norms' weights [D]; NULL: none */
@@ -158,6 +163,13 @@ static void add_to(float *residual, const float *x, int64_t n)
     for (int64_t j = 0; j < n; j++) residual[j] += x[j];
 }
 
+/* x [n] *= factor, as torch's multiply by a float32 scalar does it (one rounding each). */
+static void scale_by(float *x, float factor, int64_t n)
+{
+    #pragma omp simd
+    for (int64_t j = 0; j < n; j++) x[j] *= factor;
+}
+
 /* A Llama-family layer from its attention's output projection x [m, H] on, ending with the
  * next layer's input norm (the last layer: the final norm) of the residual stream in next. */
 static void llama_tail(const Stack *s, const Layer *L, const int32_t *row_slot, float *next,
@@ -165,6 +177,7 @@ static void llama_tail(const Stack *s, const Layer *L, const int32_t *row_slot, 
                        float *act, float *pre, int64_t m)
 {
     const int64_t H = s->hidden, I = s->intermediate;
+    if (s->residual_scale) scale_by(x, s->residual_scale, m * H);
     s->add_rms_norm(normed, residual, x, residual, L->post_norm, m, H, s->eps);
     if (row_slot && L->gate_up.lora_a)
         gate_up_with_lora(s, &L->gate_up, row_slot, act, pre, normed, m);
@@ -172,7 +185,19 @@ static void llama_tail(const Stack *s, const Layer *L, const int32_t *row_slot, 
         project(s, &L->gate_up, act, normed, m, I, H, 1);
     project(s, &L->down, x, act, m, H, I, 0);
     if (row_slot) add_lora(&L->down, row_slot, x, act, m, H, I);
+    if (s->residual_scale) scale_by(x, s->residual_scale, m * H);
     s->add_rms_norm(next, residual, x, residual, next_norm, m, H, s->eps);
+}
+
+/* residual [m, H] += y, normed first by norm (NULL: as it is; tmp [m, H]: the norm's output). */
+static void add_block(const Stack *s, float *residual, const float *y, const float *norm,
+                      float *tmp, int64_t m)
+{
+    if (norm) {
+        s->rms_norm(tmp, y, norm, m, s->hidden, s->eps);
+        y = tmp;
+    }
+    add_to(residual, y, m * s->hidden);
 }
 
 /* The same for a Gemma layer (see the top of this file); no adapters (decoder_stack.py). */
@@ -181,14 +206,12 @@ static void gemma_tail(const Stack *s, const Layer *L, float *next, const float 
                        int64_t m)
 {
     const int64_t H = s->hidden, I = s->intermediate;
-    s->rms_norm(normed, x, L->attn_out_norm, m, H, s->eps);
-    add_to(residual, normed, m * H);
+    add_block(s, residual, x, L->attn_out_norm, normed, m);
     s->rms_norm(x, residual, L->post_norm, m, H, s->eps);
     project(s, &L->gate_up, pre, x, m, 2 * I, H, 0);
     s->gelu_and_mul(act, pre, m, I);
     project(s, &L->down, normed, act, m, H, I, 0);
-    s->rms_norm(x, normed, L->mlp_out_norm, m, H, s->eps);
-    add_to(residual, x, m * H);
+    add_block(s, residual, normed, L->mlp_out_norm, x, m);
     s->rms_norm(next, residual, next_norm, m, H, s->eps);
 }
 
@@ -239,7 +262,7 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
         const int last = l == num_layers - 1;
         float *next = last ? out : normed;
         const float *next_norm = last ? s->final_norm : L[1].input_norm;
-        if (L->mlp_out_norm)
+        if (s->geglu)
             gemma_tail(s, L, next, next_norm, normed, residual, x, act, pre, m);
         else
             llama_tail(s, L, row_slot, next, next_norm, normed, residual, x, act, pre, m);

@@ -1,5 +1,5 @@
 """Python face of ``decoder_stack.c``: a decode step through every decoder layer in one C call
-(Llama-family and Gemma 2 / 3 layers).
+(Llama-family, Granite and Gemma layers).
 
 The driver calls the other C kernels (packed GEMM, norms, rotary, K/V store, decode attention)
 through their entry points, taken here from the very builds that the modules call, so its
@@ -40,9 +40,11 @@ class _Stack(ctypes.Structure):
         *((name, _i64) for name in _SHAPES),
         ("quant_max_rows", _i64),
         ("gate_width", _i64),
+        ("geglu", _i64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("softcap", ctypes.c_float),
+        ("residual_scale", ctypes.c_float),
         ("final_norm", _ptr),
     ]
 
@@ -111,10 +113,10 @@ class Projection:
 class Layer:
     """One decoder layer: its two norms' weights (the input's and the MLP's input's), its
     per-head q and k norms' (Qwen3, Gemma 3; else None), its projections (q/k/v stacked;
-    gate/up stacked, packed gated but for Gemma), its K/V pools, its sliding window (None:
-    none), the RoPE table it rotates with (an index into :meth:`DecoderStack.decode`'s ``rope``)
-    and, for a Gemma layer, the norms of its attention's and its MLP's outputs (with them, its
-    MLP is GeGLU and its gate/up packed plain)."""
+    gate/up stacked, packed gated but for Gemma's GeGLU), its K/V pools, its sliding window
+    (None: none), the RoPE table it rotates with (an index into :meth:`DecoderStack.decode`'s
+    ``rope``) and, for a Gemma 2 or 3 layer, the norms of its attention's and its MLP's
+    outputs."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -241,10 +243,14 @@ class DecoderStack:
         scale: float,
         quant_max_rows: int,
         softcap: float | None = None,
+        geglu: bool = False,
+        residual_scale: float | None = None,
     ) -> DecoderStack | None:
         """The stack of ``layers`` (``shapes``: hidden, num_heads, num_kv_heads, head_dim,
-        intermediate, block_size; ``softcap``: the scores' soft cap, Gemma 2's), or None when a
-        kernel it needs is not built here."""
+        intermediate, block_size; ``softcap``: the scores' soft cap, Gemma 2's; ``geglu``:
+        Gemma's layers, their MLP GeGLU and its gate/up packed plain; ``residual_scale``:
+        Granite's residual multiplier, nonzero), or None when a kernel it needs is not built
+        here."""
         kv_dtype = layers[0].k_cache.dtype
         queries = torch.empty(0, 1, shapes["head_dim"])
         cache = layers[0].k_cache
@@ -270,9 +276,11 @@ class DecoderStack:
             **{name: shapes[name] for name in _SHAPES},
             quant_max_rows=quant_max_rows,
             gate_width=gemm.packed_gemm_panel_width(True),
+            geglu=geglu,
             eps=eps,
             scale=scale,
             softcap=softcap or 0.0,
+            residual_scale=residual_scale or 0.0,
             final_norm=final_norm.data_ptr(),
         )
         structs = (_Layer * len(layers))(*(_layer_struct(layer) for layer in layers))

@@ -4,9 +4,11 @@ The CPU counterpart of :mod:`pagedserve.worker.decode_graphs`: a step in which e
 decodes one token runs the same kernels as the modules, in the same order, but from the C driver
 of :mod:`pagedserve.kernels.decoder_stack` instead of nine Python-wrapped calls per layer. At one
 sequence that halves the step (SmolLM2-135M: 3.7 against 7.1 ms). The embedding (Gemma's scaled
-by sqrt(hidden)), the RoPE tables' lookup (Gemma 3: the global and the local one) and the lm head
-stay in PyTorch, one call each. Gemma 2 and 3 layers go through the driver too, with their four
-norms, GeGLU, soft-capped scores (Gemma 2) and a RoPE table per layer type.
+by sqrt(hidden), Granite's by its embedding multiplier), the RoPE tables' lookup (Gemma 2 and 3:
+the global and the local one) and the lm head (with Granite's logits scaling) stay in PyTorch,
+one call each. Granite's layers go through the driver with their residual multiplier, Gemma's
+with GeGLU, Gemma 2 and 3's with their four norms, soft-capped scores (Gemma 2) and a RoPE table
+per layer type.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from pagedserve.kernels.decoder_stack import (
     gate_width,
     gated_order,
 )
-from pagedserve.model.gemma import GemmaDecoderLayer
+from pagedserve.model.gemma import GeGLU, Gemma1DecoderLayer, GemmaDecoderLayer, GemmaModel
+from pagedserve.model.granite import GraniteDecoderLayer
 from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.linear import GateUpSilu, Linear, quantized_max_rows
 from pagedserve.model.layers.norm import GemmaRMSNorm, RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 
-DecoderLayer = LlamaDecoderLayer | GemmaDecoderLayer
+DecoderLayer = LlamaDecoderLayer | GemmaDecoderLayer | Gemma1DecoderLayer
+# The layers the driver runs (OLMo 2's post-norms and whole-width q/k norms are not in it).
+_LAYERS = (LlamaDecoderLayer, GraniteDecoderLayer, GemmaDecoderLayer, Gemma1DecoderLayer)
 
 
 def _projection(linear: Linear) -> Projection | None:
@@ -86,15 +91,14 @@ def _rope_tables(inner: nn.Module) -> list[RotaryEmbedding]:
 
 
 class CpuDecodeStack:
-    """A Llama-family or Gemma model's pure-decode steps through :class:`DecoderStack`; build it
-    with :meth:`build` once the KV pools are assigned to the attention layers."""
+    """A Llama-family, Granite or Gemma model's pure-decode steps through :class:`DecoderStack`;
+    build it with :meth:`build` once the KV pools are assigned to the attention layers."""
 
     def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
         self.model = model
         self.stack = stack
         inner = model.model
-        gemma = isinstance(inner.layers[0], GemmaDecoderLayer)
-        self._embed_scale = inner.embed_scale if gemma else None
+        self._embed_scale = inner.embed_scale if isinstance(inner, GemmaModel) else None
         self._ropes = _rope_tables(inner)
         self._terms: dict[int, list[tuple[Term | None, ...]]] = {}  # by adapter id (never reused)
         self._built: dict[tuple[int, ...], WithAdapters] = {}  # by the step's adapters
@@ -114,9 +118,12 @@ class CpuDecodeStack:
         if not isinstance(model, LlamaForCausalLM) or getattr(model, "is_moe", False):
             return None  # another architecture, or a Mixture-of-Experts one (model/moe.py)
         kinds = {type(layer) for layer in model.model.layers}
-        if len(kinds) != 1 or kinds.pop() not in (LlamaDecoderLayer, GemmaDecoderLayer):
-            return None  # another layer layout (Gemma 1's, Granite's, OLMo 2's)
+        if len(kinds) != 1 or kinds.pop() not in _LAYERS:
+            return None  # another layer layout (OLMo 2's)
         inner = model.model
+        residual_scale = getattr(inner.layers[0], "residual_multiplier", None)
+        if residual_scale == 0.0:
+            return None  # the driver reads 0 as no multiplier
         layers = [_layer(layer) for layer in inner.layers]
         norms = [m for m in inner.modules() if isinstance(m, (RMSNorm, GemmaRMSNorm))]
         final_norm = _weight(inner.norm)
@@ -149,6 +156,8 @@ class CpuDecodeStack:
             attention.attn.scale,
             quantized_max_rows(layers[0].qkv.panels),
             attention.attn.softcap,
+            isinstance(inner.layers[0].mlp, GeGLU),
+            None if residual_scale == 1.0 else residual_scale,  # a multiply by 1 changes nothing
         )
         return None if stack is None else cls(model, stack)
 
