@@ -15,6 +15,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.entrypoints.openai.api_server import ServerSettings, build_app
+from pagedserve.entrypoints.openai.run_batch import post as post_in_process
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
@@ -23,43 +24,9 @@ CONVERSATIONS = [
 
 
 async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """One request through the ASGI app; the client stays connected until the answer."""
-    data = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    sent = [{"type": "http.request", "body": data, "more_body": False}]
-    answered = asyncio.Event()
-    status, chunks = 0, []
-
-    async def receive() -> dict[str, Any]:
-        if sent:
-            return sent.pop()
-        await answered.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                answered.set()
-
-    await app(scope, receive, send)
-    return status, json.loads(b"".join(chunks))
+    """One request through the ASGI app, as ``run-batch`` sends its lines; its JSON answer."""
+    status, answer = await post_in_process(app, path, json.dumps(body).encode())
+    return status, json.loads(answer)
 
 
 @pytest.fixture(scope="module")
