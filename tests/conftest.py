@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from server_utils import packaged_server
+from tiny_dense import write_dense_model
 from tiny_models import write_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -80,6 +81,21 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
         if kind not in made:
             path = tmp_path_factory.mktemp(f"tiny_{kind}")
             made[kind] = str(write_tiny_model(path, kind, smollm2_tokenizer))
+        return made[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory, smollm2_tokenizer):
+    """``dense_dir(kind)``: tests/tiny_dense.py's model of ``kind`` (gemma, granite, olmo2), with
+    SmolLM2's tokenizer."""
+    made: dict[str, str] = {}
+
+    def make(kind: str) -> str:
+        if kind not in made:
+            path = tmp_path_factory.mktemp(f"dense_{kind}")
+            made[kind] = str(write_dense_model(path, kind, smollm2_tokenizer))
         return made[kind]
 
     return make

@@ -8,17 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from stack_runs import greedy_runs, stack_llm
 from tiny_models import _SIZES, tiny_hf_model, write_tiny_gguf, write_tiny_model
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from pagedserve import LLM, SamplingParams
 from pagedserve.kernels import packed_gemm
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 
-# Prompts of 2 to 29 tokens with budgets that end them at different steps: batches that shrink,
-# sequences of different lengths, all past the sliding layers' window of 8 positions.
-PROMPTS = [[3 + (7 * i + j) % 900 for j in range(2 + 3 * i % 28)] for i in range(12)]
-MAX_TOKENS = [4 + 5 * i % 17 for i in range(12)]
 WINDOW = 8
 
 
@@ -61,29 +57,6 @@ def _tiny_gemma2_wide() -> Gemma2ForCausalLM:
     return model
 
 
-def _llm(model: str, enforce_eager: bool, **engine_args) -> LLM:
-    engine_args.setdefault("dtype", "float32")
-    return LLM(
-        model,
-        device="cpu",
-        kv_cache_memory=0.02,
-        max_num_seqs=16,
-        enforce_eager=enforce_eager,
-        **engine_args,
-    )
-
-
-def _generate(llm: LLM) -> list:
-    params = [
-        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3) for n in MAX_TOKENS
-    ]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    return [
-        (c.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
-        for c in (o.outputs[0] for o in outputs)
-    ]
-
-
 @pytest.mark.parametrize(
     ("kind", "kv_cache_dtype"),
     [
@@ -108,9 +81,9 @@ def test_every_step_equals_the_modules(kind, kv_cache_dtype, gemma_dir, monkeypa
         return hidden
 
     monkeypatch.setattr(CpuDecodeStack, "run", checking)
-    llm = _llm(gemma_dir(kind), False, kv_cache_dtype=kv_cache_dtype)
+    llm = stack_llm(gemma_dir(kind), False, kv_cache_dtype=kv_cache_dtype)
     assert llm.llm_engine.runner.cpu_stack is not None
-    _generate(llm)
+    greedy_runs(llm)
     assert len(steps) > 10
     assert max(rows for rows, _, _ in steps) > 4 and max(n for _, n, _ in steps) > 3 * WINDOW
     assert all(equal for _, _, equal in steps)
@@ -139,9 +112,9 @@ def test_generations_equal_the_modules(kind, engine_args, gemma_dir, monkeypatch
         return run(self, *args)
 
     monkeypatch.setattr(CpuDecodeStack, "run", counting)
-    want = _generate(_llm(gemma_dir(kind), True, **engine_args))
+    want = greedy_runs(stack_llm(gemma_dir(kind), True, **engine_args))
     assert not runs
-    got = _generate(_llm(gemma_dir(kind), False, **engine_args))
+    got = greedy_runs(stack_llm(gemma_dir(kind), False, **engine_args))
     assert len(runs) > 10
     assert got == want
 
@@ -157,14 +130,14 @@ def test_quantized_gemma3_equals_the_modules(dtype, tmp_path, monkeypatch):
             tiny_hf_model("gemma3_gguf"), tmp_path / "tiny.gguf", Q.Q4_1, with_tokenizer=True
         )
     )
-    want = _generate(_llm(path, True, dtype=dtype))
-    llm = _llm(path, False, dtype=dtype)
+    want = greedy_runs(stack_llm(path, True, dtype=dtype))
+    llm = stack_llm(path, False, dtype=dtype)
     assert llm.llm_engine.runner.cpu_stack is not None
-    assert _generate(llm) == want
+    assert greedy_runs(llm) == want
 
 
 def test_gemma2_heads_the_capped_kernel_lacks(tiny_model_dir):
     """Gemma 2 soft-caps its scores, which the C decode kernel does at heads of 128 and 256 only:
     with heads of 32 its steps (like its modules' attention) stay in PyTorch."""
-    llm = _llm(tiny_model_dir("gemma2"), False)
+    llm = stack_llm(tiny_model_dir("gemma2"), False)
     assert llm.llm_engine.runner.cpu_stack is None

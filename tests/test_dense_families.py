@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf import GGUFWriter
 from server_utils import MODEL_NAME, ServerProcess
-from tiny_dense import DENSE_KINDS, dense_hf_model, write_dense_model
+from tiny_dense import DENSE_KINDS, dense_hf_model
 from tiny_models import DEVICES, PagedRunner, write_lora_adapter
 from transformers import AutoModelForCausalLM
 
@@ -26,20 +26,6 @@ VOCAB = 49152
 _PREFIX = [3 + (11 * j) % 5000 for j in range(20)]
 PROMPTS = [_PREFIX + [7 + (13 * i + 5 * j) % 9000 for j in range(3 + 9 * i)] for i in range(4)]
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory, smollm2_tokenizer):
-    """``dense_dir(kind)``: the tiny model's directory, with SmolLM2's tokenizer."""
-    made: dict[str, str] = {}
-
-    def make(kind: str) -> str:
-        if kind not in made:
-            path = tmp_path_factory.mktemp(f"dense_{kind}")
-            made[kind] = str(write_dense_model(path, kind, smollm2_tokenizer))
-        return made[kind]
-
-    return make
 
 
 @pytest.fixture(scope="module")
