@@ -4,6 +4,7 @@ module; otherwise through the C decode stack) to compare the two runs' tokens an
 from __future__ import annotations
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.worker.cpu_decode import CpuDecodeStack
 
 # Prompts of 2 to 29 tokens with budgets that end them at different steps: batches that shrink,
 # sequences of different lengths across block boundaries (block_size 16).
@@ -34,3 +35,21 @@ def greedy_runs(llm: LLM) -> list:
         (c.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
         for c in (o.outputs[0] for o in outputs)
     ]
+
+
+def assert_generations_equal(model: str, monkeypatch, **engine_args) -> None:
+    """Greedy generations with their top logprobs are the same through the stack (which must run
+    for them) as with ``enforce_eager`` (where it must not)."""
+    runs = []
+    run = CpuDecodeStack.run
+
+    def counting(self, *args):
+        runs.append(1)
+        return run(self, *args)
+
+    monkeypatch.setattr(CpuDecodeStack, "run", counting)
+    want = greedy_runs(stack_llm(model, True, **engine_args))
+    assert not runs
+    got = greedy_runs(stack_llm(model, False, **engine_args))
+    assert len(runs) > 10
+    assert got == want

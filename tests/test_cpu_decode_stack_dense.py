@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stack_runs import greedy_runs, stack_llm
+from stack_runs import assert_generations_equal, greedy_runs, stack_llm
 
 from pagedserve.kernels import packed_gemm
 from pagedserve.worker.cpu_decode import CpuDecodeStack
@@ -51,16 +51,4 @@ def test_every_step_equals_the_modules(kind, kv_cache_dtype, dense_dir, monkeypa
 def test_generations_equal_the_modules(kind, engine_args, dense_dir, monkeypatch):
     """Greedy generations with their top logprobs: through the stack as with ``enforce_eager``
     (float32 or bfloat16 panels, 16-bit K/V pools)."""
-    runs = []
-    run = CpuDecodeStack.run
-
-    def counting(self, *args):
-        runs.append(1)
-        return run(self, *args)
-
-    monkeypatch.setattr(CpuDecodeStack, "run", counting)
-    want = greedy_runs(stack_llm(dense_dir(kind), True, **engine_args))
-    assert not runs
-    got = greedy_runs(stack_llm(dense_dir(kind), False, **engine_args))
-    assert len(runs) > 10
-    assert got == want
+    assert_generations_equal(dense_dir(kind), monkeypatch, **engine_args)

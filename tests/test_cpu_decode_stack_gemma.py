@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from stack_runs import greedy_runs, stack_llm
+from stack_runs import assert_generations_equal, greedy_runs, stack_llm
 from tiny_models import _SIZES, tiny_hf_model, write_tiny_gguf, write_tiny_model
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -104,19 +104,7 @@ def test_every_step_equals_the_modules(kind, kv_cache_dtype, gemma_dir, monkeypa
 def test_generations_equal_the_modules(kind, engine_args, gemma_dir, monkeypatch):
     """Greedy generations with their top logprobs: through the stack as with ``enforce_eager``
     (float32 or bfloat16 panels, 16-bit K/V pools)."""
-    runs = []
-    run = CpuDecodeStack.run
-
-    def counting(self, *args):
-        runs.append(1)
-        return run(self, *args)
-
-    monkeypatch.setattr(CpuDecodeStack, "run", counting)
-    want = greedy_runs(stack_llm(gemma_dir(kind), True, **engine_args))
-    assert not runs
-    got = greedy_runs(stack_llm(gemma_dir(kind), False, **engine_args))
-    assert len(runs) > 10
-    assert got == want
+    assert_generations_equal(gemma_dir(kind), monkeypatch, **engine_args)
 
 
 @pytest.mark.parametrize(
