@@ -34,7 +34,7 @@ from pagedserve.model.layers.rotary import (
     rope_parameters,
     rotary_dim,
 )
-from pagedserve.model.strict_loading import check_complete
+from pagedserve.model.strict_loading import check_complete, check_floating
 from pagedserve.model.token_classifier import with_score_weight
 
 # The name under which a loader hands over llama.cpp's per-frequency RoPE divisors.
@@ -51,7 +51,21 @@ STACKED = {
 
 
 def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    """Each attention head's width: the config's ``head_dim``, else hidden / heads."""
+    heads = config.num_attention_heads
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"num_attention_heads must be a positive integer, got {heads!r}")
+    return getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def check_kv_heads(config: Any) -> None:
+    """Refuse key/value heads that can not be shared out evenly among the query heads."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads {kv_heads!r} must be a positive divisor of "
+            f"num_attention_heads {heads}"
+        )
 
 
 def sliding_window_of(config: Any, layer: int) -> int | None:
@@ -86,8 +100,9 @@ class LlamaAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
+        check_kv_heads(config)
+        self.num_kv_heads = config.num_key_value_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
@@ -307,6 +322,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if not name.startswith(("model.", *self.heads)):
                 name = f"model.{name}"
+            check_floating(name, tensor)
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             if name == ROPE_FREQ_FACTORS:
@@ -319,7 +335,7 @@ class LlamaForCausalLM(nn.Module):
             if leaf in STACKED:
                 fused, shard = STACKED[leaf]
                 module = self.get_submodule(f"{parent}.{fused}")
-                module.load_shard(shard, param_name, tensor)
+                module.load_shard(shard, param_name, tensor, source=name)
                 piece = (f"{parent}.{fused}.{param_name}", shard)
             elif name in params:
                 param = params[name]

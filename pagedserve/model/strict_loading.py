@@ -21,6 +21,17 @@ def copy_into(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) 
     params[name].data.copy_(tensor)
 
 
+def check_floating(name: str, tensor: torch.Tensor) -> None:
+    """Refuse an integer or boolean tensor where a model's weights are floating point: copying
+    it in would cast its values to meaningless weights (a quantized checkpoint's packed
+    integers, say) and the model would load and compute garbage."""
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"checkpoint weight {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+            "expected a floating-point dtype (float32, bfloat16, float16)"
+        )
+
+
 def check_complete(missing: Iterable[str]) -> None:
     """Refuse a checkpoint that left parameters (or shards of them) unfilled."""
     missing = sorted(missing)

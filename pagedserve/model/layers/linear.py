@@ -165,16 +165,18 @@ class MergedLinear(Linear):
     def num_shards(self) -> int:
         return len(self.output_sizes)
 
-    def load_shard(self, shard: int, name: str, tensor: torch.Tensor) -> None:
-        """Copy ``tensor`` (a weight ``[size, in]`` or bias ``[size]``) into shard ``shard``."""
+    def load_shard(self, shard: int, name: str, tensor: torch.Tensor, source: str = "") -> None:
+        """Copy ``tensor`` (a weight ``[size, in]`` or bias ``[size]``) into shard ``shard``;
+        ``source``, the checkpoint tensor's name, is what an error names."""
+        source = source or f"shard {shard} {name}"
         param = self.weight if name == "weight" else self.bias
         if param is None:
-            raise ValueError(f"checkpoint has a {name} for a layer built without one")
+            raise ValueError(f"{source}: checkpoint has a {name} for a layer built without one")
         start, size = self.offsets[shard], self.output_sizes[shard]
         target = param.data[start : start + size]
         if tensor.shape != target.shape:
             raise ValueError(
-                f"shard {shard} {name}: checkpoint shape {tuple(tensor.shape)} != "
+                f"{source}: checkpoint shape {tuple(tensor.shape)} != "
                 f"expected {tuple(target.shape)}"
             )
         target.copy_(tensor)
