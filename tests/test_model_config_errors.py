@@ -15,10 +15,12 @@ import torch
 from malformed_models import (
     as_int,
     case,
+    drop_field,
     drop_tensors,
     edited,
     load,
     put,
+    set_experts,
     set_field,
     write_base,
 )
@@ -86,13 +88,131 @@ ATTENTION_CASES = [
         for k in ALL_KINDS
     ],
 ]
-CONFIG_CASES = [*ATTENTION_CASES]
+# The MoE families' config fields (model/moe.py).
+QWEN_MOE = ("qwen2_moe", "qwen3_moe")
+MOE_CONFIG_CASES = [
+    *[
+        case(
+            k,
+            set_field(num_experts_per_tok=n),
+            f"num_experts_per_tok {n} must be in 1..4",
+            f"top_k_{n}",
+        )
+        for k in MOE_KINDS
+        for n in (0, 5)
+    ],
+    case(
+        "mixtral",
+        set_field(num_local_experts=0),
+        "num_local_experts must be a positive integer",
+        "experts_0",
+    ),
+    case(
+        "mixtral",
+        drop_field("num_local_experts"),
+        r"mlp\.gate\.weight: checkpoint shape \(4, 64\)",
+        "experts_missing",
+    ),
+    case(
+        "mixtral",
+        set_experts(8),
+        r"mlp\.gate\.weight: checkpoint shape \(4, 64\) != model shape \(8",
+        "experts_8",
+    ),
+    *[
+        case(
+            k,
+            set_experts(None),
+            r"mlp\.gate\.weight: checkpoint shape \(4, 64\)",
+            "experts_missing",
+        )
+        for k in QWEN_MOE
+    ],
+    case(
+        "qwen3_moe",
+        set_experts(-1),
+        "num_experts must be an integer >= 0, got -1",
+        "experts_negative",
+    ),
+    case(
+        "qwen3_moe",
+        set_experts(0),
+        r"'model\.layers\.1\.mlp\.\S+' matches no model "
+        "parameter",
+        "experts_0",
+    ),
+    case(
+        "qwen2_moe",
+        set_experts(3),
+        r"experts\.3\.\w+\.weight' is expert 3, but the config "
+        "has 3",
+        "experts_3",
+    ),
+    *[
+        case(
+            k,
+            set_field(moe_intermediate_size=0),
+            "moe_intermediate_size must be a positive integer",
+            "moe_intermediate_0",
+        )
+        for k in QWEN_MOE
+    ],
+    *[
+        case(
+            k,
+            drop_field("moe_intermediate_size"),
+            r"experts\.0\.\w+\.weight: checkpoint shape",
+            "moe_intermediate_missing",
+        )
+        for k in QWEN_MOE
+    ],
+    *[
+        case(
+            k,
+            set_field(decoder_sparse_step=s),
+            f"decoder_sparse_step must be a positive integer, got {s}",
+            f"sparse_step_{s}",
+        )
+        for k in QWEN_MOE
+        for s in (0, -1)
+    ],
+    *[
+        case(
+            k,
+            set_field(mlp_only_layers=[i]),
+            f"mlp_only_layers lists layer {i}; the model's layers are 0..1",
+            f"mlp_only_{i}",
+        )
+        for k in QWEN_MOE
+        for i in (2, -1)
+    ],
+    case(
+        "qwen2_moe",
+        drop_field("shared_expert_intermediate_size"),
+        r"shared_expert\.down_proj\.weight: checkpoint shape",
+        "shared_size_missing",
+    ),
+    case(
+        "qwen2_moe",
+        set_field(shared_expert_intermediate_size=0),
+        "shared_expert_intermediate_size must be a positive integer",
+        "shared_size_0",
+    ),
+]
+CONFIG_CASES = [*ATTENTION_CASES, *MOE_CONFIG_CASES]
 
 
 @pytest.mark.parametrize(("kind", "edit", "message"), CONFIG_CASES)
 def test_malformed_config_is_refused(base_dir, tmp_path, kind, edit, message):
     with pytest.raises(ValueError, match=message):
         load(edited(base_dir(kind), tmp_path / "m", config=edit))
+
+
+def test_qwen_mlp_only_layers_in_range_still_loads(base_dir, tmp_path):
+    """The range check leaves a valid ``mlp_only_layers`` alone (the tiny Qwen2-MoE's [1])."""
+    path = edited(base_dir("qwen2_moe"), tmp_path / "m", config=set_field(mlp_only_layers=[1]))
+    model = load(path)
+    assert model.model.layers[0].mlp.experts.num_experts == 4
 
 
 # Tensors every family loads alike (model/llama.py, model/strict_loading.py).
@@ -161,7 +281,88 @@ LOADER_TENSOR_CASES = [
         "int",
     ),
 ]
-TENSOR_CASES = [*LOADER_TENSOR_CASES]
+# The experts' tensors (model/layers/fused_moe.py).
+MOE_TENSOR_CASES = [
+    case(
+        "mixtral",
+        put(f"{MIXTRAL_EXPERTS}0.w1.weight", torch.zeros(48, 64)),
+        r"experts\.0\.w1\.weight: checkpoint shape \(48, 64\) != model shape \(64, 64\)",
+        "w1_shape",
+    ),
+    case(
+        "mixtral",
+        put(f"{MIXTRAL_EXPERTS}1.w2.weight", torch.zeros(64, 32)),
+        r"experts\.1\.w2\.weight: checkpoint shape \(64, 32\)",
+        "w2_shape",
+    ),
+    case(
+        "mixtral_stacked",
+        put(f"{QWEN_MLP}experts.gate_up_proj", torch.zeros(4, 64, 64)),
+        r"model\.layers\.0\.mlp\.experts\.gate_up_proj: checkpoint shape \(4, 64, 64\)",
+        "stacked_shape",
+    ),
+    case(
+        "mixtral",
+        put(f"{MIXTRAL_EXPERTS}4.w1.weight", torch.zeros(64, 64)),
+        r"experts\.4\.w1\.weight' is expert 4, but the config has 4 experts",
+        "expert_4",
+    ),
+    case(
+        "qwen3_moe",
+        put("model.layers.1.mlp.experts.7.up_proj.weight", torch.zeros(32, 64)),
+        "is expert 7, but the config has 4 experts",
+        "expert_7",
+    ),
+    case(
+        "mixtral",
+        drop_tensors(f"{MIXTRAL_EXPERTS}3.w3"),
+        r"lacks 1 weights: model\.layers\.0\.mlp\.experts\.gate_up_proj\[3\]\[1\]",
+        "no_w3",
+    ),
+    case(
+        "mixtral",
+        put(f"{MIXTRAL_EXPERTS}0.w1.bias", torch.zeros(64)),
+        r"experts\.0\.w1\.bias' matches no expert parameter",
+        "expert_bias",
+    ),
+    case(
+        "qwen2_moe",
+        put(f"{QWEN_MLP}experts.x.gate_proj.weight", torch.zeros(32, 64)),
+        "matches no expert parameter",
+        "expert_x",
+    ),
+    case(
+        "qwen2_moe",
+        drop_tensors(f"{QWEN_MLP}shared_expert."),
+        r"lacks 3 weights: model\.layers\.0\.mlp\.shared_expert\.",
+        "no_shared_expert",
+    ),
+    case(
+        "qwen2_moe",
+        drop_tensors(f"{QWEN_MLP}shared_expert_gate"),
+        r"lacks 1 weights: model\.layers\.0\.mlp\.shared_expert_gate",
+        "no_shared_gate",
+    ),
+    case(
+        "qwen2_moe",
+        put(f"{QWEN_MLP}gate.weight", torch.zeros(5, 64)),
+        r"mlp\.gate\.weight: checkpoint shape \(5, 64\)",
+        "router_shape",
+    ),
+    case(
+        "mixtral",
+        as_int(f"{MIXTRAL_EXPERTS}0.w1.weight"),
+        r"w1\.weight' has dtype int32; expected a floating-point dtype",
+        "int_expert",
+    ),
+    case(
+        "mixtral_stacked",
+        as_int(f"{QWEN_MLP}experts.down_proj"),
+        r"experts\.down_proj' has dtype int32",
+        "int_stacked",
+    ),
+]
+TENSOR_CASES = [*LOADER_TENSOR_CASES, *MOE_TENSOR_CASES]
 
 
 @pytest.mark.parametrize(("kind", "edit", "message"), TENSOR_CASES)

@@ -41,6 +41,20 @@ from pagedserve.model.strict_loading import check_complete
 _MIXTRAL_BLOCK = ".block_sparse_moe."
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(config: Any, field: str, default: int | None = None) -> int:
+    """The config's ``field`` (``default`` where it is absent or null), which must be an integer
+    of at least 1."""
+    value = getattr(config, field, None)
+    value = default if value is None else value
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    return value
+
+
 class MoeDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer whose feed-forward block may be sparse; its own type so that the
     paths built for dense Llama layers (the C decode stack) never take it."""
@@ -55,6 +69,7 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     def build_model(self, config: Any) -> nn.Module:
         check_silu(config)
+        self.check_layout(config)
         biases, qk_norm = self.biases(config), self.qk_norm
 
         def make_layer(index: int) -> nn.Module:
@@ -62,6 +77,23 @@ class MoeForCausalLM(LlamaForCausalLM):
             return MoeDecoderLayer(config, index, biases, qk_norm, mlp)
 
         return LlamaModel(config, biases, qk_norm, make_layer)
+
+    @staticmethod
+    def check_layout(config: Any) -> None:
+        """Refuse a config whose choice of sparse layers (``num_experts``: 0 for none,
+        ``decoder_sparse_step``, ``mlp_only_layers``) means nothing; transformers would divide by
+        zero, or silently ignore a layer index that does not exist."""
+        experts = config.num_experts
+        if not _is_int(experts) or experts < 0:
+            raise ValueError(f"num_experts must be an integer >= 0, got {experts!r}")
+        positive_int(config, "decoder_sparse_step", default=1)
+        layers = config.num_hidden_layers
+        for index in getattr(config, "mlp_only_layers", None) or []:
+            if not _is_int(index) or not 0 <= index < layers:
+                raise ValueError(
+                    f"mlp_only_layers lists layer {index!r}; the model's layers are "
+                    f"0..{layers - 1} (num_hidden_layers {layers})"
+                )
 
     @staticmethod
     def is_sparse(config: Any, index: int) -> bool:
@@ -76,7 +108,7 @@ class MoeForCausalLM(LlamaForCausalLM):
             config.hidden_size,
             config.num_experts,
             config.num_experts_per_tok,
-            config.moe_intermediate_size,
+            positive_int(config, "moe_intermediate_size"),
             bool(getattr(config, "norm_topk_prob", False)),
             self.shared_expert(config),
         )
@@ -114,7 +146,7 @@ class MoeForCausalLM(LlamaForCausalLM):
                 if module is None:
                     yield name, tensor
                     continue
-                loaded.update((owner, *piece) for piece in module.load(rest, tensor))
+                loaded.update((owner, *piece) for piece in module.load(rest, tensor, name))
 
         super().load_weights(dense(weights))
         expected = {
@@ -141,6 +173,10 @@ class MixtralForCausalLM(MoeForCausalLM):
     the top-k weights renormalised."""
 
     @staticmethod
+    def check_layout(config: Any) -> None:
+        positive_int(config, "num_local_experts")
+
+    @staticmethod
     def is_sparse(config: Any, index: int) -> bool:
         return True
 
@@ -162,7 +198,8 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
         return bool(getattr(config, "qkv_bias", True)), False, False
 
     def shared_expert(self, config: Any) -> nn.Module | None:
-        return LlamaMLP(config, bias=False, size=config.shared_expert_intermediate_size)
+        size = positive_int(config, "shared_expert_intermediate_size")
+        return LlamaMLP(config, bias=False, size=size)
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):

@@ -22,6 +22,7 @@ from torch import nn
 from pagedserve.kernels import packed_gemm
 from pagedserve.model.layers.activation import silu_and_mul
 from pagedserve.model.layers.linear import Linear, can_pack, linear
+from pagedserve.model.strict_loading import check_floating
 
 # A per-expert checkpoint projection (the Hub's names: Qwen's, then Mixtral's w1/w3/w2) ->
 # (the stacked parameter it goes into, its shard there: 0 gate rows, 1 up rows, None all).
@@ -55,25 +56,32 @@ class FusedExperts(nn.Module):
         gate_up = {("gate_up_proj", e, s) for e in range(self.num_experts) for s in (0, 1)}
         return gate_up | {("down_proj", e, None) for e in range(self.num_experts)}
 
-    def load(self, name: str, tensor: torch.Tensor) -> set[Piece]:
+    def load(self, name: str, tensor: torch.Tensor, source: str = "") -> set[Piece]:
         """Copy a checkpoint tensor in; ``name`` is relative to this module: a stacked weight
         (``gate_up_proj``, ``down_proj``: transformers 5's layout) or one expert's projection
-        (``3.gate_proj.weight``, ``3.w1.weight``: the Hub's). Returns the pieces it filled."""
+        (``3.gate_proj.weight``, ``3.w1.weight``: the Hub's). ``source``, the checkpoint's
+        name for it, is what an error names. Returns the pieces it filled."""
+        source = source or f"experts.{name}"
+        check_floating(source, tensor)
         if name in ("gate_up_proj", "down_proj"):
-            _copy(name, getattr(self, name).data, tensor)
+            _copy(source, getattr(self, name).data, tensor)
             return {p for p in self.pieces() if p[0] == name}
         expert, _, rest = name.partition(".")
         projection, _, leaf = rest.partition(".")
         if not expert.isdigit() or projection not in EXPERT_PROJECTIONS or leaf != "weight":
-            raise ValueError(f"checkpoint weight 'experts.{name}' matches no expert parameter")
+            raise ValueError(f"checkpoint weight {source!r} matches no expert parameter")
         index = int(expert)
         if index >= self.num_experts:
-            raise ValueError(f"checkpoint has expert {index}; the config has {self.num_experts}")
+            raise ValueError(
+                f"checkpoint weight {source!r} is expert {index}, but the config has "
+                f"{self.num_experts} experts (0..{self.num_experts - 1}; "
+                "num_experts / num_local_experts)"
+            )
         stacked, shard = EXPERT_PROJECTIONS[projection]
         target = getattr(self, stacked).data[index]
         if shard is not None:
             target = target[shard * self.intermediate : (shard + 1) * self.intermediate]
-        _copy(f"experts.{name}", target, tensor)
+        _copy(source, target, tensor)
         return {(stacked, index, shard)}
 
     def prepack(self, panel_dtype: torch.dtype) -> None:
@@ -140,8 +148,10 @@ class SparseMoeBlock(nn.Module):
         shared_expert: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if not 0 < top_k <= num_experts:
-            raise ValueError(f"num_experts_per_tok {top_k} must be in 1..{num_experts} experts")
+        if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
+            raise ValueError(
+                f"num_experts_per_tok {top_k!r} must be in 1..{num_experts}, the number of experts"
+            )
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = Linear(hidden, num_experts, bias=False)
