@@ -26,6 +26,7 @@ from malformed_models import (
 )
 from server_utils import free_port
 from tiny_moe import MOE_KINDS
+from transformers import GraniteConfig
 
 DENSE_KINDS = ["gemma", "granite", "olmo2"]
 # The per-expert tensors of layer 0 as the Hub names them.
@@ -206,6 +207,37 @@ CONFIG_CASES = [*ATTENTION_CASES, *MOE_CONFIG_CASES]
 def test_malformed_config_is_refused(base_dir, tmp_path, kind, edit, message):
     with pytest.raises(ValueError, match=message):
         load(edited(base_dir(kind), tmp_path / "m", config=edit))
+
+
+GRANITE_MULTIPLIERS = [
+    "embedding_multiplier",
+    "attention_multiplier",
+    "residual_multiplier",
+    "logits_scaling",
+]
+
+
+@pytest.mark.parametrize("field", GRANITE_MULTIPLIERS)
+@pytest.mark.parametrize("value", [0, -2.0, None, "2.0"])
+def test_granite_multiplier_must_be_positive_number(base_dir, tmp_path, field, value):
+    """Zero would zero the embeddings or every block, or divide the logits by zero; null and
+    strings fail transformers' own field check, which must surface as a ValueError too."""
+    path = edited(base_dir("granite"), tmp_path / "m", config=set_field(**{field: value}))
+    with pytest.raises(ValueError, match=field):
+        load(path)
+
+
+def test_granite_missing_multipliers_take_transformers_defaults(base_dir, tmp_path):
+    """A config without the four scalars loads as transformers builds it: each one is 1."""
+    path = edited(base_dir("granite"), tmp_path / "m", config=drop_field(*GRANITE_MULTIPLIERS))
+    model = load(path)
+    defaults = GraniteConfig()
+    assert {getattr(defaults, f) for f in GRANITE_MULTIPLIERS} == {1.0}
+    layer = model.model.layers[0]
+    assert layer.self_attn.attn.scale == defaults.attention_multiplier
+    assert layer.residual_multiplier == defaults.residual_multiplier
+    assert model.model.embed_tokens.multiplier == defaults.embedding_multiplier
+    assert model.logits_scaling == defaults.logits_scaling
 
 
 def test_qwen_mlp_only_layers_in_range_still_loads(base_dir, tmp_path):

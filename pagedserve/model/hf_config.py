@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
@@ -23,7 +24,10 @@ def hf_config(model_dir: Path) -> PretrainedConfig:
         raise FileNotFoundError(f"{model_dir} has no config.json")
     raw = json.loads(config_file.read_text())
     check_architecture(raw.get("architectures"), str(config_file))
-    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except StrictDataclassError as exc:  # a field of the wrong type: transformers names it
+        raise ValueError(f"{config_file}: {exc}") from exc
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
