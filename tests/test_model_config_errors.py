@@ -200,7 +200,20 @@ MOE_CONFIG_CASES = [
         "shared_size_0",
     ),
 ]
-CONFIG_CASES = [*ATTENTION_CASES, *MOE_CONFIG_CASES]
+# Activations and rotation each family can not run.
+ACTIVATION_CASES = [
+    *[
+        case(k, set_field(hidden_act="relu"), "unsupported hidden_act 'relu'", "relu")
+        for k in ALL_KINDS
+    ],
+    case(
+        "olmo2",
+        set_field(partial_rotary_factor=0.5),
+        "partial_rotary_factor 0.5 is not supported",
+        "partial_rotary",
+    ),
+]
+CONFIG_CASES = [*ATTENTION_CASES, *MOE_CONFIG_CASES, *ACTIVATION_CASES]
 
 
 @pytest.mark.parametrize(("kind", "edit", "message"), CONFIG_CASES)

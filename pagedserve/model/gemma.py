@@ -84,12 +84,13 @@ class GeGLU(nn.Module):
     """``down(gelu_tanh(gate(x)) * up(x))``, gate and up in one GEMM, the activation in one C pass
     (float32 on the CPU; the decode stack of :mod:`pagedserve.worker.cpu_decode` calls it too)."""
 
-    def __init__(self, config: Any, activation: str) -> None:
-        """``activation``: the config's name for it (Gemma 2 / 3: ``hidden_activation``,
+    def __init__(self, config: Any, field: str) -> None:
+        """``field``: the config's name for the activation (Gemma 2 / 3: ``hidden_activation``,
         Gemma 1: ``hidden_act``), which must be the tanh-approximated GELU."""
         super().__init__()
+        activation = getattr(config, field)
         if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"unsupported activation {activation!r}; supported: gelu_pytorch_tanh")
+            raise ValueError(f"unsupported {field} {activation!r}; supported: gelu_pytorch_tanh")
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size])
         self.down_proj = Linear(size, config.hidden_size)
@@ -103,7 +104,7 @@ class GemmaDecoderLayer(nn.Module):
         super().__init__()
         self.sliding = layer_types(config)[index] == SLIDING
         self.self_attn = GemmaAttention(config, window_of(config, self.sliding), qk_norm)
-        self.mlp = GeGLU(config, config.hidden_activation)
+        self.mlp = GeGLU(config, "hidden_activation")
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
@@ -134,7 +135,7 @@ class Gemma1DecoderLayer(nn.Module):
             raise ValueError("bidirectional Gemma (use_bidirectional_attention) is not supported")
         bias = bool(getattr(config, "attention_bias", False))
         self.self_attn = LlamaAttention(config, bias, bias, qk_norm=False, window=None)
-        self.mlp = GeGLU(config, config.hidden_act)
+        self.mlp = GeGLU(config, "hidden_act")
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)  # the MLP's input norm

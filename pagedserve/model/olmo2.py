@@ -32,7 +32,10 @@ class Olmo2Attention(LlamaAttention):
     def __init__(self, config: Any, bias: bool, window: int | None) -> None:
         super().__init__(config, bias, bias, qk_norm=False, window=window)
         if self.rotary_dim != self.head_dim:
-            raise ValueError("OLMo 2 with a partial rotary factor is not supported")
+            raise ValueError(
+                f"OLMo 2 rotates whole heads: partial_rotary_factor "
+                f"{self.rotary_dim / self.head_dim:g} is not supported (only 1.0)"
+            )
         self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
 
