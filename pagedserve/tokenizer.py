@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -42,7 +43,10 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> PreTrainedTok
     if model.suffix == ".gguf":
         tokenizer = _gguf_tokenizer(model)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        except StrictDataclassError as exc:  # it reads config.json, whose field has a bad type
+            raise ValueError(f"{model / 'config.json'}: {exc}") from exc
     if not tokenizer.is_fast:
         raise ValueError(f"{model} has no fast tokenizer (tokenizer.json)")
     if chat_template is not None:

@@ -416,10 +416,25 @@ def test_malformed_tensors_are_refused(base_dir, tmp_path, kind, edit, message):
         load(edited(base_dir(kind), tmp_path / "m", tensors=edit))
 
 
-def test_serve_exits_with_the_error_on_stderr(base_dir, tmp_path, smollm2_tokenizer):
+@pytest.mark.parametrize(
+    ("kind", "fields", "message"),
+    [
+        ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok 9 must be in 1..4"),
+        # transformers' own type check, met first by the tokenizer (which reads config.json).
+        (
+            "granite",
+            {"logits_scaling": None},
+            "config.json: Validation error for field 'logits_scaling'",
+        ),
+    ],
+    ids=["qwen3_moe-top_k_9", "granite-null_logits_scaling"],
+)
+def test_serve_exits_with_the_error_on_stderr(
+    base_dir, tmp_path, smollm2_tokenizer, kind, fields, message
+):
     """``pagedserve serve`` on a malformed checkpoint exits non-zero at start-up, its stderr
     naming the field, with no traceback."""
-    path = edited(base_dir("qwen3_moe"), tmp_path / "m", config=set_field(num_experts_per_tok=9))
+    path = edited(base_dir(kind), tmp_path / "m", config=set_field(**fields))
     smollm2_tokenizer.save_pretrained(path)
     result = subprocess.run(
         [sys.executable, "-m", "pagedserve", "serve", "--model", path, "--port", str(free_port())],
@@ -428,5 +443,5 @@ def test_serve_exits_with_the_error_on_stderr(base_dir, tmp_path, smollm2_tokeni
         timeout=120,
     )
     assert result.returncode != 0
-    assert "num_experts_per_tok 9 must be in 1..4" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
