@@ -177,16 +177,6 @@ MOE_CONFIG_CASES = [
         for k in QWEN_MOE
         for s in (0, -1)
     ],
-    *[
-        case(
-            k,
-            set_field(mlp_only_layers=[i]),
-            f"mlp_only_layers lists layer {i}; the model's layers are 0..1",
-            f"mlp_only_{i}",
-        )
-        for k in QWEN_MOE
-        for i in (2, -1)
-    ],
     case(
         "qwen2_moe",
         drop_field("shared_expert_intermediate_size"),
@@ -253,11 +243,14 @@ def test_granite_missing_multipliers_take_transformers_defaults(base_dir, tmp_pa
     assert model.logits_scaling == defaults.logits_scaling
 
 
-def test_qwen_mlp_only_layers_in_range_still_loads(base_dir, tmp_path):
-    """The range check leaves a valid ``mlp_only_layers`` alone (the tiny Qwen2-MoE's [1])."""
-    path = edited(base_dir("qwen2_moe"), tmp_path / "m", config=set_field(mlp_only_layers=[1]))
+@pytest.mark.parametrize("layers", [[1], [1, 2, -1]])
+def test_qwen_mlp_only_layers_names_dense_layers(base_dir, tmp_path, layers):
+    """``mlp_only_layers`` makes the layers it names dense; an index that names no layer is
+    ignored, as transformers and vLLM ignore it."""
+    path = edited(base_dir("qwen2_moe"), tmp_path / "m", config=set_field(mlp_only_layers=layers))
     model = load(path)
     assert model.model.layers[0].mlp.experts.num_experts == 4
+    assert not hasattr(model.model.layers[1].mlp, "experts")
 
 
 # Tensors every family loads alike (model/llama.py, model/strict_loading.py).

@@ -81,19 +81,13 @@ class MoeForCausalLM(LlamaForCausalLM):
     @staticmethod
     def check_layout(config: Any) -> None:
         """Refuse a config whose choice of sparse layers (``num_experts``: 0 for none,
-        ``decoder_sparse_step``, ``mlp_only_layers``) means nothing; transformers would divide by
-        zero, or silently ignore a layer index that does not exist."""
+        ``decoder_sparse_step``) means nothing, where transformers would divide by zero. An
+        ``mlp_only_layers`` index that names no layer is ignored, as transformers and vLLM
+        ignore it."""
         experts = config.num_experts
         if not _is_int(experts) or experts < 0:
             raise ValueError(f"num_experts must be an integer >= 0, got {experts!r}")
         positive_int(config, "decoder_sparse_step", default=1)
-        layers = config.num_hidden_layers
-        for index in getattr(config, "mlp_only_layers", None) or []:
-            if not _is_int(index) or not 0 <= index < layers:
-                raise ValueError(
-                    f"mlp_only_layers lists layer {index!r}; the model's layers are "
-                    f"0..{layers - 1} (num_hidden_layers {layers})"
-                )
 
     @staticmethod
     def is_sparse(config: Any, index: int) -> bool:
