@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,49 @@ class ToolParser:
         raise NotImplementedError
 
 
+class NotJson(ValueError):
+    """Text that is no JSON a call's arguments can carry."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NotJson(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise NotJson(f"{text} is past the range of a JSON number")
+    return number
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def raw_decode(text: str, pos: int = 0) -> tuple[Any, int]:
+    """The JSON value at ``pos`` in ``text`` and where it ends; :class:`NotJson` where there is
+    none a model's answer may give back. Python's reader takes ``NaN`` and ``Infinity`` (which
+    would go out as arguments no client can parse), reads ``1e999`` as infinity, and raises
+    errors other than ``JSONDecodeError`` for an integer of over 4300 digits (``ValueError``)
+    or nesting too deep (``RecursionError``): a parser meets whatever a model writes."""
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except (ValueError, RecursionError) as exc:
+        raise NotJson(str(exc)) from None
+
+
+def loads(text: str) -> Any:
+    """``text`` read as one JSON value (whitespace around it allowed), as :func:`raw_decode`."""
+    value, end = raw_decode(text, len(text) - len(text.lstrip()))
+    if text[end:].strip():
+        raise NotJson("extra data after the JSON value")
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Arguments as the JSON text a call carries (``ValueError`` for a value JSON has not)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
 def call_of(obj: Any, arguments_key: str) -> Call | None:
     """``(name, arguments JSON)`` of a decoded call object, None if it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -33,7 +77,7 @@ def call_of(obj: Any, arguments_key: str) -> Call | None:
     arguments = obj.get(arguments_key, {})
     if not isinstance(arguments, dict):
         return None
-    return obj["name"], json.dumps(arguments, ensure_ascii=False)
+    return obj["name"], dumps(arguments)
 
 
 def held_back(text: str, marker: str) -> int:

@@ -40,16 +40,19 @@ The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
 from __future__ import annotations
 
 import ast
-import json
 import random
 import re
 import string
 
 from pagedserve.entrypoints.openai.tool_parser_base import (
     Call,
+    NotJson,
     ToolParser,
     call_of,
+    dumps,
     held_back,
+    loads,
+    raw_decode,
     unblanked,
 )
 from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
@@ -77,8 +80,8 @@ class HermesParser(ToolParser):
         calls = []
         for body in bodies:
             try:
-                call = call_of(json.loads(body), "arguments")
-            except json.JSONDecodeError:
+                call = call_of(loads(body), "arguments")
+            except NotJson:
                 call = None
             if call is not None:
                 calls.append(call)
@@ -113,14 +116,14 @@ class Granite4Parser(ToolParser):
     @staticmethod
     def _call(body: str) -> Call | None:
         try:
-            obj = json.loads(body)
-        except json.JSONDecodeError:
+            obj = loads(body)
+        except NotJson:
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
         arguments = obj.get("arguments")
         if isinstance(arguments, dict):
-            arguments = json.dumps(arguments, ensure_ascii=False)
+            arguments = dumps(arguments)
         return (obj["name"], arguments) if isinstance(arguments, str) else None
 
 
@@ -140,12 +143,11 @@ class Llama3JsonParser(ToolParser):
 
     @staticmethod
     def _calls(body: str) -> list[Call]:
-        decoder = json.JSONDecoder()
         calls, pos = [], 0
         while pos < len(body):
             try:
-                obj, pos = decoder.raw_decode(body, pos)
-            except json.JSONDecodeError:
+                obj, pos = raw_decode(body, pos)
+            except NotJson:
                 return []
             key = "parameters" if isinstance(obj, dict) and "parameters" in obj else "arguments"
             call = call_of(obj, key)
@@ -178,8 +180,8 @@ class MistralParser(ToolParser):
 
     def _json_calls(self, body: str) -> list[Call]:
         try:
-            decoded, _ = json.JSONDecoder().raw_decode(body[len(self.TAG) :].lstrip())
-        except json.JSONDecodeError:
+            decoded, _ = raw_decode(body[len(self.TAG) :].lstrip())
+        except NotJson:
             return []
         calls = []
         for obj in decoded if isinstance(decoded, list) else [decoded]:
@@ -195,12 +197,12 @@ class MistralParser(ToolParser):
             name, sep, arguments = piece.partition(self.ARGS)
             name = name.partition("[CALL_ID]")[0].strip()
             try:
-                decoded, _ = json.JSONDecoder().raw_decode(arguments.strip())
-            except json.JSONDecodeError:
+                decoded, _ = raw_decode(arguments.strip())
+            except NotJson:
                 return []
             if not sep or not name or not isinstance(decoded, dict):
                 return []
-            calls.append((name, json.dumps(decoded, ensure_ascii=False)))
+            calls.append((name, dumps(decoded)))
         return calls
 
 
@@ -229,8 +231,8 @@ class PythonicParser(ToolParser):
                 return []
             try:
                 arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-                calls.append((node.func.id, json.dumps(arguments, ensure_ascii=False)))
-            except (ValueError, TypeError):  # not a literal, or not JSON (a set, bytes)
+                calls.append((node.func.id, dumps(arguments)))
+            except (ValueError, TypeError):  # not a literal, or not JSON (a set, bytes, inf)
                 return []
         return calls
 

@@ -10,11 +10,18 @@ first call, as written (vLLM strips it).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, held_back, unblanked
+from pagedserve.entrypoints.openai.tool_parser_base import (
+    Call,
+    NotJson,
+    ToolParser,
+    dumps,
+    held_back,
+    loads,
+    unblanked,
+)
 
 START, END = "<start_function_call>", "<end_function_call>"
 _HEAD = re.compile(r"call:(\w+)\{")
@@ -25,10 +32,10 @@ def _arguments(body: str) -> str:
     arguments: dict[str, Any] = {}
     for key, value in _ARGUMENT.findall(body):
         try:
-            arguments[key] = json.loads(value)
-        except json.JSONDecodeError:
+            arguments[key] = loads(value)
+        except NotJson:
             arguments[key] = value
-    return json.dumps(arguments, ensure_ascii=False)
+    return dumps(arguments)
 
 
 class FunctionGemmaParser(ToolParser):

@@ -19,10 +19,18 @@ content is the text before (and for granite and xlam after) the calls as written
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, held_back, unblanked
+from pagedserve.entrypoints.openai.tool_parser_base import (
+    Call,
+    NotJson,
+    ToolParser,
+    dumps,
+    held_back,
+    loads,
+    raw_decode,
+    unblanked,
+)
 
 
 class MarkedJsonListParser(ToolParser):
@@ -55,8 +63,8 @@ class MarkedJsonListParser(ToolParser):
     def _calls(self, text: str, pos: int) -> tuple[list[Call], int]:
         """The calls of the list at ``pos`` and where it ends; none if it is not (yet) one."""
         try:
-            decoded, end = json.JSONDecoder().raw_decode(text, pos)
-        except json.JSONDecodeError:
+            decoded, end = raw_decode(text, pos)
+        except NotJson:
             return [], pos
         if not isinstance(decoded, list):
             return [], pos
@@ -69,7 +77,7 @@ class MarkedJsonListParser(ToolParser):
                 arguments = {}
             if not isinstance(arguments, dict):
                 return [], pos
-            calls.append((obj["name"], json.dumps(arguments, ensure_ascii=False)))
+            calls.append((obj["name"], dumps(arguments)))
         return calls, end
 
 
@@ -173,8 +181,8 @@ class XlamParser(ToolParser):
     @staticmethod
     def _calls(body: str) -> list[Call]:
         try:
-            decoded: Any = json.loads(body)
-        except json.JSONDecodeError:
+            decoded: Any = loads(body)
+        except NotJson:
             return []
         if not isinstance(decoded, list):
             return []
@@ -184,7 +192,7 @@ class XlamParser(ToolParser):
                 continue
             name, arguments = obj["name"], obj["arguments"]
             if isinstance(arguments, dict):
-                arguments = json.dumps(arguments, ensure_ascii=False)
+                arguments = dumps(arguments)
             if isinstance(name, str) and isinstance(arguments, str):
                 calls.append((name, arguments))
         return calls

@@ -11,12 +11,19 @@ schema does not type. A call the answer ends inside keeps its closed parameters.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
-from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, held_back, unblanked
+from pagedserve.entrypoints.openai.tool_parser_base import (
+    Call,
+    NotJson,
+    ToolParser,
+    dumps,
+    held_back,
+    loads,
+    unblanked,
+)
 
 BLOCK, FUNCTION, FUNCTION_END = "<tool_call>", "<function=", "</function>"
 _PARAMETER = re.compile(
@@ -52,14 +59,6 @@ def _json_type(value: Any) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return all(_finite(v) for v in value.values()) if isinstance(value, dict) else True
-
-
 def _typed(value: str, types: set[str]) -> Any:
     for kind in _PRIORITY:
         if kind not in types:
@@ -69,7 +68,10 @@ def _typed(value: str, types: set[str]) -> Any:
         if kind == "null" and value.lower() == "null":
             return None
         if kind == "integer" and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:  # more digits than Python reads (or JSON carries)
+                continue
         if kind == "number":
             try:
                 number = float(value)
@@ -81,16 +83,13 @@ def _typed(value: str, types: set[str]) -> Any:
             return value.strip().lower() in ("true", "1")
         if kind in ("object", "array"):
             try:
-                decoded = json.loads(value)
-            except json.JSONDecodeError:
+                return loads(value)
+            except NotJson:
                 continue
-            if _finite(decoded):
-                return decoded
     try:
-        decoded = json.loads(value)
-    except json.JSONDecodeError:
+        return loads(value)
+    except NotJson:
         return value
-    return decoded if _finite(decoded) else value
 
 
 class Qwen3XmlParser(ToolParser):
@@ -128,7 +127,7 @@ class Qwen3XmlParser(ToolParser):
             key, value = match[1].strip(), match[2]
             value = value.removeprefix("\n").removesuffix("\n")
             arguments[key] = _typed(value, _types(properties[key])) if key in properties else value
-        return json.dumps(arguments, ensure_ascii=False)
+        return dumps(arguments)
 
     def _properties(self, name: str) -> dict[str, Any]:
         for tool in self.tools:

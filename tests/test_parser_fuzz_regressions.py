@@ -1,0 +1,54 @@
+"""Answers the parser fuzzing (tests/test_parser_fuzz.py) found mishandled, each kept as the
+smallest input that showed it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parser_answers import assert_agrees, whole
+
+BIG = "9" * 5000  # more digits than Python turns into an int
+
+
+@pytest.mark.parametrize(
+    "text, parser",
+    [
+        # Python's JSON reader takes NaN and Infinity, and 1e999 as infinity: the call went out
+        # with arguments no client can parse. Such a call is malformed: the answer stays text.
+        ('<tool_call>{"name": "get", "arguments": {"a": -Infinity}}</tool_call>', "hermes"),
+        ('{"name": "get", "arguments": {"n": NaN}}', "llama3_json"),
+        ('{"name": "get", "arguments": {"n": 1e999}}', "llama3_json"),
+        ('[TOOL_CALLS][{"name": "get", "arguments": {"n": NaN}}]', "mistral"),
+        ("[get(n=1e999)]", "pythonic"),
+        ("[get(n=-1e999)]", "pythonic"),
+        ('functools[{"name": "get", "arguments": {"n": Infinity}}]', "phi4_mini_json"),
+        # An integer of over 4300 digits raised ValueError (a 500) from the JSON reader.
+        ('<tool_call>{"name": "get", "arguments": {"n": ' + BIG + "}}</tool_call>", "hermes"),
+        ('<tool_call>{"name": "get", "arguments": {"n": ' + BIG + "}}</tool_call>", "granite4"),
+        ('{"name": "get", "arguments": {"n": ' + BIG + "}}", "llama3_json"),
+        ('<|tool_call|>[{"name": "get", "arguments": {"n": ' + BIG + "}}]", "granite"),
+        ('[{"name": "get", "arguments": {"n": ' + BIG + "}}]", "xlam"),
+        # Nesting too deep raised RecursionError from the JSON reader.
+        ('{"a": ' * 3000, "llama3_json"),
+        ("[" * 3000, "xlam"),
+        ('<tool_call>{"name": "get", "arguments": ' + "[" * 3000, "hermes"),
+    ],
+)
+def test_json_no_client_can_read_is_no_call(text, parser):
+    assert whole(text, parser).calls == []
+    assert_agrees(text, [len(text) // 2, len(text)], parser)
+
+
+@pytest.mark.parametrize("parser", ["qwen3_xml", "qwen3_coder"])
+def test_qwen3_xml_keeps_an_integer_python_cannot_read_as_text(parser):
+    # int() of over 4300 digits raised ValueError (a 500) for a parameter typed integer.
+    text = f"<function=get><parameter=a>\n{BIG}\n</parameter></function>"
+    assert whole(text, parser).calls == [("get", '{"a": "' + BIG + '"}')]
+    assert_agrees(text, [30, len(text)], parser)
+
+
+def test_functiongemma_keeps_a_value_json_cannot_carry_as_text():
+    # NaN was read as a float and went out as the bare NaN, which is no JSON.
+    text = "<start_function_call>call:get{n:<escape>NaN<escape>}<end_function_call>"
+    assert whole(text, "functiongemma").calls == [("get", '{"n": "NaN"}')]
+    assert_agrees(text, [len(text)], "functiongemma")
