@@ -114,4 +114,6 @@ def assert_agrees(
     for _, arguments in expected.calls:
         assert isinstance(json.loads(arguments, parse_constant=_not_json), dict), arguments
     got = streamed(text, cuts, tool_parser, reasoning_parser, prompt_thinks)
+    for part in (got.reasoning, got.content, *(a for _, a in got.calls)):
+        part.encode()  # UTF-8, as the answer goes out
     assert got.comparable() == expected.comparable(), (text, cuts)

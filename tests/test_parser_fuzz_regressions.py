@@ -52,3 +52,31 @@ def test_functiongemma_keeps_a_value_json_cannot_carry_as_text():
     text = "<start_function_call>call:get{n:<escape>NaN<escape>}<end_function_call>"
     assert whole(text, "functiongemma").calls == [("get", '{"n": "NaN"}')]
     assert_agrees(text, [len(text)], "functiongemma")
+
+
+@pytest.mark.parametrize(
+    "text, parser",
+    [
+        ('<tool_call>{"name": "get", "arguments": {"s": "\\ud83c"}}</tool_call>', "hermes"),
+        ('[{"name": "get", "arguments": {"s": "\\uDC00x"}}]', "xlam"),
+        ('[get(s="\\ud83c")]', "pythonic"),
+    ],
+)
+def test_a_lone_surrogate_is_no_call(text, parser):
+    # JSON's "\ud83c" (and Python's) reads as a lone surrogate, which failed the answer's UTF-8
+    # encoding: a 500, or a stream broken off.
+    assert whole(text, parser).calls == []
+    assert_agrees(text, [len(text)], parser)
+
+
+def test_a_paired_surrogate_escape_is_its_character():
+    text = '<tool_call>{"name": "get", "arguments": {"s": "\\ud83c\\udf89"}}</tool_call>'
+    assert whole(text, "hermes").calls == [("get", '{"s": "🎉"}')]
+
+
+@pytest.mark.parametrize("text", [" ", "\n", "\t\r\n"])
+def test_a_blank_answer_streams_as_it_reads_whole(text):
+    # granite4 (and the other parsers that leave out blank content beside calls) streamed a
+    # blank answer without calls as no content; whole, it is its text.
+    assert whole(text, "granite4").content == text
+    assert_agrees(text, [len(text)], "granite4")

@@ -266,8 +266,11 @@ class ToolCallDeltas:
 
     def _auto(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         assert self.parser is not None
-        content, calls = self.parser.split(text, final=finish_reason is not None)
+        final = finish_reason is not None
+        content, calls = self.parser.split(text, final)
         calls = calls if self.parallel else calls[:1]
+        if final and not calls:  # as final_answer gives it: all text, blank or not
+            content = text
         delta: dict[str, Any] = {}
         if len(content) > self.content_sent:
             delta["content"] = content[self.content_sent :]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,7 @@ def _finite_float(text: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def raw_decode(text: str, pos: int = 0) -> tuple[Any, int]:
@@ -50,11 +52,15 @@ def raw_decode(text: str, pos: int = 0) -> tuple[Any, int]:
     none a model's answer may give back. Python's reader takes ``NaN`` and ``Infinity`` (which
     would go out as arguments no client can parse), reads ``1e999`` as infinity, and raises
     errors other than ``JSONDecodeError`` for an integer of over 4300 digits (``ValueError``)
-    or nesting too deep (``RecursionError``): a parser meets whatever a model writes."""
+    or nesting too deep (``RecursionError``): a parser meets whatever a model writes. It also
+    takes a lone surrogate escape (``"\\ud83c"``), a string no UTF-8 answer can carry."""
     try:
-        return _DECODER.raw_decode(text, pos)
+        value, end = _DECODER.raw_decode(text, pos)
     except (ValueError, RecursionError) as exc:
         raise NotJson(str(exc)) from None
+    if _SURROGATE_ESCAPE.search(text, pos, end):
+        dumps(value)  # NotJson for a lone surrogate
+    return value, end
 
 
 def loads(text: str) -> Any:
@@ -66,8 +72,15 @@ def loads(text: str) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Arguments as the JSON text a call carries (``ValueError`` for a value JSON has not)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    """Arguments as the JSON text a call carries; ``ValueError`` for a value JSON has not (NaN,
+    infinities) and :class:`NotJson` for a string UTF-8 has not (a lone surrogate, which would
+    fail the answer's encoding)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise NotJson("a lone surrogate is not text") from None
+    return text
 
 
 def call_of(obj: Any, arguments_key: str) -> Call | None:
