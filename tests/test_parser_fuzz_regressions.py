@@ -4,8 +4,7 @@ smallest input that showed it."""
 from __future__ import annotations
 
 import pytest
-
-from tests.parser_answers import assert_agrees, whole
+from parser_answers import assert_agrees, whole
 
 BIG = "9" * 5000  # more digits than Python turns into an int
 
@@ -80,3 +79,47 @@ def test_a_blank_answer_streams_as_it_reads_whole(text):
     # blank answer without calls as no content; whole, it is its text.
     assert whole(text, "granite4").content == text
     assert_agrees(text, [len(text)], "granite4")
+
+
+@pytest.mark.parametrize(
+    "text, parser",
+    [
+        ('<tool_call>{"name": "get", "arguments": "not json"}</tool_call>', "granite4"),
+        ('<tool_call>{"name": "get", "arguments": "[1]"}</tool_call>', "granite4"),
+        ('[{"name": "get", "arguments": "just a string"}]', "xlam"),
+    ],
+)
+def test_arguments_that_are_a_string_of_no_json_object_are_no_call(text, parser):
+    # A string of arguments went out as written, "not json" included.
+    assert whole(text, parser).calls == []
+    assert_agrees(text, [len(text) // 2, len(text)], parser)
+
+
+GOOD = '<tool_call>{"name": "get", "arguments": {"a": 1}}</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "text, parser, content",
+    [
+        (GOOD + "<tool_call>not json</tool_call>", "hermes", ""),
+        (GOOD + "<tool_call>not json", "hermes", ""),
+        (GOOD + "<tool_call>not json</tool_call>", "granite4", "<tool_call>not json</tool_call>"),
+        (GOOD + '<tool_call>{"name": ', "granite4", '<tool_call>{"name": '),
+    ],
+)
+def test_a_malformed_block_after_a_call_keeps_the_call(text, parser, content):
+    # The stream sent the first call as soon as its block closed; the whole answer then took
+    # it back (all text), so the two disagreed. After a call, such a block is no longer taken
+    # as a reason to read the answer as text.
+    assert whole(text, parser).calls == [("get", '{"a": 1}')]
+    assert whole(text, parser).content == content
+    assert_agrees(text, [len(GOOD), len(text)], parser)
+
+
+@pytest.mark.parametrize("parser", ["hermes", "granite4"])
+def test_a_malformed_first_block_leaves_the_answer_text_whole_and_streamed(parser):
+    # hermes streamed the calls after a malformed first block, which the whole answer (all
+    # text) does not have.
+    text = "<tool_call>not json</tool_call>" + GOOD + " ok"
+    assert whole(text, parser).calls == []
+    assert_agrees(text, [31, 31 + len(GOOD), len(text)], parser)

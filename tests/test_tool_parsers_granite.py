@@ -92,14 +92,24 @@ def test_granite4_reads_its_calls(text, content, calls):
     "text",
     [
         "It is <b>sunny</b> in Paris.",
-        f"{PARIS_BLOCK} <tool_call>not json</tool_call>",  # one block is no call: all text
-        f'{PARIS_BLOCK} <tool_call>{{"name": "get_time", ',  # cut inside a call
+        "<tool_call>not json</tool_call>",  # the first block is no call: all text
+        '<tool_call>{"name": "get_time", ',  # cut inside the first call
         '<tool_call>{"name": "get_time"}</tool_call>',  # no arguments
+        '<tool_call>{"name": "get_time", "arguments": "not json"}</tool_call>',
     ],
 )
 def test_granite4_with_a_block_that_is_no_call_is_all_content(text):
     content, calls, finish = answer(text, "granite4")
     assert (content, calls, finish) == (text, [], "stop")
+
+
+@pytest.mark.parametrize(
+    "after",
+    [" <tool_call>not json</tool_call>", ' <tool_call>{"name": "get_time", '],  # cut inside
+)
+def test_granite4_after_a_call_a_block_that_is_no_call_is_content(after):
+    # A stream has sent the call by then; vLLM would take the whole answer back as text.
+    assert_read(PARIS_BLOCK + after, "granite4", after, [PARIS])
 
 
 def test_granite4_streams_content_around_its_calls():

@@ -83,6 +83,20 @@ def dumps(value: Any) -> str:
     return text
 
 
+def arguments_text(arguments: Any) -> str | None:
+    """The JSON text of a call's decoded ``arguments``: an object, or a string that holds one
+    (kept as written); None for anything else, which no client could read as arguments."""
+    if isinstance(arguments, dict):
+        return dumps(arguments)
+    if not isinstance(arguments, str):
+        return None
+    try:
+        decoded = loads(arguments)
+    except NotJson:
+        return None
+    return arguments if isinstance(decoded, dict) else None
+
+
 def call_of(obj: Any, arguments_key: str) -> Call | None:
     """``(name, arguments JSON)`` of a decoded call object, None if it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):

@@ -7,11 +7,14 @@ generated so far into the content the client may see and the calls that are comp
 text that may still turn into a call) and once on the whole answer.
 
 - ``hermes`` (Hermes 2/3, Qwen2.5, Qwen3): ``<tool_call>{"name": ..., "arguments": {...}}
-  </tool_call>`` blocks after optional content.
+  </tool_call>`` blocks after optional content. A first block that is no call leaves the
+  answer as text, as in vLLM; a later one is left out (a stream has sent the calls before it).
 - ``granite4`` (IBM Granite 4): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks, one call each; the text around and between them is content. The tags are special
   tokens in some Granite 4 tokenizers, so requests that may call keep special tokens. As in vLLM,
-  an answer with a block that is not a call, or that ends inside one, is all content.
+  an answer whose first block is not a call, or that ends inside it, is all content; after a
+  call (which a stream has sent by then) such a block is content, where vLLM would take the
+  whole answer back as content (its stream keeps the call).
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is one or more
   ``{"name": ..., "parameters": {...}}`` objects (separated by ``;``), optionally after
   ``<|python_tag|>``.
@@ -48,6 +51,7 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     Call,
     NotJson,
     ToolParser,
+    arguments_text,
     call_of,
     dumps,
     held_back,
@@ -85,8 +89,10 @@ class HermesParser(ToolParser):
                 call = None
             if call is not None:
                 calls.append(call)
-            elif final:
-                return text, []  # a malformed call: the answer stays text, as vLLM keeps it
+            elif not calls:  # a malformed first call: the answer stays text, as vLLM keeps it
+                return (text, []) if final else (text[:start], [])
+            # A malformed call after calls (which a stream has sent) is left out, as the text
+            # between calls is; vLLM would take the whole answer back as text.
         return text[:start], calls
 
 
@@ -106,11 +112,16 @@ class Granite4Parser(ToolParser):
             content += text[pos:start]
             end = text.find(self.END, start)
             call = None if end < 0 else self._call(text[start + len(self.START) : end])
-            if call is None:
-                if final:
-                    return text, []  # a block that is no call, or is cut short: all text
+            if call is not None:
+                calls.append(call)
+            elif not calls and final:
+                return text, []  # a block that is no call, or is cut short: all text
+            elif end < 0 and final:
+                return unblanked(content + text[start:]), calls  # cut short after calls
+            elif end < 0 or not calls:
                 return unblanked(content), calls  # read once it is whole
-            calls.append(call)
+            else:  # no call after calls (which a stream has sent): its text is content
+                content += text[start : end + len(self.END)]
             pos = end + len(self.END)
 
     @staticmethod
@@ -121,10 +132,8 @@ class Granite4Parser(ToolParser):
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
-        arguments = obj.get("arguments")
-        if isinstance(arguments, dict):
-            arguments = dumps(arguments)
-        return (obj["name"], arguments) if isinstance(arguments, str) else None
+        arguments = arguments_text(obj.get("arguments"))
+        return None if arguments is None else (obj["name"], arguments)
 
 
 class Llama3JsonParser(ToolParser):

@@ -25,6 +25,7 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     Call,
     NotJson,
     ToolParser,
+    arguments_text,
     dumps,
     held_back,
     loads,
@@ -190,9 +191,7 @@ class XlamParser(ToolParser):
         for obj in decoded:
             if not isinstance(obj, dict) or not {"name", "arguments"} <= obj.keys():
                 continue
-            name, arguments = obj["name"], obj["arguments"]
-            if isinstance(arguments, dict):
-                arguments = dumps(arguments)
-            if isinstance(name, str) and isinstance(arguments, str):
+            name, arguments = obj["name"], arguments_text(obj["arguments"])
+            if isinstance(name, str) and arguments is not None:
                 calls.append((name, arguments))
         return calls
