@@ -123,3 +123,13 @@ def test_a_malformed_first_block_leaves_the_answer_text_whole_and_streamed(parse
     text = "<tool_call>not json</tool_call>" + GOOD + " ok"
     assert whole(text, parser).calls == []
     assert_agrees(text, [31, 31 + len(GOOD), len(text)], parser)
+
+
+@pytest.mark.parametrize(
+    "text", ["[" + "1+" * 3000 + "1]", "[get(x=" + "-" * 3000 + "1)]", "[" + "-" * 10000 + "1]"]
+)
+def test_pythonic_reads_python_nested_past_its_parser_as_text(text):
+    # ast.parse raised RecursionError (a few thousand operators), or MemoryError (its stack
+    # overflowing), from an answer that opens with "[": a 500.
+    assert whole(text, "pythonic").content == text
+    assert_agrees(text, [1, len(text)], "pythonic")

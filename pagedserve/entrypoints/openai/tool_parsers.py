@@ -228,7 +228,9 @@ class PythonicParser(ToolParser):
     def _calls(body: str) -> list[Call]:
         try:
             tree = ast.parse(body, mode="eval").body
-        except SyntaxError:
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            # Not Python, or nested past what Python's parser takes (a few thousand unary
+            # signs or operators: RecursionError, or its stack overflow, a MemoryError).
             return []
         if not isinstance(tree, ast.List) or not tree.elts:
             return []
@@ -241,8 +243,8 @@ class PythonicParser(ToolParser):
             try:
                 arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
                 calls.append((node.func.id, dumps(arguments)))
-            except (ValueError, TypeError):  # not a literal, or not JSON (a set, bytes, inf)
-                return []
+            except (ValueError, TypeError, RecursionError):
+                return []  # not a literal, not JSON (a set, bytes, inf), or too deep to read
         return calls
 
 
