@@ -133,3 +133,16 @@ def test_pythonic_reads_python_nested_past_its_parser_as_text(text):
     # overflowing), from an answer that opens with "[": a 500.
     assert whole(text, "pythonic").content == text
     assert_agrees(text, [1, len(text)], "pythonic")
+
+
+@pytest.mark.parametrize(
+    "text, parser",
+    [("<tool_call>" * 20000, "hermes"), ("<function=get>" + "<parameter=a" * 3000, "qwen3_xml")],
+)
+def test_a_tag_repeated_without_its_end_reads_at_once(text, parser):
+    # A model looping on one tag: hermes's lazy regex, tried from each open tag, took time
+    # quadratic in the answer (some 40 s for this one), on every streamed step; qwen3_xml's
+    # parameter key did the same. Now both read it in a single pass.
+    expected = whole(text, parser)
+    assert expected.calls == ([] if parser == "hermes" else [("get", "{}")])
+    assert_agrees(text, [len(text) // 2, len(text)], parser)

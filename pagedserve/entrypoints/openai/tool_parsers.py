@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import ast
 import random
-import re
 import string
 
 from pagedserve.entrypoints.openai.tool_parser_base import (
@@ -70,13 +69,12 @@ from pagedserve.entrypoints.openai.tool_parsers_qwen3_xml import Qwen3XmlParser
 
 class HermesParser(ToolParser):
     START, END = "<tool_call>", "</tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         start = text.find(self.START)
         if start < 0:
             return (text if final else text[: len(text) - held_back(text, self.START)]), []
-        bodies = self._BLOCK.findall(text, start)
+        bodies = self._closed_bodies(text, start)
         if final:
             unclosed = text.rfind(self.START)
             if text.find(self.END, unclosed) < 0:  # cut short, or the model ended without it
@@ -94,6 +92,19 @@ class HermesParser(ToolParser):
             # A malformed call after calls (which a stream has sent) is left out, as the text
             # between calls is; vLLM would take the whole answer back as text.
         return text[:start], calls
+
+    def _closed_bodies(self, text: str, start: int) -> list[str]:
+        """The text of each closed block from the one at ``start`` on, found with ``find``: a
+        lazy regex tried from each of many unclosed tags (a model repeating one) takes time
+        quadratic in the answer, on every streamed step."""
+        bodies = []
+        while start >= 0:
+            end = text.find(self.END, start + len(self.START))
+            if end < 0:
+                break
+            bodies.append(text[start + len(self.START) : end])
+            start = text.find(self.START, end + len(self.END))
+        return bodies
 
 
 class Granite4Parser(ToolParser):

@@ -27,8 +27,9 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
 
 BLOCK, FUNCTION, FUNCTION_END = "<tool_call>", "<function=", "</function>"
 _PARAMETER = re.compile(
-    r"<\s*parameter\s*=\s*([^>]*)>(.*?)(?:<\s*/\s*parameter\s*>|(?=<\s*parameter\s*=))", re.DOTALL
-)
+    r"<\s*parameter\s*=\s*([^<>]*)>(.*?)(?:<\s*/\s*parameter\s*>|(?=<\s*parameter\s*=))", re.DOTALL
+)  # a key holds no "<": tried from each of many unclosed "<parameter=", [^>]* would scan on
+# to the answer's end each time (quadratic, on every streamed step)
 _ALIASES = {"int": "integer", "float": "number", "double": "number", "bool": "boolean"}
 _ALIASES |= {"str": "string", "dict": "object", "list": "array"}
 _PRIORITY = ("null", "integer", "number", "boolean", "object", "array", "string")
