@@ -146,3 +146,12 @@ def test_a_tag_repeated_without_its_end_reads_at_once(text, parser):
     expected = whole(text, parser)
     assert expected.calls == ([] if parser == "hermes" else [("get", "{}")])
     assert_agrees(text, [len(text) // 2, len(text)], parser)
+
+
+@pytest.mark.parametrize("block", ["```", "```json", "<tool_call>"])
+def test_xlam_reads_many_blocks_that_are_no_calls_in_one_pass(block):
+    # Each block that was no call copied the rest of the answer (and searched it again for
+    # every marker): quadratic in the answer, on every streamed step.
+    text = block * (60000 // len(block)) + '```json\n[{"name": "get", "arguments": {}}]\n```'
+    assert whole(text, "xlam").calls == [("get", "{}")]
+    assert_agrees(text, [len(text) // 2, len(text)], "xlam")

@@ -19,6 +19,7 @@ content is the text before (and for granite and xlam after) the calls as written
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pagedserve.entrypoints.openai.tool_parser_base import (
@@ -94,6 +95,7 @@ class GraniteParser(MarkedJsonListParser):
 
 
 _WAIT = None  # a block that may still become calls
+_SPACE, _LINE_SPACE = re.compile(r"\s*"), re.compile(r"[ \t\r]*")  # as str.lstrip() strips
 
 
 class XlamParser(ToolParser):
@@ -102,11 +104,17 @@ class XlamParser(ToolParser):
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         bare = self._bare_starts(text)
+        markers = (self.FENCE, self.TAG, self.START)
+        ahead = [text.find(m) for m in markers]  # each marker's next place (-1: none left)
         pos = 0
         while True:
-            starts = [text.find(m, pos) for m in (self.FENCE, self.TAG, self.START)]
-            starts += [b for b in bare if b >= pos]
-            starts = [s for s in starts if s >= 0]
+            # A marker is searched for again only once the search has passed it: many blocks
+            # that are no calls (a model repeating a fence) are read in one pass.
+            ahead = [
+                text.find(m, pos) if 0 <= at < pos else at
+                for m, at in zip(markers, ahead, strict=True)
+            ]
+            starts = [s for s in ahead + bare if s >= pos]
             if not starts:
                 if final:
                     return text, []
@@ -156,25 +164,25 @@ class XlamParser(ToolParser):
     ) -> tuple[int, list[Call]] | None:
         """A list between ``opener`` (then an optional ``label``) and ``closer`` (or the end of
         the answer where ``keep_end``: the closer, a newline, is left to the content)."""
-        inner = start + len(opener)
-        rest = text[inner:]
-        if label and rest.startswith(label):
-            rest = rest[len(label) :]
-        elif label and label.startswith(rest) and not final:
-            return _WAIT
-        body = rest.lstrip(" \t\r") if keep_end else rest.lstrip()
-        if not body:
+        inner = after = start + len(opener)  # read by position, never copying the rest
+        if label and text.startswith(label, inner):
+            after += len(label)
+        elif label and len(text) - inner < len(label) and label.startswith(text[inner:]):
+            if not final:
+                return _WAIT
+        body = (_LINE_SPACE if keep_end else _SPACE).match(text, after).end()
+        if body == len(text):
             return _WAIT if not final else (inner, [])
-        if not body.startswith("["):
+        if not text.startswith("[", body):
             return inner, []
-        close = text.find(closer, len(text) - len(body))
+        close = text.find(closer, body)
         if close < 0:
             if not final:
                 return _WAIT
             if not keep_end:
                 return inner, []
             close = len(text)
-        calls = self._calls(text[len(text) - len(body) : close])
+        calls = self._calls(text[body:close])
         if keep_end:
             return close, calls
         return close + len(closer), calls
