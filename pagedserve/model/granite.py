@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.model.layers.attention import AttentionMetadata
 from pagedserve.model.layers.embedding import Embedding
-from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, Rope
+from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 
 def multiplier(config: Any, field: str) -> float:
@@ -45,32 +44,15 @@ class ScaledEmbedding(Embedding):
 
 
 class GraniteDecoderLayer(LlamaDecoderLayer):
+    """Llama's layer with the config's scores' scale and residual multiplier (which
+    :meth:`LlamaDecoderLayer.forward` applies to each block's output)."""
+
     def __init__(
         self, config: Any, index: int, biases: tuple[bool, bool, bool], qk_norm: bool
     ) -> None:
         super().__init__(config, index, biases, qk_norm)
         self.self_attn.attn.scale = multiplier(config, "attention_multiplier")
         self.residual_multiplier = multiplier(config, "residual_multiplier")
-
-    def forward(
-        self,
-        rope: Rope,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        meta: AttentionMetadata,
-        output_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`LlamaDecoderLayer.forward`, each block's output scaled before its add."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, meta, output_only) * self.residual_multiplier
-        if output_only and meta.output_rows is not None:
-            residual = residual.index_select(0, meta.output_rows)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden) * self.residual_multiplier, residual
 
 
 class GraniteModel(LlamaModel):

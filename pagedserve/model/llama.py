@@ -173,6 +173,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Granite's residual_multiplier: scales each block's output before its residual add.
+        self.residual_multiplier: float | None = None
 
     def forward(
         self,
@@ -191,10 +193,15 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(rope, hidden, meta, output_only)
+        if self.residual_multiplier is not None:
+            hidden = hidden * self.residual_multiplier
         if output_only and meta.output_rows is not None:
             residual = residual.index_select(0, meta.output_rows)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden = self.mlp(hidden)
+        if self.residual_multiplier is not None:
+            hidden = hidden * self.residual_multiplier
+        return hidden, residual
 
 
 class LlamaModel(nn.Module):
