@@ -159,11 +159,11 @@ class GemmaModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
         head_dim, max_positions = head_dim_of(config), config.max_position_embeddings
-        self.rotary_emb = RotaryEmbedding(
-            head_dim, max_positions, *layer_rope(config, "full_attention")
-        )
-        self.rotary_emb_local = RotaryEmbedding(
-            head_dim, max_positions, *layer_rope(config, SLIDING)
+        full, local = layer_rope(config, "full_attention"), layer_rope(config, SLIDING)
+        self.rotary_emb = RotaryEmbedding(head_dim, max_positions, *full)
+        # Where both kinds of layer rotate alike (Gemma 1 and 2), they share one table.
+        self.rotary_emb_local = (
+            self.rotary_emb if local == full else RotaryEmbedding(head_dim, max_positions, *local)
         )
         self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -172,7 +172,9 @@ class GemmaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) * self.embed_scale
-        full, local = self.rotary_emb(positions), self.rotary_emb_local(positions)
+        full = self.rotary_emb(positions)
+        shared = self.rotary_emb_local is self.rotary_emb
+        local = full if shared else self.rotary_emb_local(positions)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             hidden = layer(local if layer.sliding else full, hidden, meta, output_only=i == last)
