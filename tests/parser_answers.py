@@ -43,12 +43,6 @@ class Answer:
     calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments)
     finish_reason: str | None = None
 
-    def comparable(self) -> Answer:
-        """Content that is only whitespace beside calls is no content (the whole answer gives
-        ``None`` for it)."""
-        content = self.content if self.content.strip() or not self.calls else ""
-        return Answer(self.reasoning, content, self.calls, self.finish_reason)
-
 
 def _ids():
     counter = itertools.count()
@@ -108,12 +102,13 @@ def assert_agrees(
     reasoning_parser: str | None = None,
     prompt_thinks: bool = False,
 ) -> None:
-    """Read whole and streamed, the answer is the same, and every call's arguments are a JSON
-    object that any client can parse."""
+    """Read whole and streamed, the answer is the same (the streamed content deltas joined are
+    the whole answer's content, null read as "", blank content beside calls included), and
+    every call's arguments are a JSON object that any client can parse."""
     expected = whole(text, tool_parser, reasoning_parser, prompt_thinks)
     for _, arguments in expected.calls:
         assert isinstance(json.loads(arguments, parse_constant=_not_json), dict), arguments
     got = streamed(text, cuts, tool_parser, reasoning_parser, prompt_thinks)
     for part in (got.reasoning, got.content, *(a for _, a in got.calls)):
         part.encode()  # UTF-8, as the answer goes out
-    assert got.comparable() == expected.comparable(), (text, cuts)
+    assert got == expected, (text, cuts)

@@ -155,3 +155,37 @@ def test_xlam_reads_many_blocks_that_are_no_calls_in_one_pass(block):
     text = block * (60000 // len(block)) + '```json\n[{"name": "get", "arguments": {}}]\n```'
     assert whole(text, "xlam").calls == [("get", "{}")]
     assert_agrees(text, [len(text) // 2, len(text)], "xlam")
+
+
+HERMES_CALL = '<tool_call>{"name": "get", "arguments": {"a": 1}}</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "text, parser",
+    [
+        (HERMES_CALL + "\n" + HERMES_CALL, "hermes"),
+        ("\n" + HERMES_CALL, "hermes"),
+        (" \n" + HERMES_CALL + "\n" + HERMES_CALL + "\n", "hermes"),
+        (HERMES_CALL + "\n" + HERMES_CALL + "\n", "granite4"),
+        ('\n[TOOL_CALLS][{"name": "get", "arguments": {}}]', "mistral"),
+        ("\n[get()]", "pythonic"),
+        ('\n\n{"name": "get", "parameters": {}}', "llama3_json"),
+        ('\n[{"name": "get", "arguments": {}}]\n', "xlam"),
+        ("\n<function=get><parameter=a>\n1\n</parameter></function>\n", "qwen3_xml"),
+    ],
+)
+def test_blank_content_beside_calls_is_not_streamed(text, parser):
+    # The whole answer gives content null for the whitespace around its calls; the stream sent
+    # it ("\n"), so a client joining the deltas read content the whole answer has not.
+    assert whole(text, parser).content == ""
+    assert whole(text, parser).calls
+    assert_agrees(text, [len(text)], parser)
+    assert_agrees(text, list(range(1, len(text) + 1)), parser)
+
+
+@pytest.mark.parametrize("parser", ["hermes", "pythonic", "granite4"])
+def test_blank_start_of_content_streams_with_the_text_after_it(parser):
+    # Whitespace held back while calls may follow goes out with the content after it.
+    text = "\n\nHello"
+    assert whole(text, parser).content == text
+    assert_agrees(text, list(range(1, len(text) + 1)), parser)

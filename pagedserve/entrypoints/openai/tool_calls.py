@@ -15,6 +15,8 @@ needed:
 tool-call format (:mod:`.tool_parsers`, chosen with ``--tool-call-parser``) reads the calls it
 chose to make, which go back with ``finish_reason`` ``tool_calls``; with ``parallel_tool_calls``
 false only the first of them, as vLLM answers (nothing holds the model to one call there).
+Content that is only whitespace beside the calls is null whole and never streamed (the stream
+holds back blank content until it knows), so the streamed content joined is the whole answer's.
 """
 
 from __future__ import annotations
@@ -204,8 +206,10 @@ class ToolCallDeltas:
 
     A named call streams its arguments as they come, under one call whose id and name go in its
     first delta; so does each call of a ``required`` answer, once its name is whole (an answer
-    cut before any name comes as text in its last chunk). With ``auto`` the model's content streams as it comes, and
-    each call goes out whole as soon as the parser sees it complete.
+    cut before any name comes as text in its last chunk). With ``auto`` the model's content
+    streams as it comes (what is only whitespace waits for a character that is not, or for the
+    end of an answer without calls), and each call goes out whole as soon as the parser sees it
+    complete.
     """
 
     def __init__(
@@ -271,6 +275,8 @@ class ToolCallDeltas:
         calls = calls if self.parallel else calls[:1]
         if final and not calls:  # as final_answer gives it: all text, blank or not
             content = text
+        elif not content.strip():  # blank beside calls (or not yet known): held back
+            content = ""
         delta: dict[str, Any] = {}
         if len(content) > self.content_sent:
             delta["content"] = content[self.content_sent :]

@@ -24,7 +24,9 @@ class ToolParser:
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         """The content and the complete calls in ``text``. While not ``final``, both only grow
-        from one call to the next as ``text`` grows."""
+        from one call to the next as ``text`` grows. The content is the text as written,
+        whitespace and all: what of it is shown beside calls is the server's rule (see
+        :mod:`.tool_parsers`)."""
         raise NotImplementedError
 
 
@@ -113,9 +115,3 @@ def held_back(text: str, marker: str) -> int:
         if marker.startswith(text[-size:]):
             return size
     return 0
-
-
-def unblanked(content: str) -> str:
-    """``content``, or nothing when it is only whitespace: what the model wrote around its calls
-    (a newline before them) is not content to stream."""
-    return content if content.strip() else ""

@@ -6,6 +6,16 @@ generated so far into the content the client may see and the calls that are comp
 :meth:`ToolParser.split` is called on every streamed step (with ``final`` false, it holds back
 text that may still turn into a call) and once on the whole answer.
 
+Content that is only whitespace beside calls (the newline before, between or after
+``<tool_call>`` blocks) is no content: the whole answer gives ``content: null`` for it, as vLLM's
+does, and the stream sends none of it, so the content deltas of a stream joined are the whole
+answer's content (null read as ""). vLLM's streams send such whitespace as it comes (hermes the
+text before the first call, granite4 the text between calls) while its whole answers null it; we
+follow the whole answer. So a stream holds back content while it is only whitespace: it goes out
+with the first other character after it, or at the end of an answer with no calls (whose content
+is all its text, blank or not). Parsers give their content as written; the rule is applied in
+one place, :mod:`.tool_calls`.
+
 - ``hermes`` (Hermes 2/3, Qwen2.5, Qwen3): ``<tool_call>{"name": ..., "arguments": {...}}
   </tool_call>`` blocks after optional content. A first block that is no call leaves the
   answer as text, as in vLLM; a later one is left out (a stream has sent the calls before it).
@@ -56,7 +66,6 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     held_back,
     loads,
     raw_decode,
-    unblanked,
 )
 from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
 from pagedserve.entrypoints.openai.tool_parsers_json_lists import (
@@ -119,7 +128,7 @@ class Granite4Parser(ToolParser):
                 rest = text[pos:]
                 if not final:
                     rest = rest[: len(rest) - held_back(rest, self.START)]
-                return unblanked(content + rest), calls
+                return content + rest, calls
             content += text[pos:start]
             end = text.find(self.END, start)
             call = None if end < 0 else self._call(text[start + len(self.START) : end])
@@ -128,9 +137,9 @@ class Granite4Parser(ToolParser):
             elif not calls and final:
                 return text, []  # a block that is no call, or is cut short: all text
             elif end < 0 and final:
-                return unblanked(content + text[start:]), calls  # cut short after calls
+                return content + text[start:], calls  # cut short after calls
             elif end < 0 or not calls:
-                return unblanked(content), calls  # read once it is whole
+                return content, calls  # read once it is whole
             else:  # no call after calls (which a stream has sent): its text is content
                 content += text[start : end + len(self.END)]
             pos = end + len(self.END)

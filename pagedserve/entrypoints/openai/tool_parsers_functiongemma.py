@@ -20,7 +20,6 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     dumps,
     held_back,
     loads,
-    unblanked,
 )
 
 START, END = "<start_function_call>", "<end_function_call>"
@@ -44,7 +43,7 @@ class FunctionGemmaParser(ToolParser):
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         first = text.find(START)
         if first < 0:
-            return (text if final else unblanked(text[: len(text) - held_back(text, START)])), []
+            return (text if final else text[: len(text) - held_back(text, START)]), []
         calls = []
         start = first
         while start >= 0:
@@ -60,5 +59,5 @@ class FunctionGemmaParser(ToolParser):
             calls.append((head[1], _arguments(text[head.end() : end])))
             start = text.find(START, end + 1 + len(END))
         if calls:
-            return unblanked(text[:first]), calls
-        return (text, []) if final else (unblanked(text[:first]), [])
+            return text[:first], calls
+        return (text, []) if final else (text[:first], [])

@@ -31,7 +31,6 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     held_back,
     loads,
     raw_decode,
-    unblanked,
 )
 
 
@@ -51,7 +50,7 @@ class MarkedJsonListParser(ToolParser):
             if final:
                 return text, []
             hold = max(held_back(text, m) for m in self.MARKERS)
-            return unblanked(text[: len(text) - hold]), []
+            return text[: len(text) - hold], []
         start, marker = min(found)
         after = start + len(marker)
         if marker.endswith("["):  # the marker opens the list itself
@@ -59,8 +58,8 @@ class MarkedJsonListParser(ToolParser):
         calls, end = self._calls(text, after + len(text[after:]) - len(text[after:].lstrip()))
         if calls:
             tail = text[end:] if self.TAIL_IS_CONTENT else ""
-            return unblanked(text[:start] + tail), calls
-        return (text, []) if final else (unblanked(text[:start]), [])
+            return text[:start] + tail, calls
+        return (text, []) if final else (text[:start], [])
 
     def _calls(self, text: str, pos: int) -> tuple[list[Call], int]:
         """The calls of the list at ``pos`` and where it ends; none if it is not (yet) one."""
@@ -119,14 +118,14 @@ class XlamParser(ToolParser):
                 if final:
                     return text, []
                 hold = max(held_back(text, m) for m in (self.FENCE, self.TAG, self.START))
-                return unblanked(text[: len(text) - hold]), []
+                return text[: len(text) - hold], []
             start = min(starts)
             found = self._block(text, start, final)
             if found is _WAIT:
-                return unblanked(text[:start]), []
+                return text[:start], []
             end, calls = found
             if calls:
-                return unblanked(text[:start] + text[end:]), calls
+                return text[:start] + text[end:], calls
             pos = end  # not calls: text, and the search goes on after it
 
     def _bare_starts(self, text: str) -> list[int]:

@@ -22,7 +22,6 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     dumps,
     held_back,
     loads,
-    unblanked,
 )
 
 BLOCK, FUNCTION, FUNCTION_END = "<tool_call>", "<function=", "</function>"
@@ -100,7 +99,7 @@ class Qwen3XmlParser(ToolParser):
             if final:
                 return text, []
             hold = max(held_back(text, BLOCK), held_back(text, FUNCTION))
-            return unblanked(text[: len(text) - hold]), []
+            return text[: len(text) - hold], []
         first = min(starts)
         calls = []
         start = text.find(FUNCTION, first)
@@ -118,8 +117,8 @@ class Qwen3XmlParser(ToolParser):
                 break
             start = text.find(FUNCTION, end)
         if calls:
-            return unblanked(text[:first]), calls
-        return (text, []) if final else (unblanked(text[:first]), [])
+            return text[:first], calls
+        return (text, []) if final else (text[:first], [])
 
     def _arguments(self, name: str, body: str) -> str:
         properties = self._properties(name)
