@@ -13,8 +13,10 @@ Models such as DeepSeek-R1 and its distills, QwQ and Qwen3 think between ``<thin
   with itself; otherwise (thinking turned off, whose template closes ``<think>`` in the prompt,
   or a model that does not think) the whole answer is content, a stray ``</think>`` included;
 - ``mistral`` (Magistral): as ``qwen3``, with the markers ``[THINK]`` and ``[/THINK]``, special
-  tokens of Magistral's tokenizers, which the answer's text therefore keeps; a ``[TOOL_CALLS]``
-  written while thinking ends it too (as in vLLM), and stays for the tool parser to read;
+  tokens of Magistral's tokenizers, which the answer's text therefore keeps (other special
+  tokens the model writes, a ``</s>`` or ``[INST]``, are dropped, as vLLM drops them, unless
+  the request sets ``skip_special_tokens`` false); a ``[TOOL_CALLS]`` written while thinking
+  ends it too (as in vLLM), and stays for the tool parser to read;
 - ``granite`` (Granite 3.2 with ``thinking`` on): the answer thinks when it opens with ``Here is
   my thought process:`` (or ``Here's``) until ``Here is my response:`` (or ``Here's``), plain
   text that the template's system prompt asks for.
@@ -100,6 +102,13 @@ class ReasoningParser:
             markers = self.ends + self.content_opens
             body = body[: len(body) - max(_partial_tag(body, m) for m in markers)]
         return body, ""
+
+    @property
+    def special_tokens(self) -> frozenset[str]:
+        """The markers the answer's text must keep, where they are special tokens."""
+        if not self.keeps_special_tokens:
+            return frozenset()
+        return frozenset(self.starts + self.ends + self.content_opens)
 
     def held_by_grammar(self) -> ReasoningParser:
         """This parser for an answer a grammar holds from its first token: it thinks only if it

@@ -85,6 +85,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Special tokens (by text) the text keeps when ``skip_special_tokens`` drops the others: the
+    # markers a server's parsers read (Magistral's [THINK], Mistral's [TOOL_CALLS]), as vLLM's
+    # parsers keep theirs and drop the rest; empty: skip_special_tokens alone decides
+    kept_special_tokens: frozenset[str] = frozenset()
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
@@ -109,6 +113,7 @@ class SamplingParams:
         else:
             self.stop_strings = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.kept_special_tokens = frozenset(self.kept_special_tokens)
         self.bad_words_token_ids = []
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}

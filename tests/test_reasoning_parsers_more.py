@@ -107,7 +107,9 @@ def test_thinking_a_grammar_holds_opens_with_its_marker():
 
 def test_only_mistral_needs_the_special_tokens_kept():
     assert MISTRAL.keeps_special_tokens
-    assert not any(p.keeps_special_tokens for p in (GRANITE, OLMO3))
+    assert MISTRAL.special_tokens == {"[THINK]", "[/THINK]", "[TOOL_CALLS]"}
+    assert MISTRAL.held_by_grammar().special_tokens == MISTRAL.special_tokens
+    assert not any(p.keeps_special_tokens or p.special_tokens for p in (GRANITE, OLMO3))
 
 
 @pytest.mark.parametrize(

@@ -35,10 +35,11 @@ def serve(model: str, *flags: str) -> ServerProcess:
     return ServerProcess(args).wait_ready()
 
 
-def ask(server: ServerProcess, constraint: dict, **kwargs):
-    """The whole answer, and the streamed one's (reasoning, content, calls)."""
+def ask(server: ServerProcess, constraint: dict, extra: dict | None = None, **kwargs):
+    """The whole answer, and the streamed one's (reasoning, content, calls); ``extra``: more
+    of vLLM's fields."""
     args = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 80, "temperature": 0}
-    args.update(kwargs, extra_body={"structured_outputs": constraint})
+    args.update(kwargs, extra_body={"structured_outputs": constraint, **(extra or {})})
     client = server.client()
     whole = client.chat.completions.create(**args)
     reasoning, content, calls = "", "", []
@@ -119,7 +120,7 @@ def test_granite_thinks_then_calls_a_tool(tiny_model_dir):
         server.close()
 
 
-MAGISTRAL_TOKENS = ["[THINK]", "[/THINK]", "[TOOL_CALLS]"]
+MAGISTRAL_TOKENS = ["[THINK]", "[/THINK]", "[TOOL_CALLS]", "[INST]"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def magistral_like(tmp_path_factory, tiny_model_dir):
     ids = [tokenizer.convert_tokens_to_ids(t) for t in MAGISTRAL_TOKENS]
     flags = ["--reasoning-parser", "mistral", "--enable-auto-tool-choice"]
     server = serve(str(path), *flags, "--tool-call-parser", "mistral")
-    yield server, dict(zip(("think", "end", "calls"), ids, strict=True))
+    yield server, dict(zip(("think", "end", "calls", "inst"), ids, strict=True))
     server.close()
 
 
@@ -170,3 +171,19 @@ def test_magistral_thinks_then_calls_a_tool(magistral_like, closed):
     (call,) = calls_of(message)
     assert call[0] == "get_weather" and json.loads(call[1]) == {"city": "Paris"}
     assert streamed == ("ask for it", None, [call])
+
+
+def test_magistral_s_other_special_tokens_are_dropped(magistral_like):
+    """The text keeps the special tokens the parsers read, and drops the others the model
+    writes (an [INST] here), as vLLM does; unless the request keeps every special token."""
+    server, ids = magistral_like
+    inst = f"<[{ids['inst']}]>"
+    grammar = f'start: <[{ids["think"]}]> "a" {inst} "b" <[{ids["end"]}]> "c" {inst} "d"'
+    whole, streamed = ask(server, {"grammar": grammar})
+    message = whole.choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("ab", "cd")
+    assert streamed == ("ab", "cd", [])
+    whole, streamed = ask(server, {"grammar": grammar}, extra={"skip_special_tokens": False})
+    message = whole.choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("a[INST]b", "c[INST]d")
+    assert streamed == ("a[INST]b", "c[INST]d", [])

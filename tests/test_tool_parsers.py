@@ -9,7 +9,6 @@ import json
 import pytest
 
 from pagedserve.entrypoints.openai.errors import APIError
-from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.tool_calls import AUTO, ToolCallDeltas, final_answer, tool_mode
 from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
@@ -177,20 +176,13 @@ def test_mistral_holds_back_a_partial_tag_and_keeps_text_without_calls():
 
 def test_mistral_call_ids_and_special_tokens():
     """Mistral's chat templates refuse call ids other than nine letters and digits, and the
-    request keeps special tokens so that [TOOL_CALLS] reaches the parser (as vLLM does)."""
+    answer's text keeps the special tokens that mark its calls, so that [TOOL_CALLS] reaches
+    the parser (as vLLM does)."""
     new_id = TOOL_PARSERS["mistral"].new_call_id
     ids = {new_id() for _ in range(50)}
     assert len(ids) == 50 and all(len(i) == 9 and i.isalnum() for i in ids)
-    request = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
-    )
-    request.resolve_tools("mistral")
-    assert request.skip_special_tokens is False
-    request = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
-    )
-    request.resolve_tools("hermes")
-    assert request.skip_special_tokens is True
+    assert TOOL_PARSERS["mistral"].special_tokens == {"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"}
+    assert not TOOL_PARSERS["hermes"].special_tokens
 
 
 PYTHONIC = '[get_weather(city="Paris", days=[1, 2], metric=True), get_time()]'

@@ -120,5 +120,5 @@ def test_granite4_streams_content_around_its_calls():
 
 
 def test_both_keep_special_tokens():
-    assert TOOL_PARSERS["granite"].keeps_special_tokens
-    assert TOOL_PARSERS["granite4"].keeps_special_tokens
+    assert TOOL_PARSERS["granite"].special_tokens == {"<|tool_call|>", "<tool_call>"}
+    assert TOOL_PARSERS["granite4"].special_tokens == {"<tool_call>", "</tool_call>"}

@@ -218,7 +218,8 @@ def test_functiongemma_holds_back_a_partial_marker_and_keeps_special_tokens():
     deltas = ToolCallDeltas((AUTO, "functiongemma"), _ids())
     assert deltas.next("", "Hi <start_fun", None) == ({"content": "Hi "}, None)
     assert deltas.next("", "Hi <start_fun>", None) == ({"content": "<start_fun>"}, None)
-    assert TOOL_PARSERS["functiongemma"].keeps_special_tokens
+    special = {"<start_function_call>", "<end_function_call>", "<escape>"}
+    assert TOOL_PARSERS["functiongemma"].special_tokens == special
 
 
 QWEN_TOOLS = [

@@ -21,6 +21,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.engine.detokenizer import decoded
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -34,6 +35,7 @@ class BeamSearchParams:
     ignore_eos: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    kept_special_tokens: frozenset[str] = frozenset()  # as SamplingParams'
     include_stop_str_in_output: bool = False  # a finished beam's token ids keep its eos
 
     def __post_init__(self) -> None:
@@ -131,7 +133,9 @@ def request_output(
         outputs.append(
             CompletionOutput(
                 index=i,
-                text=tokenizer.decode(text_tokens, skip_special_tokens=params.skip_special_tokens),
+                text=decoded(
+                    tokenizer, text_tokens, params.skip_special_tokens, params.kept_special_tokens
+                ),
                 token_ids=list(kept),
                 cumulative_logprob=beam.cumulative_logprob,
                 logprobs=None,

@@ -22,12 +22,18 @@ _REPLACEMENT_CHAR = "\ufffd"
 # Per tokenizer: token id -> text of that token alone (for logprobs), and added-token contents.
 _token_texts: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 _added_tokens: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+# Per tokenizer: the special tokens a set of kept ones leaves to drop.
+_dropped: weakref.WeakKeyDictionary[Any, dict[frozenset[str], frozenset[int]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class IncrementalDetokenizer:
     """Turns one sequence's generated tokens into text as they arrive, and finds stop strings.
 
-    ``skip_special_tokens`` drops special tokens from the text. With special tokens kept and
+    ``skip_special_tokens`` drops special tokens from the text, but for ``kept_special_tokens``
+    (the markers the server's parsers read), which stay as though none were skipped. With
+    special tokens kept and
     ``spaces_between_special_tokens=False``, an added token that directly follows another one is
     emitted as its bare content, without the separator the tokenizer's decoder may put before it
     (vLLM's rule for fast tokenizers); otherwise the text is the tokenizer's own decoding.
@@ -42,13 +48,17 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
         self._skip_special = params.skip_special_tokens
+        self._drop = frozenset[int]()  # ids left out before decoding, the rest decoded as kept
+        if params.skip_special_tokens and params.kept_special_tokens:
+            self._skip_special = False
+            self._drop = dropped_special_ids(tokenizer, params.kept_special_tokens)
         self._detokenize = params.detokenize
         self._stops = params.stop_strings
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
         self._bare_added: dict[int, str] | None = None
-        if not params.skip_special_tokens and not params.spaces_between_special_tokens:
+        if not self._skip_special and not params.spaces_between_special_tokens:
             self._bare_added = _added_token_contents(tokenizer)
         self._last_was_added = False
 
@@ -104,6 +114,8 @@ class IncrementalDetokenizer:
         return text
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._drop:
+            token_ids = [t for t in token_ids if t not in self._drop]
         return self.tokenizer.decode(
             token_ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         )
@@ -118,6 +130,8 @@ class IncrementalDetokenizer:
 
     def _next_text(self, token_id: int) -> str:
         """The text ``token_id`` completes (empty while a character is still incomplete)."""
+        if token_id in self._drop:
+            return ""
         self._window.append(token_id)
         if self._window_text is None:
             self._window_text = self._decode(self._window[: self._read])
@@ -177,3 +191,26 @@ def _added_token_contents(tokenizer: Any) -> dict[int, str]:
         contents = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
         _added_tokens[tokenizer] = contents
     return contents
+
+
+def dropped_special_ids(tokenizer: Any, kept: frozenset[str]) -> frozenset[int]:
+    """The ids ``skip_special_tokens`` drops (the tokenizer's special tokens, and its added
+    tokens marked special) but for those whose text is in ``kept``."""
+    cache = _dropped.setdefault(tokenizer, {})
+    dropped = cache.get(kept)
+    if dropped is None:
+        added = tokenizer.added_tokens_decoder
+        ids = sorted({i for i, t in added.items() if t.special} | set(tokenizer.all_special_ids))
+        texts = tokenizer.convert_ids_to_tokens(ids)
+        dropped = frozenset(i for i, t in zip(ids, texts, strict=True) if t not in kept)
+        cache[kept] = dropped
+    return dropped
+
+
+def decoded(tokenizer: Any, token_ids: list[int], skip_special: bool, kept: frozenset[str]) -> str:
+    """``token_ids`` as text at once, special tokens left out with ``skip_special`` but for those
+    in ``kept`` (as :class:`IncrementalDetokenizer` gives it)."""
+    if skip_special and kept:
+        drop = dropped_special_ids(tokenizer, kept)
+        return tokenizer.decode([t for t in token_ids if t not in drop], skip_special_tokens=False)
+    return tokenizer.decode(token_ids, skip_special_tokens=skip_special)

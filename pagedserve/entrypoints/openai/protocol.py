@@ -40,7 +40,6 @@ from pagedserve.entrypoints.openai.tool_calls import (
     refuse_empty_tools,
     tool_mode,
 )
-from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.sample.repetition import RepetitionDetectionParams
 from pagedserve.sample.structured_output import check_grammar
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -213,6 +212,7 @@ class SamplingFields(RequestBody, StreamIntervalField, LogprobTokenIdsField):
             ignore_eos=params.ignore_eos,
             length_penalty=self.length_penalty,
             skip_special_tokens=params.skip_special_tokens,
+            kept_special_tokens=params.kept_special_tokens,
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
 
@@ -392,9 +392,6 @@ class ChatCompletionRequest(SamplingFields, ChatInertFields, PromptTextField):
         parser for ``auto`` is ``auto_parser`` (None: ``auto`` is refused, as in vLLM without
         ``--enable-auto-tool-choice``). Call it before anything reads :attr:`tool_mode`."""
         self._tool_mode = tool_mode(self.tools, self.tool_choice, auto_parser)
-        mode = self._tool_mode
-        if mode is not None and mode[0] == AUTO and TOOL_PARSERS[mode[1]].keeps_special_tokens:
-            self.skip_special_tokens = False  # the calls are marked by special tokens
 
     def refuse_unsupported(self) -> None:
         """As for every request, plus forced tool calls beside another constraint or beams."""

@@ -84,6 +84,8 @@ def sampling_params_json(params: SamplingParams) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
+    if isinstance(value, frozenset):  # kept_special_tokens
+        return sorted(value)
     return value
 
 

@@ -31,7 +31,8 @@ from pagedserve.entrypoints.openai.streams import (
     cancel_on_disconnect,
     sse,
 )
-from pagedserve.entrypoints.openai.tool_calls import ToolCallDeltas, final_answer
+from pagedserve.entrypoints.openai.tool_calls import AUTO, ToolCallDeltas, final_answer
+from pagedserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedserve.entrypoints.openai.whole_vocabulary import resolve_whole_vocabulary
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.reasoning_parsers import ReasoningParser
@@ -49,8 +50,6 @@ class ServingChat:
         s = self.s
         s.check_model(req.model)
         req.resolve_tools(s.tool_parser)
-        if s.reasoning is not None and s.reasoning.keeps_special_tokens:
-            req.skip_special_tokens = False  # the thinking is marked by special tokens
         req.refuse_unsupported()
         resolve_whole_vocabulary(req, s.vocab_size, s.max_logprobs)
         text = s.render_chat(req, req.tools)
@@ -65,7 +64,19 @@ class ServingChat:
             prompt_param="messages",
             logprobs_param="top_logprobs",
         )
+        params.kept_special_tokens = self.parsers_special_tokens(req)
         return prompt_ids, params
+
+    def parsers_special_tokens(self, req: ChatCompletionRequest) -> frozenset[str]:
+        """The special tokens that mark what the server's parsers read in ``req``'s answer
+        (Magistral's thinking, Mistral's calls): its text keeps them, and with
+        ``skip_special_tokens`` (the default) drops the others (a ``</s>`` or ``[INST]`` the
+        model writes), as vLLM's parsers do; with it false, every special token stays."""
+        kept = self.s.reasoning.special_tokens if self.s.reasoning is not None else frozenset()
+        mode = req.tool_mode
+        if mode is not None and mode[0] == AUTO:
+            kept |= TOOL_PARSERS[mode[1]].special_tokens
+        return kept
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         s = self.s

@@ -14,8 +14,9 @@ Call = tuple[str, str]  # (function name, arguments as a JSON text)
 class ToolParser:
     """Splits generated text into ``(content, calls)``; one parser per answer."""
 
-    # The calls are marked by special tokens, which the text must keep to be read.
-    keeps_special_tokens = False
+    # The special tokens that mark the calls, which the text must keep to be read (and, as
+    # vLLM's parsers keep theirs, the only special tokens it keeps: see SamplingParams).
+    special_tokens: frozenset[str] = frozenset()
     # Ids of the calls it reads (None: the server's own); see mistral.
     new_call_id: Callable[[], str] | None = None
 

@@ -21,7 +21,7 @@ one place, :mod:`.tool_calls`.
   answer as text, as in vLLM; a later one is left out (a stream has sent the calls before it).
 - ``granite4`` (IBM Granite 4): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks, one call each; the text around and between them is content. The tags are special
-  tokens in some Granite 4 tokenizers, so requests that may call keep special tokens. As in vLLM,
+  tokens in some Granite 4 tokenizers, so requests that may call keep them. As in vLLM,
   an answer whose first block is not a call, or that ends inside it, is all content; after a
   call (which a stream has sent by then) such a block is content, where vLLM would take the
   whole answer back as content (its stream keeps the call).
@@ -31,7 +31,7 @@ one place, :mod:`.tool_calls`.
 - ``mistral`` (Mistral 7B v0.3, Nemo, Small, Magistral...): content, then ``[TOOL_CALLS]`` and a
   JSON list of ``{"name": ..., "arguments": {...}}``, or (newer tokenizers) one
   ``[TOOL_CALLS]name[ARGS]{...}`` per call. ``[TOOL_CALLS]`` is a special token, so requests
-  that may call keep special tokens in their text, and call ids are the nine letters and digits
+  that may call keep it (and ``[ARGS]``) in their text, and call ids are the nine letters and digits
   Mistral's chat templates demand when the calls come back.
 - ``pythonic`` (Llama 3.2 and 4, some Gemma 3 and other templates): an answer that is a Python
   list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
@@ -46,6 +46,10 @@ one place, :mod:`.tool_calls`.
 - ``qwen3_coder`` and ``qwen3_xml`` (Qwen3-Coder): ``<tool_call><function=NAME><parameter=KEY>
   VALUE</parameter></function></tool_call>``, values typed by the request's tool schemas; see
   :mod:`.tool_parsers_qwen3_xml`.
+
+Where a format's markers are special tokens, the answer's text keeps those, and drops every
+other special token the model writes (unless the request sets ``skip_special_tokens`` false), as
+vLLM's Mistral and Granite parsers drop them; vLLM's granite4 and functiongemma keep them all.
 
 The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
 """
@@ -118,7 +122,7 @@ class HermesParser(ToolParser):
 
 class Granite4Parser(ToolParser):
     START, END = HermesParser.START, HermesParser.END
-    keeps_special_tokens = True
+    special_tokens = frozenset((START, END))
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         content, calls, pos = "", [], 0
@@ -193,8 +197,8 @@ def _mistral_call_id() -> str:
 
 
 class MistralParser(ToolParser):
-    TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
-    keeps_special_tokens = True
+    TAG, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+    special_tokens = frozenset((TAG, ARGS, CALL_ID))
     new_call_id = staticmethod(_mistral_call_id)
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
@@ -224,7 +228,7 @@ class MistralParser(ToolParser):
         calls = []
         for piece in body.split(self.TAG)[1:]:
             name, sep, arguments = piece.partition(self.ARGS)
-            name = name.partition("[CALL_ID]")[0].strip()
+            name = name.partition(self.CALL_ID)[0].strip()
             try:
                 decoded, _ = raw_decode(arguments.strip())
             except NotJson:

@@ -4,7 +4,7 @@ Each call is ``<start_function_call>call:NAME{key:<escape>value<escape>,...}<end
 after optional content. As vLLM reads it, each ``key:<escape>...<escape>`` is an argument whose
 value is read as JSON where it is JSON (``2``, ``true``, ``[1, 2]``) and kept as a string where
 not; a last call the answer ends inside is read to its end. The markers are special tokens, so
-requests that may call keep special tokens in their text. The content is the text before the
+requests that may call keep them in their text. The content is the text before the
 first call, as written (vLLM strips it).
 """
 
@@ -22,7 +22,7 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     loads,
 )
 
-START, END = "<start_function_call>", "<end_function_call>"
+START, END, ESCAPE = "<start_function_call>", "<end_function_call>", "<escape>"
 _HEAD = re.compile(r"call:(\w+)\{")
 _ARGUMENT = re.compile(r"(\w+):<escape>(.*?)<escape>", re.DOTALL)
 
@@ -38,7 +38,7 @@ def _arguments(body: str) -> str:
 
 
 class FunctionGemmaParser(ToolParser):
-    keeps_special_tokens = True
+    special_tokens = frozenset((START, END, ESCAPE))
 
     def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
         first = text.find(START)

@@ -3,7 +3,7 @@
 - ``phi4_mini_json`` (Phi-4-mini-instruct): ``functools[{"name": ..., "arguments": {...}},
   ...]`` after optional content (``parameters`` is read where ``arguments`` is missing).
 - ``granite`` (IBM Granite 3.0 and 3.1): ``<|tool_call|>`` (3.0, a special token, so requests
-  that may call keep special tokens in their text) or ``<tool_call>`` (3.1), then a JSON list of
+  that may call keep it in their text) or ``<tool_call>`` (3.1), then a JSON list of
   ``{"name": ..., "arguments": {...}}`` (``arguments`` may be left out); the text before and
   after the list is content.
 - ``xlam`` (Salesforce's xLAM, Llama and Qwen based): the answer is a JSON list of calls (or
@@ -90,7 +90,7 @@ class GraniteParser(MarkedJsonListParser):
     MARKERS = ("<|tool_call|>", "<tool_call>")  # Granite 3.0's special token, 3.1's text
     TAIL_IS_CONTENT = True
     ARGUMENTS_OPTIONAL = True
-    keeps_special_tokens = True
+    special_tokens = frozenset(MARKERS)
 
 
 _WAIT = None  # a block that may still become calls
