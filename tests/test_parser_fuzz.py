@@ -39,6 +39,7 @@ CALLS = [
     '[get(a=1, o={"k": [1, None]}), time()]',
     "[get(PY)]",
     "{CALL}; {CALL}",
+    "<function_call> {CALL}",
 ]
 FRAGMENTS = [
     "null",
@@ -73,6 +74,7 @@ MARKERS = [
     "[ARGS]",
     "<|tool_call|>",
     "<|python_tag|>",
+    "<function_call>",
     "functools[",
     "<function=get>",
     "</function>",

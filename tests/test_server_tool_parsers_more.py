@@ -33,6 +33,10 @@ ANSWERS = {
         'Let me check. <|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}]'
     ),
+    "granite-20b-fc": (
+        'Let me check. <function_call> {"name": "get_weather", "arguments": {"city": "Paris", '
+        '"days": 2}}'
+    ),
     "granite4": (
         'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}</tool_call>'

@@ -41,6 +41,8 @@ one place, :mod:`.tool_calls`.
   ``xlam`` (Salesforce's xLAM): a JSON list of calls, bare, after ``</think>``, in a
   ```` ```json ```` fence, after ``[TOOL_CALLS]`` or in ``<tool_call>``; see
   :mod:`.tool_parsers_json_lists`.
+- ``granite-20b-fc`` (granite-20b-functioncalling): ``<function_call> {"name": ...,
+  "arguments": {...}}``, repeated; see :mod:`.tool_parsers_granite_fc`.
 - ``functiongemma`` (FunctionGemma): ``<start_function_call>call:NAME{key:<escape>value<escape>}
   <end_function_call>``; see :mod:`.tool_parsers_functiongemma`.
 - ``qwen3_coder`` and ``qwen3_xml`` (Qwen3-Coder): ``<tool_call><function=NAME><parameter=KEY>
@@ -72,6 +74,7 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     raw_decode,
 )
 from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
+from pagedserve.entrypoints.openai.tool_parsers_granite_fc import Granite20bFcParser
 from pagedserve.entrypoints.openai.tool_parsers_json_lists import (
     GraniteParser,
     Phi4MiniJsonParser,
@@ -275,6 +278,7 @@ class PythonicParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "functiongemma": FunctionGemmaParser,
     "granite": GraniteParser,
+    "granite-20b-fc": Granite20bFcParser,
     "granite4": Granite4Parser,
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
