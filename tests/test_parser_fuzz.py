@@ -40,6 +40,8 @@ CALLS = [
     "[get(PY)]",
     "{CALL}; {CALL}",
     "<function_call> {CALL}",
+    "<|python_start|>[get(a=-1.5), time()]<|python_end|>",
+    "<|python_start|>[get(PY)]",
 ]
 FRAGMENTS = [
     "null",
@@ -75,6 +77,8 @@ MARKERS = [
     "<|tool_call|>",
     "<|python_tag|>",
     "<function_call>",
+    "<|python_start|>",
+    "<|python_end|>",
     "functools[",
     "<function=get>",
     "</function>",

@@ -116,7 +116,11 @@ def test_only_mistral_needs_the_special_tokens_kept():
     ("flag", "names"),
     [
         ("--reasoning-parser", ["granite", "mistral", "olmo3"]),
-        ("--tool-call-parser", ["granite", "granite4", "granite-20b-fc"]),
+        (
+            "--tool-call-parser",
+            ["granite", "granite4", "granite-20b-fc", "llama4_json", "llama4_pythonic"],
+        ),
+        ("--tool-call-parser", ["qwen3_json"]),
     ],
 )
 def test_serve_lists_vllm_s_parser_names(flag, names, capsys):

@@ -16,8 +16,8 @@ with the first other character after it, or at the end of an answer with no call
 is all its text, blank or not). Parsers give their content as written; the rule is applied in
 one place, :mod:`.tool_calls`.
 
-- ``hermes`` (Hermes 2/3, Qwen2.5, Qwen3): ``<tool_call>{"name": ..., "arguments": {...}}
-  </tool_call>`` blocks after optional content. A first block that is no call leaves the
+- ``hermes``, also ``qwen3_json`` (Hermes 2/3, Qwen2.5, Qwen3): ``<tool_call>{"name": ...,
+  "arguments": {...}}</tool_call>`` blocks after optional content. A first block that is no call leaves the
   answer as text, as in vLLM; a later one is left out (a stream has sent the calls before it).
 - ``granite4`` (IBM Granite 4): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks, one call each; the text around and between them is content. The tags are special
@@ -25,7 +25,7 @@ one place, :mod:`.tool_calls`.
   an answer whose first block is not a call, or that ends inside it, is all content; after a
   call (which a stream has sent by then) such a block is content, where vLLM would take the
   whole answer back as content (its stream keeps the call).
-- ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is one or more
+- ``llama3_json``, also ``llama4_json`` (Llama 3.1/3.2/4 JSON tool calling): an answer that is one or more
   ``{"name": ..., "parameters": {...}}`` objects (separated by ``;``), optionally after
   ``<|python_tag|>``.
 - ``mistral`` (Mistral 7B v0.3, Nemo, Small, Magistral...): content, then ``[TOOL_CALLS]`` and a
@@ -35,7 +35,9 @@ one place, :mod:`.tool_calls`.
   Mistral's chat templates demand when the calls come back.
 - ``pythonic`` (Llama 3.2 and 4, some Gemma 3 and other templates): an answer that is a Python
   list of calls with keyword arguments, ``[get_weather(city="Paris"), get_time()]``, read with
-  ``ast`` (literals only, nothing is evaluated).
+  ``ast`` (literals only, nothing is evaluated); ``llama4_pythonic`` (Llama 4): the same list,
+  optionally in ``<|python_start|>`` ... ``<|python_end|>`` (special tokens, kept); see
+  :mod:`.tool_parsers_pythonic`.
 - ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``,
   ``granite`` (Granite 3.0/3.1): ``<|tool_call|>[{"name": ..., "arguments": {...}}, ...]``, and
   ``xlam`` (Salesforce's xLAM): a JSON list of calls, bare, after ``</think>``, in a
@@ -58,7 +60,6 @@ The contract every parser keeps is :class:`~.tool_parser_base.ToolParser`.
 
 from __future__ import annotations
 
-import ast
 import random
 import string
 
@@ -79,6 +80,10 @@ from pagedserve.entrypoints.openai.tool_parsers_json_lists import (
     GraniteParser,
     Phi4MiniJsonParser,
     XlamParser,
+)
+from pagedserve.entrypoints.openai.tool_parsers_pythonic import (
+    Llama4PythonicParser,
+    PythonicParser,
 )
 from pagedserve.entrypoints.openai.tool_parsers_qwen3_xml import Qwen3XmlParser
 
@@ -242,39 +247,6 @@ class MistralParser(ToolParser):
         return calls
 
 
-class PythonicParser(ToolParser):
-    def split(self, text: str, final: bool) -> tuple[str, list[Call]]:
-        if not text.lstrip().startswith("["):
-            return text, []  # plain content, streamed as it comes
-        if not final:
-            return "", []  # a call list is read once it is whole
-        calls = self._calls(text.strip())
-        return ("", calls) if calls else (text, [])
-
-    @staticmethod
-    def _calls(body: str) -> list[Call]:
-        try:
-            tree = ast.parse(body, mode="eval").body
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            # Not Python, or nested past what Python's parser takes (a few thousand unary
-            # signs or operators: RecursionError, or its stack overflow, a MemoryError).
-            return []
-        if not isinstance(tree, ast.List) or not tree.elts:
-            return []
-        calls = []
-        for node in tree.elts:
-            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
-                return []
-            if any(kw.arg is None for kw in node.keywords):  # **kwargs
-                return []
-            try:
-                arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-                calls.append((node.func.id, dumps(arguments)))
-            except (ValueError, TypeError, RecursionError):
-                return []  # not a literal, not JSON (a set, bytes, inf), or too deep to read
-        return calls
-
-
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "functiongemma": FunctionGemmaParser,
     "granite": GraniteParser,
@@ -282,10 +254,13 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "granite4": Granite4Parser,
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
+    "llama4_json": Llama3JsonParser,
+    "llama4_pythonic": Llama4PythonicParser,
     "mistral": MistralParser,
     "phi4_mini_json": Phi4MiniJsonParser,
     "pythonic": PythonicParser,
     "qwen3_coder": Qwen3XmlParser,
+    "qwen3_json": HermesParser,
     "qwen3_xml": Qwen3XmlParser,
     "xlam": XlamParser,
 }
