@@ -42,6 +42,8 @@ CALLS = [
     "<function_call> {CALL}",
     "<|python_start|>[get(a=-1.5), time()]<|python_end|>",
     "<|python_start|>[get(PY)]",
+    "<function_calls>\nget(a=1, o={'k': [null]}, b=true)\ntime()\n</function_calls>",
+    "<function_calls>\ntime(PY)\n</function_calls>",
 ]
 FRAGMENTS = [
     "null",
@@ -79,6 +81,8 @@ MARKERS = [
     "<function_call>",
     "<|python_start|>",
     "<|python_end|>",
+    "<function_calls>",
+    "</function_calls>",
     "functools[",
     "<function=get>",
     "</function>",

@@ -38,6 +38,7 @@ ANSWERS = {
         '"days": 2}}'
     ),
     "llama4_pythonic": '<|python_start|>[get_weather(city="Paris", days=2)]<|python_end|>',
+    "olmo3": 'Let me check. <function_calls>\nget_weather(city="Paris", days=2)\n</function_calls>',
     "granite4": (
         'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", '
         '"days": 2}}</tool_call>'

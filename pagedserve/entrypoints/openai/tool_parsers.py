@@ -38,6 +38,8 @@ one place, :mod:`.tool_calls`.
   ``ast`` (literals only, nothing is evaluated); ``llama4_pythonic`` (Llama 4): the same list,
   optionally in ``<|python_start|>`` ... ``<|python_end|>`` (special tokens, kept); see
   :mod:`.tool_parsers_pythonic`.
+- ``olmo3`` (OLMo 3): ``<function_calls>`` then one Python call per line (``null``, ``true``
+  and ``false`` read as JSON's), then ``</function_calls>``; see :mod:`.tool_parsers_olmo3`.
 - ``phi4_mini_json`` (Phi-4-mini): ``functools[{"name": ..., "arguments": {...}}, ...]``,
   ``granite`` (Granite 3.0/3.1): ``<|tool_call|>[{"name": ..., "arguments": {...}}, ...]``, and
   ``xlam`` (Salesforce's xLAM): a JSON list of calls, bare, after ``</think>``, in a
@@ -81,6 +83,7 @@ from pagedserve.entrypoints.openai.tool_parsers_json_lists import (
     Phi4MiniJsonParser,
     XlamParser,
 )
+from pagedserve.entrypoints.openai.tool_parsers_olmo3 import Olmo3Parser
 from pagedserve.entrypoints.openai.tool_parsers_pythonic import (
     Llama4PythonicParser,
     PythonicParser,
@@ -257,6 +260,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "llama4_json": Llama3JsonParser,
     "llama4_pythonic": Llama4PythonicParser,
     "mistral": MistralParser,
+    "olmo3": Olmo3Parser,
     "phi4_mini_json": Phi4MiniJsonParser,
     "pythonic": PythonicParser,
     "qwen3_coder": Qwen3XmlParser,

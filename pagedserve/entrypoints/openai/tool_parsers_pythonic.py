@@ -1,4 +1,5 @@
-"""Tool calls written as Python: ``pythonic`` and ``llama4_pythonic``.
+"""Tool calls written as Python: ``pythonic`` and ``llama4_pythonic``, and the reader of one
+call that ``olmo3`` shares.
 
 A call is ``name(key=literal, ...)``: keyword arguments only, each a Python literal read with
 ``ast`` (nothing is evaluated), whose value must be JSON (no sets, bytes, complex numbers or
@@ -23,16 +24,29 @@ import ast
 
 from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, dumps
 
+# JSON's literals, which some models (OLMo 3) write for Python's.
+_JSON_NAMES = {"null": None, "true": True, "false": False}
 
-def call_of_node(node: ast.AST) -> Call | None:
+
+class _JsonNames(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in _JSON_NAMES:
+            return ast.copy_location(ast.Constant(_JSON_NAMES[node.id]), node)
+        return node
+
+
+def call_of_node(node: ast.AST, json_names: bool = False) -> Call | None:
     """``(name, arguments JSON)`` of a parsed ``name(key=literal, ...)``; None for anything
-    else."""
+    else. ``json_names``: ``null``, ``true`` and ``false`` are read as JSON's literals."""
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
         return None
     if any(kw.arg is None for kw in node.keywords):  # **kwargs
         return None
     try:
-        arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+        arguments = {}
+        for kw in node.keywords:
+            value = _JsonNames().visit(kw.value) if json_names else kw.value
+            arguments[kw.arg] = ast.literal_eval(value)
         return node.func.id, dumps(arguments)
     except (ValueError, TypeError, RecursionError):
         return None  # not a literal, not JSON (a set, bytes, inf), or too deep to read
