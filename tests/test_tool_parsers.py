@@ -200,6 +200,13 @@ def test_pythonic_reads_a_list_of_calls():
     assert names_and_arguments(calls) == names_and_arguments(message["tool_calls"])
 
 
+def test_pythonic_reads_json_literals_as_vllm_does():
+    message, _ = answer("[set_alarm(on=true, label=null, snooze=false, days=[true])]", "pythonic")
+    assert names_and_arguments(message["tool_calls"]) == [
+        ("set_alarm", {"on": True, "label": None, "snooze": False, "days": [True]})
+    ]
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -57,7 +57,7 @@ def _calls(block: str) -> list[Call]:
     for line in block.splitlines():
         if not line.strip():
             continue
-        call = call_of_node(parsed(line.strip()), json_names=True)
+        call = call_of_node(parsed(line.strip()))
         if call is None:
             return []
         calls.append(call)

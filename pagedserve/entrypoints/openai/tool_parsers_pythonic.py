@@ -24,7 +24,7 @@ import ast
 
 from pagedserve.entrypoints.openai.tool_parser_base import Call, ToolParser, dumps
 
-# JSON's literals, which some models (OLMo 3) write for Python's.
+# JSON's literals, which some models (OLMo 3, Llama 3.2) write for Python's; vLLM reads them too.
 _JSON_NAMES = {"null": None, "true": True, "false": False}
 
 
@@ -35,9 +35,9 @@ class _JsonNames(ast.NodeTransformer):
         return node
 
 
-def call_of_node(node: ast.AST, json_names: bool = False) -> Call | None:
+def call_of_node(node: ast.AST) -> Call | None:
     """``(name, arguments JSON)`` of a parsed ``name(key=literal, ...)``; None for anything
-    else. ``json_names``: ``null``, ``true`` and ``false`` are read as JSON's literals."""
+    else. ``null``, ``true`` and ``false`` are read as JSON's literals."""
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
         return None
     if any(kw.arg is None for kw in node.keywords):  # **kwargs
@@ -45,8 +45,7 @@ def call_of_node(node: ast.AST, json_names: bool = False) -> Call | None:
     try:
         arguments = {}
         for kw in node.keywords:
-            value = _JsonNames().visit(kw.value) if json_names else kw.value
-            arguments[kw.arg] = ast.literal_eval(value)
+            arguments[kw.arg] = ast.literal_eval(_JsonNames().visit(kw.value))
         return node.func.id, dumps(arguments)
     except (ValueError, TypeError, RecursionError):
         return None  # not a literal, not JSON (a set, bytes, inf), or too deep to read
