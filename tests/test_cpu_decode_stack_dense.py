@@ -1,8 +1,8 @@
-"""Granite and Gemma 1 decode steps go through the CPU's one-call decode stack
+"""Granite, Gemma 1 and OLMo 2 decode steps go through the CPU's one-call decode stack
 (:mod:`pagedserve.worker.cpu_decode`) and equal the module-by-module forward's to the last bit:
 every step's logits (Granite's residual multiplier and scores' scale, Gemma 1's GeGLU without
-the outputs' norms), and greedy generations with their logprobs, across K/V pool dtypes and
-bfloat16 panels."""
+the outputs' norms, OLMo 2's norms after the blocks and q/k norms over whole projections), and
+greedy generations with their logprobs, across K/V pool dtypes and bfloat16 panels."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from stack_runs import assert_generations_equal, greedy_runs, stack_llm
 from pagedserve.kernels import packed_gemm
 from pagedserve.worker.cpu_decode import CpuDecodeStack
 
-KINDS = ["gemma", "granite"]
+KINDS = ["gemma", "granite", "olmo2"]
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16"])

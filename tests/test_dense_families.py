@@ -119,16 +119,14 @@ def test_greedy_generations_equal_transformers_generate(kind, dense_dir, hf_mode
 
 
 @pytest.mark.parametrize("kind", DENSE_KINDS)
-def test_the_cpu_decode_stack_takes_gemma_and_granite(kind, dense_dir):
-    """The C decode stack runs Gemma 1's and Granite's layers (their steps through it equal the
-    modules': tests/test_cpu_decode_stack_dense.py), not OLMo 2's post-norms and whole-width
-    q/k norms, whose decode steps run module by module."""
-    takes = kind != "olmo2"
+def test_the_cpu_decode_stack_takes_them(kind, dense_dir):
+    """The C decode stack runs Gemma 1's, Granite's and OLMo 2's layers (their steps through it
+    equal the modules': tests/test_cpu_decode_stack_dense.py)."""
     model = load_model(dense_dir(kind), torch.float32, torch.device("cpu"))
     PagedRunner(model)  # assigns the KV pools
-    assert (CpuDecodeStack.build(model, block_size=16) is not None) == takes
+    assert CpuDecodeStack.build(model, block_size=16) is not None
     llm = LLM(dense_dir(kind), device="cpu", dtype="float32", kv_cache_memory=0.02)
-    assert (llm.llm_engine.runner.cpu_stack is not None) == takes
+    assert llm.llm_engine.runner.cpu_stack is not None
 
 
 @pytest.mark.parametrize("arch", ["gemma", "granite", "olmo2"])
@@ -166,10 +164,19 @@ def test_half_precision_follows_the_reference(kind, dtype, dense_dir):
 
 
 @pytest.mark.parametrize("kind", DENSE_KINDS)
-def test_lora_adapters_equal_the_merged_model(kind, tmp_path, dense_dir, hf_model):
+def test_lora_adapters_equal_the_merged_model(kind, tmp_path, dense_dir, hf_model, monkeypatch):
     """An adapter on every projection: greedy tokens of transformers' model with it merged in
     (Granite scales the adapted projections' outputs by its residual multiplier; OLMo 2 norms
-    the adapted q and k)."""
+    the adapted q and k). Granite's and OLMo 2's decode steps add the adapter's terms in the C
+    decode stack, Gemma's (GeGLU) run module by module."""
+    adapter_steps = []
+    run = CpuDecodeStack.run
+
+    def counting(self, input_ids, positions, meta, adapters=None):
+        adapter_steps.append(adapters is not None)
+        return run(self, input_ids, positions, meta, adapters)
+
+    monkeypatch.setattr(CpuDecodeStack, "run", counting)
     merged = write_lora_adapter(tmp_path / "adapter", kind, 1, model=dense_hf_model(kind))
     llm = LLM(dense_dir(kind), device="cpu", dtype="float32", enable_lora=True)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -179,6 +186,8 @@ def test_lora_adapters_equal_the_merged_model(kind, tmp_path, dense_dir, hf_mode
     want = [_hf_generate(merged, p) for p in PROMPTS]
     assert [list(o.outputs[0].token_ids) for o in outputs] == want
     assert want != [_hf_generate(hf_model(kind), p) for p in PROMPTS]  # the adapter matters
+    takes_adapters = kind != "gemma"
+    assert all(adapter_steps) and bool(adapter_steps) == takes_adapters
 
 
 @pytest.mark.parametrize("kind", DENSE_KINDS)

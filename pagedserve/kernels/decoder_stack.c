@@ -1,5 +1,5 @@
-/* A decode step through all the decoder layers of a Llama-family, Granite or Gemma model in one
- * call, on the CPU.
+/* A decode step through all the decoder layers of a Llama-family, Granite, Gemma or OLMo 2 model
+ * in one call, on the CPU.
  *
  * Through the modules, a decode step makes nine kernel calls per layer from Python, each with
  * its views, checks and ctypes conversions; at one sequence that is as long as the layers'
@@ -20,15 +20,18 @@
  * (Stack.residual_scale) multiplies each block's output x by its residual multiplier before the
  * add_rms_norm that adds it, as GraniteDecoderLayer does.
  *
- * Gemma's layers (Stack.geglu) run the kernels GemmaDecoderLayer runs, in its order (rms_norm and
- * a plain add, not add_rms_norm), their MLP GeGLU; Gemma 2 and 3 (their Layer has attn_out_norm
- * and mlp_out_norm) norm the attention's and the MLP's outputs before adding them to the
- * residual stream, Gemma 1 adds them as they are (the norms in brackets: Gemma 2 and 3 only):
- *   x = attn Wo^T; residual += [rms_norm](x); normed = rms_norm(residual)
- *   act [m, I] = gelu_tanh(normed Wg^T) * (normed Wu^T);  residual += [rms_norm](act Wd^T)
- *   the next layer's normed (or out) = rms_norm(residual)
- * Their scores may be soft-capped (Gemma 2), and a sliding layer of Gemma 3 rotates with the
- * local RoPE table (Layer.rope_table).
+ * Gemma's and OLMo 2's layers (Stack.plain_adds) run the kernels their modules run, in their
+ * order (rms_norm and a plain add, not add_rms_norm). Gemma 2 and 3 and OLMo 2 (their Layer has
+ * attn_out_norm and mlp_out_norm) norm the attention's and the MLP's outputs before adding them
+ * to the residual stream, Gemma 1 adds them as they are; Gemma's (Stack.geglu: GeGLU) MLP reads
+ * the residual stream normed, OLMo 2's (no input or MLP-input norms: its Layer's input_norm and
+ * post_norm are NULL) reads it as it is, and so does its next layer's q/k/v projection:
+ *   x = attn Wo^T; residual += [rms_norm](x); mlp_in = [rms_norm](residual)
+ *   act [m, I] = gelu_tanh or silu(mlp_in Wg^T) * (mlp_in Wu^T);  residual += [rms_norm](act Wd^T)
+ *   the next layer's normed = [rms_norm](residual); out = rms_norm(residual)
+ * Gemma's scores may be soft-capped (Gemma 2), and a sliding layer of Gemma 3 rotates with the
+ * local RoPE table (Layer.rope_table). OLMo 2's q and k norms (Stack.whole_qk_norm) norm each
+ * row's whole q and k projections, not each head as Qwen3's and Gemma 3's do.
  *
  * A step whose sequences run with LoRA adapters (row_slot: each row's adapter, an index into
  * the projections' adapter tables, or -1 for none) adds each row's term (x A^T) B^T to each
@@ -72,7 +75,9 @@ typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
     int64_t quant_max_rows; /* steps of at most this many rows use the quantized panels */
     int64_t gate_width;     /* gate (and up) features in a gated panel: the vector width */
-    int64_t geglu;          /* Gemma's layers (see the top of this file); 0: Llama-family ones */
+    int64_t plain_adds;     /* Gemma's and OLMo 2's layers (see the top of this file); 0: Llama's */
+    int64_t geglu;          /* Gemma's GeGLU MLP; 0: SwiGLU (through the gated GEMM) */
+    int64_t whole_qk_norm;  /* q/k norms over the whole projections (OLMo 2); 0: per head */
     float eps, scale;
     float softcap; /* scores become softcap * tanh(score / softcap) (Gemma 2); 0: none */
     float residual_scale; /* Granite's residual multiplier; 0: none */
@@ -92,11 +97,12 @@ typedef struct {
     const int64_t *lora_rank;
 } Projection;
 
-/* post_norm: the norm before the MLP (Gemma 2's pre_feedforward_layernorm). A Gemma 2 or 3
- * layer also has the norms of its attention's and its MLP's outputs (NULL: none). */
+/* post_norm: the norm before the MLP (Gemma 2's pre_feedforward_layernorm); OLMo 2 has neither
+ * it nor input_norm (NULL). A Gemma 2 or 3 or an OLMo 2 layer also has the norms of its
+ * attention's and its MLP's outputs (NULL: none). */
 typedef struct {
     const float *input_norm, *post_norm;
-    const float *q_norm, *k_norm; /* per-head norms' weights [D]; NULL: none */
+    const float *q_norm, *k_norm; /* norms' weights, [D] per head or [q] and [kv]; NULL: none */
     Projection qkv, o, gate_up, down;
     void *k_cache, *v_cache;
     int64_t window;     /* the layer's sliding window; 0: none */
@@ -200,19 +206,30 @@ static void add_block(const Stack *s, float *residual, const float *y, const flo
     add_to(residual, y, m * s->hidden);
 }
 
-/* The same for a Gemma layer (see the top of this file); no adapters (decoder_stack.py). */
-static void gemma_tail(const Stack *s, const Layer *L, float *next, const float *next_norm,
-                       float *normed, float *residual, float *x, float *act, float *pre,
-                       int64_t m)
+/* The same for a Gemma or OLMo 2 layer (see the top of this file); next_norm NULL: the next
+ * layer reads the residual stream as it is. Adapters: OLMo 2's only (GeGLU: decoder_stack.py). */
+static void plain_add_tail(const Stack *s, const Layer *L, const int32_t *row_slot, float *next,
+                           const float *next_norm, float *normed, float *residual, float *x,
+                           float *act, float *pre, int64_t m)
 {
     const int64_t H = s->hidden, I = s->intermediate;
     add_block(s, residual, x, L->attn_out_norm, normed, m);
-    s->rms_norm(x, residual, L->post_norm, m, H, s->eps);
-    project(s, &L->gate_up, pre, x, m, 2 * I, H, 0);
-    s->gelu_and_mul(act, pre, m, I);
+    const float *mlp_in = residual;
+    if (L->post_norm) {
+        s->rms_norm(x, residual, L->post_norm, m, H, s->eps);
+        mlp_in = x;
+    }
+    if (s->geglu) {
+        project(s, &L->gate_up, pre, mlp_in, m, 2 * I, H, 0);
+        s->gelu_and_mul(act, pre, m, I);
+    } else if (row_slot && L->gate_up.lora_a)
+        gate_up_with_lora(s, &L->gate_up, row_slot, act, pre, mlp_in, m);
+    else
+        project(s, &L->gate_up, act, mlp_in, m, I, H, 1);
     project(s, &L->down, normed, act, m, H, I, 0);
+    if (row_slot) add_lora(&L->down, row_slot, normed, act, m, H, I);
     add_block(s, residual, normed, L->mlp_out_norm, x, m);
-    s->rms_norm(next, residual, next_norm, m, H, s->eps);
+    if (next_norm) s->rms_norm(next, residual, next_norm, m, H, s->eps);
 }
 
 /* Floats of scratch that decoder_stack_decode needs for m rows. */
@@ -239,17 +256,25 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
     float *qk = qkv + m * (q + 2 * kv), *attn = qk + m * (q + kv), *act = attn + m * q;
     float *pre = act + m * s->intermediate; /* the gate/up products (adapters; Gemma) */
     float *residual = hidden;
-    s->rms_norm(normed, hidden, layers[0].input_norm, m, H, s->eps);
+    /* What each layer's q/k/v projection reads: the normed residual stream (OLMo 2: as it is). */
+    const float *in = normed;
+    if (layers[0].input_norm)
+        s->rms_norm(normed, hidden, layers[0].input_norm, m, H, s->eps);
+    else
+        in = residual;
+    /* The q and k norms' rows per token and their width: each head, or the whole projections. */
+    const int64_t q_rows = s->whole_qk_norm ? 1 : s->num_heads, q_cols = q / q_rows;
+    const int64_t k_rows = s->whole_qk_norm ? 1 : s->num_kv_heads, k_cols = kv / k_rows;
     for (int64_t l = 0; l < num_layers; l++) {
         const Layer *L = layers + l;
         const float *table = rope + L->rope_table * m * D;
-        project(s, &L->qkv, qkv, normed, m, q + 2 * kv, H, 0);
-        if (row_slot) add_lora(&L->qkv, row_slot, qkv, normed, m, q + 2 * kv, H);
+        project(s, &L->qkv, qkv, in, m, q + 2 * kv, H, 0);
+        if (row_slot) add_lora(&L->qkv, row_slot, qkv, in, m, q + 2 * kv, H);
         if (L->q_norm)
             for (int64_t i = 0; i < m; i++) {
                 float *row = qkv + i * (q + 2 * kv);
-                s->rms_norm(row, row, L->q_norm, s->num_heads, D, s->eps);
-                s->rms_norm(row + q, row + q, L->k_norm, s->num_kv_heads, D, s->eps);
+                s->rms_norm(row, row, L->q_norm, q_rows, q_cols, s->eps);
+                s->rms_norm(row + q, row + q, L->k_norm, k_rows, k_cols, s->eps);
             }
         s->rotary(qk, qkv, table, table + D / 2, m, heads, D, q + 2 * kv, D, D);
         s->write_kv(L->k_cache, L->v_cache, qk + q, qkv + q + kv, slots, m, kv, q + kv,
@@ -262,8 +287,8 @@ void decoder_stack_decode(const Stack *s, const Layer *layers, int64_t num_layer
         const int last = l == num_layers - 1;
         float *next = last ? out : normed;
         const float *next_norm = last ? s->final_norm : L[1].input_norm;
-        if (s->geglu)
-            gemma_tail(s, L, next, next_norm, normed, residual, x, act, pre, m);
+        if (s->plain_adds)
+            plain_add_tail(s, L, row_slot, next, next_norm, normed, residual, x, act, pre, m);
         else
             llama_tail(s, L, row_slot, next, next_norm, normed, residual, x, act, pre, m);
     }

@@ -1,5 +1,5 @@
 """Python face of ``decoder_stack.c``: a decode step through every decoder layer in one C call
-(Llama-family, Granite and Gemma layers).
+(Llama-family, Granite, Gemma and OLMo 2 layers).
 
 The driver calls the other C kernels (packed GEMM, norms, rotary, K/V store, decode attention)
 through their entry points, taken here from the very builds that the modules call, so its
@@ -40,7 +40,9 @@ class _Stack(ctypes.Structure):
         *((name, _i64) for name in _SHAPES),
         ("quant_max_rows", _i64),
         ("gate_width", _i64),
+        ("plain_adds", _i64),
         ("geglu", _i64),
+        ("whole_qk_norm", _i64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("softcap", ctypes.c_float),
@@ -111,15 +113,16 @@ class Projection:
 
 @dataclass
 class Layer:
-    """One decoder layer: its two norms' weights (the input's and the MLP's input's), its
-    per-head q and k norms' (Qwen3, Gemma 3; else None), its projections (q/k/v stacked;
+    """One decoder layer: its two norms' weights (the input's and the MLP's input's; OLMo 2:
+    None), its q and k norms' (per head: Qwen3, Gemma 3; the whole projections': OLMo 2; else
+    None), its projections (q/k/v stacked;
     gate/up stacked, packed gated but for Gemma's GeGLU), its K/V pools, its sliding window
     (None: none), the RoPE table it rotates with (an index into :meth:`DecoderStack.decode`'s
-    ``rope``) and, for a Gemma 2 or 3 layer, the norms of its attention's and its MLP's
-    outputs."""
+    ``rope``) and, for a Gemma 2 or 3 or an OLMo 2 layer, the norms of its attention's and its
+    MLP's outputs."""
 
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    input_norm: torch.Tensor | None
+    post_norm: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     qkv: Projection
@@ -245,12 +248,14 @@ class DecoderStack:
         softcap: float | None = None,
         geglu: bool = False,
         residual_scale: float | None = None,
+        post_norms: bool = False,
     ) -> DecoderStack | None:
         """The stack of ``layers`` (``shapes``: hidden, num_heads, num_kv_heads, head_dim,
         intermediate, block_size; ``softcap``: the scores' soft cap, Gemma 2's; ``geglu``:
         Gemma's layers, their MLP GeGLU and its gate/up packed plain; ``residual_scale``:
-        Granite's residual multiplier, nonzero), or None when a kernel it needs is not built
-        here."""
+        Granite's residual multiplier, nonzero; ``post_norms``: OLMo 2's layers, no input or
+        MLP-input norms, the blocks' outputs normed, q and k normed over whole projections),
+        or None when a kernel it needs is not built here."""
         kv_dtype = layers[0].k_cache.dtype
         queries = torch.empty(0, 1, shapes["head_dim"])
         cache = layers[0].k_cache
@@ -276,7 +281,9 @@ class DecoderStack:
             **{name: shapes[name] for name in _SHAPES},
             quant_max_rows=quant_max_rows,
             gate_width=gemm.packed_gemm_panel_width(True),
+            plain_adds=geglu or post_norms,
             geglu=geglu,
+            whole_qk_norm=post_norms,
             eps=eps,
             scale=scale,
             softcap=softcap or 0.0,

@@ -8,7 +8,8 @@ by sqrt(hidden), Granite's by its embedding multiplier), the RoPE tables' lookup
 the global and the local one) and the lm head (with Granite's logits scaling) stay in PyTorch,
 one call each. Granite's layers go through the driver with their residual multiplier, Gemma's
 with GeGLU, Gemma 2 and 3's with their four norms, soft-capped scores (Gemma 2) and a RoPE table
-per layer type.
+per layer type, OLMo 2's with their norms after the blocks and their q/k norms over the whole
+projections.
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ from pagedserve.model.layers.linear import GateUpSilu, Linear, quantized_max_row
 from pagedserve.model.layers.norm import GemmaRMSNorm, RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+from pagedserve.model.olmo2 import Olmo2DecoderLayer
 
-DecoderLayer = LlamaDecoderLayer | GemmaDecoderLayer | Gemma1DecoderLayer
-# The layers the driver runs (OLMo 2's post-norms and whole-width q/k norms are not in it).
-_LAYERS = (LlamaDecoderLayer, GraniteDecoderLayer, GemmaDecoderLayer, Gemma1DecoderLayer)
+DecoderLayer = LlamaDecoderLayer | GemmaDecoderLayer | Gemma1DecoderLayer | Olmo2DecoderLayer
+# The layers the driver runs.
+_LAYERS = (
+    LlamaDecoderLayer,
+    GraniteDecoderLayer,
+    GemmaDecoderLayer,
+    Gemma1DecoderLayer,
+    Olmo2DecoderLayer,
+)
 
 
 def _projection(linear: Linear) -> Projection | None:
@@ -61,24 +69,27 @@ def _layer(layer: DecoderLayer) -> Layer | None:
         _projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     ]
     gemma = isinstance(layer, GemmaDecoderLayer)
-    if gemma:  # the input's and the MLP's input's norms, then the outputs' (see Layer)
+    # The input's and the MLP's input's norms, then the outputs' (see Layer; None: none).
+    if gemma:
         ordered = [layer.input_layernorm, layer.pre_feedforward_layernorm]
         ordered += [layer.post_attention_layernorm, layer.post_feedforward_layernorm]
+    elif isinstance(layer, Olmo2DecoderLayer):
+        ordered = [None, None, layer.post_attention_layernorm, layer.post_feedforward_layernorm]
     else:
-        ordered = [layer.input_layernorm, layer.post_attention_layernorm]
-    norms = [_weight(n) for n in ordered]
-    head_norms = [None if n is None else _weight(n) for n in (attn.q_norm, attn.k_norm)]
+        ordered = [layer.input_layernorm, layer.post_attention_layernorm, None, None]
+    norms = [None if n is None else _weight(n) for n in (*ordered, attn.q_norm, attn.k_norm)]
     pools = (attn.attn.k_cache, attn.attn.v_cache)
     if None in projections or pools[0] is None or pools[1] is None:
         return None
-    present = [n for n in head_norms if n is not None]
-    if attn.attn.backend != "fast" or not elementwise.supports(*norms, *present):
+    present = [n for n in norms if n is not None]
+    if attn.attn.backend != "fast" or not elementwise.supports(*present):
         return None
     qkv, o, gate_up, down = projections
-    fields = Layer(*norms[:2], *head_norms, qkv, o, gate_up, down, *pools, attn.attn.sliding_window)
+    before, after, head_norms = norms[:2], norms[2:4], norms[4:]
+    fields = Layer(*before, *head_norms, qkv, o, gate_up, down, *pools, attn.attn.sliding_window)
+    fields.attn_out_norm, fields.mlp_out_norm = after
     if gemma:
         fields.rope_table = int(layer.sliding)  # GemmaModel's local table
-        fields.attn_out_norm, fields.mlp_out_norm = norms[2:]
     return fields
 
 
@@ -91,8 +102,9 @@ def _rope_tables(inner: nn.Module) -> list[RotaryEmbedding]:
 
 
 class CpuDecodeStack:
-    """A Llama-family, Granite or Gemma model's pure-decode steps through :class:`DecoderStack`;
-    build it with :meth:`build` once the KV pools are assigned to the attention layers."""
+    """A Llama-family, Granite, Gemma or OLMo 2 model's pure-decode steps through
+    :class:`DecoderStack`; build it with :meth:`build` once the KV pools are assigned to the
+    attention layers."""
 
     def __init__(self, model: LlamaForCausalLM, stack: DecoderStack) -> None:
         self.model = model
@@ -119,7 +131,7 @@ class CpuDecodeStack:
             return None  # another architecture, or a Mixture-of-Experts one (model/moe.py)
         kinds = {type(layer) for layer in model.model.layers}
         if len(kinds) != 1 or kinds.pop() not in _LAYERS:
-            return None  # another layer layout (OLMo 2's)
+            return None  # another layer layout, or a mix of them
         inner = model.model
         residual_scale = getattr(inner.layers[0], "residual_multiplier", None)
         if residual_scale == 0.0:
@@ -158,6 +170,7 @@ class CpuDecodeStack:
             attention.attn.softcap,
             isinstance(inner.layers[0].mlp, GeGLU),
             None if residual_scale == 1.0 else residual_scale,  # a multiply by 1 changes nothing
+            isinstance(inner.layers[0], Olmo2DecoderLayer),
         )
         return None if stack is None else cls(model, stack)
 
