@@ -5,6 +5,7 @@ use afterwards. The server runs a tiny random model (errors do not need a real o
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -70,3 +71,19 @@ def test_the_server_serves_and_holds_no_blocks_after_the_fuzz(server):
     assert m["pagedserve:kv_cache_usage_perc"] == 0
     assert "Traceback" not in server.output()
 
+
+# What the fuzz found, each kept as a case of its own.
+def post_raw(server, path: str, text: str) -> tuple[int, dict]:
+    status, raw = send(server.url, Case("regression", path, text.encode(), []))
+    return status, json.loads(raw)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_nan_logit_bias_is_400(server, path):
+    """NaN was clamped into -100 (a silent ban of the token) and answered 200."""
+    head = '"messages": [{"role": "user", "content": "hi"}]' if "chat" in path else '"prompt": "hi"'
+    status, body = post_raw(
+        server, path, f'{{{head}, "max_tokens": 2, "logit_bias": {{"5": NaN}}}}'
+    )
+    assert status == 400, body
+    assert body["error"]["param"] == "logit_bias"

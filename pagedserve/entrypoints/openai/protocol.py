@@ -346,9 +346,12 @@ def _unset(value: Any, default: Any) -> bool:
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """By token id, each bias clamped to [-100, 100] as vLLM does (-1000 bans a token there)."""
+    """By token id, each bias clamped to [-100, 100] as vLLM does (-1000 bans a token there); a
+    400 for NaN, which the clamp would turn into a ban."""
     if not bias:
         return None
+    if any(math.isnan(v) for v in bias.values()):
+        raise bad_request("logit_bias values must be numbers, got NaN", param="logit_bias")
     try:
         return {int(k): min(100.0, max(-100.0, float(v))) for k, v in bias.items()}
     except ValueError as exc:
