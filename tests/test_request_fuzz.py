@@ -87,3 +87,33 @@ def test_nan_logit_bias_is_400(server, path):
     )
     assert status == 400, body
     assert body["error"]["param"] == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"structured_outputs": {"regex": "ab\\"}},
+        {"guided_regex": "\\d\\"},
+        {"structured_outputs": {"json": {"type": "string", "pattern": "a\\"}}},
+        {"structured_outputs": {"json": {"patternProperties": {"x\\": {}}}}},
+    ],
+)
+def test_a_regex_ending_in_a_lone_backslash_is_400(server, constraint):
+    """The grammar engine dropped the backslash: ``ab\\`` constrained the answer to ``ab``."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, **constraint}
+    status, answer = request(server.url + "/v1/completions", "POST", body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == "structured_outputs"  # guided_regex's too, as it is one
+    assert "lone backslash" in answer["error"]["message"]
+
+
+def test_an_escaped_backslash_ending_a_regex_is_kept(server):
+    body = {
+        "model": MODEL,
+        "prompt": "hi",
+        "max_tokens": 4,
+        "structured_outputs": {"regex": "a\\\\"},
+    }
+    status, answer = request(server.url + "/v1/completions", "POST", body)
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == "a\\"

@@ -81,7 +81,7 @@ def grammar_of(params: StructuredOutputsParams, special: frozenset[str] | None =
     """llguidance's grammar text for a constraint; ``special``: the tokenizer's special tokens
     (None: a structural tag's ``<...>`` triggers are taken to be special tokens)."""
     if params.regex is not None:
-        return LLMatcher.grammar_from_regex(params.regex)
+        return LLMatcher.grammar_from_regex(_whole_escapes(params.regex))
     if params.grammar is not None:
         try:
             return LLMatcher.grammar_from_lark(any_to_lark(params.grammar))
@@ -96,9 +96,40 @@ def grammar_of(params: StructuredOutputsParams, special: frozenset[str] | None =
     schema = params.json if params.json is not None else {"type": "object"}
     schema = _json_object(schema, "structured_outputs.json", "a JSON schema must be a JSON object")
     if params.json is not None:
+        _schema_patterns(schema)
         schema = closed_objects(schema)
     overrides = {"whitespace_flexible": False} if params.disable_any_whitespace else None
     return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
+
+
+def _whole_escapes(regex: str) -> str:
+    """``regex``, refused (``ValueError``) when it ends inside an escape: llguidance's regex
+    reader drops a trailing lone backslash, so ``a\\`` would silently constrain to ``a``."""
+    if (len(regex) - len(regex.rstrip("\\"))) % 2:
+        raise ValueError(
+            f"invalid regex {regex!r}: it ends with a lone backslash (an escape cut short)"
+        )
+    return regex
+
+
+_SCHEMA_DATA = frozenset(("const", "enum", "default", "examples"))  # values, not schemas
+
+
+def _schema_patterns(schema: Any) -> None:
+    """Every ``pattern`` and ``patternProperties`` regex in a JSON schema through
+    :func:`_whole_escapes` (a walk without recursion: the schema's depth is checked later)."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                _whole_escapes(node["pattern"])
+            if isinstance(node.get("patternProperties"), dict):
+                for regex in node["patternProperties"]:
+                    _whole_escapes(regex)
+            todo.extend(v for k, v in node.items() if k not in _SCHEMA_DATA)
+        elif isinstance(node, list):
+            todo.extend(node)
 
 
 # llguidance reads no schema nested past about 124 levels (its JSON reader stops at 128).
