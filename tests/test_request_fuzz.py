@@ -117,3 +117,20 @@ def test_an_escaped_backslash_ending_a_regex_is_kept(server):
     status, answer = request(server.url + "/v1/completions", "POST", body)
     assert status == 200, answer
     assert answer["choices"][0]["text"] == "a\\"
+
+
+def test_a_responses_stream_whose_constraint_fails_ends_in_an_error_event(server):
+    """It ended with ``response.completed`` (status completed) over the cut text, where the
+    same request unstreamed is a 400."""
+    body = {
+        "model": MODEL,
+        "input": "hi",
+        "max_output_tokens": 4,
+        "temperature": 0,
+        "structured_outputs": {"regex": "a{1000000}"},
+    }
+    assert request(server.url + "/v1/responses", "POST", body)[0] == 400
+    status, text = request(server.url + "/v1/responses", "POST", {**body, "stream": True})
+    assert status == 200
+    kinds = [json.loads(line[5:])["type"] for line in text.splitlines() if line.startswith("data:")]
+    assert kinds[-1] == "error" and "response.completed" not in kinds

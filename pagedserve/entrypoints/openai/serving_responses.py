@@ -35,6 +35,7 @@ from pagedserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagedserve.entrypoints.openai.serving_base import header_priority, new_id
 from pagedserve.entrypoints.openai.serving_chat import ServingChat
 from pagedserve.entrypoints.openai.streams import (
+    CONSTRAINTS_FAILED,
     SSEResponse,
     cancel_on_disconnect,
     last_output,
@@ -295,6 +296,10 @@ class _Job:
             async for out in stream:
                 final = out
                 c = out.outputs[0]
+                if c.finish_reason == "error":  # a whole answer's 400, once the stream is open
+                    code = "invalid_request_error"
+                    yield event("error", code=code, message=CONSTRAINTS_FAILED, param=None)
+                    return
                 if streaming and len(c.text) > sent:
                     num_tokens = len(c.token_ids)
                     logprobs = self.logprobs(c, tokens_sent, num_tokens)

@@ -23,6 +23,14 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+# Why an answer finished with reason "error": what a whole answer's 400 and a stream's error say.
+CONSTRAINTS_FAILED = (
+    "the request's constraints could not be followed to the end: together (allowed_token_ids, "
+    "bad_words, min_tokens, the output constraint) they left no token to write, or the output "
+    "constraint's grammar hit one of the grammar engine's limits (the server log names it)"
+)
+
+
 async def last_output(stream: RequestStream) -> RequestOutput:
     """Drain a stream and return its final (cumulative) output."""
     final: RequestOutput | None = None
@@ -36,13 +44,7 @@ async def last_output(stream: RequestStream) -> RequestOutput:
     if final is None:
         raise APIError(503, "the request was aborted before it produced any output")
     if isinstance(final, RequestOutput) and any(c.finish_reason == "error" for c in final.outputs):
-        raise APIError(
-            400,
-            "the request's constraints could not be followed to the end: together "
-            "(allowed_token_ids, bad_words, min_tokens, the output constraint) they left no token "
-            "to write, or the output constraint's grammar hit one of the grammar engine's limits "
-            "(the server log names it)",
-        )
+        raise APIError(400, CONSTRAINTS_FAILED)
     return final
 
 
