@@ -134,3 +134,14 @@ def test_a_responses_stream_whose_constraint_fails_ends_in_an_error_event(server
     assert status == 200
     kinds = [json.loads(line[5:])["type"] for line in text.splitlines() if line.startswith("data:")]
     assert kinds[-1] == "error" and "response.completed" not in kinds
+
+
+def test_a_bad_prompt_logprobs_beside_echoed_logprobs_is_400(server):
+    """With echo and logprobs the larger of the two counts was computed, and a negative
+    prompt_logprobs passed unchecked."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "echo": True, "logprobs": 2}
+    status, answer = request(
+        server.url + "/v1/completions", "POST", {**body, "prompt_logprobs": -5}
+    )
+    assert status == 400, answer
+    assert answer["error"]["param"] == "prompt_logprobs"

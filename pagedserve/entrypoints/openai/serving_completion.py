@@ -67,9 +67,11 @@ class ServingCompletion:
                 prompt_texts[-1] = None  # an echo shows what the model saw
             prompt_ids.append(kept)
         # The prompt's logprobs, computed once for whichever of echo and prompt_logprobs asks
-        # for more alternatives.
+        # for more alternatives; a negative one (a bad value: -1 was resolved above) stands over
+        # the other, so that its check refuses it.
         asked = (req.logprobs if req.echo else None, req.returned_prompt_logprobs)
-        prompt_logprobs = max((n for n in asked if n is not None), default=None)
+        given = [n for n in asked if n is not None]
+        prompt_logprobs = min(given) if any(n < 0 for n in given) else max(given, default=None)
         max_tokens = req.requested_max_tokens
         if req.echo_only:
             # The engine samples at least one token: one that always ends by length, dropped
