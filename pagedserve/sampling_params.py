@@ -106,6 +106,11 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, repr=False)
     # The token sequences of bad_words, set by the engine (it has the tokenizer) on admission.
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False)
+    # The sampler's tensors of the per-token fields (logit_bias, allowed_token_ids), built on
+    # their first step rather than from the Python lists at every step (sample.metadata).
+    token_tensors: dict[str, Any] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
