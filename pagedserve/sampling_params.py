@@ -106,9 +106,10 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, repr=False)
     # The token sequences of bad_words, set by the engine (it has the tokenizer) on admission.
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False)
-    # The sampler's tensors of the per-token fields (logit_bias, allowed_token_ids), built on
-    # their first step rather than from the Python lists at every step (sample.metadata).
-    token_tensors: dict[str, Any] = field(
+    # What the sampler derives from the per-token fields (tensors of logit_bias,
+    # allowed_token_ids and the stop tokens, an index of bad_words_token_ids), built on a
+    # request's first step rather than from the Python lists at every step (sample.metadata).
+    sampler_cache: dict[str, Any] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
 
+from pagedserve.sample.bad_words import bad_words_index, banned_next_tokens
 from pagedserve.sample.logits_processors import apply_logits_processors
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.sampler import (
@@ -422,19 +425,37 @@ def test_random_rows_never_pick_impossible_tokens():
     assert all(t in top4[i].tolist() for i, t in enumerate(out.token_ids))
 
 
-def test_bias_and_allowed_tokens_are_built_once_per_request():
-    """A request's logit_bias and allowed_token_ids become tensors on its first step and are
-    reused after: rebuilt from 10,000 entries at every step they slowed the whole batch."""
+def test_per_token_fields_are_built_once_per_request():
+    """A request's logit_bias, allowed_token_ids, stop tokens (before min_tokens) and bad words
+    are derived on its first step and reused after: rebuilt from 10,000 entries at every step
+    they slowed the whole batch."""
     logits = torch.randn(3, V)
-    shared = SamplingParams(logit_bias={1: 2.0, 4: -1.0, V + 5: 9.0}, allowed_token_ids=[1, 4, V])
-    rows = [SamplingRow(shared, [0], []), make_row(), SamplingRow(shared, [0], [1])]
+    shared = SamplingParams(
+        logit_bias={1: 2.0, 4: -1.0, V + 5: 9.0},
+        allowed_token_ids=[1, 2, 4, V],
+        min_tokens=5,
+        stop_token_ids=[2, V + 1],
+        bad_words=["w"],
+    )
+    shared.bad_words_token_ids = [[3, 4], [5]]
+    rows = [SamplingRow(shared, [0], [3]), make_row(), SamplingRow(shared, [0], [1])]
     first = processed(logits, rows)
-    built = dict(shared.token_tensors)
-    assert set(built) == {"logit_bias", "allowed_token_ids"}
+    built = dict(shared.sampler_cache)
+    assert set(built) == {"logit_bias", "allowed_token_ids", "stop_token_ids", "bad_words"}
     torch.testing.assert_close(processed(logits, rows), first)
-    assert all(shared.token_tensors[k] is v for k, v in built.items())
-    for i in (0, 2):
-        expected = torch.full((V,), float("-inf"))
-        expected[1], expected[4] = logits[i, 1] + 2.0, logits[i, 4] - 1.0
-        torch.testing.assert_close(first[i], expected)
+    assert all(shared.sampler_cache[k] is v for k, v in built.items())
+    expected = torch.full((2, V), float("-inf"))
+    expected[1, 4] = logits[2, 4] - 1.0  # 1 is allowed and biased, 2 stops, 4 allowed
+    expected[:, 1] = logits[[0, 2], 1] + 2.0  # after [3], 4 would complete the bad word
+    torch.testing.assert_close(first[[0, 2]], expected)
     torch.testing.assert_close(first[1], logits[1])
+
+
+def test_bad_words_index_bans_what_a_scan_of_every_word_bans():
+    rng = random.Random(0)
+    for _ in range(200):
+        words = [[rng.randrange(4) for _ in range(rng.randint(1, 3))] for _ in range(6)]
+        output = [rng.randrange(4) for _ in range(rng.randint(0, 5))]
+        scanned = {w[-1] for w in words if len(w) - 1 <= len(output) and
+                   output[len(output) - len(w) + 1 :] == w[:-1]}  # fmt: skip
+        assert banned_next_tokens(bad_words_index(words), output) == scanned

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from pagedserve.sample.bad_words import banned_next_tokens
+from pagedserve.sample.bad_words import BadWordsIndex, bad_words_index, banned_next_tokens
 from pagedserve.sample.structured_output import LLMatcher, allowed_tokens
 from pagedserve.sample.thinking_budget import ThinkingTracker
 from pagedserve.sampling_params import SamplingParams
@@ -184,10 +184,10 @@ def _allowed_tokens(
 def _allowed_tensor(p: SamplingParams, vocab_size: int) -> torch.Tensor:
     """A row's allowed_token_ids inside the vocabulary, built once per request (as
     :func:`_bias_tensors`)."""
-    cached = p.token_tensors.get("allowed_token_ids")
+    cached = p.sampler_cache.get("allowed_token_ids")
     if cached is None:
         ids = [t for t in p.allowed_token_ids or () if 0 <= t < vocab_size]
-        cached = p.token_tensors["allowed_token_ids"] = torch.tensor(ids, dtype=torch.long)
+        cached = p.sampler_cache["allowed_token_ids"] = torch.tensor(ids, dtype=torch.long)
     return cached
 
 
@@ -207,46 +207,53 @@ def _logit_bias(
     params: list[SamplingParams], vocab_size: int, device: torch.device
 ) -> SparseTokenValues | None:
     biased = [(i, _bias_tensors(p, vocab_size)) for i, p in enumerate(params) if p.logit_bias]
-    biased = [(i, bias) for i, bias in biased if len(bias[0])]
-    if not biased:
+    return _sparse([(i, tokens) for i, (tokens, _) in biased], device, [v for _, (_, v) in biased])
+
+
+def _sparse(
+    parts: list[tuple[int, torch.Tensor]],
+    device: torch.device,
+    values: list[torch.Tensor] | None = None,
+) -> SparseTokenValues | None:
+    """The (row, token ids) ``parts`` (and their ``values``) as flat tensors; None if empty."""
+    if not any(len(tokens) for _, tokens in parts):
         return None
-    counts = torch.tensor([len(tokens) for _, (tokens, _) in biased])
-    rows = torch.repeat_interleave(torch.tensor([i for i, _ in biased]), counts)
+    counts = torch.tensor([len(tokens) for _, tokens in parts])
+    rows = torch.repeat_interleave(torch.tensor([i for i, _ in parts]), counts)
     return SparseTokenValues(
         rows.to(device),
-        torch.cat([tokens for _, (tokens, _) in biased]).to(device),
-        torch.cat([values for _, (_, values) in biased]).to(device),
+        torch.cat([tokens for _, tokens in parts]).to(device),
+        None if values is None else torch.cat(values).to(device),
     )
 
 
 def _bias_tensors(p: SamplingParams, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A row's logit_bias as (token ids, values) inside the vocabulary, built once per request:
     rebuilt from its dict at every step, 10,000 entries cost tens of ms per row and step."""
-    cached = p.token_tensors.get("logit_bias")
+    cached = p.sampler_cache.get("logit_bias")
     if cached is None:
         kept = {t: b for t, b in (p.logit_bias or {}).items() if 0 <= t < vocab_size}
         tokens = torch.tensor(list(kept), dtype=torch.long)
         cached = (tokens, torch.tensor(list(kept.values()), dtype=torch.float32))
-        p.token_tensors["logit_bias"] = cached
+        p.sampler_cache["logit_bias"] = cached
     return cached
 
 
 def _banned(
     rows: list[SamplingRow], vocab_size: int, eos_token_ids: set[int], device: torch.device
 ) -> SparseTokenValues | None:
-    """Tokens a row may not sample now (:func:`_banned_now`)."""
-    entries = [
-        (i, t)
-        for i, r in enumerate(rows)
-        for t in _banned_now(r, eos_token_ids)
-        if 0 <= t < vocab_size
-    ]
-    if not entries:
-        return None
-    row_ids, tokens = zip(*entries, strict=True)
-    return SparseTokenValues(
-        torch.tensor(row_ids, device=device), torch.tensor(tokens, device=device), None
-    )
+    """Tokens a row may not sample now (:func:`_banned_now`), the stop tokens as a tensor
+    built once per request."""
+    parts = []
+    for i, r in enumerate(rows):
+        p = r.params
+        if len(r.output_token_ids) < p.min_tokens:
+            parts.append((i, _stop_tensor(p, eos_token_ids, vocab_size)))
+        if p.bad_words_token_ids:
+            words = banned_next_tokens(_bad_words(p), r.output_token_ids)
+            kept = [t for t in words if 0 <= t < vocab_size]
+            parts.append((i, torch.tensor(kept, dtype=torch.long)))
+    return _sparse(parts, device)
 
 
 def _banned_now(row: SamplingRow, eos_token_ids: set[int]) -> set[int]:
@@ -259,8 +266,25 @@ def _banned_now(row: SamplingRow, eos_token_ids: set[int]) -> set[int]:
         if not p.ignore_eos:
             banned |= eos_token_ids
     if p.bad_words_token_ids:
-        banned |= banned_next_tokens(p.bad_words_token_ids, row.output_token_ids)
+        banned |= banned_next_tokens(_bad_words(p), row.output_token_ids)
     return banned
+
+
+def _stop_tensor(p: SamplingParams, eos_token_ids: set[int], vocab_size: int) -> torch.Tensor:
+    """The tokens that would stop a request before its min_tokens (as :func:`_banned_now`)."""
+    cached = p.sampler_cache.get("stop_token_ids")
+    if cached is None:
+        stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else eos_token_ids)
+        ids = [t for t in stops if 0 <= t < vocab_size]
+        cached = p.sampler_cache["stop_token_ids"] = torch.tensor(ids, dtype=torch.long)
+    return cached
+
+
+def _bad_words(p: SamplingParams) -> BadWordsIndex:
+    cached = p.sampler_cache.get("bad_words")
+    if cached is None:
+        cached = p.sampler_cache["bad_words"] = bad_words_index(p.bad_words_token_ids)
+    return cached
 
 
 def _penalties(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> Penalties | None:
