@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -122,6 +124,37 @@ def test_stop_strings(tokenizer, text, stops, include, expected, matched, chunk)
         for s in stops:
             assert s not in shown
             assert not any(shown.endswith(s[:k]) for k in range(1, len(s))), (shown, s)
+
+
+def test_stop_strings_match_as_a_scan_of_each(tokenizer):
+    """Stop strings are looked up by length in a set and held back through a sorted list
+    (clients send thousands): what is matched and shown is still what a scan of every stop
+    string gives, the first to end (then the longer) and the longest tail that may become one."""
+    rng = random.Random(0)
+    for _ in range(150):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randint(1, 30)))
+        pieces = ("".join(rng.choice("ab ") for _ in range(rng.randint(1, 4))) for _ in range(8))
+        stops = sorted(set(pieces))[: rng.randint(1, 8)]
+        ids = tokenizer.encode(text)
+        detok = IncrementalDetokenizer(tokenizer, [1], SamplingParams(stop=stops))
+        for i in range(len(ids)):
+            stop = detok.append(ids[i : i + 1])
+            so_far = tokenizer.decode(ids[: i + 1])
+            found = [(so_far.find(s) + len(s), -len(s), s) for s in stops if s in so_far]
+            if found:
+                end, neg_len, matched = min(found)
+                assert (
+                    stop == matched and detok.output_text(finished=True) == so_far[: end + neg_len]
+                )
+                break
+            held = max(
+                (k for k in range(1, len(so_far) + 1) for s in stops
+                 if len(s) > k and s.startswith(so_far[-k:])),
+                default=0,
+            )  # fmt: skip
+            assert (
+                stop is None and detok.output_text(finished=False) == so_far[: len(so_far) - held]
+            )
 
 
 def test_held_back_text_is_released_when_it_is_not_a_stop(tokenizer):

@@ -10,6 +10,7 @@ UTF-8 character.
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from typing import Any
 
@@ -55,6 +56,11 @@ class IncrementalDetokenizer:
         self._detokenize = params.detokenize
         self._stops = params.stop_strings
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        # The stop strings as a set, its lengths longest first, and sorted: a step looks up one
+        # slice per new character and length, not every stop string (clients send thousands).
+        self._stop_set = frozenset(self._stops)
+        self._stop_lengths = sorted({len(s) for s in self._stops}, reverse=True)
+        self._sorted_stops = sorted(self._stop_set)
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
         self._bare_added: dict[int, str] | None = None
@@ -160,27 +166,30 @@ class IncrementalDetokenizer:
         self._window_text = None
 
     def _find_stop(self) -> str | None:
-        """Search the text not searched yet (plus the overlap a stop string may need)."""
-        best: tuple[int, int, str] | None = None  # (end, -length, stop)
-        for stop in self._stops:
-            start = self._text.find(stop, max(0, self._checked - len(stop) + 1))
-            if start != -1 and (best is None or (start + len(stop), -len(stop)) < best[:2]):
-                best = (start + len(stop), -len(stop), stop)
-        self._checked = len(self._text)
-        if best is None:
-            return None
-        end, neg_len, stop = best
-        self._text = self._text[: end if self._include_stop else end + neg_len]
-        self._checked = len(self._text)
-        self._stop_string = stop
-        return stop
+        """Search the text not searched yet (plus the overlap a stop string may need): the stop
+        string that ends first, the longer one where two end at the same character."""
+        text = self._text
+        for end in range(self._checked + 1, len(text) + 1):
+            for length in self._stop_lengths:
+                if length <= end and text[end - length : end] in self._stop_set:
+                    stop = text[end - length : end]
+                    self._text = text[: end if self._include_stop else end - length]
+                    self._checked = len(self._text)
+                    self._stop_string = stop
+                    return stop
+        self._checked = len(text)
+        return None
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        text = self._text
+        text, stops = self._text, self._sorted_stops
         for k in range(min(self._max_stop_len - 1, len(text)), 0, -1):
             tail = text[-k:]
-            if any(len(s) > k and s.startswith(tail) for s in self._stops):
+            # The stop strings that start with ``tail`` follow each other from its place in the
+            # sorted list, ``tail`` itself first if it is one (then the next is longer).
+            i = bisect.bisect_left(stops, tail)
+            i += i < len(stops) and stops[i] == tail
+            if i < len(stops) and stops[i].startswith(tail):
                 return k
         return 0
 
