@@ -1,7 +1,7 @@
 """Seeded bad requests for the HTTP API: valid bodies of each endpoint mutated 1-3 times (wrong
 types, numbers at edges, huge or deep values, lone surrogates, junk constraints and tools, broken
 JSON), and the checks every answer must pass (a status the API promises, its error schema, a
-stream that ends properly)."""
+stream that ends properly, no 200 for a NaN or infinite sampling value)."""
 
 from __future__ import annotations
 
