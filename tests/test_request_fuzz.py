@@ -157,3 +157,12 @@ def test_a_bad_prompt_logprobs_beside_echoed_logprobs_is_400(server):
     )
     assert status == 400, answer
     assert answer["error"]["param"] == "prompt_logprobs"
+
+
+@pytest.mark.parametrize("include", [["x"], ["message.output_text.logprob"]])
+def test_an_unknown_responses_include_is_400(server, include):
+    """It was ignored: a misspelt logprobs include gave an answer without logprobs."""
+    body = {"model": MODEL, "input": "hi", "max_output_tokens": 2, "include": include}
+    status, answer = request(server.url + "/v1/responses", "POST", body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == "include"

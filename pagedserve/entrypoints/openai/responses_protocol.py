@@ -12,7 +12,7 @@ conversation to continue, automatic truncation) is a 400 naming the field, never
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -25,6 +25,20 @@ from pagedserve.entrypoints.openai.protocol import (
 )
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+# What OpenAI's include may name (a misspelt one is a 400, as in vLLM, not silently nothing);
+# only the output text's logprobs are written here, the others name what this server has not.
+Includable = Literal[
+    "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url",
+    "file_search_call.results",
+    "message.input_image.image_url",
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+    "web_search_call.action.sources",
+    "web_search_call.results",
+]
 
 
 class ResponsesRequest(RequestBody):
@@ -45,7 +59,7 @@ class ResponsesRequest(RequestBody):
     truncation: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
-    include: list[str] | None = None
+    include: list[Includable] | None = None
     top_logprobs: int | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra, as on chat
     ignore_eos: bool = False  # vLLM's extra, as on chat
