@@ -137,3 +137,15 @@ def test_bad_requests_are_refused_and_leave_nothing(llm):
     with pytest.raises(ValueError, match="needs detokenize"):  # as vLLM: no text, no match
         SamplingParams(stop=["x"], detokenize=False)
     assert not engine.has_unfinished_requests()
+
+
+def test_params_changed_between_calls_take_effect(llm):
+    """The sampler builds a request's bias and allowed-token tensors once; a params object
+    reused after a change to those fields gets them built from the new values."""
+    params = SamplingParams(temperature=0, max_tokens=4, allowed_token_ids=[11, 12])
+    assert set(_gen(llm, params)[0].token_ids) <= {11, 12}
+    params.allowed_token_ids = [13]
+    assert _gen(llm, params)[0].token_ids == [13] * 4
+    params.allowed_token_ids = None
+    params.logit_bias = {14: 100.0}
+    assert _gen(llm, params)[0].token_ids == [14] * 4

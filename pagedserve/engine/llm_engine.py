@@ -273,6 +273,7 @@ class LLMEngine:
         req.thinking = thinking_tracker(self.thinking, params, token_ids)
         if params.bad_words:
             params.bad_words_token_ids = bad_word_sequences(self.tokenizer, params.bad_words)
+        params.sampler_cache.clear()  # params reused after a change to their fields: built anew
         group = RequestGroup(request_id, prompt_text, token_ids, params)
         group.sequences.append(self.outputs.new_sequence(req))
         self.groups[request_id] = group
