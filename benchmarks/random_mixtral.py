@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+from random_weights import save_random
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
-from pagedserve.model_path import packaged_model_path
-from pagedserve.tokenizer import load_tokenizer
 
 
 def main() -> None:
@@ -41,7 +38,6 @@ def main() -> None:
         eos_token_id=2,
         pad_token_id=2,
     )
-    torch.manual_seed(0)
     if args.dense:
         config = LlamaConfig(**shapes, intermediate_size=args.top_k * args.intermediate)
         model = LlamaForCausalLM(config)
@@ -53,13 +49,7 @@ def main() -> None:
             num_experts_per_tok=args.top_k,
         )
         model = MixtralForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = 0.05 * torch.randn_like(param)
-            param.copy_(1 + noise if "norm" in name else noise)
-    model.save_pretrained(args.out)
-    load_tokenizer(str(packaged_model_path())).save_pretrained(args.out)
-    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    save_random(model, args.out)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+from random_weights import save_random
 from transformers import Olmo2Config, Olmo2ForCausalLM
-
-from pagedserve.model_path import packaged_model_path
-from pagedserve.tokenizer import load_tokenizer
 
 
 def main() -> None:
@@ -36,15 +33,8 @@ def main() -> None:
         eos_token_id=2,
         pad_token_id=2,
     )
-    torch.manual_seed(0)
     model = Olmo2ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = 0.05 * torch.randn_like(param)
-            param.copy_(1 + noise if "norm" in name else noise)
-    model.save_pretrained(args.out)
-    load_tokenizer(str(packaged_model_path())).save_pretrained(args.out)
-    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    save_random(model, args.out)
 
 
 if __name__ == "__main__":
