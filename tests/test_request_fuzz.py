@@ -108,6 +108,20 @@ def test_nan_logit_bias_is_400(server, path):
         {"guided_regex": "\\d\\"},
         {"structured_outputs": {"json": {"type": "string", "pattern": "a\\"}}},
         {"structured_outputs": {"json": {"patternProperties": {"x\\": {}}}}},
+        {
+            "structured_outputs": {
+                "structural_tag": {
+                    "triggers": ["<f"],
+                    "structures": [
+                        {
+                            "begin": "<f>",
+                            "schema": {"type": "string", "pattern": "a\\"},
+                            "end": "</f>",
+                        }
+                    ],
+                }
+            }
+        },
     ],
 )
 def test_a_regex_ending_in_a_lone_backslash_is_400(server, constraint):

@@ -259,6 +259,8 @@ def structural_tag_grammar(
                 f"structural_tag.structures[{i}].begin {begin!r} starts with none of the "
                 f"triggers {triggers}"
             )
+        if schema is not None:
+            _schema_patterns(schema)
         grammar = closed_objects(schema) if schema is not None else {}
         if compact:
             grammar = {**grammar, "x-guidance": {"whitespace_flexible": False}}
