@@ -160,6 +160,15 @@ def test_a_responses_stream_whose_constraint_fails_ends_in_an_error_event(server
     assert status == 200
     kinds = [json.loads(line[5:])["type"] for line in text.splitlines() if line.startswith("data:")]
     assert kinds[-1] == "error" and "response.completed" not in kinds
+    # In the background, the stored response fails with the same message as the error event.
+    status, text = request(
+        server.url + "/v1/responses", "POST", {**body, "stream": True, "background": True}
+    )
+    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    assert status == 200 and events[-1]["type"] == "error"
+    status, stored = request(server.url + f"/v1/responses/{events[0]['response']['id']}", "GET")
+    assert status == 200 and stored["status"] == "failed"
+    assert stored["error"]["message"] == events[-1]["message"]
 
 
 def test_a_bad_prompt_logprobs_beside_echoed_logprobs_is_400(server):

@@ -34,6 +34,7 @@ class BackgroundJob(Protocol):
 
     id: str
     keep: Callable[[dict[str, Any]], None]
+    error: str | None  # the message of the error event its stream ended with, if any
 
     def response(
         self,
@@ -154,7 +155,7 @@ class BackgroundResponses:
             else:
                 async for event in job.events(stream):
                     log.append(event)
-            self._set_status(job.id, "failed", "the response ended without an answer")
+            self._set_status(job.id, "failed", job.error or "the response ended without an answer")
         except APIError as exc:
             self._set_status(job.id, "failed", exc.message)
         except Exception as exc:  # noqa: BLE001 - the task has no caller to raise to

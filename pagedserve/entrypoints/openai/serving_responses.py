@@ -160,6 +160,7 @@ class _Job:
         self.id = new_id("resp", "_")
         self.item_id = new_id("msg", "_")
         self.created = int(time.time())
+        self.error: str | None = None  # set as the stream ends in an error event
 
     def output(self, out: RequestOutput) -> list[dict[str, Any]]:
         """The output items of a finished answer: a reasoning model's thinking as a reasoning
@@ -297,6 +298,7 @@ class _Job:
                 final = out
                 c = out.outputs[0]
                 if c.finish_reason == "error":  # a whole answer's 400, once the stream is open
+                    self.error = CONSTRAINTS_FAILED
                     code = "invalid_request_error"
                     yield event("error", code=code, message=CONSTRAINTS_FAILED, param=None)
                     return
