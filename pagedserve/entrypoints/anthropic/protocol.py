@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pagedserve.entrypoints.openai.protocol import OpenAIModel, RequestBody, StructuredOutputs
+from pagedserve.entrypoints.openai.protocol import StructuredOutputs
+from pagedserve.entrypoints.openai.request_body import OpenAIModel, RequestBody
 
 
 class ContentBlock(OpenAIModel):

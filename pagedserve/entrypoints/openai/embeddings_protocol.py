@@ -14,7 +14,8 @@ from pydantic import model_validator
 from pagedserve.entrypoints.openai.cache_salt import check_cache_salt
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.priority import Priority
-from pagedserve.entrypoints.openai.protocol import ChatMessage, Prompt, RequestBody
+from pagedserve.entrypoints.openai.protocol import ChatMessage, Prompt
+from pagedserve.entrypoints.openai.request_body import RequestBody
 
 
 class PoolingFields(RequestBody):

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.responses import PlainTextResponse
 
 from pagedserve.entrypoints.openai.errors import APIError, bad_request
-from pagedserve.entrypoints.openai.protocol import RequestBody
+from pagedserve.entrypoints.openai.request_body import RequestBody
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing
 from pagedserve.lora.request import LoRARequest
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedserve.entrypoints.openai.protocol import RequestBody
+from pagedserve.entrypoints.openai.request_body import RequestBody
 
 
 class AbortRequestsRequest(RequestBody):

@@ -18,11 +18,8 @@ from pydantic import ValidationError
 
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.priority import Priority
-from pagedserve.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    RequestBody,
-    StructuredOutputs,
-)
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, StructuredOutputs
+from pagedserve.entrypoints.openai.request_body import RequestBody
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 

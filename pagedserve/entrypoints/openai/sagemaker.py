@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedserve.entrypoints.openai.errors import bad_request
-from pagedserve.entrypoints.openai.protocol import RequestBody
+from pagedserve.entrypoints.openai.request_body import RequestBody
 
 Handler = Callable[[Any, Request], Awaitable[Response]]
 

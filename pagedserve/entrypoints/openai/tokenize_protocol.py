@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import Field
 
-from pagedserve.entrypoints.openai.protocol import ChatMessage, RequestBody
+from pagedserve.entrypoints.openai.protocol import ChatMessage
+from pagedserve.entrypoints.openai.request_body import RequestBody
 
 
 class TokenizeRequest(RequestBody):
