@@ -44,6 +44,10 @@ CALLS = [
     "<|python_start|>[get(PY)]",
     "<function_calls>\nget(a=1, o={'k': [null]}, b=true)\ntime()\n</function_calls>",
     "<function_calls>\ntime(PY)\n</function_calls>",
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get\n```json\nARGS\n```"
+    "<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>time\n```json\n{}\n```"
+    "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get\n```json\nARGS\n```<｜tool▁call▁end｜>",
 ]
 FRAGMENTS = [
     "null",
@@ -83,6 +87,12 @@ MARKERS = [
     "<|python_end|>",
     "<function_calls>",
     "</function_calls>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "function<｜tool▁sep｜>get\n```json\n",
     "functools[",
     "<function=get>",
     "</function>",

@@ -120,7 +120,7 @@ def test_only_mistral_needs_the_special_tokens_kept():
             "--tool-call-parser",
             ["granite", "granite4", "granite-20b-fc", "llama4_json", "llama4_pythonic"],
         ),
-        ("--tool-call-parser", ["olmo3", "qwen3_json"]),
+        ("--tool-call-parser", ["deepseek_v3", "olmo3", "qwen3_json"]),
     ],
 )
 def test_serve_lists_vllm_s_parser_names(flag, names, capsys):

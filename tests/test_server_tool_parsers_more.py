@@ -51,6 +51,10 @@ ANSWERS = {
         "Let me check. <start_function_call>call:get_weather{city:<escape>Paris<escape>,"
         "days:<escape>2<escape>}<end_function_call>"
     ),
+    "deepseek_v3": (
+        "Let me check. <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris", "days": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+    ),
     "qwen3_coder": (
         "Let me check. <tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
         "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"

@@ -49,6 +49,10 @@ one place, :mod:`.tool_calls`.
   "arguments": {...}}``, repeated; see :mod:`.tool_parsers_granite_fc`.
 - ``functiongemma`` (FunctionGemma): ``<start_function_call>call:NAME{key:<escape>value<escape>}
   <end_function_call>``; see :mod:`.tool_parsers_functiongemma`.
+- ``deepseek_v3`` (DeepSeek-V3, DeepSeek-R1 and R1's distills): ``<｜tool▁calls▁begin｜>``, then
+  per call ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` and its arguments in a
+  ```` ```json ```` fence, ``<｜tool▁call▁end｜>``; the markers are kept; see
+  :mod:`.tool_parsers_deepseek`.
 - ``qwen3_coder`` and ``qwen3_xml`` (Qwen3-Coder): ``<tool_call><function=NAME><parameter=KEY>
   VALUE</parameter></function></tool_call>``, values typed by the request's tool schemas; see
   :mod:`.tool_parsers_qwen3_xml`.
@@ -76,6 +80,7 @@ from pagedserve.entrypoints.openai.tool_parser_base import (
     loads,
     raw_decode,
 )
+from pagedserve.entrypoints.openai.tool_parsers_deepseek import DeepSeekV3Parser
 from pagedserve.entrypoints.openai.tool_parsers_functiongemma import FunctionGemmaParser
 from pagedserve.entrypoints.openai.tool_parsers_granite_fc import Granite20bFcParser
 from pagedserve.entrypoints.openai.tool_parsers_json_lists import (
@@ -251,6 +256,7 @@ class MistralParser(ToolParser):
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    "deepseek_v3": DeepSeekV3Parser,
     "functiongemma": FunctionGemmaParser,
     "granite": GraniteParser,
     "granite-20b-fc": Granite20bFcParser,
