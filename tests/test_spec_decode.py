@@ -227,6 +227,33 @@ def test_seeded_sampling_reproduces_and_max_tokens_holds(tiny_model_dir):
     assert all(len(ids) == 17 and reason == "length" for ids, _, reason, _ in first)
 
 
+def test_a_seed_gives_the_answer_it_gives_without_drafts(tiny_model_dir):
+    """Checking drafts draws once per position checked, and how many a step checks depends on
+    its budget; the generator is put back to draw for the emitted tokens only, so a seeded
+    sampled answer is the same with speculation or without, at any budget, beside others."""
+    path = tiny_model_dir("llama")
+    params = [
+        SamplingParams(
+            temperature=0.8, seed=seed, max_tokens=24, ignore_eos=True,
+            allowed_token_ids=[500, 600, 700],
+        )
+        for seed in (1, 2, 3)
+    ]  # fmt: skip
+    prompts = [{"prompt_token_ids": [500, 600, 700] * 5}] * 3
+
+    def answers(**options) -> list[list[int]]:
+        llm = LLM(path, dtype="float32", **options)
+        out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if "speculative_config" in options:
+            assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+        return out
+
+    want = answers()
+    assert len({tuple(a) for a in want}) == 3
+    assert answers(speculative_config=NGRAM) == want
+    assert answers(speculative_config=NGRAM, max_num_batched_tokens=2) == want
+
+
 def test_disable_by_batch_size(tiny_model_dir):
     """No drafts while more sequences run than ``disable_by_batch_size``."""
     config = {**NGRAM, "disable_by_batch_size": 1}

@@ -353,7 +353,8 @@ class LLMEngine:
             req = sched.requests[batch_row]
             if drafts and drafts[i]:  # a row per position it checks (see NgramSpeculator)
                 sampling.append(req)
-                rows.extend(NgramSpeculator.rows(req))
+                assert self.speculator is not None
+                rows.extend(self.speculator.rows(req))
                 row_of_logits.extend(range(logit_row, logit_row + drafts[i] + 1))
                 spans.append(drafts[i] + 1)
                 logit_row += drafts[i] + 1

@@ -197,6 +197,11 @@ def _cutoff(
 _DRAW_BLOCK = 256
 
 
+def draw_uniform(generator: torch.Generator) -> torch.Tensor:
+    """The one uniform number a sampled row with its own generator takes from it."""
+    return torch.rand(1, dtype=torch.float64, device=generator.device, generator=generator)
+
+
 def inverse_cdf_draw(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
     """Draw one token per row by inverting its cumulative distribution at a uniform number.
 
@@ -208,10 +213,7 @@ def inverse_cdf_draw(probs: torch.Tensor, generators: dict[int, torch.Generator]
     uniform = torch.rand(num_rows, 1, dtype=torch.float64, device=probs.device)
     if generators:
         rows = torch.tensor(list(generators), device=probs.device)
-        own = [
-            torch.rand(1, dtype=torch.float64, device=probs.device, generator=g)
-            for g in generators.values()
-        ]
+        own = [draw_uniform(g) for g in generators.values()]
         uniform[rows] = torch.stack(own)
     pad = -vocab % _DRAW_BLOCK
     blocks = torch.nn.functional.pad(probs, (0, pad)) if pad else probs

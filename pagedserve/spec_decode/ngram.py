@@ -6,9 +6,11 @@ from __future__ import annotations
 from weakref import WeakKeyDictionary
 
 import numpy as np
+import torch
 
 from pagedserve.engine.request import Request
 from pagedserve.sample.metadata import SamplingRow
+from pagedserve.sample.sampler import draw_uniform
 from pagedserve.spec_decode.config import SpeculativeConfig
 
 
@@ -59,6 +61,11 @@ class NgramSpeculator:
     the sample equals it draws every emitted token from the distribution the model gives there:
     greedy output is the same as without speculation, and sampled output has the same law.
 
+    A seeded sampled sequence's generator draws once per position checked; after the check it
+    is put back to where it stood before them and draws once per emitted token, so that ``seed``
+    gives the answer it gives without speculation, whatever the step's budget or the other
+    traffic let it check.
+
     A sequence whose drafts all fail proposes none for 1, then 2, 4 ... (at most
     ``MAX_BACKOFF_STEPS``) steps, until a draft stands again: rows that would be checked in vain
     cost arithmetic in every step they join (on 2 cores, 64 random-token prompts sampled with
@@ -75,6 +82,8 @@ class NgramSpeculator:
         self.accepted_per_pos = np.zeros(config.num_speculative_tokens, dtype=np.int64)
         # per sequence whose last checks all failed: [misses in a row, steps still to wait]
         self._backoff: WeakKeyDictionary[Request, list[int]] = WeakKeyDictionary()
+        # per seeded sampled sequence being checked: its generator's state before the check
+        self._draw_state: WeakKeyDictionary[Request, torch.Tensor] = WeakKeyDictionary()
 
     def propose(self, requests: list[Request], num_running: int) -> None:
         """Set the requests' drafts for their next step."""
@@ -117,9 +126,10 @@ class NgramSpeculator:
             "spec_decode_num_accepted_tokens_per_pos": tuple(self.accepted_per_pos.tolist()),
         }
 
-    @staticmethod
-    def rows(req: Request) -> list[SamplingRow]:
+    def rows(self, req: Request) -> list[SamplingRow]:
         """One sampling row per position the request's drafts are checked at."""
+        if req.generator is not None and not req.params.greedy:
+            self._draw_state[req] = req.generator.get_state()
         drafts = req.spec_token_ids
         return [
             SamplingRow(
@@ -141,6 +151,11 @@ class NgramSpeculator:
         for req, span in zip(sequences, spans, strict=True):
             sampled = tokens[start : start + span]
             n = 1 + (self.accept(req, sampled) if span > 1 else 0)
+            state = self._draw_state.pop(req, None)
+            if state is not None and n < span:  # as if it had drawn for the emitted tokens only
+                req.generator.set_state(state)
+                for _ in range(n):
+                    draw_uniform(req.generator)
             emitted.append(sampled[:n])
             emitted_entries.append(entries[start : start + n])
             start += span
