@@ -8,9 +8,10 @@ tens of MB per step for a large vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 
@@ -18,6 +19,8 @@ from pagedserve.sample.bad_words import BadWordsIndex, bad_words_index, banned_n
 from pagedserve.sample.structured_output import LLMatcher, allowed_tokens
 from pagedserve.sample.thinking_budget import ThinkingTracker
 from pagedserve.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from pagedserve.engine.request import Request
@@ -182,13 +185,9 @@ def _allowed_tokens(
 
 
 def _allowed_tensor(p: SamplingParams, vocab_size: int) -> torch.Tensor:
-    """A row's allowed_token_ids inside the vocabulary, built once per request (as
-    :func:`_bias_tensors`)."""
-    cached = p.sampler_cache.get("allowed_token_ids")
-    if cached is None:
-        ids = [t for t in p.allowed_token_ids or () if 0 <= t < vocab_size]
-        cached = p.sampler_cache["allowed_token_ids"] = torch.tensor(ids, dtype=torch.long)
-    return cached
+    """A row's allowed_token_ids inside the vocabulary (:func:`_per_request`)."""
+    ids = p.allowed_token_ids or ()
+    return _per_request(p, "allowed_token_ids", lambda: _in_vocabulary(ids, vocab_size))
 
 
 def _forced_tokens(rows: list[SamplingRow], eos_token_ids: set[int]) -> dict[int, int]:
@@ -228,15 +227,14 @@ def _sparse(
 
 
 def _bias_tensors(p: SamplingParams, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A row's logit_bias as (token ids, values) inside the vocabulary, built once per request:
-    rebuilt from its dict at every step, 10,000 entries cost tens of ms per row and step."""
-    cached = p.sampler_cache.get("logit_bias")
-    if cached is None:
+    """A row's logit_bias as (token ids, values) inside the vocabulary (:func:`_per_request`)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
         kept = {t: b for t, b in (p.logit_bias or {}).items() if 0 <= t < vocab_size}
         tokens = torch.tensor(list(kept), dtype=torch.long)
-        cached = (tokens, torch.tensor(list(kept.values()), dtype=torch.float32))
-        p.sampler_cache["logit_bias"] = cached
-    return cached
+        return tokens, torch.tensor(list(kept.values()), dtype=torch.float32)
+
+    return _per_request(p, "logit_bias", build)
 
 
 def _banned(
@@ -251,8 +249,7 @@ def _banned(
             parts.append((i, _stop_tensor(p, eos_token_ids, vocab_size)))
         if p.bad_words_token_ids:
             words = banned_next_tokens(_bad_words(p), r.output_token_ids)
-            kept = [t for t in words if 0 <= t < vocab_size]
-            parts.append((i, torch.tensor(kept, dtype=torch.long)))
+            parts.append((i, _in_vocabulary(words, vocab_size)))
     return _sparse(parts, device)
 
 
@@ -262,28 +259,39 @@ def _banned_now(row: SamplingRow, eos_token_ids: set[int]) -> set[int]:
     p = row.params
     banned: set[int] = set()
     if len(row.output_token_ids) < p.min_tokens:
-        banned.update(p.stop_token_ids or ())
-        if not p.ignore_eos:
-            banned |= eos_token_ids
+        banned |= _stop_ids(p, eos_token_ids)
     if p.bad_words_token_ids:
         banned |= banned_next_tokens(_bad_words(p), row.output_token_ids)
     return banned
 
 
+def _stop_ids(p: SamplingParams, eos_token_ids: set[int]) -> set[int]:
+    """The tokens that would stop a request (eos unless ignore_eos, plus stop_token_ids), which
+    it may not sample below its min_tokens."""
+    return set(p.stop_token_ids or ()) | (set() if p.ignore_eos else eos_token_ids)
+
+
 def _stop_tensor(p: SamplingParams, eos_token_ids: set[int], vocab_size: int) -> torch.Tensor:
-    """The tokens that would stop a request before its min_tokens (as :func:`_banned_now`)."""
-    cached = p.sampler_cache.get("stop_token_ids")
-    if cached is None:
-        stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else eos_token_ids)
-        ids = [t for t in stops if 0 <= t < vocab_size]
-        cached = p.sampler_cache["stop_token_ids"] = torch.tensor(ids, dtype=torch.long)
-    return cached
+    return _per_request(
+        p, "stop_token_ids", lambda: _in_vocabulary(_stop_ids(p, eos_token_ids), vocab_size)
+    )
 
 
 def _bad_words(p: SamplingParams) -> BadWordsIndex:
-    cached = p.sampler_cache.get("bad_words")
+    return _per_request(p, "bad_words", lambda: bad_words_index(p.bad_words_token_ids))
+
+
+def _in_vocabulary(ids: Iterable[int], vocab_size: int) -> torch.Tensor:
+    return torch.tensor([t for t in ids if 0 <= t < vocab_size], dtype=torch.long)
+
+
+def _per_request(p: SamplingParams, key: str, build: Callable[[], T]) -> T:
+    """``build()`` once per request, kept in its params' ``sampler_cache``: what a request's
+    per-token fields become, rebuilt at every step, costs tens of ms per row and step for the
+    thousands of entries a client may send."""
+    cached = p.sampler_cache.get(key)
     if cached is None:
-        cached = p.sampler_cache["bad_words"] = bad_words_index(p.bad_words_token_ids)
+        cached = p.sampler_cache[key] = build()
     return cached
 
 
