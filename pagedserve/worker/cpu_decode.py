@@ -62,8 +62,9 @@ def _weight(norm: RMSNorm | GemmaRMSNorm) -> torch.Tensor:
     return norm.weight.detach()
 
 
-def _layer(layer: DecoderLayer) -> Layer | None:
-    """The layer for the driver; None where a module would not take the C path."""
+def _layer(layer: DecoderLayer, local_table: int) -> Layer | None:
+    """The layer for the driver; None where a module would not take the C path.
+    ``local_table``: the :func:`_rope_tables` index a sliding Gemma layer rotates with."""
     attn, mlp = layer.self_attn, layer.mlp
     projections = [
         _projection(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -89,16 +90,15 @@ def _layer(layer: DecoderLayer) -> Layer | None:
     fields = Layer(*before, *head_norms, qkv, o, gate_up, down, *pools, attn.attn.sliding_window)
     fields.attn_out_norm, fields.mlp_out_norm = after
     if gemma:
-        fields.rope_table = int(layer.sliding)  # GemmaModel's local table
+        fields.rope_table = local_table if layer.sliding else 0
     return fields
 
 
 def _rope_tables(inner: nn.Module) -> list[RotaryEmbedding]:
-    """The RoPE tables that :attr:`Layer.rope_table` indexes (Gemma: the global, then the local
-    one)."""
-    if isinstance(inner.layers[0], GemmaDecoderLayer):
-        return [inner.rotary_emb, inner.rotary_emb_local]
-    return [inner.rotary_emb]
+    """The RoPE tables that :attr:`Layer.rope_table` indexes: the global one, then Gemma 3's
+    local one (Gemma 1 and 2 rotate every layer with the global table)."""
+    local = getattr(inner, "rotary_emb_local", inner.rotary_emb)
+    return [inner.rotary_emb] if local is inner.rotary_emb else [inner.rotary_emb, local]
 
 
 class CpuDecodeStack:
@@ -136,7 +136,7 @@ class CpuDecodeStack:
         residual_scale = getattr(inner.layers[0], "residual_multiplier", None)
         if residual_scale == 0.0:
             return None  # the driver reads 0 as no multiplier
-        layers = [_layer(layer) for layer in inner.layers]
+        layers = [_layer(layer, len(_rope_tables(inner)) - 1) for layer in inner.layers]
         norms = [m for m in inner.modules() if isinstance(m, (RMSNorm, GemmaRMSNorm))]
         final_norm = _weight(inner.norm)
         if None in layers or len({n.eps for n in norms}) != 1:
